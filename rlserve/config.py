@@ -1,0 +1,106 @@
+"""Engine configuration: one frozen dataclass built at the edge (CLI or ``LLM(...)``) and passed whole.
+
+Facts learned at run time (KV block count, EOS ids, vocabulary size, the resolved device and dtype) live in
+``RuntimeInfo``, set once after the model is loaded and the KV cache is sized, never written back here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to the model
+    dtype: str = "auto"
+    device: str | None = None  # None: CUDA when present, else CPU
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    seed: int = 0
+    block_size: int = 16
+    max_num_seqs: int | None = None  # None: 512 on CUDA, 256 on CPU
+    max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on CPU
+    num_kv_blocks: int | None = None  # force the KV capacity (tests); None: sized from memory
+    cpu_kv_cache_gb: float = 2.0  # KV cache budget on CPU
+    max_logprobs: int = 20
+    # Test hook: the model forward raises after this many steps (reliability tests).
+    fail_after_steps: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model must be a non-empty path or hub id")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.cpu_kv_cache_gb <= 0:
+            raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device {self.device!r} is not a valid torch device") from e
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class RuntimeInfo:
+    """Values found while starting the engine; set once, read everywhere."""
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    eos_token_ids: tuple[int, ...]
+    model_name: str
+    architecture: str
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    startup_seconds: dict = field(default_factory=dict)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+    def summary(self) -> dict:
+        return {
+            "model": self.model_name, "architecture": self.architecture, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "vocab_size": self.vocab_size,
+            "max_model_len": self.max_model_len, "num_kv_blocks": self.num_kv_blocks,
+            "block_size": self.block_size, "kv_capacity_tokens": self.kv_capacity_tokens,
+            "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+            "eos_token_ids": list(self.eos_token_ids),
+        }

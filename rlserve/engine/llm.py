@@ -1,0 +1,128 @@
+"""Offline generation: ``LLM(model).generate(prompts, params)``, the engine in this process.
+
+The counterpart of vLLM's ``LLM`` class for scripts, tests and trainers that keep generation on their own
+GPU. The server runs the same engine core in other processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from rlserve.config import EngineConfig
+from rlserve.engine.output_processor import OutputProcessor, needs_streaming
+from rlserve.outputs import RequestOutput
+from rlserve.sampling import SamplingParams
+from rlserve.tokenizer import load_tokenizer
+
+
+class LLM:
+    def __init__(self, model: str, revision: str | None = None, dtype: str = "auto", tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: float = 0.9, device: str | None = None, seed: int = 0,
+                 enforce_eager: bool = False, **engine_kwargs: Any):
+        self.config = EngineConfig(
+            model=model, revision=revision, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization, device=device, seed=seed, enforce_eager=enforce_eager,
+            **engine_kwargs)
+        from rlserve.engine.executor import make_engine
+        self.engine = make_engine(self.config)
+        self.tokenizer = load_tokenizer(self.engine.model_dir, revision)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    @property
+    def info(self):
+        return self.engine.info
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 detokenize: bool = True) -> list[RequestOutput]:
+        """``prompts``: a string, a list of strings, a list of token ids, a list of token-id lists, or dicts
+        with "prompt" or "prompt_token_ids". One SamplingParams for all, or one per prompt."""
+        items = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(items)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(items):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(items)} prompts")
+        for i, ((_, ids), params) in enumerate(zip(items, params_list)):
+            try:
+                self.engine.validate(ids, params)
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+        order = []
+        for (text, ids), params in zip(items, params_list):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, ids, params, stream=needs_streaming(params))
+            self.processor.add_request(request_id, text, ids, params, detokenize)
+            order.append(request_id)
+        return self._run(order)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             chat_template_kwargs: dict | None = None, tools: list | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": self.render_chat(c, chat_template_kwargs, tools, add_generation_prompt)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def render_chat(self, conversation: list[dict], chat_template_kwargs: dict | None = None,
+                    tools: list | None = None, add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  **(chat_template_kwargs or {}))
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        items = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, dict):
+                p = p.get("prompt_token_ids", p.get("prompt"))
+            if isinstance(p, str):
+                items.append((p, self.tokenizer(p).input_ids))
+            elif isinstance(p, (list, tuple)):
+                items.append((None, list(p)))
+            else:
+                raise ValueError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
+        return items
+
+    def _run(self, order: list[str]) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        try:
+            while self.engine.has_unfinished():
+                for update in self.engine.step():
+                    done, finish = self.processor.process(update)
+                    if finish is not None:
+                        self.engine.finish_sample(*finish)
+                    if done is not None:
+                        results[done.request_id] = done.to_output()
+        except BaseException:
+            for update in self.engine.abort_all():
+                self.processor.process(update)
+            raise
+        return [results[r] for r in order]
+
+    # -- engine control ----------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
+
+    def load_weights(self, weights) -> int:
+        """Load Hugging Face-named tensors into the engine; returns the new weight version."""
+        weights = list(weights)
+        self.engine.validate_weights([(n, t.dtype, tuple(t.shape)) for n, t in weights])
+        return self.engine.load_weights(weights)
+
+    def stats(self) -> dict:
+        return self.engine.stats()

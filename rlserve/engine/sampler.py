@@ -1,0 +1,122 @@
+"""From logits to tokens, in vLLM's order: allowed-token mask → min_tokens → penalties → temperature → min_p →
+top-k/top-p → draw. Each stage runs only when some row of the batch uses it.
+
+Randomness is counter-based: every row carries a uniform number derived from (sequence seed, output
+position), drawn on the host. A seeded request therefore samples the same tokens whatever else is in the
+batch, and nothing here needs a per-row generator or a host sync. The token is drawn by inverse CDF over the
+processed distribution; returned logprobs are the log-softmax of exactly those processed logits (fp32), the
+quantity an importance-sampling correction needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingBatch:
+    """Per sample row (S rows; a forking parent contributes one row per sample). Tensors on the device."""
+    logits_index: torch.Tensor  # [S] int64: the logits row each sample row reads
+    temperature: torch.Tensor  # [S] fp32, 1.0 for greedy rows
+    is_greedy: torch.Tensor  # [S] bool
+    uniform: torch.Tensor  # [S] fp64 in (0, 1)
+    all_greedy: bool
+    top_k: torch.Tensor | None = None  # [S] int64, vocab size where off
+    top_p: torch.Tensor | None = None  # [S] fp32, 1.0 where off
+    min_p: torch.Tensor | None = None  # [S] fp32, 0.0 where off
+    # Penalties: counts of each token in the output so far, and which tokens the prompt holds.
+    repetition_penalty: torch.Tensor | None = None  # [S] fp32
+    presence_penalty: torch.Tensor | None = None  # [S] fp32
+    frequency_penalty: torch.Tensor | None = None  # [S] fp32
+    output_counts: torch.Tensor | None = None  # [S, V] fp32
+    prompt_mask: torch.Tensor | None = None  # [S, V] bool
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf (min_tokens)
+    allowed_mask: torch.Tensor | None = None  # [S, V] bool (structured outputs); None = all allowed
+    max_num_logprobs: int = -1  # -1: no row wants logprobs; 0: sampled only; N: plus the top N
+    raw_logprob_rows: torch.Tensor | None = None  # [S] bool: rows that want raw (unprocessed) logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [S] int64
+    logprobs: torch.Tensor | None  # [S] fp32: the sampled token's
+    top_ids: torch.Tensor | None  # [S, N] int64
+    top_logprobs: torch.Tensor | None  # [S, N] fp32
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """logits: [R, V] fp32, one row per sampling sequence."""
+    logits = logits.index_select(0, batch.logits_index)  # [S, V]; a copy, processed in place below
+    raw_logprobs = None
+    if batch.raw_logprob_rows is not None and batch.max_num_logprobs >= 0:
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if batch.allowed_mask is not None:
+        logits.masked_fill_(~batch.allowed_mask, NEG_INF)
+    if batch.banned is not None:
+        logits[batch.banned] = NEG_INF
+    if batch.repetition_penalty is not None:
+        _apply_penalties(logits, batch)
+
+    if batch.all_greedy:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        logits.div_(batch.temperature.unsqueeze(1))
+        if batch.min_p is not None:
+            probs = torch.softmax(logits, dim=-1)
+            threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
+            logits.masked_fill_(probs < threshold, NEG_INF)
+        if batch.top_k is not None or batch.top_p is not None:
+            logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
+        token_ids = _draw(logits, batch.uniform)
+        token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), token_ids)
+
+    if batch.max_num_logprobs < 0:
+        return SamplerOutput(token_ids, None, None, None)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if raw_logprobs is not None:
+        logprobs = torch.where(batch.raw_logprob_rows.unsqueeze(1), raw_logprobs, logprobs)
+    sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top_ids = top_values = None
+    if batch.max_num_logprobs > 0:
+        top_values, top_ids = logprobs.topk(batch.max_num_logprobs, dim=-1)
+    return SamplerOutput(token_ids, sampled, top_ids, top_values)
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """vLLM's semantics: repetition over prompt and output tokens; presence/frequency over output tokens."""
+    counts = batch.output_counts
+    seen = batch.prompt_mask | (counts > 0)
+    rep = batch.repetition_penalty.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits.copy_(torch.where(seen, penalized, logits))
+    logits.sub_(batch.frequency_penalty.unsqueeze(1) * counts)
+    logits.sub_(batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype))
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Keep the k largest logits (ties with the k-th kept), then the smallest set of tokens whose probability
+    reaches p -- the same rule as Hugging Face's TopK/TopP warpers."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (vocab - top_k).clamp(min=0).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < kth, NEG_INF)
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p).unsqueeze(1)
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits.masked_fill_(drop, NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first token whose cumulative probability reaches u * total."""
+    probs = torch.softmax(logits, dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    token_ids = torch.searchsorted(cdf, target).squeeze(1)
+    return token_ids.clamp_(max=logits.shape[-1] - 1)

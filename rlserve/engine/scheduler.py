@@ -1,0 +1,234 @@
+"""Which sequences run in the next step, and with how many tokens. Pure CPU logic, no torch.
+
+Two entry points: ``schedule()`` picks the work of one step under one token budget, and
+``update_from_output()`` applies the sampled tokens. Running sequences go first, in arrival order, each
+catching up by one decode token or a prefill chunk; when blocks run out, the newest running sequence is
+preempted (its blocks freed, to be recomputed later). Waiting sequences are admitted while the budget, the
+sequence limit and the free blocks allow, unless a preemption happened this step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rlserve.engine.kv_cache import BlockManager
+from rlserve.engine.sequence import Request, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Does this chunk reach the end of the sequence's tokens, so that a next token is sampled?"""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SampledToken:
+    """One drawn token for one sequence (a forking parent gets one per sample)."""
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- admission ---------------------------------------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """Refuse what could never run; returns the effective max_tokens."""
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {self.max_model_len}: "
+                             f"the prompt must be shorter than max_model_len")
+        if max_tokens is None:
+            max_tokens = self.max_model_len - num_prompt_tokens
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                             f"exceeds max_model_len ({self.max_model_len})")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                             f"exceeds the KV cache capacity ({capacity} tokens)")
+        return max_tokens
+
+    def add_request(self, request: Request) -> None:
+        parent = Sequence(request, 0, list(request.prompt_token_ids))
+        request.seqs = [parent]
+        self.waiting.append(parent)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_append(seq, n):
+                victim = self.running[-1]  # the newest; always at or after position i
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                out.block_copies += bm.append_slots(seq, n)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the sequence itself gave way: nothing after it can fit either
+
+        # New work only when nothing had to give way this step. A parent counts as all its samples.
+        num_live = sum(s.num_samples_to_draw for s in self.running)
+        while self.waiting and budget > 0 and not out.num_preempted:
+            seq = self.waiting[0]
+            if num_live + seq.num_samples_to_draw > self.max_num_seqs and num_live > 0:
+                break
+            hits = bm.find_cached_prefix(seq)
+            n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
+            if not bm.can_allocate(seq, hits, n):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, hits, n)
+            if seq.is_unforked_parent:
+                seq.request.num_cached_tokens = seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            num_live += seq.num_samples_to_draw
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # -- applying a step's results -----------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: list[list[SampledToken]],
+                           weight_version: int) -> list[Sequence]:
+        """``sampled[i]`` holds the tokens drawn for ``out.scheduled[i]`` (empty when it did not sample).
+        Returns the sequences that got tokens or finished this step."""
+        bm = self.block_manager
+        touched: list[Sequence] = []
+        for item, tokens in zip(out.scheduled, sampled):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            bm.register_computed_blocks(seq)
+            if not tokens:
+                continue
+            targets = self._fork(seq) if seq.is_unforked_parent else [seq]
+            for target, token in zip(targets, tokens):
+                target.append_token(token.token_id, weight_version)
+                if token.logprob is not None:
+                    target.sampled_logprobs.append(token.logprob)
+                if token.top is not None:
+                    target.top_logprobs.append(token.top)
+                self._check_stop(target)
+                touched.append(target)
+        for seq in touched:
+            if seq.status.is_finished:
+                self._remove(seq)
+        return touched
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        request = parent.request
+        children = []
+        for index in range(1, request.params.n):
+            child = Sequence(request, index, list(parent.token_ids))
+            self.block_manager.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            children.append(child)
+        request.seqs = [parent] + children
+        request.is_forked = True
+        at = self.running.index(parent) + 1
+        self.running[at:at] = children
+        return [parent] + children
+
+    def _check_stop(self, seq: Sequence) -> None:
+        params = seq.params
+        token = seq.token_ids[-1]
+        num_out = seq.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish(SequenceStatus.FINISHED_STOPPED, None)
+                return
+            if token in params.stop_token_ids:
+                seq.finish(SequenceStatus.FINISHED_STOPPED, token)
+                return
+        if num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish(SequenceStatus.FINISHED_LENGTH)
+
+    # -- removal (finish, abort) -------------------------------------------------------------------
+    def _remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.block_manager.free(seq)
+
+    def finish_seq(self, seq: Sequence, status: SequenceStatus, stop_reason=None) -> None:
+        """End a live sequence from outside a step (abort, stop string found by the front end)."""
+        if seq.status.is_finished:
+            return
+        seq.finish(status, stop_reason)
+        self._remove(seq)
+
+    def abort_request(self, request: Request, status: SequenceStatus = SequenceStatus.FINISHED_ABORTED
+                      ) -> list[Sequence]:
+        """End every live sequence of a request; a request still computing its prompt ends with all of its
+        samples (they are created empty, so that each gets a finish reason)."""
+        if not request.is_forked:
+            parent = request.seqs[0]
+            request.seqs = [parent] + [Sequence(request, i, list(parent.token_ids))
+                                       for i in range(1, request.params.n)]
+            request.is_forked = True
+            for child in request.seqs[1:]:
+                child.finish(status)
+        ended = []
+        for seq in request.seqs:
+            if not seq.status.is_finished:
+                self.finish_seq(seq, status)
+            ended.append(seq)
+        return ended

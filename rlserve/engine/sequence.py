@@ -1,0 +1,143 @@
+"""Requests and the sequences they sample.
+
+A ``Request`` holds one prompt and its ``n`` samples. Its prompt is computed once, by its first sequence; when
+that prefill ends, the request forks into ``n`` sequences that share the prompt's KV blocks (copy-on-write for
+the last, partial block) and each draw their first token from the same logits.
+
+A ``Sequence`` owns its tokens, how many of them have KV in the cache (``num_computed_tokens``), its block
+table and its status. "Prefill" and "decode" are not states: every step, a sequence catches its computed
+tokens up to its length, in one chunk or several.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from rlserve.sampling import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """splitmix64 finaliser: a well-spread 64-bit hash of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class SequenceStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    # Finished states are ordered after the live ones.
+    FINISHED_STOPPED = 2
+    FINISHED_LENGTH = 3
+    FINISHED_ABORTED = 4
+    FINISHED_ERROR = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= SequenceStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # the user's seed, or one drawn from the engine's generator
+    stream: bool = False  # send every new token to the front end, not only the finished sequences
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list["Sequence"] = field(default_factory=list)
+    is_forked: bool = False
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+
+    @property
+    def is_finished(self) -> bool:
+        return self.is_forked and all(s.status.is_finished for s in self.seqs)
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request: Request, sample_index: int, token_ids: list[int]):
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.sample_index = sample_index
+        self.token_ids = token_ids
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of this sequence's full blocks, by index
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.cache_epoch = -1  # prefix-cache epoch of its blocks; registration only in the current one
+        self.status = SequenceStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.rng_seed = mix64(request.seed ^ mix64(sample_index))
+        # What the front end gets back (kept here so that non-streamed requests send one message).
+        self.sampled_logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.weight_versions: list[int] = []
+        self.num_sent_tokens = 0  # tokens already streamed to the front end
+
+    # -- reading -----------------------------------------------------------------------------------
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_unforked_parent(self) -> bool:
+        """The sequence computing a multi-sample request's prompt, before it splits into n samples."""
+        return not self.request.is_forked
+
+    @property
+    def num_samples_to_draw(self) -> int:
+        return self.request.params.n if self.is_unforked_parent else 1
+
+    # -- changing ----------------------------------------------------------------------------------
+    def append_token(self, token_id: int, weight_version: int) -> None:
+        self.token_ids.append(token_id)
+        if not self.weight_versions or self.weight_versions[-1] != weight_version:
+            if weight_version not in self.weight_versions:
+                self.weight_versions.append(weight_version)
+
+    def finish(self, status: SequenceStatus, stop_reason: int | str | None = None) -> None:
+        assert status.is_finished
+        self.status = status
+        self.stop_reason = stop_reason
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request.request_id}#{self.sample_index}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.name})")

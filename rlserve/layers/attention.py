@@ -1,0 +1,32 @@
+"""The attention layer: stores the new K/V in this layer's slice of the paged cache, then attends.
+
+The cache tensors and the backend are bound by the model runner once the cache is allocated; the model code
+itself stays plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlserve.attention import AttentionBackend, AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, KVH, D]
+        self.v_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend | None = None
+
+    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: AttentionBackend) -> None:
+        self.k_cache, self.v_cache, self.backend = k_cache, v_cache, backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
+        self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
