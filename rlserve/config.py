@@ -36,6 +36,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on CPU
     num_kv_blocks: int | None = None  # force the KV capacity (tests); None: sized from memory
     cpu_kv_cache_gb: float = 2.0  # KV cache budget on CPU
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     max_logprobs: int = 20
     # Test hook: the model forward raises after this many steps (reliability tests).
     fail_after_steps: int | None = None
@@ -58,6 +59,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.cpu_kv_cache_gb <= 0:
             raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
         if self.device is not None:

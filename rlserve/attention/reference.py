@@ -27,7 +27,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     """The first ``length`` tokens of one sequence: [length, KVH, D]."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]  # [nb, BS, KVH, D]
+    blocks = cache.index_select(0, block_table[:num_blocks])  # [nb, BS, KVH, D]
     return blocks.flatten(0, 1)[:length]
 
 
@@ -56,14 +56,19 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     block_size = k_cache.shape[1]
     num_blocks = (max_len + block_size - 1) // block_size
     table = meta.block_tables[:nd, :num_blocks].long()
-    k = k_cache[table].flatten(1, 2)[:, :max_len]  # [B, L, KVH, D]
-    v = v_cache[table].flatten(1, 2)[:, :max_len]
+    flat = table.flatten()
+    k = k_cache.index_select(0, flat).view(nd, num_blocks * block_size, *k_cache.shape[2:])[:, :max_len]
+    v = v_cache.index_select(0, flat).view(nd, num_blocks * block_size, *v_cache.shape[2:])[:, :max_len]
+    # k, v: [B, L, KVH, D]
     positions = torch.arange(max_len, device=q.device)
-    valid = positions[None, :] < meta.seq_lens[:nd, None]  # [B, L]
+    # Contexts of one length need no mask (and then take the same kernel as an unpadded decode).
+    mask = None
+    if min(meta.seq_lens_cpu[:nd]) != max_len:
+        mask = (positions[None, :] < meta.seq_lens[:nd, None])[:, None, None, :]  # [B, 1, 1, L]
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
         k.transpose(1, 2), v.transpose(1, 2),  # [B, KVH, L, D]
-        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[2])
+        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[2])
     return o.squeeze(2)
 
 

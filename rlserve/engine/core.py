@@ -66,7 +66,7 @@ class EngineCore:
         if device.type == "cuda":
             torch.cuda.set_device(device.index or 0)
         dtype = resolve_dtype(config.dtype, hf_config, device)
-        self.model = load_model(self.model_dir, hf_config, dtype, device, tp)
+        self.model = load_model(self.model_dir, hf_config, dtype, device, tp, config.load_format)
         t_load = time.perf_counter()
         max_model_len = self._max_model_len(hf_config)
         on_gpu = device.type == "cuda"

@@ -227,8 +227,9 @@ class ModelRunner:
             logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
             temperature=torch.tensor(temperature, dtype=torch.float32, device=dev),
             is_greedy=torch.tensor(greedy, dtype=torch.bool, device=dev),
-            uniform=torch.tensor(uniform, dtype=torch.float64, device=dev),
-            all_greedy=all(greedy), max_num_logprobs=max_logprobs)
+            uniform=torch.tensor(uniform, dtype=torch.float32, device=dev),
+            all_greedy=all(greedy), any_greedy=any(greedy), max_num_logprobs=max_logprobs,
+            needs_gather=num_rows != len(items))
         if any(k < vocab_size for k in top_k):
             batch.top_k = torch.tensor(top_k, dtype=torch.int64, device=dev)
         if any(p < 1.0 for p in top_p):

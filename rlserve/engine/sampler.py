@@ -23,8 +23,10 @@ class SamplingBatch:
     logits_index: torch.Tensor  # [S] int64: the logits row each sample row reads
     temperature: torch.Tensor  # [S] fp32, 1.0 for greedy rows
     is_greedy: torch.Tensor  # [S] bool
-    uniform: torch.Tensor  # [S] fp64 in (0, 1)
+    uniform: torch.Tensor  # [S] fp32 in (0, 1)
     all_greedy: bool
+    any_greedy: bool = False
+    needs_gather: bool = True  # False when logits rows map one-to-one onto sample rows (no fork this step)
     top_k: torch.Tensor | None = None  # [S] int64, vocab size where off
     top_p: torch.Tensor | None = None  # [S] fp32, 1.0 where off
     min_p: torch.Tensor | None = None  # [S] fp32, 0.0 where off
@@ -49,8 +51,9 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """logits: [R, V] fp32, one row per sampling sequence."""
-    logits = logits.index_select(0, batch.logits_index)  # [S, V]; a copy, processed in place below
+    """logits: [R, V] fp32, one row per sampling sequence; modified in place."""
+    if batch.needs_gather:
+        logits = logits.index_select(0, batch.logits_index)  # [S, V]; processed in place below
     raw_logprobs = None
     if batch.raw_logprob_rows is not None and batch.max_num_logprobs >= 0:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -72,7 +75,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if batch.top_k is not None or batch.top_p is not None:
             logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
         token_ids = _draw(logits, batch.uniform)
-        token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), token_ids)
+        if batch.any_greedy:
+            token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), token_ids)
 
     if batch.max_num_logprobs < 0:
         return SamplerOutput(token_ids, None, None, None)
@@ -116,7 +120,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
 def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: the first token whose cumulative probability reaches u * total."""
     probs = torch.softmax(logits, dim=-1)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    cdf = probs.cumsum_(dim=-1)  # fp32: a token below ~1e-7 probability cannot be drawn, a negligible bias
     target = (uniform * cdf[:, -1]).unsqueeze(1)
     token_ids = torch.searchsorted(cdf, target).squeeze(1)
     return token_ids.clamp_(max=logits.shape[-1] - 1)

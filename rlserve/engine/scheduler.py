@@ -68,13 +68,15 @@ class Scheduler:
         if num_prompt_tokens >= self.max_model_len:
             raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {self.max_model_len}: "
                              f"the prompt must be shorter than max_model_len")
-        if max_tokens is None:
-            max_tokens = self.max_model_len - num_prompt_tokens
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if max_tokens is None:  # as long as the context and the cache allow
+            max_tokens = min(self.max_model_len, capacity) - num_prompt_tokens
+            if max_tokens < 1:
+                raise ValueError(f"prompt is {num_prompt_tokens} tokens, the KV cache holds {capacity}")
         total = num_prompt_tokens + max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
                              f"exceeds max_model_len ({self.max_model_len})")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if total > capacity:
             raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
                              f"exceeds the KV cache capacity ({capacity} tokens)")

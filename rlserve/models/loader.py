@@ -78,8 +78,18 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def load_model(model_dir: Path, config, dtype: torch.dtype, device: torch.device, tp=None):
+def load_model(model_dir: Path, config, dtype: torch.dtype, device: torch.device, tp=None,
+               load_format: str = "auto"):
     model = build_model(config, dtype, device, tp)
+    if load_format == "dummy":  # random weights, for benchmarks: throughput does not depend on the values
+        std = getattr(config, "initializer_range", 0.02)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, std)
+        return model
     loaded = model.load_weights(iter_safetensors(model_dir))
     missing = set(model.hf_weight_shapes()) - loaded - {"lm_head.weight"}
     if not model.tie_word_embeddings and "lm_head.weight" not in loaded:

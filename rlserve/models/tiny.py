@@ -86,16 +86,22 @@ def tiny_config(family: str = "qwen2", **overrides):
 
 
 def make_tiny_model(path: str | Path, family: str = "qwen2", seed: int = 0, dtype: torch.dtype = torch.float32,
-                    **overrides) -> Path:
-    """Write a random ``family`` model and the byte tokenizer to ``path``; returns the path."""
+                    with_weights: bool = True, **overrides) -> Path:
+    """Write a random ``family`` model and the byte tokenizer to ``path``; returns the path.
+
+    ``with_weights=False`` writes the config and tokenizer only, for engines started with random weights
+    (``load_format="dummy"``), which saves writing gigabytes for benchmark-sized models."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = tiny_config(family, **overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(path)
+    if with_weights:
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
+    else:
+        config.dtype = dtype
+        config.save_pretrained(path)
     GenerationConfig(eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID).save_pretrained(path)
     make_byte_tokenizer().save_pretrained(path)
     return path

@@ -1,0 +1,70 @@
+"""The benchmark workloads of ../shared/WORKLOADS.md: architecture, batch shape, lengths.
+
+Models are real architectures with random weights made from their configs; prompts are random token ids
+from a fixed seed; every request runs at temperature 1.0, top_p 1.0 with ``ignore_eos`` so that output
+lengths are fixed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+                  max_position_embeddings=32768, initializer_range=0.02)
+QWEN25_15B = dict(QWEN25_05B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                  intermediate_size=8960)
+QWEN25_7B = dict(QWEN25_05B, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                 intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
+CPU_TINY = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=1536, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096,
+                initializer_range=0.02)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    architecture: dict = field(repr=False)
+    num_prompts: int = 64
+    n: int = 8
+    prompt_len: int = 128
+    max_tokens: int = 512
+    min_max_tokens: int | None = None  # set: each prompt's max_tokens drawn from [min_max_tokens, max_tokens]
+    device: str = "cuda"
+    family: str = "qwen2"
+
+    def prompts(self, seed: int = 0) -> list[list[int]]:
+        rng = random.Random(seed)
+        vocab = min(self.architecture["vocab_size"], 32000)
+        return [[rng.randrange(0, vocab) for _ in range(self.prompt_len)] for _ in range(self.num_prompts)]
+
+    def max_tokens_per_prompt(self, seed: int = 0) -> list[int]:
+        if self.min_max_tokens is None:
+            return [self.max_tokens] * self.num_prompts
+        rng = random.Random(seed + 1)
+        return [rng.randint(self.min_max_tokens, self.max_tokens) for _ in range(self.num_prompts)]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_prompts * self.n
+
+    def num_generated_tokens(self, seed: int = 0) -> int:
+        return sum(self.max_tokens_per_prompt(seed)) * self.n
+
+
+WORKLOADS = {
+    w.name: w for w in [
+        Workload("rl-small", QWEN25_05B, 64, 8, 128, 512),
+        Workload("rl-medium", QWEN25_15B, 64, 8, 256, 1024),
+        Workload("rl-7b", QWEN25_7B, 32, 8, 256, 1024),
+        Workload("rl-varlen", QWEN25_05B, 64, 8, 128, 1024, min_max_tokens=32),
+        Workload("cpu-tiny", CPU_TINY, 16, 4, 64, 64, device="cpu"),
+    ]
+}
+
+
+def get_workload(name: str) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    return WORKLOADS[name]

@@ -1,0 +1,132 @@
+"""The ``rlserve`` command: serve, bench, sweep, demo.
+
+``rlserve serve`` takes the flags of ``trl vllm-serve``, each in both ``_`` and ``-`` spellings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _flag(parser, name: str, **kwargs):
+    """One option with both spellings, --a_b and --a-b."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="Start the generation server (the flags of `trl vllm-serve`).",
+        description="Start an rlserve generation server: TRL's HTTP protocol, an OpenAI-compatible subset and "
+                    "weight sync from a trainer.")
+    _flag(p, "model", required=True, help="Model name or path to load the model from.")
+    _flag(p, "revision", default=None,
+          help="Revision to use for the model. If not specified, the default branch will be used.")
+    _flag(p, "tensor_parallel_size", type=int, default=1, help="Number of tensor parallel workers to use.")
+    _flag(p, "data_parallel_size", type=int, default=1, help="Number of data parallel workers to use.")
+    _flag(p, "host", default="0.0.0.0", help="Host address to run the server on.")
+    _flag(p, "port", type=int, default=8000, help="Port to run the server on.")
+    _flag(p, "gpu_memory_utilization", type=float, default=0.9,
+          help="Ratio (between 0 and 1) of GPU memory to reserve for the model weights, activations, and KV "
+               "cache on the device dedicated to generation. Higher values will increase the KV cache size and "
+               "thus improve the model's throughput. However, if the value is too high, it may cause "
+               "out-of-memory (OOM) errors during initialization.")
+    _flag(p, "dtype", default="auto",
+          help="Data type to use for generation. If set to 'auto', the data type will be automatically "
+               "determined based on the model configuration (float32 on CPU).")
+    _flag(p, "max_model_len", type=int, default=None,
+          help="If set, the max_model_len to use. This can be useful when running with reduced "
+               "gpu_memory_utilization, leading to a reduced KV cache size. If not set, the model context size "
+               "is used, which might be much larger than the KV cache, leading to inefficiencies.")
+    _flag(p, "enable_prefix_caching", type=_bool, nargs="?", const=True, default=True,
+          help="Whether to enable prefix caching (default: true; `--enable_prefix_caching false` to disable).")
+    _flag(p, "enforce_eager", type=_bool, nargs="?", const=True, default=False,
+          help="Whether to enforce eager execution. If set to True, CUDA graphs are disabled and the model "
+               "always runs eagerly. If False (default), decode steps replay CUDA graphs.")
+    _flag(p, "log_level", default="info",
+          choices=["critical", "error", "warning", "info", "debug", "trace"],
+          help="Log level for uvicorn. Possible choices: critical, error, warning, info, debug, trace.")
+    _flag(p, "device", default=None, help="Device to run on: cuda or cpu (default: cuda when available).")
+    _flag(p, "max_num_seqs", type=int, default=None, help="Most sequences running at once in one replica.")
+    _flag(p, "max_num_batched_tokens", type=int, default=None, help="Token budget of one engine step.")
+    _flag(p, "num_kv_blocks", type=int, default=None, help="Force the KV cache size in blocks (testing).")
+    _flag(p, "block_size", type=int, default=16, help="Tokens per KV cache block.")
+    _flag(p, "seed", type=int, default=0, help="Seed for requests that do not give one.")
+    _flag(p, "load_format", default="auto", choices=["auto", "dummy"],
+          help="'dummy' starts from random weights (benchmarks, or a trainer that pushes all weights).")
+    _flag(p, "shutdown_timeout", type=float, default=30.0,
+          help="Seconds to finish in-flight requests after SIGTERM before aborting them.")
+    _flag(p, "fail_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # test hook
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="Measure a workload beside transformers and the roofline.")
+    _flag(p, "workload", default="cpu-tiny", help="cpu-tiny, rl-small, rl-medium, rl-7b, rl-varlen")
+    _flag(p, "device", default=None)
+    _flag(p, "no_baseline", action="store_true", help="Skip the transformers baseline.")
+    _flag(p, "logprobs", default="both", choices=["both", "none", "0"],
+          help="Run without logprobs, with logprobs=0, or both (default).")
+    _flag(p, "output", default=None, help="JSON path (default: bench_results/<workload>.json).")
+    _flag(p, "through_server", action="store_true", help="Measure through a real HTTP server as well.")
+    _flag(p, "concurrency", type=int, default=None, help="With --through_server: a load generator with C "
+                                                         "concurrent clients, reporting latency percentiles.")
+    _flag(p, "data_parallel_size", type=int, default=1)
+    _flag(p, "tensor_parallel_size", type=int, default=1)
+    _flag(p, "enforce_eager", action="store_true")
+
+
+def cmd_bench(args) -> int:
+    modes = {"both": (None, 0), "none": (None,), "0": (0,)}[args.logprobs]
+    engine_kwargs = {"enforce_eager": True} if args.enforce_eager else {}
+    if args.through_server:
+        from rlserve.bench.server_bench import run_server_bench
+        run_server_bench(args.workload, device=args.device, output=args.output, concurrency=args.concurrency,
+                         data_parallel_size=args.data_parallel_size,
+                         tensor_parallel_size=args.tensor_parallel_size)
+        return 0
+    if args.tensor_parallel_size > 1:
+        engine_kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+    from rlserve.bench.bench import run_bench
+    run_bench(args.workload, device=args.device, baseline=not args.no_baseline, logprobs_modes=modes,
+              output=args.output, engine_kwargs=engine_kwargs)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlserve", description="A generation server for online RL training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    add_bench_parser(sub)
+    for name, adder in _extra_parsers():
+        adder(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from rlserve.server.launcher import serve
+        return serve(args)
+    if args.command == "bench":
+        return cmd_bench(args)
+    for name, _ in _extra_parsers():
+        if args.command == name:
+            return args.handler(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _extra_parsers():
+    """Subcommands that live with their feature: sweep (distributed), demo (the RL loop)."""
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Engine behaviour on a real tiny model: caching, preemption and chunking change nothing; seeds; stops;
+bad input; no leaked KV blocks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import assert_no_leak
+from rlserve import LLM, SamplingParams
+
+
+def prompts(n=12, seed=0, low=1, high=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 256) for _ in range(rng.randrange(low, high))] for _ in range(n)]
+
+
+def tokens(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """Greedy and seeded-sampled outputs with default settings, the yardstick for the variants below."""
+    llm = LLM(tiny_model, device="cpu", enable_prefix_caching=False)
+    shared = [p + [1, 2, 3] for p in prompts(4, seed=9)] + [prompts(1, seed=9)[0] + [4, 5, 6]]
+    batch = prompts() + shared
+    greedy = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)
+    sampled = SamplingParams(temperature=1.0, max_tokens=24, min_tokens=24, n=3, seed=5)
+    return batch, greedy, sampled, tokens(llm.generate(batch, greedy)), tokens(llm.generate(batch, sampled))
+
+
+@pytest.mark.parametrize("variant", [
+    dict(enable_prefix_caching=True),
+    dict(num_kv_blocks=12, block_size=8),  # forces preemption
+    dict(max_num_batched_tokens=7),  # forces chunked prefill, mixed with decodes
+    dict(block_size=4, max_num_seqs=3),
+])
+def test_variants_give_identical_outputs(tiny_model, reference, variant):
+    batch, greedy, sampled, want_greedy, want_sampled = reference
+    llm = LLM(tiny_model, device="cpu", **variant)
+    assert tokens(llm.generate(batch, greedy)) == want_greedy
+    assert_no_leak(llm)
+    assert tokens(llm.generate(batch, sampled)) == want_sampled
+    assert_no_leak(llm)
+    if "num_kv_blocks" in variant:
+        assert llm.stats()["num_preemptions"] > 0
+
+
+def test_prefix_cache_is_hit_and_n_samples_share_prompt_blocks(tiny_model):
+    llm = LLM(tiny_model, device="cpu", block_size=4)
+    prompt = list(range(40, 80))  # 40 tokens = 10 blocks
+    bm = llm.engine.block_manager
+    peak = []
+    original_step = llm.engine.step
+
+    def step():
+        updates = original_step()
+        peak.append(bm.num_blocks - bm.num_free_blocks)
+        return updates
+
+    llm.engine.step = step
+    out = llm.generate([prompt], SamplingParams(n=8, max_tokens=4, ignore_eos=True))[0]
+    llm.engine.step = original_step
+    assert len(out.outputs) == 8
+    # Eight samples of 44 tokens would need 8 * 11 = 88 blocks unshared; sharing the 10 prompt blocks: 10 + 8.
+    assert max(peak) <= 10 + 8
+    assert_no_leak(llm)
+    again = llm.generate([prompt], SamplingParams(max_tokens=2))[0]
+    assert again.num_cached_tokens == 36  # 9 full blocks hit; the last one is recomputed for its logits
+    assert_no_leak(llm)
+
+
+def test_seeded_request_same_alone_and_in_a_batch(llm):
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=20, seed=1234, n=2)
+    target = [5, 6, 7, 8, 9]
+    alone = llm.generate([target], params)[0]
+    others = prompts(6, seed=3)
+    mixed = llm.generate(others[:3] + [target] + others[3:],
+                         [SamplingParams(temperature=1.0, max_tokens=30)] * 3 + [params] +
+                         [SamplingParams(temperature=0.5, max_tokens=10)] * 3)[3]
+    assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in mixed.outputs]
+    assert alone.outputs[0].token_ids != alone.outputs[1].token_ids  # the samples differ from each other
+    unseeded = llm.generate([target], params.clone(seed=None))[0]
+    assert [c.token_ids for c in unseeded.outputs] != [c.token_ids for c in alone.outputs]
+    assert_no_leak(llm)
+
+
+def test_stop_strings_like_vllm(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=40, min_tokens=40)
+    full = llm.generate(["stop test"], greedy)[0].outputs[0]
+    assert len(full.text) > 6
+    stop = full.text[3:5]
+    out = llm.generate(["stop test"], greedy.clone(min_tokens=0, stop=[stop, "\x00never"]))[0].outputs[0]
+    at = full.text.find(stop)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full.text[:at]
+    assert full.token_ids[:len(out.token_ids)] == out.token_ids and len(out.token_ids) < len(full.token_ids)
+    kept = llm.generate(["stop test"], greedy.clone(min_tokens=0, stop=stop,
+                                                    include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == full.text[:at + len(stop)]
+    assert_no_leak(llm)
+
+
+def test_stop_token_ids_min_tokens_max_tokens_ignore_eos(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=30, min_tokens=30)
+    full = llm.generate([[10, 20, 30]], greedy)[0].outputs[0].token_ids
+    stop_id = full[5]
+    first = full.index(stop_id)
+    out = llm.generate([[10, 20, 30]], greedy.clone(min_tokens=0, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.token_ids == full[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_id
+    later = llm.generate([[10, 20, 30]], greedy.clone(min_tokens=first + 2, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert stop_id not in later.token_ids[:first + 2]  # masked until min_tokens, like EOS
+    assert later.finish_reason == "length" or later.token_ids[-1] == stop_id
+    short = llm.generate([[10, 20, 30]], greedy.clone(min_tokens=0, max_tokens=3))[0].outputs[0]
+    assert short.token_ids == full[:3] and short.finish_reason == "length"
+    # EOS: without min_tokens the model stops on it; ignore_eos runs to max_tokens.
+    natural = llm.generate(prompts(16, seed=21), SamplingParams(temperature=1.0, max_tokens=300, seed=2))
+    stopped = [c for o in natural for c in o.outputs if c.finish_reason == "stop"]
+    assert stopped and all(c.token_ids[-1] in llm.info.eos_token_ids for c in stopped)
+    ignored = llm.generate(prompts(4, seed=21), SamplingParams(temperature=1.0, max_tokens=100, seed=2,
+                                                               ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 100 for o in ignored)
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ([], {}, "prompt must not be empty"),
+    ([1, 2, 100000], {}, "outside the vocabulary"),
+    ([-1], {}, "outside the vocabulary"),
+    ([1] * 3000, {}, "max_model_len"),
+    ([1] * 2000, {"max_tokens": 100}, "max_tokens"),
+    ([1], {"stop_token_ids": [99999]}, "stop_token_ids"),
+    ([1], {"logprobs": 21}, "logprobs"),
+])
+def test_bad_input_names_the_field_then_engine_still_serves(llm, prompt, params, field):
+    with pytest.raises(ValueError, match=field):
+        llm.generate([[5, 6], prompt], SamplingParams(**params))
+    assert not llm.engine.has_unfinished()  # nothing of the batch was queued
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert len(out.outputs[0].token_ids) >= 1
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"n": 0}, "n"), ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 1.1}, "min_p"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"max_tokens": 0}, "max_tokens"),
+    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"logprobs": -1}, "logprobs"),
+    ({"temperature": float("nan")}, "temperature"), ({"n": 1.5}, "n"), ({"stop": [""]}, "stop"),
+    ({"seed": "x"}, "seed"),
+])
+def test_out_of_range_sampling_parameters_raise_value_error_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        SamplingParams(**kwargs)
+
+
+def test_text_prompts_and_chat(llm):
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=5))[0]
+    assert out.prompt == "hello" and out.prompt_token_ids == list(b"hello")
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=5))[0]
+    rendered = bytes(t for t in chat.prompt_token_ids if t < 256).decode()
+    assert "user\nhi" in rendered and rendered.endswith("assistant\n")
+    with_tools = llm.chat([[{"role": "user", "content": "hi"}]], SamplingParams(max_tokens=2),
+                          tools=[{"type": "function", "function": {"name": "f"}}])[0]
+    assert len(with_tools.prompt_token_ids) > len(chat.prompt_token_ids)
+    assert_no_leak(llm)
+
+
+def test_weight_load_changes_outputs_and_bumps_version(tiny_models):
+    from pathlib import Path
+
+    from rlserve.models.loader import iter_safetensors
+    llm = LLM(tiny_models["qwen2"], device="cpu")
+    before = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=8))[0]
+    weights = [(n, t * 1.5 if n.endswith("norm.weight") else t)
+               for n, t in iter_safetensors(Path(tiny_models["qwen2"]))]
+    assert llm.load_weights(weights) == 1
+    after = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert after.outputs[0].weight_versions == [1] and before.outputs[0].weight_versions == [0]
+    assert after.outputs[0].token_ids != before.outputs[0].token_ids
+    with pytest.raises(ValueError, match="unknown parameter"):
+        llm.load_weights([("model.nope.weight", weights[0][1])])
+    with pytest.raises(ValueError, match="shape"):
+        llm.load_weights([("model.norm.weight", weights[0][1])])
+    assert llm.engine.weight_version == 1

@@ -1,0 +1,130 @@
+"""The scheduler alone, driven by fake model outputs: chunked prefill, decode, fork, preemption, admission."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlserve.engine.kv_cache import BlockManager
+from rlserve.engine.scheduler import SampledToken, Scheduler
+from rlserve.engine.sequence import Request, SequenceStatus
+from rlserve.sampling import SamplingParams
+
+EOS = 99
+
+
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=16, max_len=128):
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(bm, max_seqs, budget, max_len, (EOS,))
+
+
+def add(s, rid, prompt_len, first=1, **params):
+    params.setdefault("max_tokens", 8)
+    req = Request(rid, list(range(first, first + prompt_len)), SamplingParams(**params), seed=0)
+    s.check_fits(prompt_len, req.params.max_tokens)
+    s.add_request(req)
+    return req
+
+
+def run_step(s, token=7):
+    out = s.schedule()
+    sampled = [[SampledToken(token)] * item.seq.num_samples_to_draw if item.samples else [] for item in out.scheduled]
+    s.update_from_output(out, sampled, weight_version=0)
+    return out
+
+
+def test_chunked_prefill_then_decode():
+    s = make_scheduler(budget=8)
+    req = add(s, "a", 20, max_tokens=3)
+    sizes = []
+    while s.num_unfinished:
+        out = run_step(s)
+        sizes.append([item.num_new_tokens for item in out.scheduled])
+    assert sizes == [[8], [8], [4], [1], [1]]
+    assert req.seqs[0].output_token_ids == [7, 7, 7]
+    assert req.seqs[0].status == SequenceStatus.FINISHED_LENGTH
+    s.block_manager.check_invariants()
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
+def test_prefill_and_decode_share_a_step():
+    s = make_scheduler(budget=16)
+    add(s, "a", 4, max_tokens=5)
+    run_step(s)
+    add(s, "b", 10, first=50)  # no common prefix with "a"
+    out = s.schedule()
+    assert [item.num_new_tokens for item in out.scheduled] == [1, 10]
+
+
+def test_fork_n_samples_share_prompt_blocks():
+    s = make_scheduler(block_size=4)
+    req = add(s, "a", 10, n=4, max_tokens=2)
+    run_step(s)
+    assert req.is_forked and len(req.seqs) == 4
+    tables = [seq.block_table for seq in req.seqs]
+    assert all(t == tables[0] for t in tables)  # three blocks, shared by all four samples
+    out = s.schedule()
+    assert len(out.block_copies) == 3  # the partial last block: copied for all but the last writer
+    s.block_manager.check_invariants()
+
+
+def test_preemption_by_recompute_when_blocks_run_out():
+    s = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    a = add(s, "a", 8, max_tokens=8)
+    b = add(s, "b", 8, max_tokens=8)
+    preempted = 0
+    while s.num_unfinished:
+        preempted += run_step(s).num_preempted
+        s.block_manager.check_invariants()
+    assert preempted >= 1
+    for req in (a, b):
+        assert req.seqs[0].output_token_ids == [7] * 8
+    assert s.block_manager.num_free_blocks == 6
+
+
+def test_refuses_what_can_never_fit():
+    s = make_scheduler(num_blocks=4, block_size=4, max_len=100)
+    with pytest.raises(ValueError, match="max_model_len"):
+        s.check_fits(100, 1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        s.check_fits(50, 60)
+    with pytest.raises(ValueError, match="KV cache capacity"):
+        s.check_fits(10, 10)
+    assert s.check_fits(4, 12) == 12
+    assert s.check_fits(4, None) == 12  # no max_tokens: as far as the cache allows
+
+
+def test_max_num_seqs_counts_samples_of_a_parent():
+    s = make_scheduler(max_seqs=4)
+    add(s, "a", 4, n=3)
+    add(s, "b", 4, n=3)
+    out = s.schedule()
+    assert len(out.scheduled) == 1
+
+
+def test_stop_on_eos_and_stop_ids_respects_min_tokens():
+    s = make_scheduler()
+    r1 = add(s, "eos", 4, max_tokens=8)
+    r2 = add(s, "min", 4, max_tokens=8, min_tokens=2)
+    r3 = add(s, "ign", 4, max_tokens=2, ignore_eos=True)
+    run_step(s, token=EOS)
+    r4 = add(s, "ids", 4, first=20, max_tokens=8, stop_token_ids=[5])
+    assert r1.seqs[0].status == SequenceStatus.FINISHED_STOPPED
+    assert r2.seqs[0].status == SequenceStatus.RUNNING  # EOS before min_tokens does not stop
+    assert r3.seqs[0].status == SequenceStatus.RUNNING
+    run_step(s, token=5)
+    run_step(s, token=5)
+    assert r4.seqs[0].status == SequenceStatus.FINISHED_STOPPED and r4.seqs[0].stop_reason == 5
+    assert r2.seqs[0].status == SequenceStatus.RUNNING
+    assert r3.seqs[0].status == SequenceStatus.FINISHED_LENGTH
+    run_step(s, token=EOS)  # r2 has 3 tokens now, past min_tokens
+    assert r2.seqs[0].status == SequenceStatus.FINISHED_STOPPED
+
+
+def test_abort_unforked_request_reports_every_sample():
+    s = make_scheduler()
+    req = add(s, "a", 4, n=3)
+    s.schedule()
+    ended = s.abort_request(req)
+    assert [seq.status for seq in ended] == [SequenceStatus.FINISHED_ABORTED] * 3
+    assert s.num_unfinished == 0
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
