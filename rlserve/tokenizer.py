@@ -15,6 +15,15 @@ def load_tokenizer(model_dir: str | Path, revision: str | None = None):
     return AutoTokenizer.from_pretrained(model_dir, revision=revision)
 
 
+def render_chat(tokenizer, conversation: list[dict], chat_template_kwargs: dict | None = None,
+                tools: list | None = None, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template."""
+    text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **(chat_template_kwargs or {}))
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text, a piece at a time.
 

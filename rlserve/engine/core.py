@@ -21,13 +21,31 @@ from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.runner import ModelRunner
-from rlserve.engine.scheduler import Scheduler
+from rlserve.engine.scheduler import Scheduler, check_fits
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
 from rlserve.models.llama import head_dim_of
 from rlserve.models.loader import load_config, load_model, resolve_dtype, resolve_model_dir
 from rlserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+def validate_request(info: RuntimeInfo, prompt_token_ids: list[int], params: SamplingParams,
+                     max_logprobs: int) -> int:
+    """Everything about a request that can be checked before it is queued; raises ValueError naming the
+    field and the limit. Returns the effective max_tokens. The API server runs it too, to answer 400s."""
+    vocab = info.vocab_size
+    if not prompt_token_ids:
+        raise ValueError("prompt must not be empty")
+    for t in prompt_token_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
+    for t in params.stop_token_ids:
+        if t >= vocab:
+            raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
+    if params.logprobs is not None and params.logprobs > max_logprobs:
+        raise ValueError(f"logprobs must be <= {max_logprobs}, got {params.logprobs}")
+    return check_fits(len(prompt_token_ids), params.max_tokens, info.max_model_len, info.kv_capacity_tokens)
 
 
 @dataclass
@@ -122,8 +140,7 @@ class EngineCore:
         """Validate and queue a request; raises ValueError naming the field at fault."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
-        max_tokens = self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+        max_tokens = self.validate(prompt_token_ids, params)
         if max_tokens != params.max_tokens:
             params = params.clone(max_tokens=max_tokens)
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
@@ -131,19 +148,8 @@ class EngineCore:
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.info.vocab_size
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        for t in prompt_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-        for t in params.stop_token_ids:
-            if t >= vocab:
-                raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs must be <= {self.config.max_logprobs}, got {params.logprobs}")
-        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        return validate_request(self.info, prompt_token_ids, params, self.config.max_logprobs)
 
     def abort_request(self, request_id: str) -> list[SeqUpdate]:
         """End a request; its samples report finish_reason "abort" with what they generated so far."""

@@ -13,7 +13,7 @@ from rlserve.config import EngineConfig
 from rlserve.engine.output_processor import OutputProcessor, needs_streaming
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
-from rlserve.tokenizer import load_tokenizer
+from rlserve.tokenizer import load_tokenizer, render_chat
 
 
 class LLM:
@@ -77,10 +77,7 @@ class LLM:
 
     def render_chat(self, conversation: list[dict], chat_template_kwargs: dict | None = None,
                     tools: list | None = None, add_generation_prompt: bool = True) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  **(chat_template_kwargs or {}))
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return render_chat(self.tokenizer, conversation, chat_template_kwargs, tools, add_generation_prompt)
 
     def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts

@@ -50,6 +50,26 @@ class SampledToken:
     top: list[tuple[int, float]] | None = None
 
 
+def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity: int) -> int:
+    """Refuse what could never run (longer than the context or the whole KV cache); returns the effective
+    max_tokens (None: as long as the context and the cache allow)."""
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {max_model_len}: "
+                         f"the prompt must be shorter than max_model_len")
+    if max_tokens is None:
+        max_tokens = min(max_model_len, capacity) - num_prompt_tokens
+        if max_tokens < 1:
+            raise ValueError(f"prompt is {num_prompt_tokens} tokens, the KV cache holds {capacity}")
+    total = num_prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                         f"exceeds max_model_len ({max_model_len})")
+    if total > capacity:
+        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                         f"exceeds the KV cache capacity ({capacity} tokens)")
+    return max_tokens
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: tuple[int, ...]):
@@ -64,23 +84,8 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
-        """Refuse what could never run; returns the effective max_tokens."""
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {self.max_model_len}: "
-                             f"the prompt must be shorter than max_model_len")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if max_tokens is None:  # as long as the context and the cache allow
-            max_tokens = min(self.max_model_len, capacity) - num_prompt_tokens
-            if max_tokens < 1:
-                raise ValueError(f"prompt is {num_prompt_tokens} tokens, the KV cache holds {capacity}")
-        total = num_prompt_tokens + max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                             f"exceeds max_model_len ({self.max_model_len})")
-        if total > capacity:
-            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                             f"exceeds the KV cache capacity ({capacity} tokens)")
-        return max_tokens
+        bm = self.block_manager
+        return check_fits(num_prompt_tokens, max_tokens, self.max_model_len, bm.num_blocks * bm.block_size)
 
     def add_request(self, request: Request) -> None:
         parent = Sequence(request, 0, list(request.prompt_token_ids))

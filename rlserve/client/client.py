@@ -1,0 +1,192 @@
+"""What a trainer imports: ``rlserve.Client``, with the method names of TRL's ``VLLMClient``.
+
+HTTP for control and generation; a process group of its own (never the trainer's default group) for weight
+tensors. Migrating from TRL is the import line::
+
+    from rlserve import Client as VLLMClient
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+from urllib.parse import urlparse
+
+import httpx
+import torch
+from torch import nn
+
+from rlserve.distributed.weight_sync import WeightSyncGroup, plan_buckets, send_buckets
+from rlserve.server.schemas import ChatRequest, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error status; ``status`` and ``message`` say which and why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, host: str = "0.0.0.0", server_port: int = 8000,
+                 group_port: int = 51216, connection_timeout: float = 0.0, request_timeout: float = 3600.0):
+        if base_url is not None:
+            parsed = urlparse(base_url)
+            self.host = parsed.hostname or "127.0.0.1"
+            self.server_port = parsed.port or 80
+            self.base_url = base_url.rstrip("/")
+        else:
+            self.host, self.server_port = host, server_port
+            self.base_url = f"http://{host}:{server_port}"
+        self.group_port = group_port
+        self.request_timeout = request_timeout
+        # Retries cover failures to connect only: a request that reached the server is never sent twice.
+        self.http = httpx.Client(base_url=self.base_url, timeout=request_timeout,
+                                 transport=httpx.HTTPTransport(retries=3))
+        self.communicator: WeightSyncGroup | None = None
+        self.weight_version = 0
+        self.check_server(connection_timeout)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, json: dict | None = None, timeout: float | None = None) -> dict:
+        response = self.http.request(method, path, json=json, timeout=timeout or self.request_timeout)
+        if response.status_code != 200:
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:
+                message = response.text
+            raise ServerError(response.status_code, message)
+        return response.json()
+
+    def check_server(self, total_timeout: float = 0.0, retry_interval: float = 2.0) -> None:
+        """Wait until /health/ answers 200, up to ``total_timeout`` seconds; ConnectionError after that."""
+        deadline = time.monotonic() + total_timeout
+        while True:
+            try:
+                if self.http.get("/health/", timeout=10.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"the rlserve server at {self.base_url} is not up after {total_timeout}s; "
+                                      f"start it with `rlserve serve --model ...`")
+            time.sleep(min(retry_interval, max(deadline - time.monotonic(), 0.05)))
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, prompts: list[str] | list[list[int]], n: int = 1, repetition_penalty: float = 1.0,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
+                 max_tokens: int = 16, logprobs: int | None = 0, structured_outputs_regex: str | None = None,
+                 generation_kwargs: dict | None = None, timeout: float | None = None) -> dict:
+        """TRL's dict: prompt_ids, completion_ids (len(prompts) * n, grouped by prompt), logprobs and
+        logprob_token_ids (per token: the sampled token, or the top N+1 sorted; None for logprobs=None)."""
+        body = GenerateRequest(prompts=prompts, n=n, repetition_penalty=repetition_penalty,
+                               temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                               max_tokens=max_tokens, logprobs=logprobs,
+                               structured_outputs_regex=structured_outputs_regex,
+                               generation_kwargs=generation_kwargs or {})
+        return self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
+
+    def chat(self, messages: list[list[dict]], n: int = 1, repetition_penalty: float = 1.0,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
+             max_tokens: int = 16, logprobs: int | None = 0, structured_outputs_regex: str | None = None,
+             generation_kwargs: dict | None = None, chat_template_kwargs: dict | None = None,
+             tools: list | None = None, timeout: float | None = None) -> dict:
+        body = ChatRequest(messages=messages, n=n, repetition_penalty=repetition_penalty, temperature=temperature,
+                           top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens, logprobs=logprobs,
+                           structured_outputs_regex=structured_outputs_regex,
+                           generation_kwargs=generation_kwargs or {}, chat_template_kwargs=chat_template_kwargs,
+                           tools=tools)
+        return self._request("POST", "/chat/", body.model_dump(), timeout)
+
+    def get_world_size(self) -> int:
+        return self._request("GET", "/get_world_size/")["world_size"]
+
+    def reset_prefix_cache(self) -> None:
+        self._request("POST", "/reset_prefix_cache/")
+
+    def server_info(self) -> dict:
+        return self._request("GET", "/server_info/")
+
+    def pause(self, mode: str = "abort") -> None:
+        self._request("POST", "/pause/", {"mode": mode})
+
+    def resume(self) -> None:
+        self._request("POST", "/resume/")
+
+    # -- weight sync -------------------------------------------------------------------------------
+    def init_communicator(self, device: torch.device | str | int = "cuda", timeout_s: float = 120.0) -> None:
+        """Join the server's weight-sync group as its last rank (NCCL on CUDA, gloo on CPU). A previous
+        group of this client, or of a crashed trainer, is replaced."""
+        if self.communicator is not None:
+            self.close_communicator()
+        device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        world_size = self.get_world_size() + 1
+        self._request("POST", "/init_communicator/", {
+            "host": "0.0.0.0", "port": self.group_port, "world_size": world_size, "timeout_s": timeout_s,
+            "client_device_uuid": str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda"
+            else None})
+        self.communicator = WeightSyncGroup(self.host, self.group_port, world_size - 1, world_size, device,
+                                            timeout_s)
+
+    def _require_communicator(self) -> WeightSyncGroup:
+        if self.communicator is None:
+            raise RuntimeError("call init_communicator() first")
+        return self.communicator
+
+    def update_named_param(self, name: str, weights: torch.Tensor) -> None:
+        """TRL's per-tensor update: announce, broadcast, wait until every worker loaded it."""
+        group = self._require_communicator()
+        self._request("POST", "/update_named_param/",
+                      {"name": name, "dtype": str(weights.dtype), "shape": list(weights.shape)})
+        tensor = weights.detach().to(group.device).contiguous()
+        group.broadcast(tensor)
+        group.barrier()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_size_mb: float = 512) -> int:
+        """Push many tensors at once, in flat buckets of ``bucket_size_mb``; returns the new weight version.
+        The server validates all names, shapes and dtypes before any byte moves."""
+        group = self._require_communicator()
+        tensors = {name: t.detach() for name, t in named_tensors}
+        buckets = plan_buckets(((n, t.dtype, tuple(t.shape)) for n, t in tensors.items()),
+                               int(bucket_size_mb * 2**20))
+        answer = self._request("POST", "/update_weights/", {"buckets": [b.to_dict() for b in buckets]})
+        send_buckets(group, buckets, tensors)
+        group.barrier()
+        self.weight_version = answer["version"]
+        return self.weight_version
+
+    def update_model_params(self, model: nn.Module, bucket_size_mb: float = 512) -> int:
+        """Push every parameter of a model with Hugging Face names (tied embeddings travel once)."""
+        return self.update_weights(((name, p.data) for name, p in model.named_parameters()), bucket_size_mb)
+
+    def close_communicator(self) -> None:
+        try:
+            self._request("POST", "/close_communicator/")
+        finally:
+            if self.communicator is not None:
+                self.communicator.close()
+                self.communicator = None
+
+    def close(self) -> None:
+        if self.communicator is not None:
+            try:
+                self.close_communicator()
+            except Exception:
+                pass
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+VLLMClient = Client  # the name TRL users know

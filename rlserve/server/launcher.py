@@ -1,0 +1,102 @@
+"""``rlserve serve``: build the engine client and the app, run uvicorn, shut down cleanly.
+
+SIGTERM/SIGINT: stop accepting work (503), let in-flight requests finish for up to ``--shutdown_timeout``
+seconds, abort the rest, stop the replicas, exit 0. A dead replica: exit 1. No child process outlives us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvicorn
+
+from rlserve.config import EngineConfig
+from rlserve.models.loader import resolve_model_dir
+from rlserve.server.app import create_app
+from rlserve.server.replicas import EngineClient
+from rlserve.tokenizer import load_tokenizer
+
+logger = logging.getLogger("rlserve.server")
+
+
+class Server(uvicorn.Server):
+    """uvicorn, with a drain phase before it stops."""
+
+    def __init__(self, config: uvicorn.Config, app, engine: EngineClient, shutdown_timeout: float):
+        super().__init__(config)
+        self.app_ = app
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self._draining = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._draining is None and sig in (signal.SIGTERM, signal.SIGINT):
+            logger.info("signal %d: draining (up to %.0fs), then stopping", sig, self.shutdown_timeout)
+            self.app_.state.draining = True
+            self._draining = asyncio.get_event_loop().create_task(self._drain())
+            return
+        super().handle_exit(sig, frame)  # a second signal: stop now
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        while self.engine.pending and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.engine.pending:
+            logger.info("aborting %d request(s) still running", len(self.engine.pending))
+            await self.engine.abort(None)
+            await asyncio.sleep(0.5)
+        self.should_exit = True
+
+    def fatal(self, message: str) -> None:
+        logger.error("stopping: %s", message)
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager, seed=args.seed, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks, load_format=args.load_format, fail_after_steps=args.fail_after_steps)
+
+
+def serve(args) -> int:
+    level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = engine_config_from_args(args)
+    model_dir = resolve_model_dir(config.model, config.revision)
+    tokenizer = load_tokenizer(model_dir)
+    engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level)
+    server: Server | None = None
+
+    def on_ready():
+        info = engine.info
+        logger.info("rlserve serving %s on http://%s:%d | world size %d (tp %d x dp %d) | device %s %s | "
+                    "KV cache %d blocks x %d = %d tokens per replica | max_model_len %d",
+                    config.model, args.host, args.port, engine.world_size, config.tensor_parallel_size,
+                    args.data_parallel_size, info["device"], info["dtype"], info["num_kv_blocks"],
+                    info["block_size"], info["kv_capacity_tokens"], info["max_model_len"])
+        print(f"rlserve ready: http://{args.host}:{args.port} model={config.model} "
+              f"world_size={engine.world_size} kv_tokens={info['kv_capacity_tokens']}", flush=True)
+
+    app = create_app(engine, on_ready=on_ready, on_fatal=lambda m: server.fatal(m))
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               timeout_graceful_shutdown=5, access_log=args.log_level in ("debug", "trace"))
+    server = Server(uv_config, app, engine, args.shutdown_timeout)
+    server.run()
+    if not server.started and server.exit_code == 0:
+        return 1  # could not bind
+    return server.exit_code
+
+
+if __name__ == "__main__":
+    from rlserve.cli import main
+    sys.exit(main(["serve"] + sys.argv[1:]))

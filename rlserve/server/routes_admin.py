@@ -1,0 +1,138 @@
+"""rlserve's own endpoints: server info, Prometheus metrics, pause/resume, abort."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from rlserve.server.routing import engine_of, route
+from rlserve.server.schemas import AbortRequest, PauseRequest
+
+router = APIRouter()
+
+
+@route(router, "GET", "/server_info/")
+async def server_info(request: Request):
+    engine = engine_of(request)
+    if engine.is_serving:
+        try:
+            for r, stats in zip(engine.replicas, await engine.call_all("stats", timeout_s=10.0)):
+                r.stats = stats
+        except Exception:  # a busy or dead replica: report what we last heard
+            pass
+    replicas = [{"replica": r.index, "pid": r.process.pid, "alive": r.process.is_alive(), "dead": r.dead,
+                 **r.stats} for r in engine.replicas]
+    return {
+        "model": engine.config.model, "status": _status(request),
+        "tensor_parallel_size": engine.config.tensor_parallel_size,
+        "data_parallel_size": engine.data_parallel_size, "world_size": engine.world_size,
+        "weight_version": min((r.get("weight_version", 0) for r in replicas), default=0),
+        "requested_weight_version": engine.weight_version,
+        "engine": engine.info, "replicas": replicas, "counters": dict(engine.counters),
+    }
+
+
+def _status(request: Request) -> str:
+    engine = engine_of(request)
+    if engine.dead is not None:
+        return "dead"
+    if request.app.state.draining:
+        return "draining"
+    if not engine.ready.is_set():
+        return "starting"
+    return "serving"
+
+
+@route(router, "POST", "/pause/")
+async def pause(request: Request, body: PauseRequest | None = None):
+    """``abort``: in-flight requests end now with finish_reason "abort"; ``wait``: they finish, then the
+    engine pauses; ``keep``: they freeze and continue after /resume/. New requests wait until then."""
+    engine = engine_of(request)
+    engine.check_serving()
+    mode = (body or PauseRequest()).mode
+    await engine.call_all("pause", timeout_s=3600.0 if mode == "wait" else 30.0, mode=mode)
+    return {"message": f"paused ({mode})", "mode": mode}
+
+
+@route(router, "POST", "/resume/")
+async def resume(request: Request):
+    engine = engine_of(request)
+    engine.check_serving()
+    await engine.call_all("resume")
+    return {"message": "resumed"}
+
+
+@route(router, "POST", "/abort/")
+async def abort(request: Request, body: AbortRequest | None = None):
+    engine = engine_of(request)
+    engine.check_serving()
+    ids = (body or AbortRequest()).request_ids
+    await engine.abort(ids)
+    return {"message": "aborted", "request_ids": ids}
+
+
+class EngineCollector:
+    """Reads the engine client's counters and the replicas' latest stats at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        requests = CounterMetricFamily("rlserve_requests", "Finished engine requests by outcome",
+                                       labels=["status"])
+        for status in ("ok", "failed", "aborted"):
+            requests.add_metric([status], e.counters[f"requests_{status}"])
+        yield requests
+        yield CounterMetricFamily("rlserve_prompt_tokens", "Prompt tokens received",
+                                  value=e.counters["prompt_tokens"])
+        yield CounterMetricFamily("rlserve_generation_tokens", "Tokens generated",
+                                  value=e.counters["generation_tokens"])
+        gauges = {
+            "num_running": ("rlserve_running_sequences", "Sequences running"),
+            "num_waiting": ("rlserve_waiting_sequences", "Sequences waiting"),
+            "kv_blocks_used": ("rlserve_kv_blocks_used", "KV cache blocks in use"),
+            "kv_blocks_free": ("rlserve_kv_blocks_free", "KV cache blocks free"),
+            "kv_blocks_total": ("rlserve_kv_blocks_total", "KV cache blocks in all"),
+            "weight_version": ("rlserve_weight_version", "Weight version served"),
+            "max_running_seqs": ("rlserve_max_running_sequences", "Most sequences that ran in one step"),
+            "mean_step_seconds": ("rlserve_step_seconds", "Mean engine step time (recent)"),
+            "last_weight_sync_seconds": ("rlserve_weight_sync_seconds", "Duration of the last weight update"),
+        }
+        for key, (name, doc) in gauges.items():
+            g = GaugeMetricFamily(name, doc, labels=["replica"])
+            for r in e.replicas:
+                if key in r.stats and r.stats[key] is not None:
+                    g.add_metric([str(r.index)], float(r.stats[key]))
+            yield g
+        counters = {
+            "num_steps": ("rlserve_engine_steps", "Engine steps"),
+            "num_multi_request_steps": ("rlserve_batched_steps", "Engine steps that ran several requests"),
+            "num_preemptions": ("rlserve_preemptions", "Sequences preempted for recompute"),
+            "prefix_cache_hit_tokens": ("rlserve_prefix_cache_hit_tokens", "Prompt tokens found in the cache"),
+            "prefix_cache_queried_tokens": ("rlserve_prefix_cache_queried_tokens", "Prompt tokens looked up"),
+        }
+        for key, (name, doc) in counters.items():
+            c = CounterMetricFamily(name, doc, labels=["replica"])
+            for r in e.replicas:
+                if key in r.stats:
+                    c.add_metric([str(r.index)], float(r.stats[key]))
+            yield c
+        hit = GaugeMetricFamily("rlserve_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache")
+        stats = e.aggregate_stats()
+        queried = stats.get("prefix_cache_queried_tokens", 0)
+        hit.add_metric([], stats.get("prefix_cache_hit_tokens", 0) / queried if queried else 0.0)
+        yield hit
+
+
+def make_metrics_registry(engine) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine))
+    return registry
+
+
+@route(router, "GET", "/metrics")
+async def metrics(request: Request):
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,251 @@
+"""An OpenAI-compatible subset: /v1/models, /v1/completions, /v1/chat/completions (what the ``openai`` SDK,
+TRL >= 1.10's client and load tools speak), with vLLM's extra fields (top_k, min_p, repetition_penalty,
+min_tokens, ignore_eos, stop_token_ids, return_token_ids, return_tokens_as_token_ids).
+
+``stream=true`` is answered as a server-sent event stream carrying the whole result in one chunk per choice
+(generation is batched; there is no token-by-token stream yet).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from rlserve.outputs import CompletionOutput, RequestOutput
+from rlserve.sampling import SamplingParams
+from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
+from rlserve.server.routing import engine_of, route
+
+router = APIRouter()
+
+
+class OpenAISampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    stream: bool = False
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    structured_outputs: dict[str, Any] | None = None
+
+    def params(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+        values = dict(n=self.n, max_tokens=max_tokens, stop=self.stop, seed=self.seed, min_tokens=self.min_tokens,
+                      ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids, logprobs=logprobs,
+                      include_stop_str_in_output=self.include_stop_str_in_output,
+                      skip_special_tokens=self.skip_special_tokens, structured_outputs=self.structured_outputs)
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repetition_penalty"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        try:
+            return SamplingParams(**values)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(str(e), param=str(e).split(" ", 1)[0]) from None
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+
+def check_model(engine, name: str | None) -> str:
+    served = engine.config.model
+    if name is not None and name not in (served, served.rstrip("/").split("/")[-1]):
+        raise NotFound(f"model {name!r} does not exist; this server serves {served!r}", param="model")
+    return served
+
+
+@route(router, "GET", "/v1/models")
+async def models(request: Request):
+    engine = engine_of(request)
+    return {"object": "list", "data": [{
+        "id": engine.config.model, "object": "model", "created": int(time.time()), "owned_by": "rlserve",
+        "root": engine.config.model, "max_model_len": engine.info.get("max_model_len")}]}
+
+
+def _token_str(engine, token_id: int, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else engine.tokenizer.decode([token_id])
+
+
+def _usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | None:
+    if c.sampled_logprobs is None:
+        return None
+    tokens = [_token_str(engine, t, as_ids) for t in c.token_ids]
+    top = []
+    for i, token in enumerate(c.token_ids):
+        entries = {_token_str(engine, tid, as_ids): lp for tid, lp in (c.top_logprobs[i] if c.top_logprobs else [])}
+        entries.setdefault(tokens[i], c.sampled_logprobs[i])
+        top.append(entries)
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": list(c.sampled_logprobs), "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | None:
+    if c.sampled_logprobs is None:
+        return None
+    content = []
+    for i, token in enumerate(c.token_ids):
+        text = _token_str(engine, token, as_ids)
+        top = [{"token": _token_str(engine, tid, as_ids), "logprob": lp,
+                "bytes": list(_token_str(engine, tid, as_ids).encode())}
+               for tid, lp in (c.top_logprobs[i] if c.top_logprobs else [])]
+        content.append({"token": text, "logprob": c.sampled_logprobs[i], "bytes": list(text.encode()),
+                        "top_logprobs": top})
+    return {"content": content}
+
+
+async def _generate(request: Request, prompts, params: SamplingParams) -> list[RequestOutput]:
+    engine = engine_of(request)
+    if request.app.state.draining:
+        raise EngineUnavailable("server is shutting down")
+    engine.check_serving()
+    engine.end_named_param_run()
+    return await engine.generate(prompts, params, detokenize=True, is_disconnected=request.is_disconnected)
+
+
+def _sse(chunks: list[dict]) -> StreamingResponse:
+    async def events():
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@route(router, "POST", "/v1/completions")
+async def completions(request: Request, body: CompletionRequest):
+    engine = engine_of(request)
+    model = check_model(engine, body.model)
+    if body.echo:
+        raise BadRequest("echo is not supported", param="echo")
+    prompt = body.prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise BadRequest("prompt must not be empty", param="prompt")
+    items = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            if not p:
+                raise BadRequest(f"prompt[{i}]: prompt must not be empty", param="prompt")
+            items.append((p, engine.tokenizer(p).input_ids))
+        else:
+            items.append((None, list(p)))
+    params = body.params(body.logprobs, body.max_tokens)
+    outputs = await _generate(request, items, params)
+    choices = []
+    for o in outputs:
+        for c in o.outputs:
+            choice = {"index": len(choices), "text": c.text, "finish_reason": c.finish_reason,
+                      "stop_reason": c.stop_reason,
+                      "logprobs": _completion_logprobs(engine, c, body.return_tokens_as_token_ids)}
+            if body.return_token_ids:
+                choice.update(prompt_token_ids=o.prompt_token_ids, token_ids=c.token_ids)
+            choice["weight_versions"] = c.weight_versions
+            choices.append(choice)
+    result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+              "model": model, "choices": choices, "usage": _usage(outputs)}
+    if body.stream:
+        return _sse([dict(result, choices=[ch]) for ch in choices])
+    return result
+
+
+@route(router, "POST", "/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest):
+    engine = engine_of(request)
+    model = check_model(engine, body.model)
+    if not body.messages:
+        raise BadRequest("messages must not be empty", param="messages")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = body.params(logprobs, body.max_completion_tokens or body.max_tokens)
+    if body.response_format is not None:
+        params = params.clone(structured_outputs=response_format_to_structured(body.response_format))
+    try:
+        ids = engine.render_chat(body.messages, body.chat_template_kwargs, body.tools)
+    except Exception as e:
+        raise BadRequest(f"messages: cannot apply the chat template: {e}", param="messages") from None
+    outputs = await _generate(request, [(None, ids)], params)
+    out = outputs[0]
+    choices = []
+    for c in out.outputs:
+        choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                  "logprobs": _chat_logprobs(engine, c, body.return_tokens_as_token_ids),
+                  "weight_versions": c.weight_versions}
+        if body.return_token_ids:
+            choice["token_ids"] = c.token_ids
+        choices.append(choice)
+    result = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+              "model": model, "choices": choices, "usage": _usage(outputs)}
+    if body.return_token_ids:
+        result["prompt_token_ids"] = out.prompt_token_ids
+    if body.stream:
+        chunks = [{"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
+                   "model": model, "choices": [{"index": ch["index"], "delta": ch["message"],
+                                                "finish_reason": ch["finish_reason"], "logprobs": ch["logprobs"]}]}
+                  for ch in choices]
+        return _sse(chunks)
+    return result
+
+
+def response_format_to_structured(response_format: dict) -> dict | None:
+    """OpenAI's response_format -> structured_outputs ({"json": schema}); "text" means none."""
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if schema is None:
+            raise BadRequest("response_format.json_schema.schema is required", param="response_format")
+        return {"json": schema}
+    if kind == "json_object":
+        return {"json": {"type": "object"}}
+    raise BadRequest(f"response_format.type must be 'text', 'json_schema' or 'json_object', got {kind!r}",
+                     param="response_format")
+

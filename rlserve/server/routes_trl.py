@@ -1,0 +1,108 @@
+"""TRL's server protocol (what ``trl vllm-serve`` served): health, world size, generate, chat, cache reset."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from rlserve.outputs import RequestOutput
+from rlserve.sampling import SamplingParams
+from rlserve.server.errors import BadRequest, EngineUnavailable
+from rlserve.server.routing import engine_of, route
+from rlserve.server.schemas import ChatRequest, GenerateRequest, GenerateResponse
+
+router = APIRouter()
+
+
+@route(router, "GET", "/health/")
+async def health(request: Request):
+    """Asks every engine replica; 503 unless all answer."""
+    engine = engine_of(request)
+    if request.app.state.draining:
+        raise EngineUnavailable("server is shutting down")
+    engine.check_serving()
+    await engine.call_all("ping", timeout_s=10.0)
+    return {"status": "ok"}
+
+
+@route(router, "GET", "/get_world_size/")
+async def get_world_size(request: Request):
+    return {"world_size": engine_of(request).world_size}
+
+
+@route(router, "GET", "/get_tensor_parallel_size/")
+async def get_tensor_parallel_size(request: Request):
+    return {"tensor_parallel_size": engine_of(request).config.tensor_parallel_size}
+
+
+def sampling_params_from(body) -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(body.sampling_dict())
+    except (TypeError, ValueError) as e:
+        raise BadRequest(str(e), param=str(e).split(" ", 1)[0]) from None
+
+
+def tokenize_prompts(engine, prompts) -> list[tuple[str | None, list[int]]]:
+    items = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise BadRequest(f"prompts[{i}]: prompt must not be empty", param="prompts")
+            items.append((p, engine.tokenizer(p).input_ids))
+        else:
+            items.append((None, list(p)))
+    return items
+
+
+def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
+    completions = [c for o in outputs for c in o.outputs]
+    logprobs = ids = None
+    if params.logprobs is not None:
+        pairs = [c.trl_logprobs() for c in completions]
+        logprobs, ids = [p[0] for p in pairs], [p[1] for p in pairs]
+    versions = [c.weight_versions for c in completions]
+    return GenerateResponse(
+        prompt_ids=[o.prompt_token_ids for o in outputs], completion_ids=[c.token_ids for c in completions],
+        logprobs=logprobs, logprob_token_ids=ids, finish_reasons=[c.finish_reason for c in completions],
+        weight_version=max((v for vs in versions for v in vs), default=0), weight_versions=versions,
+    ).model_dump()
+
+
+async def run_generation(request: Request, prompts, params: SamplingParams):
+    engine = engine_of(request)
+    if request.app.state.draining:
+        raise EngineUnavailable("server is shutting down")
+    engine.end_named_param_run()
+    outputs = await engine.generate(prompts, params, detokenize=False, is_disconnected=request.is_disconnected)
+    return trl_response(outputs, params)
+
+
+@route(router, "POST", "/generate/")
+async def generate(request: Request, body: GenerateRequest):
+    engine = engine_of(request)
+    engine.check_serving()
+    params = sampling_params_from(body)
+    return await run_generation(request, tokenize_prompts(engine, body.prompts), params)
+
+
+@route(router, "POST", "/chat/")
+async def chat(request: Request, body: ChatRequest):
+    engine = engine_of(request)
+    engine.check_serving()
+    params = sampling_params_from(body)
+    prompts = []
+    for i, conversation in enumerate(body.messages):
+        try:
+            prompts.append((None, engine.render_chat(conversation, body.chat_template_kwargs, body.tools)))
+        except Exception as e:  # a template error is the caller's input
+            raise BadRequest(f"messages[{i}]: cannot apply the chat template: {e}", param="messages") from None
+    return await run_generation(request, prompts, params)
+
+
+@route(router, "POST", "/reset_prefix_cache/")
+async def reset_prefix_cache(request: Request):
+    engine = engine_of(request)
+    engine.check_serving()
+    engine.end_named_param_run()
+    await engine.call_all("reset_prefix_cache")
+    return {"message": "Prefix cache reset"}
+

@@ -1,0 +1,103 @@
+"""HTTP request and response bodies of TRL's protocol and rlserve's own endpoints (shared with the client).
+
+Field names and defaults are those of ``trl vllm-serve``. Unknown top-level fields are ignored, as TRL's
+server did; ``generation_kwargs`` keys are checked strictly (they become SamplingParams fields).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    n: int = 1
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_tokens: int | None = 16
+    logprobs: int | None = 0
+    structured_outputs_regex: str | None = None
+    guided_decoding_regex: str | None = None  # the name older TRL releases used
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def sampling_dict(self) -> dict[str, Any]:
+        """The SamplingParams fields this request asks for; ``generation_kwargs`` override the others."""
+        values = {k: getattr(self, k) for k in ("n", "repetition_penalty", "temperature", "top_p", "top_k",
+                                                "min_p", "max_tokens", "logprobs")}
+        regex = self.structured_outputs_regex or self.guided_decoding_regex
+        if regex is not None:
+            values["structured_outputs"] = {"regex": regex}
+        kwargs = dict(self.generation_kwargs)
+        if "structured_outputs" in kwargs and isinstance(kwargs["structured_outputs"], dict):
+            values["structured_outputs"] = kwargs.pop("structured_outputs")
+        values.update(kwargs)
+        return values
+
+
+class GenerateRequest(SamplingFields):
+    prompts: list[str] | list[list[int]]
+
+
+class ChatRequest(SamplingFields):
+    messages: list[list[dict[str, Any]]]
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateResponse(BaseModel):
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    logprobs: list[list[list[float]]] | None
+    logprob_token_ids: list[list[list[int]]] | None
+    finish_reasons: list[str | None] = Field(default_factory=list)
+    weight_version: int = 0
+    weight_versions: list[list[int]] = Field(default_factory=list)
+
+
+class InitCommunicatorRequest(BaseModel):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    world_size: int = Field(ge=2)
+    client_device_uuid: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+
+
+class UpdateNamedParamRequest(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class TensorEntry(BaseModel):
+    name: str
+    shape: list[int]
+    offset: int = Field(ge=0)
+
+
+class Bucket(BaseModel):
+    dtype: str
+    numel: int = Field(ge=0)
+    tensors: list[TensorEntry]
+
+
+class UpdateWeightsRequest(BaseModel):
+    buckets: list[Bucket]
+    version: int | None = None  # None: current + 1
+
+
+class PauseRequest(BaseModel):
+    mode: Literal["abort", "wait", "keep"] = "abort"
+
+
+class AbortRequest(BaseModel):
+    request_ids: list[str] | None = None  # None: every request
+
+
+class MessageResponse(BaseModel):
+    message: str
