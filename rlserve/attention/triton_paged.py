@@ -1,0 +1,379 @@
+"""Triton kernels for attention over the paged KV cache (same contract as ``reference.py``).
+
+Layout (see ``metadata.py``): ``k_cache``/``v_cache`` are ``[num_blocks, block_size, KVH, D]``; token ``i`` of a
+sequence lives in block ``block_table[i // block_size]`` at offset ``i % block_size``.
+
+Design
+------
+* ``store_kv``: one program per new token writes its ``[KVH, D]`` rows of K and V; slot ``-1`` (CUDA-graph
+  padding) is masked out.
+* Every attention kernel walks the context in KV tiles of ``BLOCK_N`` tokens. The block id is gathered per
+  token (``block_table[n // block_size]``), so a tile may span several cache blocks (``BLOCK_N > block_size``)
+  or a part of one (``BLOCK_N < block_size``); each token row is ``D`` contiguous elements (16-byte loads).
+  ``_attend_tile`` does one flash-attention step on a tile: ``S = Q K^T`` with ``tl.dot`` (fp32 inputs use
+  ``input_precision="ieee"``), online softmax in the log2 domain (``exp2``, scale folded with ``log2(e)``),
+  fp32 running max ``m``, sum ``l`` and accumulator ``acc``. Loops are split into full tiles, which need no
+  masks, and a masked tail/diagonal part.
+* Decode (``decode_attention``): grid ``(B, KVH, num_splits)``. One program holds all ``G = H / KVH`` query
+  heads of its KV head as the rows of a ``[BLOCK_G, D]`` tile (``BLOCK_G = max(16, next_pow2(G))``, padded
+  rows are zero and never stored), so each K/V tile is loaded once for the whole group and both products are
+  tensor-core ``tl.dot``\\ s. Flash-decoding: the context is cut into ``num_splits`` ranges computed *inside*
+  the kernel from ``seq_lens`` (split ``s`` gets ``[s * chunk, (s + 1) * chunk)`` with ``chunk`` a multiple of
+  ``BLOCK_N``); each split writes a partial ``(m, l, acc)`` (an empty range writes ``(-inf, 0, 0)``) and
+  ``_decode_reduce_kernel`` merges them. ``num_splits`` is picked on the host from ``B``, ``KVH`` and the SM
+  count only, so the grid and scratch shapes depend on static shapes alone (CUDA-graph safe, no syncs).
+  With one split the kernel normalizes and writes the output directly. ``seq_len == 0`` rows give zeros.
+* Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
+  ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
+  context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely
+  below the tile's first query position run unmasked; the rest (up to the last query) apply the causal mask.
+* ``paged_attention`` dispatches the decode rows and the prefill chunks of an ``AttentionMetadata`` batch.
+
+Head dims that are not powers of two (80, 96, ...) are padded to ``BLOCK_D`` and masked.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from rlserve.attention.metadata import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcs, stride_kch, stride_vcs, stride_vch,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)  # flat slot = block * block_size + offset; -1 = padding
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & (slot >= 0)  # [BLOCK_H, BLOCK_D]
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    # The cache is viewed as [num_blocks * block_size, KVH, D], so the slot is the row index.
+    tl.store(k_cache + slot * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :],
+             k.to(k_cache.dtype.element_ty), mask=mask)
+    tl.store(v_cache + slot * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :],
+             v.to(v_cache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, start_n, kv_end, qk_scale,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N) of one sequence and KV head.
+
+    q: [R, BLOCK_D]; acc: [R, BLOCK_D] fp32; m_i, l_i: [R] fp32 (log2 domain); q_pos: [R] absolute query
+    positions (used when MASKED: key n is visible iff n <= q_pos and n < kv_end).
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] token index in the sequence
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    n_ok = offs_n < kv_end
+    d_ok = offs_d[None, :] < HEAD_DIM  # [1, BLOCK_D]
+    if MASKED:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)  # [BLOCK_N]
+        kv_mask = n_ok[:, None] & d_ok  # [BLOCK_N, BLOCK_D]
+    else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_ok
+    in_blk = offs_n % BLOCK_SIZE
+    k_row = blk * stride_kb + in_blk * stride_ks + kv_head * stride_kh  # [BLOCK_N]
+    v_row = blk * stride_vb + in_blk * stride_vs + kv_head * stride_vh
+    k = tl.load(k_cache + k_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_cache + v_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale  # [R, BLOCK_N]
+    if MASKED:
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [R]
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # [R, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_m, part_l, part_acc,
+                   qk_scale, num_splits,
+                   stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    # This split's key range [start, end); a multiple of BLOCK_N long, possibly empty.
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+
+    offs_g = tl.arange(0, BLOCK_G)  # [BLOCK_G] query head within the group (padded)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_g  # [BLOCK_G]
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
+    bt_row = bt_ptr + b64 * stride_bt
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
+    for n in range(full_end, end, BLOCK_N):  # at most one partial tile
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
+
+    if DIRECT:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # Partials: part_m, part_l [B, H, S]; part_acc [B, H, S, HEAD_DIM], all fp32.
+        row = (b64 * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
+        tl.store(part_m + row, m_i, mask=g_ok)
+        tl.store(part_l + row, l_i, mask=g_ok)
+        tl.store(part_acc + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(part_m, part_l, part_acc, out_ptr, num_splits, stride_ob, stride_oh,
+                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    d_ok = offs_d < HEAD_DIM
+    row = (b * NUM_HEADS + h) * num_splits + offs_s  # [BLOCK_S]
+    m = tl.load(part_m + row, mask=s_ok, other=float("-inf"))  # [BLOCK_S]
+    l = tl.load(part_l + row, mask=s_ok, other=0.0)
+    acc = tl.load(part_acc + row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty (seq_len 0)
+    w = tl.exp2(m - m_max)  # [BLOCK_S]; empty splits (m = -inf) weigh 0
+    denom = tl.sum(w * l, 0)
+    o = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)  # [BLOCK_D]
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache, v_cache, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, qk_scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    m_tile = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if m_tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - q_len  # cached tokens before this chunk
+    kv_head = h // GROUP
+
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index within the chunk
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_len
+    io_mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, BLOCK_D]
+    tok = (q_start + offs_m).to(tl.int64)  # [BLOCK_M] row in the flat batch
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+    q_pos = prefix + offs_m  # [BLOCK_M] absolute positions
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+
+    first_pos = prefix + m_tile * BLOCK_M
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # keys below this are visible to every row of the tile
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)  # one past the last visible key
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, kv_end,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
+    for n in range(full_end, kv_end, BLOCK_N):  # diagonal tiles
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, kv_end,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
+
+    o = acc / l_i[:, None]  # every valid row saw key 0, so l_i > 0
+    tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+# ---------------------------------------------------------------------------------------------- host side
+
+def _check_last_dim(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError("the head_dim axis must be contiguous (stride 1)")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+def _decode_config(block_d: int, dtype: torch.dtype) -> dict:
+    """KV tile and launch options for decode (fp32 tiles are halved to stay clear of register spills)."""
+    block_n = 64 if block_d <= 128 else 32
+    return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
+
+
+def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:  # correctness reference path; small tiles avoid spills
+        return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 64 else 16, num_warps=8, num_stages=2)
+    if block_d <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """KV splits for decode from static quantities only (no seq_lens): aim for ~2 programs per SM.
+
+    Measured on H200 (B=4, 8 KV heads, L=8192): 9 splits reach ~2.4 TB/s; doubling them is slower."""
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 8  # Triton interpreter: keep splitting exercised
+    programs = batch * num_kv_heads
+    if programs >= sms:
+        return 1
+    return min(_MAX_SPLITS, triton.cdiv(2 * sms, programs))
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, KVH, D]; caches: [N, BS, KVH, D]; slot_mapping: [T] int64, -1 = skip."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_last_dim(k, v, k_cache, v_cache)
+    assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), "cache blocks must be dense"
+    assert v_cache.stride(0) == v_cache.shape[1] * v_cache.stride(1), "cache blocks must be dense"
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """q: [B, H, D]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 -> out [B, H, D].
+
+    One query per sequence (position seq_len - 1, its K/V already stored); seq_len 0 rows give zeros.
+    ``num_splits`` (default: ``choose_num_splits``) must not depend on seq_lens values for CUDA graphs;
+    with more than one split, fp32 partials ``[B, H, num_splits(, D)]`` are allocated per call."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert group * num_kv_heads == num_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    _check_last_dim(q, out, k_cache, v_cache)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    direct = num_splits == 1
+    if direct:
+        part_m = part_l = part_acc = out  # unused
+    else:
+        part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
+        scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), **_decode_config(block_d, q.dtype))
+    if not direct:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      max_query_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, D]; query_start_loc: [P+1] int32 (row offsets into q); seq_lens: [P] int32;
+    block_tables: [P, max_blocks] int32 -> out [T, H, D] (rows outside the P sequences are not written)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert group * num_kv_heads == num_heads
+    if out is None:
+        out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or max_query_len == 0:
+        return out
+    _check_last_dim(q, out, k_cache, v_cache)
+    block_d = triton.next_power_of_2(head_dim)
+    cfg = _prefill_config(block_d, q.dtype)
+    grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        DOT_PREC=_dot_precision(q.dtype), **cfg)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D], like ``reference.paged_attention``. New K/V must already be stored."""
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                         out=out[:nd])
+    if meta.num_prefills:
+        # query_start_loc[nd:] holds absolute row offsets into q, so q and out are passed whole.
+        max_q = max(meta.query_lens_cpu[nd:], default=meta.max_query_len)
+        prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
+                          meta.seq_lens[nd:], max_q, scale, out=out)
+    return out

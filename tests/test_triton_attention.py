@@ -1,0 +1,283 @@
+"""Triton paged-attention kernels against the PyTorch reference (rlserve.attention.reference).
+
+On a CUDA machine the tests are marked ``gpu`` and run the full parameter grids. With
+``RLSERVE_TRITON_INTERPRET=1`` they run on CPU tensors under the Triton interpreter with a small grid:
+``RLSERVE_TRITON_INTERPRET=1 python -m pytest tests/test_triton_attention.py -q``. Without triton the module
+is skipped; without CUDA (and not interpreting) the tests are skipped.
+
+Caches are poisoned: every slot that no sequence owns (including the tail of each sequence's last block and
+block 0, which pads the block tables) holds NaN in the cache given to the kernels, so any read outside a
+sequence's context shows up as NaN. The reference reads a NaN-free copy (its padded decode path would
+otherwise propagate NaN through the masked softmax).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import pytest
+
+INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before any @triton.jit kernel is defined
+
+triton = pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+if INTERPRET:
+    from triton.runtime import interpreter as _interp
+
+    # triton <= 3.6 interpreter + numpy >= 2.4: `range(tensor_bound)` calls int() on a 1-element array, which
+    # numpy now rejects (triton-lang/triton#9171). Same fix as upstream, applied to this process only.
+    if hasattr(_interp, "_patch_lang_tensor"):
+        _orig_patch_lang_tensor = _interp._patch_lang_tensor
+
+        def _patch_lang_tensor(tensor, scope):
+            _orig_patch_lang_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        _interp._patch_lang_tensor = _patch_lang_tensor
+
+    if "rlserve.attention.triton_paged" in sys.modules:  # imported earlier without the interpreter
+        import importlib
+
+        importlib.reload(sys.modules["rlserve.attention.triton_paged"])
+    pytestmark = []
+    DEVICE = "cpu"
+else:
+    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                      reason="needs CUDA (or RLSERVE_TRITON_INTERPRET=1)")]
+    DEVICE = "cuda"
+
+from rlserve.attention import reference  # noqa: E402
+from rlserve.attention import triton_paged as tp  # noqa: E402
+from rlserve.attention.metadata import AttentionMetadata  # noqa: E402
+
+# The interpreter cannot run tl.dot on bf16 (it multiplies the raw uint16 bits), so bf16 attention is
+# GPU-only; fp16 takes the same code path there.
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _params(full, small):
+    return small if INTERPRET else full
+
+
+# (dtype, head_dim, gqa, block_size)
+ATTN_CASES = _params(
+    list(itertools.product(GPU_DTYPES, [64, 128], [1, 2, 7, 8], [8, 16, 64, 256]))
+    + [(torch.bfloat16, 96, 2, 16), (torch.bfloat16, 256, 4, 16), (torch.float32, 80, 7, 32)],
+    [(torch.float32, 64, 1, 16), (torch.float16, 64, 7, 8), (torch.float16, 128, 2, 64),
+     (torch.float32, 64, 8, 32), (torch.float16, 96, 2, 16)])
+NUM_KV_HEADS = 2
+
+
+def _ids(case):
+    dtype, head_dim, gqa, block_size = case
+    return f"{str(dtype).split('.')[-1]}-d{head_dim}-g{gqa}-bs{block_size}"
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all(), "non-finite output (read outside the context?)"
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    else:
+        err = (out - ref).abs().max().item()
+        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-6)).item()
+        assert err < 2e-2 and rel < 1e-2, f"max abs err {err:.3g}, relative norm err {rel:.3g}"
+
+
+class PagedCache:
+    """Random contexts in shuffled cache blocks; ``k``/``v`` poisoned, ``k_ref``/``v_ref`` clean."""
+
+    def __init__(self, seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, extra_blocks=3):
+        per_seq = [triton.cdiv(n, block_size) for n in seq_lens]
+        num_blocks = 1 + sum(per_seq) + extra_blocks  # block 0 is never allocated: it pads the tables
+        order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+        self.block_tables = torch.zeros(len(seq_lens), max(per_seq, default=0) + 2, dtype=torch.int32)
+        for i, n in enumerate(per_seq):
+            self.block_tables[i, :n] = torch.tensor(order[:n], dtype=torch.int32)
+            order = order[n:]
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.full(shape, float("nan"), dtype=dtype)
+        self.v = torch.full(shape, float("nan"), dtype=dtype)
+        self.k_ref, self.v_ref = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        for i, n in enumerate(seq_lens):
+            slots = self.slots(i, 0, n)
+            k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+            v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+            for kc, vc in ((self.k, self.v), (self.k_ref, self.v_ref)):
+                reference.write_kv(k, v, kc, vc, slots)
+        self.block_size = block_size
+        for name in ("k", "v", "k_ref", "v_ref", "block_tables"):
+            setattr(self, name, getattr(self, name).to(DEVICE))
+
+    def slots(self, seq: int, start: int, end: int) -> torch.Tensor:
+        bs = self.k.shape[1]
+        pos = torch.arange(start, end)
+        return (self.block_tables[seq].cpu().long()[pos // bs] * bs + pos % bs).to(self.k.device)
+
+
+def _meta(query_lens, seq_lens, num_decodes, cache: PagedCache) -> AttentionMetadata:
+    qsl = [0]
+    for n in query_lens:
+        qsl.append(qsl[-1] + n)
+    slots = [cache.slots(i, s - q, s) for i, (q, s) in enumerate(zip(query_lens, seq_lens))]
+    return AttentionMetadata(
+        slot_mapping=torch.cat(slots), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_tables=cache.block_tables,
+        num_decodes=num_decodes, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_lens_cpu=list(query_lens), seq_lens_cpu=list(seq_lens))
+
+
+def _reference(q, cache: PagedCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The oracle in fp32 on the clean cache."""
+    return reference.paged_attention(q.float(), cache.k_ref.float(), cache.v_ref.float(), meta, scale)
+
+
+def _queries(num_tokens, num_heads, head_dim, dtype, gen, strided=False):
+    """q: [T, H, D]; with strided=True a view into a packed qkv-like buffer (row stride > H * D)."""
+    if not strided:
+        return torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    packed = torch.randn(num_tokens, num_heads + 2 * NUM_KV_HEADS, head_dim, generator=gen).to(dtype)
+    return packed.to(DEVICE)[:, :num_heads]
+
+
+# ----------------------------------------------------------------------------------------------- store_kv
+
+@pytest.mark.parametrize("dtype", _params(GPU_DTYPES, [torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("num_kv_heads,head_dim", _params([(1, 64), (2, 128), (8, 128), (3, 96)],
+                                                          [(2, 64), (3, 96)]))
+@pytest.mark.parametrize("block_size", _params([8, 16, 256], [8]))
+def test_store_kv(dtype, num_kv_heads, head_dim, block_size):
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, num_tokens = 6, 13
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[[2, 7, num_tokens - 1]] = -1  # padding tokens
+    # K/V as views into a packed qkv-like buffer: token stride > KVH * D.
+    packed = torch.randn(num_tokens, 3, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k, v = packed[:, 1].to(DEVICE), packed[:, 2].to(DEVICE)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    k_exp, v_exp = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    reference.write_kv(k[keep.to(DEVICE)], v[keep.to(DEVICE)], k_exp, v_exp, slots[keep].to(DEVICE))
+
+    tp.store_kv(k, v, k_cache, v_cache, slots.to(DEVICE))
+    torch.testing.assert_close(k_cache, k_exp, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_exp, rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
+@pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
+def test_decode(case, num_splits):
+    dtype, head_dim, gqa, bs = case
+    gen = torch.Generator().manual_seed(1)
+    seq_lens = [1, bs - 1 or 1, bs, bs + 1, 3 * bs + 5, 2, 100] if not INTERPRET else [1, bs - 1, bs + 1, 2 * bs + 3]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
+    q = _queries(len(seq_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
+    scale = head_dim ** -0.5
+
+    out = tp.decode_attention(q, cache.k, cache.v, cache.block_tables, meta.seq_lens, scale,
+                              num_splits=num_splits)
+    _check(out, _reference(q, cache, meta, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", _params(GPU_DTYPES, [torch.float32]))
+@pytest.mark.parametrize("gqa", _params([1, 7, 8], [7]))
+@pytest.mark.parametrize("num_splits", _params([None, 2, 5, 16, 32], [4, 16]))
+def test_decode_split_kv(dtype, gqa, num_splits):
+    """Small batch, long context, many splits (some empty), and seq_len-0 padding rows (CUDA-graph style)."""
+    gen = torch.Generator().manual_seed(2)
+    bs, head_dim = 16, 64
+    seq_lens = [3000, 777, 1] if not INTERPRET else [300, 65, 1]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
+    q = _queries(len(seq_lens) + 2, NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    # Two padding rows: seq_len 0, block table all zeros (block 0 is poisoned).
+    seq_lens_padded = torch.cat([meta.seq_lens, torch.zeros(2, dtype=torch.int32, device=DEVICE)])
+    tables = torch.cat([cache.block_tables, torch.zeros_like(cache.block_tables[:2])])
+    scale = head_dim ** -0.5
+
+    out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=num_splits)
+    assert torch.isfinite(out[-2:]).all()
+    _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
+
+
+def test_num_splits_is_static():
+    """The split count depends on shapes only (CUDA-graph safe)."""
+    dev = torch.device(DEVICE)
+    assert tp.choose_num_splits(1, 2, dev) > 1
+    assert tp.choose_num_splits(4096, 8, dev) == 1
+    assert all(1 <= tp.choose_num_splits(b, kvh, dev) <= 32 for b in (1, 3, 64) for kvh in (1, 8))
+
+
+# ------------------------------------------------------------------------------------------------ prefill
+
+def _prefill_shapes(bs):
+    """(query_len, seq_len) pairs: full prompts and chunks on a cached prefix, around block/tile edges."""
+    if INTERPRET:
+        return [(1, 1), (bs + 1, bs + 1), (5, 2 * bs + 3), (70, 75)]
+    return [(1, 1), (bs - 1 or 1, bs - 1 or 1), (bs, bs), (bs + 1, 3 * bs + 2), (64, 64), (65, 200),
+            (130, 130), (3, 517), (200, 1000), (1, 77)]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
+def test_prefill(case):
+    dtype, head_dim, gqa, bs = case
+    gen = torch.Generator().manual_seed(3)
+    shapes = _prefill_shapes(bs)
+    query_lens, seq_lens = [s[0] for s in shapes], [s[1] for s in shapes]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    meta = _meta(query_lens, seq_lens, 0, cache)
+    q = _queries(sum(query_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
+    scale = head_dim ** -0.5
+
+    out = tp.prefill_attention(q, cache.k, cache.v, cache.block_tables, meta.query_start_loc, meta.seq_lens,
+                               meta.max_query_len, scale)
+    _check(out, _reference(q, cache, meta, scale), dtype)
+
+
+# ------------------------------------------------------------------------------------------- mixed batch
+
+@pytest.mark.parametrize("case", _params(ATTN_CASES[::3], ATTN_CASES[:2]), ids=_ids)
+def test_paged_attention_mixed(case):
+    """Decodes first, then prefill chunks (a fresh prompt and chunks over cached prefixes)."""
+    dtype, head_dim, gqa, bs = case
+    gen = torch.Generator().manual_seed(4)
+    decode_lens = [1, bs + 1, 40] if not INTERPRET else [1, bs + 1]
+    prefill = [(bs + 3, bs + 3), (7, 3 * bs), (33, 50)] if not INTERPRET else [(bs + 3, bs + 3), (7, 2 * bs)]
+    query_lens = [1] * len(decode_lens) + [p[0] for p in prefill]
+    seq_lens = decode_lens + [p[1] for p in prefill]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    meta = _meta(query_lens, seq_lens, len(decode_lens), cache)
+    q = _queries(sum(query_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+
+    out = tp.paged_attention(q, cache.k, cache.v, meta, scale)
+    _check(out, _reference(q, cache, meta, scale), dtype)
+
+
+def test_paged_attention_after_store_kv():
+    """End to end: store the new tokens' K/V with store_kv, then attend (decodes + a chunk on a prefix)."""
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    bs, head_dim, gqa = 16, 64, 2
+    query_lens, seq_lens = [1, 1, 9, 20], [5, 33, 40, 20]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    meta = _meta(query_lens, seq_lens, 2, cache)
+    k_new = torch.randn(sum(query_lens), NUM_KV_HEADS, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v_new = torch.randn(sum(query_lens), NUM_KV_HEADS, head_dim, generator=gen).to(dtype).to(DEVICE)
+    tp.store_kv(k_new, v_new, cache.k, cache.v, meta.slot_mapping)
+    reference.write_kv(k_new, v_new, cache.k_ref, cache.v_ref, meta.slot_mapping)
+    q = _queries(sum(query_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+
+    out = tp.paged_attention(q, cache.k, cache.v, meta, scale)
+    _check(out, _reference(q, cache, meta, scale), dtype)
