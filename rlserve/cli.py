@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _extra_parsers():
     """Subcommands that live with their feature: sweep (distributed), demo (the RL loop)."""
-    return []
+    from rlserve.demo import add_demo_parser
+    return [("demo", add_demo_parser)]
 
 
 if __name__ == "__main__":

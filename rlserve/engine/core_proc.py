@@ -230,10 +230,13 @@ class EngineCoreProc:
 DEFERRED = object()
 
 
-def run_engine_core(config: EngineConfig, replica: int, input_addr: str, output_addr: str, tp_rank_base: int,
-                    log_level: str = "INFO") -> None:
+def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input_addr: str, output_addr: str,
+                    tp_rank_base: int, log_level: str = "INFO") -> None:
     """Process entry point."""
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s replica{replica} %(levelname)s %(message)s")
+    if config.resolved_device().type == "cpu" and num_replicas > 1:
+        import torch  # replicas share the cores: oversubscribed threads spin against each other
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_replicas))
     proc = None
     try:
         proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base)

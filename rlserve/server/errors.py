@@ -52,9 +52,21 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
                         content={"error": {"message": message, "type": type_, "param": param, "code": status}})
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "list", "dict", "none"})
+
+
 def _field(loc) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
+    """``("body", "prompts", "list[list[int]]", 0, 1)`` -> ``prompts[0][1]``: pydantic's union-member tags
+    (``list[str]``, ``str``) are not fields the caller wrote, so they are left out."""
+    field = ""
+    for part in loc:
+        if part in ("body", "query", "path"):
+            continue
+        if isinstance(part, int):
+            field += f"[{part}]"
+        elif str(part).isidentifier() and part not in _TYPE_TAGS:
+            field += f".{part}" if field else str(part)
+    return field or "body"
 
 
 def engine_started(request: Request) -> bool:

@@ -100,7 +100,8 @@ class EngineClient:
             sock.setsockopt(zmq.LINGER, 0)
             config = self._replica_config(r)
             proc = spawn.Process(target=run_engine_core, name=f"rlserve-replica{r}", daemon=False,
-                                 args=(config, r, addr, self.output_addr, r * self.config.tensor_parallel_size,
+                                 args=(config, r, self.data_parallel_size, addr, self.output_addr,
+                                       r * self.config.tensor_parallel_size,
                                        self.log_level))
             proc.start()
             self.replicas.append(Replica(r, proc, sock))

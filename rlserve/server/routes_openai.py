@@ -116,8 +116,11 @@ def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | No
     tokens = [_token_str(engine, t, as_ids) for t in c.token_ids]
     top = []
     for i, token in enumerate(c.token_ids):
-        entries = {_token_str(engine, tid, as_ids): lp for tid, lp in (c.top_logprobs[i] if c.top_logprobs else [])}
-        entries.setdefault(tokens[i], c.sampled_logprobs[i])
+        entries = {tokens[i]: c.sampled_logprobs[i]}
+        for tid, lp in (c.top_logprobs[i] if c.top_logprobs else []):
+            if tid != token:  # tokens that decode alike (e.g. lone bytes, "\ufffd"): the sampled one wins,
+                entries.setdefault(_token_str(engine, tid, as_ids), lp)  # then the better-ranked one
+        entries = dict(sorted(entries.items(), key=lambda item: -item[1]))
         top.append(entries)
     offsets, at = [], 0
     for t in tokens:
@@ -176,6 +179,8 @@ async def completions(request: Request, body: CompletionRequest):
                 raise BadRequest(f"prompt[{i}]: prompt must not be empty", param="prompt")
             items.append((p, engine.tokenizer(p).input_ids))
         else:
+            if not p:
+                raise BadRequest(f"prompt[{i}]: prompt must not be empty", param="prompt")
             items.append((None, list(p)))
     params = body.params(body.logprobs, body.max_tokens)
     outputs = await _generate(request, items, params)
@@ -202,8 +207,12 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     model = check_model(engine, body.model)
     if not body.messages:
         raise BadRequest("messages must not be empty", param="messages")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= engine.config.max_logprobs:
+        raise BadRequest(f"top_logprobs must be between 0 and {engine.config.max_logprobs}, got "
+                         f"{body.top_logprobs}", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = body.params(logprobs, body.max_completion_tokens or body.max_tokens)
+    max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    params = body.params(logprobs, max_tokens)
     if body.response_format is not None:
         params = params.clone(structured_outputs=response_format_to_structured(body.response_format))
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Request
 
 from rlserve.outputs import RequestOutput
@@ -34,7 +36,14 @@ async def get_tensor_parallel_size(request: Request):
     return {"tensor_parallel_size": engine_of(request).config.tensor_parallel_size}
 
 
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
 def sampling_params_from(body) -> SamplingParams:
+    unknown = sorted(set(body.generation_kwargs) - SAMPLING_FIELDS)
+    if unknown:  # checked here so that the error names the field the caller wrote
+        raise BadRequest(f"generation_kwargs: unknown sampling parameter(s): {', '.join(unknown)}",
+                         param="generation_kwargs")
     try:
         return SamplingParams.from_dict(body.sampling_dict())
     except (TypeError, ValueError) as e:
