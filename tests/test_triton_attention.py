@@ -15,35 +15,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 
 import pytest
 
-INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before any @triton.jit kernel is defined
+INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"  # conftest.py set up the interpreter
 
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
 if INTERPRET:
-    from triton.runtime import interpreter as _interp
-
-    # triton <= 3.6 interpreter + numpy >= 2.4: `range(tensor_bound)` calls int() on a 1-element array, which
-    # numpy now rejects (triton-lang/triton#9171). Same fix as upstream, applied to this process only.
-    if hasattr(_interp, "_patch_lang_tensor"):
-        _orig_patch_lang_tensor = _interp._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, scope):
-            _orig_patch_lang_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        _interp._patch_lang_tensor = _patch_lang_tensor
-
-    if "rlserve.attention.triton_paged" in sys.modules:  # imported earlier without the interpreter
-        import importlib
-
-        importlib.reload(sys.modules["rlserve.attention.triton_paged"])
     pytestmark = []
     DEVICE = "cpu"
 else:

@@ -23,6 +23,7 @@ from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.runner import ModelRunner
 from rlserve.engine.scheduler import Scheduler, check_fits
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
+from rlserve.engine.structured import GrammarCompiler, check_spec
 from rlserve.models.llama import head_dim_of
 from rlserve.models.loader import load_config, load_model, resolve_dtype, resolve_model_dir
 from rlserve.sampling import SamplingParams
@@ -45,6 +46,8 @@ def validate_request(info: RuntimeInfo, prompt_token_ids: list[int], params: Sam
             raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
     if params.logprobs is not None and params.logprobs > max_logprobs:
         raise ValueError(f"logprobs must be <= {max_logprobs}, got {params.logprobs}")
+    if params.structured_outputs is not None:
+        check_spec(params.structured_outputs)
     return check_fits(len(prompt_token_ids), params.max_tokens, info.max_model_len, info.kv_capacity_tokens)
 
 
@@ -99,14 +102,22 @@ class EngineCore:
         self.runner = ModelRunner(config, self.info, self.model, 1, attention_backend)
         self.info.num_kv_blocks = self._num_kv_blocks()
         self.runner.reallocate_kv_cache(self.info.num_kv_blocks)
+        t_graphs = time.perf_counter()
+        self.runner.capture_cuda_graphs()
+        capture_s = time.perf_counter() - t_graphs
         self.block_manager = BlockManager(self.info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.info.max_num_seqs, self.info.max_num_batched_tokens,
                                    max_model_len, self.info.eos_token_ids)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens; longest context that fits: %d tokens "
+                    "(max_model_len %d)", self.info.num_kv_blocks, config.block_size, self.info.kv_capacity_tokens,
+                    min(max_model_len, self.info.kv_capacity_tokens), max_model_len)
+        self.grammars = GrammarCompiler(config.tokenizer or self.model_dir, self.info.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(config.seed)
         self.weight_version = 0
         self.num_steps = 0
-        self.info.startup_seconds = {"load": round(t_load - t0, 3), "total": round(time.perf_counter() - t0, 3)}
+        self.info.startup_seconds = {"load": round(t_load - t0, 3), "cuda_graphs": round(capture_s, 3),
+                                     "total": round(time.perf_counter() - t0, 3)}
 
     def _max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -143,8 +154,9 @@ class EngineCore:
         max_tokens = self.validate(prompt_token_ids, params)
         if max_tokens != params.max_tokens:
             params = params.clone(max_tokens=max_tokens)
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
-        request = Request(request_id, list(prompt_token_ids), params, seed, stream)
+        request = Request(request_id, list(prompt_token_ids), params, seed, stream, grammar=grammar)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
@@ -157,6 +169,7 @@ class EngineCore:
         if request is None:
             return []
         ended = self.scheduler.abort_request(request)
+        self.runner.release(ended)
         return [self._update(seq) for seq in ended]
 
     def abort_all(self) -> list[SeqUpdate]:
@@ -171,6 +184,7 @@ class EngineCore:
         if request is None or not request.is_forked or index >= len(request.seqs):
             return
         self.scheduler.finish_seq(request.seqs[index], SequenceStatus.FINISHED_STOPPED, stop_reason)
+        self.runner.release([request.seqs[index]])
         if request.is_finished:
             del self.requests[request_id]
 
@@ -186,7 +200,9 @@ class EngineCore:
         touched = self.scheduler.update_from_output(sched, sampled, self.weight_version)
         self.num_steps += 1
         updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status.is_finished]
-        for seq in touched:
+        finished = [seq for seq in touched if seq.status.is_finished]
+        self.runner.release(finished)
+        for seq in finished:
             if seq.request.is_finished:
                 self.requests.pop(seq.request.request_id, None)
         return updates

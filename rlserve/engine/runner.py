@@ -4,8 +4,11 @@ It owns the model, the KV cache tensor and the attention backend. It knows nothi
 ``SchedulerOutput`` carries, and nothing of HTTP or text.
 
 Per step: copy-on-write block copies → inputs (token ids, positions, slot mapping, block tables, sequence
-lengths; decodes first) → forward → logits of the rows that sample → sampler → one host sync to return the
-tokens.
+lengths; decodes first) → forward (a CUDA-graph replay for decode batches on GPU) → logits of the rows that
+sample → sampler (fused on GPU for the common case) → one host sync to return the tokens.
+
+Block tables live on the device, one row per running sequence, and are updated only where a sequence's
+table changed; each step gathers its rows. Slots are computed on the device from them.
 """
 
 from __future__ import annotations
@@ -17,26 +20,12 @@ import torch
 
 from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
-from rlserve.engine.sampler import SamplingBatch, sample
+from rlserve.engine.sampler import SamplerOutput, is_simple, sample
+from rlserve.engine.sampling_batch import prepare_sampling
 from rlserve.engine.scheduler import SampledToken, ScheduledSeq, SchedulerOutput
-from rlserve.engine.sequence import Sequence, mix64
+from rlserve.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
-
-_TWO_POW_53 = float(2 ** 53)
-
-
-def sample_seed(seq: Sequence, sample_index: int) -> int:
-    """The random stream of a request's sample ``sample_index`` (a forking parent draws for its children)."""
-    if sample_index == seq.sample_index:
-        return seq.rng_seed
-    return mix64(seq.request.seed ^ mix64(sample_index))
-
-
-def uniform_for(seed: int, position: int) -> float:
-    """A uniform number in (0, 1) from (stream seed, output position): counter-based, batch-independent."""
-    bits = mix64(seed ^ mix64(position + 0x5DEECE66D)) >> 11
-    return (bits + 0.5) / _TWO_POW_53
 
 
 class ModelRunner:
@@ -50,6 +39,21 @@ class ModelRunner:
         self.backend = get_backend(attention_backend, self.device)
         self.kv_cache = self._allocate_kv_cache(num_kv_blocks)
         self.num_steps = 0
+        self.graphs = None  # DecodeGraphs, once captured
+        self.fused_sample = None
+        if self.device.type == "cuda" and self.backend.name == "triton":
+            from rlserve.engine.sampler_triton import fused_sample
+            self.fused_sample = fused_sample
+        # Device block tables: row r holds the table of the sequence that owns it.
+        self.max_blocks_per_seq = -(-info.max_model_len // info.block_size)
+        self.num_rows = 2 * info.max_num_seqs
+        self.block_tables = torch.zeros(self.num_rows, self.max_blocks_per_seq, dtype=torch.int32,
+                                        device=self.device)
+        self.row_of: dict[int, int] = {}  # seq_id -> row
+        self.free_rows = list(range(self.num_rows - 1, -1, -1))
+        self.synced: dict[int, tuple[list[int], int, int]] = {}  # seq_id -> (table object, length, last)
+        self._staging: torch.Tensor | None = None  # pinned host buffer for the step's inputs
+        self._staging_event = None
 
     # -- KV cache ----------------------------------------------------------------------------------
     @staticmethod
@@ -128,6 +132,45 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
+    def capture_cuda_graphs(self) -> None:
+        if self.device.type != "cuda" or self.config.enforce_eager or not self.backend.supports_cuda_graphs:
+            return
+        from rlserve.engine.cuda_graphs import DecodeGraphs
+        self.graphs = DecodeGraphs(self.model, self.info.max_num_seqs, self.max_blocks_per_seq,
+                                   self.info.max_model_len, self.device)
+        self.graphs.capture()
+
+    # -- block-table rows --------------------------------------------------------------------------
+    def _row(self, seq: Sequence, pending: list[tuple[int, int, int]]) -> int:
+        """The device row of a sequence's block table; queues (row, column, block) writes for what changed."""
+        row = self.row_of.get(seq.seq_id)
+        if row is None:
+            row = self.row_of[seq.seq_id] = self._take_row()
+            self.synced.pop(seq.seq_id, None)
+        table = seq.block_table
+        synced = self.synced.get(seq.seq_id)
+        if synced is not None and synced[0] is table and synced[1] == len(table) and synced[2] == table[-1]:
+            return row
+        # Tables only grow at the end or have their last computed block replaced (copy-on-write); a new table
+        # object (after a preemption) is pushed whole.
+        first = 0 if synced is None or synced[0] is not table else max(min(synced[1], len(table)) - 1, 0)
+        pending += [(row, col, table[col]) for col in range(first, len(table))]
+        self.synced[seq.seq_id] = (table, len(table), table[-1])
+        return row
+
+    def _take_row(self) -> int:
+        if not self.free_rows:
+            raise RuntimeError("no free block-table row: release() was not called for finished sequences")
+        return self.free_rows.pop()
+
+    def release(self, seqs) -> None:
+        """Forget finished or preempted sequences' rows."""
+        for seq in seqs:
+            row = self.row_of.pop(seq.seq_id, None)
+            self.synced.pop(seq.seq_id, None)
+            if row is not None:
+                self.free_rows.append(row)
+
     # -- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[list[SampledToken]]:
@@ -138,14 +181,17 @@ class ModelRunner:
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens != 1)
         items = [sched.scheduled[i] for i in order]
         input_ids, positions, meta, sample_rows = self._prepare_inputs(items)
-        hidden = self.model(input_ids, positions, meta)
         sampling_items = [item for item in items if item.samples]
+        if self.graphs is not None and meta.num_prefills == 0 and len(items) <= self.graphs.max_batch:
+            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            logits = self.model.compute_logits(hidden)  # every decode samples
+        else:
+            hidden = self.model(input_ids, positions, meta)
+            logits = self.model.compute_logits(hidden[sample_rows]) if sampling_items else None
         results: list[list[SampledToken]] = [[] for _ in items]
         if sampling_items:
-            logits = self.model.compute_logits(hidden[sample_rows])
-            batch = self._prepare_sampling(sampling_items, logits.shape[-1])
-            out = sample(logits, batch)
-            drawn = self._to_host(out)
+            batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
+            drawn = self._to_host(self._sample(logits, batch))
             row = 0
             for pos, item in enumerate(items):
                 if item.samples:
@@ -157,103 +203,77 @@ class ModelRunner:
             unsorted[original] = results[pos]
         return unsorted
 
+    def _sample(self, logits: torch.Tensor, batch) -> SamplerOutput:
+        if self.fused_sample is not None and is_simple(batch):
+            rows = logits.index_select(0, batch.logits_index) if batch.needs_gather else logits
+            temperature = torch.where(batch.is_greedy, 0.0, batch.temperature)
+            tokens, logprobs = self.fused_sample(rows, temperature, batch.seeds)
+            return SamplerOutput(tokens, logprobs if batch.max_num_logprobs >= 0 else None, None, None)
+        return sample(logits.float(), batch)
+
     def _prepare_inputs(self, items: list[ScheduledSeq]):
-        bs = self.block_size
-        input_ids, positions, slots, query_lens, seq_lens, sample_rows = [], [], [], [], [], []
-        num_decodes = 0
+        input_ids, positions, query_lens, seq_lens, rows, sample_rows = [], [], [], [], [], []
+        pending: list[tuple[int, int, int]] = []
+        num_decodes = num_tokens = 0
         for item in items:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            input_ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                num_decodes += 1
+            else:
+                input_ids += seq.token_ids[start:start + n]
+                positions += range(start, start + n)
+            num_tokens += n
             query_lens.append(n)
             seq_lens.append(start + n)
-            num_decodes += n == 1
+            rows.append(self._row(seq, pending))
             if item.samples:
-                sample_rows.append(len(input_ids) - 1)
-        max_blocks = max(len(item.seq.block_table) for item in items)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in items]
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        dev = self.device
+                sample_rows.append(num_tokens - 1)
+        dev, bs = self.device, self.block_size
+        if pending:
+            r, c, b = zip(*pending)
+            self.block_tables[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = \
+                torch.tensor(b, dtype=torch.int32, device=dev)
+        num_seqs = len(items)
+        # One host-to-device copy for the per-token and per-sequence integers.
+        packed = self._to_device(input_ids + positions + query_lens + seq_lens + rows + sample_rows)
+        t, s = num_tokens, num_seqs
+        ids, pos = packed[:t], packed[t:2 * t]
+        qlens, lens = packed[2 * t:2 * t + s], packed[2 * t + s:2 * t + 2 * s]
+        row_idx, samples = packed[2 * t + 2 * s:2 * t + 3 * s], packed[2 * t + 3 * s:]
+        max_blocks = -(-max(seq_lens) // bs)
+        tables = self.block_tables[row_idx, :max_blocks]  # [B, max_blocks]
+        if num_decodes == num_seqs:
+            token_seq = torch.arange(num_seqs, device=dev)
+        else:
+            token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), qlens, output_size=t)
+        slots = tables[token_seq, pos // bs].long() * bs + pos % bs
+        starts = torch.zeros(s + 1, dtype=torch.int32, device=dev)
+        starts[1:] = torch.cumsum(qlens, 0)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=slots, query_start_loc=starts, seq_lens=lens.to(torch.int32), block_tables=tables,
             num_decodes=num_decodes, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), meta,
-                torch.tensor(sample_rows, dtype=torch.int64, device=dev))
+        return ids, pos, meta, samples
 
-    def _prepare_sampling(self, items: list[ScheduledSeq], vocab_size: int) -> SamplingBatch:
-        logits_index, temperature, greedy, uniform = [], [], [], []
-        top_k, top_p, min_p, rep, pres, freq, raw = [], [], [], [], [], [], []
-        banned_rows, banned_ids, penalty_rows = [], [], []
-        max_logprobs = -1
-        for r, item in enumerate(items):
-            seq = item.seq
-            p = seq.params
-            for k in range(seq.num_samples_to_draw):
-                index = seq.sample_index if seq.num_samples_to_draw == 1 else k
-                row = len(logits_index)
-                logits_index.append(r)
-                greedy.append(p.is_greedy)
-                temperature.append(1.0 if p.is_greedy else p.temperature)
-                uniform.append(uniform_for(sample_seed(seq, index), seq.num_output_tokens))
-                top_k.append(p.top_k if p.top_k > 0 else vocab_size)
-                top_p.append(p.top_p)
-                min_p.append(p.min_p)
-                rep.append(p.repetition_penalty)
-                pres.append(p.presence_penalty)
-                freq.append(p.frequency_penalty)
-                raw.append(p.logprobs_mode == "raw")
-                if p.logprobs is not None:
-                    max_logprobs = max(max_logprobs, p.logprobs)
-                if seq.num_output_tokens < p.min_tokens:
-                    stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.info.eos_token_ids))
-                    for t in stop_ids:
-                        if t < vocab_size:
-                            banned_rows.append(row)
-                            banned_ids.append(t)
-                if p.uses_penalties:
-                    penalty_rows.append((row, seq))
-        dev = self.device
-        num_rows = len(logits_index)
-        batch = SamplingBatch(
-            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
-            temperature=torch.tensor(temperature, dtype=torch.float32, device=dev),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=dev),
-            uniform=torch.tensor(uniform, dtype=torch.float32, device=dev),
-            all_greedy=all(greedy), any_greedy=any(greedy), max_num_logprobs=max_logprobs,
-            needs_gather=num_rows != len(items))
-        if any(k < vocab_size for k in top_k):
-            batch.top_k = torch.tensor(top_k, dtype=torch.int64, device=dev)
-        if any(p < 1.0 for p in top_p):
-            batch.top_p = torch.tensor(top_p, dtype=torch.float32, device=dev)
-        if any(p > 0.0 for p in min_p):
-            batch.min_p = torch.tensor(min_p, dtype=torch.float32, device=dev)
-        if any(raw):
-            batch.raw_logprob_rows = torch.tensor(raw, dtype=torch.bool, device=dev)
-        if banned_rows:
-            batch.banned = (torch.tensor(banned_rows, device=dev), torch.tensor(banned_ids, device=dev))
-        if penalty_rows:
-            counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32)
-            prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool)
-            for row, seq in penalty_rows:
-                out = torch.tensor(seq.output_token_ids, dtype=torch.int64)
-                if len(out):
-                    counts[row].index_add_(0, out, torch.ones(len(out)))
-                prompt_mask[row, torch.tensor(seq.token_ids[:seq.num_prompt_tokens])] = True
-            batch.output_counts = counts.to(dev)
-            batch.prompt_mask = prompt_mask.to(dev)
-            batch.repetition_penalty = torch.tensor(rep, dtype=torch.float32, device=dev)
-            batch.presence_penalty = torch.tensor(pres, dtype=torch.float32, device=dev)
-            batch.frequency_penalty = torch.tensor(freq, dtype=torch.float32, device=dev)
-        return batch
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """int64 tensor of ``values`` on the device, through a reused pinned buffer on CUDA."""
+        host = torch.tensor(values, dtype=torch.int64)
+        if self.device.type != "cuda":
+            return host
+        if self._staging is None or self._staging.numel() < len(values):
+            self._staging = torch.empty(max(len(values), 2 * (0 if self._staging is None else
+                                                                self._staging.numel())),
+                                        dtype=torch.int64).pin_memory()
+        elif self._staging_event is not None:
+            self._staging_event.synchronize()  # the previous step's copy out of the buffer has finished
+        staging = self._staging[:len(values)]
+        staging.copy_(host)
+        on_device = staging.to(self.device, non_blocking=True)
+        self._staging_event = torch.cuda.Event()
+        self._staging_event.record()
+        return on_device
 
     @staticmethod
     def _to_host(out) -> list[SampledToken]:

@@ -1,11 +1,13 @@
 """From logits to tokens, in vLLM's order: allowed-token mask → min_tokens → penalties → temperature → min_p →
 top-k/top-p → draw. Each stage runs only when some row of the batch uses it.
 
-Randomness is counter-based: every row carries a uniform number derived from (sequence seed, output
-position), drawn on the host. A seeded request therefore samples the same tokens whatever else is in the
-batch, and nothing here needs a per-row generator or a host sync. The token is drawn by inverse CDF over the
-processed distribution; returned logprobs are the log-softmax of exactly those processed logits (fp32), the
-quantity an importance-sampling correction needs.
+Randomness is counter-based: every row carries a 63-bit seed derived from (sequence seed, output position)
+on the host. A seeded request therefore samples the same tokens whatever else is in the batch, and nothing
+here needs a per-row generator or a host sync. This general path draws by inverse CDF over the processed
+distribution (one uniform per row, from the seed's bits); the fused CUDA path (``sampler_triton``), used when
+a batch needs only temperature and the sampled token's logprob, draws by Gumbel-max from Philox noise keyed
+by the same seed. Returned logprobs are the log-softmax of exactly the processed logits (fp32), the quantity
+an importance-sampling correction needs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class SamplingBatch:
     logits_index: torch.Tensor  # [S] int64: the logits row each sample row reads
     temperature: torch.Tensor  # [S] fp32, 1.0 for greedy rows
     is_greedy: torch.Tensor  # [S] bool
-    uniform: torch.Tensor  # [S] fp32 in (0, 1)
+    seeds: torch.Tensor  # [S] int64, non-negative
     all_greedy: bool
     any_greedy: bool = False
     needs_gather: bool = True  # False when logits rows map one-to-one onto sample rows (no fork this step)
@@ -74,7 +76,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             logits.masked_fill_(probs < threshold, NEG_INF)
         if batch.top_k is not None or batch.top_p is not None:
             logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
-        token_ids = _draw(logits, batch.uniform)
+        token_ids = _draw(logits, _uniform(batch.seeds))
         if batch.any_greedy:
             token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), token_ids)
 
@@ -115,6 +117,18 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
         drop[:, -1] = False  # always keep the most likely token
         sorted_logits.masked_fill_(drop, NEG_INF)
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def is_simple(batch: SamplingBatch) -> bool:
+    """Temperature (or greedy) only, at most the sampled token's processed logprob: the fused path's case."""
+    return (batch.top_k is None and batch.top_p is None and batch.min_p is None
+            and batch.repetition_penalty is None and batch.banned is None and batch.allowed_mask is None
+            and batch.raw_logprob_rows is None and batch.max_num_logprobs <= 0)
+
+
+def _uniform(seeds: torch.Tensor) -> torch.Tensor:
+    """(0, 1) from the top 53 bits of each 63-bit seed."""
+    return (((seeds >> 10).to(torch.float64) + 0.5) / float(2 ** 53)).to(torch.float32)
 
 
 def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,8 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         parent = Sequence(request, 0, list(request.prompt_token_ids))
+        if request.grammar is not None:
+            parent.grammar_state = request.grammar.new_state()
         request.seqs = [parent]
         self.waiting.append(parent)
 
@@ -165,11 +167,14 @@ class Scheduler:
             targets = self._fork(seq) if seq.is_unforked_parent else [seq]
             for target, token in zip(targets, tokens):
                 target.append_token(token.token_id, weight_version)
+                if target.grammar_state is not None and not target.grammar_state.accept(token.token_id):
+                    target.finish(SequenceStatus.FINISHED_ERROR, target.grammar_state.error)
                 if token.logprob is not None:
                     target.sampled_logprobs.append(token.logprob)
                 if token.top is not None:
                     target.top_logprobs.append(token.top)
-                self._check_stop(target)
+                if not target.status.is_finished:
+                    self._check_stop(target)
                 touched.append(target)
         for seq in touched:
             if seq.status.is_finished:
@@ -181,6 +186,8 @@ class Scheduler:
         children = []
         for index in range(1, request.params.n):
             child = Sequence(request, index, list(parent.token_ids))
+            if parent.grammar_state is not None:
+                child.grammar_state = parent.grammar_state.copy()  # still at the start: no token accepted
             self.block_manager.fork(parent, child)
             child.status = SequenceStatus.RUNNING
             children.append(child)
@@ -201,6 +208,9 @@ class Scheduler:
             if token in params.stop_token_ids:
                 seq.finish(SequenceStatus.FINISHED_STOPPED, token)
                 return
+        if seq.grammar_state is not None and seq.grammar_state.is_terminated():
+            seq.finish(SequenceStatus.FINISHED_STOPPED)  # the grammar is complete: only EOS could follow
+            return
         if num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish(SequenceStatus.FINISHED_LENGTH)
 

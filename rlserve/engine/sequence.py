@@ -62,6 +62,7 @@ class Request:
     params: SamplingParams
     seed: int  # the user's seed, or one drawn from the engine's generator
     stream: bool = False  # send every new token to the front end, not only the finished sequences
+    grammar: object | None = None  # a CompiledGrammar when the request asks for structured outputs
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list["Sequence"] = field(default_factory=list)
     is_forked: bool = False
@@ -90,6 +91,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.stop_reason: int | str | None = None
         self.rng_seed = mix64(request.seed ^ mix64(sample_index))
+        self.grammar_state = None  # advanced with each newly sampled token (never on recompute)
         # What the front end gets back (kept here so that non-streamed requests send one message).
         self.sampled_logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []

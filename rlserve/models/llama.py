@@ -133,8 +133,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, D] -> float32 logits [N, V]."""
-        return self.lm_head(hidden).float()
+        """[N, D] -> logits [N, V] in the model's dtype (the sampler upcasts what it processes)."""
+        return self.lm_head(hidden)
 
     @property
     def attention_layers(self) -> list[Attention]:

@@ -1,0 +1,99 @@
+"""CUDA graphs for decode steps: captured once at start-up for a set of batch sizes, replayed with padded
+inputs.
+
+A decode step of B sequences replays the graph of the smallest captured size G >= B. Its inputs live in
+static buffers: rows [0, B) hold the step's tokens; rows [B, G) are padding (slot -1, so nothing is written
+to the cache, and sequence length 0, so attention reads nothing). The graph runs the whole model and the LM
+head runs after it, on the real rows only, and so does sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from rlserve.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
+                 device: torch.device):
+        self.model = model
+        self.device = device
+        self.sizes = [s for s in CAPTURE_SIZES if s <= max_batch] or [max_batch]
+        if self.sizes[-1] < max_batch:
+            self.sizes.append(max_batch)
+        g = self.sizes[-1]
+        # Static inputs, filled on the device before each replay.
+        self.input_ids = torch.zeros(g, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(g, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((g,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(g, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(g, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(g + 1, dtype=torch.int32, device=device)
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _meta(self, g: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:g], query_start_loc=self.query_start_loc[:g + 1],
+            seq_lens=self.seq_lens[:g], block_tables=self.block_tables[:g], num_decodes=g, max_query_len=1,
+            max_seq_len=self.max_model_len, query_lens_cpu=[1] * g, seq_lens_cpu=[self.max_model_len] * g)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for g in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+            meta = self._meta(g)
+            ids, pos = self.input_ids[:g], self.positions[:g]
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: Triton compilation and autotuning happen outside the graph
+                    self.model(ids, pos, meta)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(ids, pos, meta)
+            self.graphs[g] = graph
+            self.hidden[g] = hidden
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1fs", len(self.sizes), self.sizes[0],
+                    self.sizes[-1], self.capture_seconds)
+
+    def size_for(self, batch: int) -> int | None:
+        for g in self.sizes:
+            if g >= batch:
+                return g
+        return None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """One decode step of B sequences (device tensors of B rows; block_tables [B, n]) -> hidden states
+        [B, D], a view into the graph's output that stays valid until the next replay."""
+        b = input_ids.shape[0]
+        g = self.size_for(b)
+        self.input_ids[:b].copy_(input_ids)
+        self.positions[:b].copy_(positions)
+        self.slot_mapping[:b].copy_(slot_mapping)
+        self.seq_lens[:b].copy_(seq_lens)
+        self.block_tables[:b, :block_tables.shape[1]].copy_(block_tables)
+        if g > b:  # padding rows: write nothing, read nothing
+            self.slot_mapping[b:g].fill_(-1)
+            self.seq_lens[b:g].zero_()
+        self.graphs[g].replay()
+        return self.hidden[g][:b]
