@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _extra_parsers():
     """Subcommands that live with their feature: sweep (distributed), demo (the RL loop)."""
+    from rlserve.bench.sweep import add_sweep_parser
     from rlserve.demo import add_demo_parser
-    return [("demo", add_demo_parser)]
+    return [("sweep", add_sweep_parser), ("demo", add_demo_parser)]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlserve.engine.kv_cache import BlockManager
-from rlserve.engine.scheduler import SampledToken, Scheduler
+from rlserve.engine.scheduler import Scheduler, StepResult
 from rlserve.engine.sequence import Request, SequenceStatus
 from rlserve.sampling import SamplingParams
 
@@ -26,9 +26,14 @@ def add(s, rid, prompt_len, first=1, **params):
 
 
 def run_step(s, token=7):
+    """Fake model output: every sequence that samples draws ``token``."""
     out = s.schedule()
-    sampled = [[SampledToken(token)] * item.seq.num_samples_to_draw if item.samples else [] for item in out.scheduled]
-    s.update_from_output(out, sampled, weight_version=0)
+    tokens, first_row = [], []
+    for item in out.scheduled:
+        first_row.append(len(tokens) if item.samples else -1)
+        if item.samples:
+            tokens += [token] * item.seq.num_samples_to_draw
+    s.update_from_output(out, StepResult(tokens, first_row), weight_version=0)
     return out
 
 

@@ -67,8 +67,9 @@ class Client:
         """Wait until /health/ answers 200, up to ``total_timeout`` seconds; ConnectionError after that."""
         deadline = time.monotonic() + total_timeout
         while True:
-            try:
-                if self.http.get("/health/", timeout=10.0).status_code == 200:
+            try:  # one probe, no transport retries, never past the deadline (by more than a second)
+                timeout = min(10.0, max(deadline - time.monotonic(), 1.0))
+                if httpx.get(self.base_url + "/health/", timeout=timeout).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

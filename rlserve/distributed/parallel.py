@@ -35,6 +35,15 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (e.g. the KV blocks all ranks can hold)."""
+        if self.size == 1:
+            return value
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
     def shard(self, total: int, what: str) -> int:
         if total % self.size:
             raise ValueError(f"tensor_parallel_size {self.size} must divide {what} ({total})")

@@ -8,24 +8,19 @@ sequence to the front end when it finishes, or every step for streamed requests.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine.kv_cache import BlockManager
-from rlserve.engine.runner import ModelRunner
 from rlserve.engine.scheduler import Scheduler, check_fits
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
 from rlserve.engine.structured import GrammarCompiler, check_spec
-from rlserve.models.llama import head_dim_of
-from rlserve.models.loader import load_config, load_model, resolve_dtype, resolve_model_dir
+from rlserve.engine.worker import load_worker
 from rlserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -65,85 +60,25 @@ class SeqUpdate:
     num_cached_tokens: int = 0
 
 
-def eos_token_ids(model_dir: Path, config) -> tuple[int, ...]:
-    ids = None
-    gen = model_dir / "generation_config.json"
-    if gen.exists():
-        ids = json.loads(gen.read_text()).get("eos_token_id")
-    if ids is None:
-        ids = getattr(config, "eos_token_id", None)
-    if ids is None:
-        return ()
-    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE, attention_backend: str = "auto"):
-        t0 = time.perf_counter()
         self.config = config
-        self.model_dir = resolve_model_dir(config.model, config.revision)
-        hf_config = load_config(self.model_dir)
-        device = config.resolved_device()
-        if device.type == "cuda":
-            torch.cuda.set_device(device.index or 0)
-        dtype = resolve_dtype(config.dtype, hf_config, device)
-        self.model = load_model(self.model_dir, hf_config, dtype, device, tp, config.load_format)
-        t_load = time.perf_counter()
-        max_model_len = self._max_model_len(hf_config)
-        on_gpu = device.type == "cuda"
-        self.info = RuntimeInfo(
-            device=device, dtype=dtype, vocab_size=hf_config.vocab_size, max_model_len=max_model_len,
-            num_kv_blocks=0, block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs or (512 if on_gpu else 256),
-            max_num_batched_tokens=config.max_num_batched_tokens or (8192 if on_gpu else 2048),
-            eos_token_ids=eos_token_ids(self.model_dir, hf_config), model_name=config.model,
-            architecture=type(self.model).__name__, num_layers=hf_config.num_hidden_layers,
-            num_kv_heads=self.model.attention_layers[0].num_kv_heads, head_dim=head_dim_of(hf_config))
-        self.runner = ModelRunner(config, self.info, self.model, 1, attention_backend)
-        self.info.num_kv_blocks = self._num_kv_blocks()
-        self.runner.reallocate_kv_cache(self.info.num_kv_blocks)
-        t_graphs = time.perf_counter()
-        self.runner.capture_cuda_graphs()
-        capture_s = time.perf_counter() - t_graphs
-        self.block_manager = BlockManager(self.info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.info.max_num_seqs, self.info.max_num_batched_tokens,
-                                   max_model_len, self.info.eos_token_ids)
+        loaded = load_worker(config, tp, attention_backend)
+        self.model_dir, self.model, self.info, self.runner = loaded.model_dir, loaded.model, loaded.info, loaded.runner
+        self.info.startup_seconds = loaded.startup_seconds
+        info = self.info
+        self.block_manager = BlockManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, info.max_num_seqs, info.max_num_batched_tokens,
+                                   info.max_model_len, info.eos_token_ids)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens; longest context that fits: %d tokens "
-                    "(max_model_len %d)", self.info.num_kv_blocks, config.block_size, self.info.kv_capacity_tokens,
-                    min(max_model_len, self.info.kv_capacity_tokens), max_model_len)
-        self.grammars = GrammarCompiler(config.tokenizer or self.model_dir, self.info.eos_token_ids)
+                    "(max_model_len %d)", info.num_kv_blocks, config.block_size, info.kv_capacity_tokens,
+                    min(info.max_model_len, info.kv_capacity_tokens), info.max_model_len)
+        self.grammars = GrammarCompiler(config.tokenizer or self.model_dir, info.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(config.seed)
         self.weight_version = 0
+        self.weights_partial = False  # a weight update failed half-way: the weights are a mix
         self.num_steps = 0
-        self.info.startup_seconds = {"load": round(t_load - t0, 3), "cuda_graphs": round(capture_s, 3),
-                                     "total": round(time.perf_counter() - t0, 3)}
-
-    def _max_model_len(self, hf_config) -> int:
-        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-        window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True) and window < limit:
-            limit = window  # no sliding-window attention here: stay within the window
-        if self.config.max_model_len is None:
-            return limit
-        if self.config.max_model_len > limit:
-            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's limit ({limit})")
-        return self.config.max_model_len
-
-    def _num_kv_blocks(self) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        block_bytes = ModelRunner.kv_block_bytes(self.info, self.info.dtype)
-        wanted = self.info.max_num_seqs * -(-self.info.max_model_len // self.info.block_size)
-        if self.info.device.type == "cuda":
-            free = self.runner.profile_free_memory(self.config.gpu_memory_utilization)
-            blocks = int(free // block_bytes)
-        else:
-            blocks = min(int(self.config.cpu_kv_cache_gb * 2**30 // block_bytes), wanted)
-        if blocks < 1:
-            raise RuntimeError("no memory left for the KV cache: lower max_model_len or raise "
-                               "gpu_memory_utilization")
-        return blocks
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -237,6 +172,30 @@ class EngineCore:
         self.weight_version = self.weight_version + 1 if new_version is None else new_version
         self.reset_prefix_cache()
         return self.weight_version
+
+    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float):
+        """Join a trainer's weight-sync group as ``rank`` (blocking until everyone arrived)."""
+        from rlserve.distributed.weight_sync import WeightSyncGroup
+        return WeightSyncGroup(host, port, rank, world_size, self.info.device, timeout_s)
+
+    def receive_weights(self, group, buckets) -> int:
+        """Receive and load every bucket, then meet the trainer in a barrier; returns the bytes received."""
+        from rlserve.distributed.weight_sync import receive_buckets
+
+        def load(named):
+            self.model.load_weights(named)
+            self.weights_partial = True  # until the whole update has landed
+
+        nbytes = receive_buckets(group, buckets, load)
+        group.barrier()
+        self.weights_partial = False
+        return nbytes
+
+    def close_weight_sync(self, group) -> None:
+        group.close()
+
+    def shutdown(self) -> None:
+        """Release what the engine started (tensor-parallel workers); a single-process core has nothing."""
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()

@@ -123,3 +123,13 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes, if any (also done when the LLM is garbage-collected)."""
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -14,7 +14,7 @@ table changed; each step gathers its rows. Slots are computed on the device from
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,10 +22,24 @@ from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.engine.sampler import SamplerOutput, is_simple, sample
 from rlserve.engine.sampling_batch import prepare_sampling
-from rlserve.engine.scheduler import SampledToken, ScheduledSeq, SchedulerOutput
+from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInput:
+    """One step as plain lists (picklable): all a tensor-parallel rank needs to run the same forward."""
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # block-table row of each sequence
+    sample_rows: list[int] = field(default_factory=list)  # token index of each sampling sequence's last token
+    num_decodes: int = 0
+    table_writes: list[tuple[int, int, int]] = field(default_factory=list)  # (row, column, block)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
 
 
 class ModelRunner:
@@ -40,6 +54,7 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(num_kv_blocks)
         self.num_steps = 0
         self.graphs = None  # DecodeGraphs, once captured
+        self.broadcast_step = None  # set under tensor parallelism: sends each step to the other ranks
         self.fused_sample = None
         if self.device.type == "cuda" and self.backend.name == "triton":
             from rlserve.engine.sampler_triton import fused_sample
@@ -173,35 +188,62 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[list[SampledToken]]:
+    def execute(self, sched: SchedulerOutput) -> StepResult:
         if self.config.fail_after_steps is not None and self.num_steps >= self.config.fail_after_steps:
             raise RuntimeError(f"injected failure after {self.num_steps} steps (fail_after_steps)")
-        self.num_steps += 1
-        self.copy_blocks(sched.block_copies)
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens != 1)
         items = [sched.scheduled[i] for i in order]
-        input_ids, positions, meta, sample_rows = self._prepare_inputs(items)
+        step = self.build_step(items, sched.block_copies)
+        if self.broadcast_step is not None:  # tensor parallel: the other ranks run the same forward
+            self.broadcast_step(step)
+        logits = self.forward(step)
+        first_row = [-1] * len(items)
+        if logits is None:
+            return StepResult([], first_row)
         sampling_items = [item for item in items if item.samples]
-        if self.graphs is not None and meta.num_prefills == 0 and len(items) <= self.graphs.max_batch:
+        batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
+        result = self._to_host(self._sample(logits, batch))
+        row = 0
+        for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
+            if item.samples:
+                first_row[pos] = row
+                row += item.seq.num_samples_to_draw
+        result.first_row = first_row
+        return result
+
+    def build_step(self, items: list[ScheduledSeq], block_copies: list[tuple[int, int]]) -> StepInput:
+        """The step as plain lists (decodes first), with the block-table rows' changes to push."""
+        step = StepInput(block_copies=block_copies)
+        input_ids, positions, table_writes = step.input_ids, step.positions, step.table_writes
+        num_tokens = 0
+        for item in items:
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                step.num_decodes += 1
+            else:
+                input_ids += seq.token_ids[start:start + n]
+                positions += range(start, start + n)
+            num_tokens += n
+            step.query_lens.append(n)
+            step.seq_lens.append(start + n)
+            step.rows.append(self._row(seq, table_writes))
+            if item.samples:
+                step.sample_rows.append(num_tokens - 1)
+        return step
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor | None:
+        """Run the model on a step; logits of the sampling rows (None when no row samples)."""
+        self.num_steps += 1
+        self.copy_blocks(step.block_copies)
+        input_ids, positions, meta, sample_rows = self._device_inputs(step)
+        if self.graphs is not None and meta.num_prefills == 0 and meta.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
-            logits = self.model.compute_logits(hidden)  # every decode samples
-        else:
-            hidden = self.model(input_ids, positions, meta)
-            logits = self.model.compute_logits(hidden[sample_rows]) if sampling_items else None
-        results: list[list[SampledToken]] = [[] for _ in items]
-        if sampling_items:
-            batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
-            drawn = self._to_host(self._sample(logits, batch))
-            row = 0
-            for pos, item in enumerate(items):
-                if item.samples:
-                    count = item.seq.num_samples_to_draw
-                    results[pos] = [_trim(t, item.seq.params.logprobs) for t in drawn[row:row + count]]
-                    row += count
-        unsorted: list[list[SampledToken]] = [[] for _ in items]
-        for pos, original in enumerate(order):
-            unsorted[original] = results[pos]
-        return unsorted
+            return self.model.compute_logits(hidden)  # every decode samples
+        hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[sample_rows]) if step.sample_rows else None
 
     def _sample(self, logits: torch.Tensor, batch) -> SamplerOutput:
         if self.fused_sample is not None and is_simple(batch):
@@ -211,50 +253,32 @@ class ModelRunner:
             return SamplerOutput(tokens, logprobs if batch.max_num_logprobs >= 0 else None, None, None)
         return sample(logits.float(), batch)
 
-    def _prepare_inputs(self, items: list[ScheduledSeq]):
-        input_ids, positions, query_lens, seq_lens, rows, sample_rows = [], [], [], [], [], []
-        pending: list[tuple[int, int, int]] = []
-        num_decodes = num_tokens = 0
-        for item in items:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            if n == 1:
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                num_decodes += 1
-            else:
-                input_ids += seq.token_ids[start:start + n]
-                positions += range(start, start + n)
-            num_tokens += n
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            rows.append(self._row(seq, pending))
-            if item.samples:
-                sample_rows.append(num_tokens - 1)
+    def _device_inputs(self, step: StepInput):
         dev, bs = self.device, self.block_size
-        if pending:
-            r, c, b = zip(*pending)
+        if step.table_writes:
+            r, c, b = zip(*step.table_writes)
             self.block_tables[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = \
                 torch.tensor(b, dtype=torch.int32, device=dev)
-        num_seqs = len(items)
+        t, s = len(step.input_ids), len(step.seq_lens)
         # One host-to-device copy for the per-token and per-sequence integers.
-        packed = self._to_device(input_ids + positions + query_lens + seq_lens + rows + sample_rows)
-        t, s = num_tokens, num_seqs
+        packed = self._to_device(step.input_ids + step.positions + step.query_lens + step.seq_lens + step.rows
+                                 + step.sample_rows)
         ids, pos = packed[:t], packed[t:2 * t]
         qlens, lens = packed[2 * t:2 * t + s], packed[2 * t + s:2 * t + 2 * s]
         row_idx, samples = packed[2 * t + 2 * s:2 * t + 3 * s], packed[2 * t + 3 * s:]
-        max_blocks = -(-max(seq_lens) // bs)
+        max_blocks = -(-max(step.seq_lens) // bs)
         tables = self.block_tables[row_idx, :max_blocks]  # [B, max_blocks]
-        if num_decodes == num_seqs:
-            token_seq = torch.arange(num_seqs, device=dev)
+        if step.num_decodes == s:
+            token_seq = torch.arange(s, device=dev)
         else:
-            token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), qlens, output_size=t)
+            token_seq = torch.repeat_interleave(torch.arange(s, device=dev), qlens, output_size=t)
         slots = tables[token_seq, pos // bs].long() * bs + pos % bs
         starts = torch.zeros(s + 1, dtype=torch.int32, device=dev)
         starts[1:] = torch.cumsum(qlens, 0)
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=starts, seq_lens=lens.to(torch.int32), block_tables=tables,
-            num_decodes=num_decodes, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+            num_decodes=step.num_decodes, max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens),
+            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens)
         return ids, pos, meta, samples
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
@@ -276,22 +300,12 @@ class ModelRunner:
         return on_device
 
     @staticmethod
-    def _to_host(out) -> list[SampledToken]:
-        token_ids = out.token_ids.tolist()  # the step's one host sync
+    def _to_host(out: SamplerOutput) -> StepResult:
+        """The step's one host sync: the drawn tokens (and the logprobs some request asked for)."""
         if out.logprobs is None:
-            return [SampledToken(t) for t in token_ids]
-        logprobs = out.logprobs.tolist()
+            return StepResult(out.token_ids.tolist(), [])
         if out.top_ids is None:
-            return [SampledToken(t, lp) for t, lp in zip(token_ids, logprobs)]
-        top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
-        return [SampledToken(t, lp, list(zip(ids, lps)))
-                for t, lp, ids, lps in zip(token_ids, logprobs, top_ids, top_lps)]
-
-
-def _trim(token: SampledToken, num_logprobs: int | None) -> SampledToken:
-    """Keep what the request asked for: the batch computes the most any row wants."""
-    if num_logprobs is None:
-        return SampledToken(token.token_id)
-    if token.top is not None:
-        token.top = token.top[:num_logprobs] if num_logprobs > 0 else None
-    return token
+            host = torch.stack([out.token_ids.double(), out.logprobs.double()]).cpu()
+            return StepResult(host[0].long().tolist(), [], host[1].tolist())
+        top = [list(zip(ids, lps)) for ids, lps in zip(out.top_ids.tolist(), out.top_logprobs.tolist())]
+        return StepResult(out.token_ids.tolist(), [], out.logprobs.tolist(), top)

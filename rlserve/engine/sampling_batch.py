@@ -6,14 +6,17 @@ here on the host, so the draw does not depend on the rest of the batch or on pre
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from rlserve.engine.sampler import SamplingBatch
+from rlserve.sampling import SamplingParams
 from rlserve.engine.scheduler import ScheduledSeq
 from rlserve.engine.sequence import Sequence, mix64
 from rlserve.engine.structured import build_allowed_mask
 
-_SEED_MASK = (1 << 63) - 1
+_SEED_MASK = np.uint64((1 << 63) - 1)
+_POSITION_SALT = np.uint64(0x5DEECE66D)
 
 
 def sample_seed(seq: Sequence, sample_index: int) -> int:
@@ -23,63 +26,99 @@ def sample_seed(seq: Sequence, sample_index: int) -> int:
     return mix64(seq.request.seed ^ mix64(sample_index))
 
 
-def row_seed(stream_seed: int, position: int) -> int:
-    """A non-negative 63-bit seed for one draw: counter-based in (stream, output position)."""
-    return mix64(stream_seed ^ mix64(position + 0x5DEECE66D)) & _SEED_MASK
+def mix64_array(x: np.ndarray) -> np.ndarray:
+    """``sequence.mix64`` on a uint64 array (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_seeds(stream_seeds: list[int], positions: list[int]) -> np.ndarray:
+    """Non-negative 63-bit seeds, one per draw: counter-based in (stream, output position)."""
+    streams = np.array(stream_seeds, dtype=np.uint64)
+    pos = np.array(positions, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return (mix64_array(streams ^ mix64_array(pos + _POSITION_SALT)) & _SEED_MASK).astype(np.int64)
+
+
+class _RequestRow:
+    """A request's sampling parameters as one row of the batch's columns, computed once per request."""
+    __slots__ = ("values", "logprobs", "min_tokens", "banned", "penalties", "checks")
+
+    def __init__(self, p: SamplingParams, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        greedy = p.is_greedy
+        # temperature, greedy, top_k, top_p, min_p, repetition, presence, frequency, raw logprobs
+        self.values = (1.0 if greedy else p.temperature, greedy, p.top_k if p.top_k > 0 else vocab_size,
+                       p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+                       p.logprobs_mode == "raw")
+        self.logprobs = -1 if p.logprobs is None else p.logprobs
+        self.min_tokens = p.min_tokens
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        self.banned = sorted(t for t in stop_ids if t < vocab_size)  # masked until min_tokens
+        self.penalties = p.uses_penalties
+        self.checks = self.penalties or self.min_tokens > 0  # rows needing per-step work beyond the columns
 
 
 def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: tuple[int, ...],
                      device: torch.device) -> SamplingBatch:
     """Per-row sampling tensors for the sequences that sample this step (a forking parent: one row per
     sample). Stages no row uses are left out, so the sampler skips them."""
-    logits_index, temperature, greedy, seeds = [], [], [], []
-    top_k, top_p, min_p, rep, pres, freq, raw = [], [], [], [], [], [], []
+    logits_index, values, streams, positions = [], [], [], []
     banned_rows, banned_ids, penalty_rows, grammar_states = [], [], [], []
     max_logprobs = -1
+    any_grammar = False
     for r, item in enumerate(items):
         seq = item.seq
-        p = seq.params
-        for k in range(seq.num_samples_to_draw):
-            index = seq.sample_index if seq.num_samples_to_draw == 1 else k
-            row = len(logits_index)
+        request = seq.request
+        row = request.sampling_row
+        if row is None:
+            row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
+        num_out = len(seq.token_ids) - seq.num_prompt_tokens
+        if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
             logits_index.append(r)
-            greedy.append(p.is_greedy)
-            temperature.append(1.0 if p.is_greedy else p.temperature)
-            seeds.append(row_seed(sample_seed(seq, index), seq.num_output_tokens))
-            top_k.append(p.top_k if p.top_k > 0 else vocab_size)
-            top_p.append(p.top_p)
-            min_p.append(p.min_p)
-            rep.append(p.repetition_penalty)
-            pres.append(p.presence_penalty)
-            freq.append(p.frequency_penalty)
-            raw.append(p.logprobs_mode == "raw")
-            if p.logprobs is not None:
-                max_logprobs = max(max_logprobs, p.logprobs)
-            if seq.num_output_tokens < p.min_tokens:
-                stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-                for t in stop_ids:
-                    if t < vocab_size:
-                        banned_rows.append(row)
-                        banned_ids.append(t)
-            if p.uses_penalties:
-                penalty_rows.append((row, seq))
+            values.append(row.values)
+            streams.append(seq.rng_seed)
+            positions.append(num_out)
             grammar_states.append(seq.grammar_state)
+            if row.logprobs > max_logprobs:
+                max_logprobs = row.logprobs
+            any_grammar = any_grammar or seq.grammar_state is not None
+            continue
+        count = seq.num_samples_to_draw
+        for k in range(count):
+            if row.min_tokens > num_out or row.penalties:
+                index = len(logits_index)
+                if row.min_tokens > num_out:
+                    banned_rows += [index] * len(row.banned)
+                    banned_ids += row.banned
+                if row.penalties:
+                    penalty_rows.append((index, seq))
+            logits_index.append(r)
+            values.append(row.values)
+            streams.append(seq.rng_seed if count == 1 else sample_seed(seq, k))
+            positions.append(num_out)
+            grammar_states.append(seq.grammar_state)
+        if row.logprobs > max_logprobs:
+            max_logprobs = row.logprobs
+        any_grammar = any_grammar or seq.grammar_state is not None
+    temperature, greedy, top_k, top_p, min_p, rep, pres, freq, raw = zip(*values)
     dev = device
     num_rows = len(logits_index)
     batch = SamplingBatch(
         logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
         temperature=torch.tensor(temperature, dtype=torch.float32, device=dev),
         is_greedy=torch.tensor(greedy, dtype=torch.bool, device=dev),
-        seeds=torch.tensor(seeds, dtype=torch.int64, device=dev),
+        seeds=torch.from_numpy(row_seeds(streams, positions)).to(dev),
         all_greedy=all(greedy), any_greedy=any(greedy), max_num_logprobs=max_logprobs,
         needs_gather=num_rows != len(items))
-    if any(k < vocab_size for k in top_k):
+    if min(top_k) < vocab_size:
         batch.top_k = torch.tensor(top_k, dtype=torch.int64, device=dev)
-    if any(p < 1.0 for p in top_p):
+    if min(top_p) < 1.0:
         batch.top_p = torch.tensor(top_p, dtype=torch.float32, device=dev)
-    if any(p > 0.0 for p in min_p):
+    if max(min_p) > 0.0:
         batch.min_p = torch.tensor(min_p, dtype=torch.float32, device=dev)
-    if any(state is not None for state in grammar_states):
+    if any_grammar:
         batch.allowed_mask = build_allowed_mask(grammar_states, vocab_size, dev)
     if any(raw):
         batch.raw_logprob_rows = torch.tensor(raw, dtype=torch.bool, device=dev)

@@ -16,15 +16,15 @@ from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
 
 
-@dataclass
 class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int
+    """A sequence and the tokens it computes this step. ``samples``: the chunk reaches the end of its tokens,
+    so a next token is drawn."""
+    __slots__ = ("seq", "num_new_tokens", "samples")
 
-    @property
-    def samples(self) -> bool:
-        """Does this chunk reach the end of the sequence's tokens, so that a next token is sampled?"""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __init__(self, seq: Sequence, num_new_tokens: int):
+        self.seq = seq
+        self.num_new_tokens = num_new_tokens
+        self.samples = seq.num_computed_tokens + num_new_tokens == len(seq.token_ids)
 
 
 @dataclass
@@ -43,11 +43,13 @@ class SchedulerOutput:
 
 
 @dataclass
-class SampledToken:
-    """One drawn token for one sequence (a forking parent gets one per sample)."""
-    token_id: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
+class StepResult:
+    """What the runner drew, one row per sample, as columns. Scheduled item i's rows start at
+    ``first_row[i]`` (-1: it did not sample); a forking parent has one row per sample."""
+    token_ids: list[int]
+    first_row: list[int]
+    logprobs: list[float] | None = None  # the sampled tokens' (when any row asked)
+    top: list[list[tuple[int, float]]] | None = None  # the top N (when any row asked for N > 0)
 
 
 def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity: int) -> int:
@@ -104,10 +106,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
+        bs, ref_counts = bm.block_size, bm.ref_counts
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            computed = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - computed, budget)
+            if n == 1 and computed % bs and ref_counts[seq.block_table[computed // bs]] == 1:
+                # The common decode: the token goes into its own, partly filled last block.
+                out.scheduled.append(ScheduledSeq(seq, 1))
+                budget -= 1
+                i += 1
+                continue
             while not bm.can_append(seq, n):
                 victim = self.running[-1]  # the newest; always at or after position i
                 self._preempt(victim)
@@ -152,30 +162,34 @@ class Scheduler:
         self.num_preemptions += 1
 
     # -- applying a step's results -----------------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, sampled: list[list[SampledToken]],
-                           weight_version: int) -> list[Sequence]:
-        """``sampled[i]`` holds the tokens drawn for ``out.scheduled[i]`` (empty when it did not sample).
-        Returns the sequences that got tokens or finished this step."""
+    def update_from_output(self, out: SchedulerOutput, result: StepResult, weight_version: int) -> list[Sequence]:
+        """Apply a step's draws; returns the sequences that got tokens (or finished) this step."""
         bm = self.block_manager
         touched: list[Sequence] = []
-        for item, tokens in zip(out.scheduled, sampled):
+        token_ids, logprobs, top = result.token_ids, result.logprobs, result.top
+        bs = bm.block_size
+        for item, row in zip(out.scheduled, result.first_row):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
-            bm.register_computed_blocks(seq)
-            if not tokens:
+            if seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                bm.register_computed_blocks(seq)
+            if row < 0:
                 continue
-            targets = self._fork(seq) if seq.is_unforked_parent else [seq]
-            for target, token in zip(targets, tokens):
-                target.append_token(token.token_id, weight_version)
-                if target.grammar_state is not None and not target.grammar_state.accept(token.token_id):
-                    target.finish(SequenceStatus.FINISHED_ERROR, target.grammar_state.error)
-                if token.logprob is not None:
-                    target.sampled_logprobs.append(token.logprob)
-                if token.top is not None:
-                    target.top_logprobs.append(token.top)
-                if not target.status.is_finished:
+            targets = self._fork(seq) if seq.is_unforked_parent else (seq,)
+            num_logprobs = seq.params.logprobs
+            for target in targets:
+                target.append_token(token_ids[row], weight_version)
+                if num_logprobs is not None:
+                    target.sampled_logprobs.append(logprobs[row])
+                    if num_logprobs > 0:
+                        target.top_logprobs.append(top[row][:num_logprobs])
+                state = target.grammar_state
+                if state is not None and not state.accept(token_ids[row]):
+                    target.finish(SequenceStatus.FINISHED_ERROR, state.error)
+                else:
                     self._check_stop(target)
                 touched.append(target)
+                row += 1
         for seq in touched:
             if seq.status.is_finished:
                 self._remove(seq)
@@ -200,18 +214,18 @@ class Scheduler:
     def _check_stop(self, seq: Sequence) -> None:
         params = seq.params
         token = seq.token_ids[-1]
-        num_out = seq.num_output_tokens
+        num_out = len(seq.token_ids) - seq.num_prompt_tokens
         if num_out >= params.min_tokens:
-            if not params.ignore_eos and token in self.eos_token_ids:
+            if token in self.eos_token_ids and not params.ignore_eos:
                 seq.finish(SequenceStatus.FINISHED_STOPPED, None)
                 return
-            if token in params.stop_token_ids:
+            if params.stop_token_ids and token in params.stop_token_ids:
                 seq.finish(SequenceStatus.FINISHED_STOPPED, token)
                 return
         if seq.grammar_state is not None and seq.grammar_state.is_terminated():
             seq.finish(SequenceStatus.FINISHED_STOPPED)  # the grammar is complete: only EOS could follow
             return
-        if num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_out >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             seq.finish(SequenceStatus.FINISHED_LENGTH)
 
     # -- removal (finish, abort) -------------------------------------------------------------------

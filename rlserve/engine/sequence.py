@@ -63,6 +63,7 @@ class Request:
     seed: int  # the user's seed, or one drawn from the engine's generator
     stream: bool = False  # send every new token to the front end, not only the finished sequences
     grammar: object | None = None  # a CompiledGrammar when the request asks for structured outputs
+    sampling_row: object | None = None  # its parameters as a row of the sampler's batch (sampling_batch.py)
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list["Sequence"] = field(default_factory=list)
     is_forked: bool = False

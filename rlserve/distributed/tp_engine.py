@@ -1,0 +1,210 @@
+"""Tensor parallelism: an engine core driving ``t - 1`` worker processes.
+
+Rank 0 is an ordinary ``EngineCore`` -- scheduler, block manager, sampler -- whose model holds shard 0.
+Ranks 1..t-1 are worker processes holding the other shards. Every step, rank 0 sends the step's inputs (a
+``StepInput`` of plain lists) down a pipe to each worker; all ranks run the same forward, meeting in the
+all-reduces of the row-parallel layers and the all-gather of the LM head (NCCL on GPUs, gloo on CPUs, over
+the default process group of these processes -- never a trainer's); rank 0 alone samples.
+
+Weight sync: every rank is its own rank of the weight-sync group and receives every bucket, loading only its
+shard. A worker that dies makes rank 0 raise at its next step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import traceback
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from rlserve.config import EngineConfig
+from rlserve.distributed.parallel import TensorParallel
+from rlserve.engine.core import EngineCore
+from rlserve.models.loader import load_config, resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+TP_TIMEOUT = datetime.timedelta(seconds=300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
+    device = config.resolved_device()
+    if device.type != "cuda":
+        return config
+    return replace(config, device=f"cuda:{(device.index or 0) + rank}")
+
+
+def _init_group(config: EngineConfig, rank: int, init_method: str) -> TensorParallel:
+    size = config.tensor_parallel_size
+    cuda = config.resolved_device().type == "cuda"
+    if cuda:
+        torch.cuda.set_device(_rank_config(config, rank).resolved_device())
+    else:
+        torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=size,
+                            timeout=TP_TIMEOUT)
+    return TensorParallel(rank, size, dist.group.WORLD)
+
+
+class TensorParallelEngine(EngineCore):
+    def __init__(self, config: EngineConfig, attention_backend: str = "auto"):
+        from rlserve.engine.worker import check_tensor_parallel
+        check_tensor_parallel(load_config(resolve_model_dir(config.model, config.revision)),
+                              config.tensor_parallel_size)
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        spawn = multiprocessing.get_context("spawn")
+        self.workers: list[multiprocessing.Process] = []
+        self.pipes = []
+        self._pipe_lock = threading.Lock()  # steps (main thread) and weight-sync joins (a thread) share pipes
+        for rank in range(1, config.tensor_parallel_size):
+            parent, child = spawn.Pipe()
+            proc = spawn.Process(target=run_tp_worker, name=f"rlserve-tp{rank}", daemon=True,
+                                 args=(config, rank, init_method, child, attention_backend))
+            proc.start()
+            self.workers.append(proc)
+            self.pipes.append(parent)
+        tp = _init_group(config, 0, init_method)
+        super().__init__(config, tp, attention_backend)
+        for pipe in self.pipes:
+            self._expect(pipe, "ready")
+        self.runner.broadcast_step = self._broadcast_step
+
+    def _expect(self, pipe, what: str, timeout_s: float = 600.0):
+        if not pipe.poll(timeout_s):
+            raise RuntimeError(f"tensor-parallel worker did not answer {what!r} within {timeout_s:.0f}s")
+        status, payload = pipe.recv()
+        if status != "ok":
+            raise RuntimeError(f"tensor-parallel worker failed ({what}): {payload}")
+        return payload
+
+    def _send_all(self, message) -> None:
+        with self._pipe_lock:
+            for proc, pipe in zip(self.workers, self.pipes):
+                if not proc.is_alive():
+                    raise RuntimeError(f"tensor-parallel worker {proc.name} died (exit code {proc.exitcode})")
+                pipe.send(message)
+
+    def _broadcast_step(self, step) -> None:
+        self._send_all(("step", step))
+
+    # -- operations every rank performs --------------------------------------------------------------
+    def load_weights(self, weights, new_version: int | None = None) -> int:
+        weights = [(name, tensor.detach().cpu()) for name, tensor in weights]
+        self._send_all(("load_weights", weights))
+        version = super().load_weights(weights, new_version)
+        for pipe in self.pipes:
+            self._expect(pipe, "load_weights")
+        return version
+
+    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float):
+        self._send_all(("join_weight_sync", (host, port, world_size, rank, timeout_s)))
+        return super().join_weight_sync(host, port, world_size, rank, timeout_s)
+
+    def receive_weights(self, group, buckets) -> int:
+        self._send_all(("receive_weights", buckets))
+        return super().receive_weights(group, buckets)
+
+    def close_weight_sync(self, group) -> None:
+        self._send_all(("close_weight_sync", None))
+        super().close_weight_sync(group)
+
+    def shutdown(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("shutdown", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.workers:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def run_tp_worker(config: EngineConfig, rank: int, init_method: str, pipe, attention_backend: str) -> None:
+    """Process entry point of rank > 0: build the shard the same way rank 0 does, then serve its pipe."""
+    logging.basicConfig(level="INFO", format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
+    try:
+        from rlserve.engine.worker import load_worker
+        tp = _init_group(config, rank, init_method)
+        loaded = load_worker(_rank_config(config, rank), tp, attention_backend)
+        pipe.send(("ok", "ready"))
+        TensorParallelWorker(loaded, rank, pipe).run()
+    except Exception as e:  # reported to rank 0, which fails its step
+        logger.error("tensor-parallel worker %d failed: %s\n%s", rank, e, traceback.format_exc())
+        try:
+            pipe.send(("error", f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        os._exit(1)
+
+
+class TensorParallelWorker:
+    def __init__(self, loaded, rank: int, pipe):
+        self.runner, self.model, self.info = loaded.runner, loaded.model, loaded.info
+        self.rank = rank
+        self.pipe = pipe
+        self.weight_sync = None
+
+    def run(self) -> None:
+        while True:
+            kind, payload = self.pipe.recv()
+            if kind == "step":
+                self.runner.forward(payload)
+            elif kind == "load_weights":
+                self.model.load_weights(payload)
+                self.pipe.send(("ok", None))
+            elif kind == "join_weight_sync":
+                threading.Thread(target=self._join, args=payload, daemon=True).start()
+            elif kind == "receive_weights":
+                self._receive(payload)
+            elif kind == "close_weight_sync":
+                self._close()
+            elif kind == "shutdown":
+                return
+
+    def _join(self, host, port, world_size, rank, timeout_s) -> None:
+        from rlserve.distributed.weight_sync import WeightSyncGroup
+        self._close()
+        try:
+            self.weight_sync = WeightSyncGroup(host, port, rank + self.rank, world_size, self.info.device, timeout_s)
+        except Exception as e:  # rank 0 sees the group fail too (its barrier times out)
+            logger.error("weight-sync join failed on tp rank %d: %s", self.rank, e)
+
+    def _receive(self, buckets) -> None:
+        from rlserve.distributed.weight_sync import receive_buckets
+        group = self.weight_sync
+        if group is None:
+            logger.error("weight update without a weight-sync group on tp rank %d", self.rank)
+            return
+        try:
+            receive_buckets(group, buckets, self.model.load_weights)
+            group.barrier()
+        except Exception as e:
+            logger.error("weight update failed on tp rank %d: %s", self.rank, e)
+            self._close()
+
+    def _close(self) -> None:
+        group, self.weight_sync = self.weight_sync, None
+        if group is not None:
+            group.close()

@@ -1,0 +1,312 @@
+"""The OpenAI-compatible subset (/v1/models, /v1/completions, /v1/chat/completions) through the official
+``openai`` SDK and raw httpx, against a real ``rlserve serve`` process: outputs equal to the offline ``LLM``,
+``n``, ``seed``, ``stop``, token-id prompts, ``return_token_ids``, both logprobs layouts, errors the SDK
+parses, and a client that goes away mid-generation."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from rlserve import SamplingParams
+from server_utils import running_server
+
+PROMPTS = ["Hello, my name is", "The capital of France is"]
+TOKEN_PROMPTS = [[1, 2, 3], [200, 100, 50, 25, 12]]
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with running_server(tiny_model) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def offline(llm, prompts, **params):
+    return [c for o in llm.generate(prompts, SamplingParams(**params)) for c in o.outputs]
+
+
+def assert_serves(client, model) -> None:
+    """A normal request succeeds (after every negative test)."""
+    out = client.completions.create(model=model, prompt="ok", max_tokens=2, temperature=0)
+    assert len(out.choices) == 1 and out.usage.completion_tokens >= 1
+
+
+def wait_idle(http, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        replicas = http.get("/server_info/").json()["replicas"]
+        if all(r["kv_blocks_used"] == 0 and r["num_running"] == 0 and r["num_waiting"] == 0 for r in replicas):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not idle after {timeout}s: {replicas}")
+        time.sleep(0.1)
+
+
+# -- models -------------------------------------------------------------------------------------------------
+def test_models_lists_the_served_model(client, http, tiny_model):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [tiny_model]
+    raw = http.get("/v1/models").json()
+    assert raw["object"] == "list" and raw["data"][0]["id"] == tiny_model and raw["data"][0]["object"] == "model"
+    assert http.get("/v1/models/").status_code == 200  # trailing slash optional
+
+
+# -- completions --------------------------------------------------------------------------------------------
+def test_completions_greedy_equals_offline_llm(client, llm, tiny_model):
+    out = client.completions.create(model=tiny_model, prompt=PROMPTS, max_tokens=12, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    want = offline(llm, PROMPTS, max_tokens=12, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert [c.text for c in out.choices] == [w.text for w in want]
+    assert [c.token_ids for c in out.choices] == [w.token_ids for w in want]  # vLLM's extra fields
+    assert [c.prompt_token_ids for c in out.choices] == [list(p.encode()) for p in PROMPTS]
+    assert out.object == "text_completion" and out.model == tiny_model
+    assert out.usage.prompt_tokens == sum(len(p.encode()) for p in PROMPTS)
+    assert out.usage.completion_tokens == 24 and out.usage.total_tokens == out.usage.prompt_tokens + 24
+    assert all(c.finish_reason == "length" and c.logprobs is None for c in out.choices)
+    # the short model name (the directory's last part) is accepted too
+    short = client.completions.create(model=tiny_model.rstrip("/").split("/")[-1], prompt=PROMPTS[0],
+                                      max_tokens=12, temperature=0)
+    assert short.choices[0].text == want[0].text
+
+
+def test_completions_token_id_prompts(client, llm, tiny_model):
+    single = client.completions.create(model=tiny_model, prompt=TOKEN_PROMPTS[0], max_tokens=8, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    batch = client.completions.create(model=tiny_model, prompt=TOKEN_PROMPTS, max_tokens=8, temperature=0,
+                                      extra_body={"return_token_ids": True})
+    want = offline(llm, TOKEN_PROMPTS, max_tokens=8, temperature=0)
+    assert [c.token_ids for c in single.choices] == [want[0].token_ids]
+    assert [c.token_ids for c in batch.choices] == [w.token_ids for w in want]
+    assert batch.choices[1].prompt_token_ids == TOKEN_PROMPTS[1]
+
+
+def test_completions_n_and_seed_grouped_by_prompt(client, llm, tiny_model):
+    kwargs = dict(model=tiny_model, prompt=PROMPTS, n=3, max_tokens=8, temperature=1.0, seed=42,
+                  extra_body={"return_token_ids": True})
+    first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    want = offline(llm, PROMPTS, n=3, max_tokens=8, temperature=1.0, seed=42)
+    assert len(first.choices) == 6 and [c.index for c in first.choices] == list(range(6))
+    assert [c.token_ids for c in first.choices] == [w.token_ids for w in want]  # p0 s0..s2, then p1
+    assert [c.token_ids for c in again.choices] == [c.token_ids for c in first.choices]  # seeded: repeatable
+    assert len({tuple(c.token_ids) for c in first.choices[:3]}) > 1  # the samples differ
+    other = client.completions.create(**dict(kwargs, seed=43))
+    assert [c.token_ids for c in other.choices] != [c.token_ids for c in first.choices]
+
+
+def test_completions_stop(client, llm, tiny_model):
+    full = offline(llm, [TOKEN_PROMPTS[0]], max_tokens=32, temperature=0)[0]
+    at = next(i for i, t in enumerate(full.token_ids) if i > 0 and 33 <= t < 127)  # a printable ASCII byte
+    stop = chr(full.token_ids[at])
+    out = client.completions.create(model=tiny_model, prompt=TOKEN_PROMPTS[0], max_tokens=32, temperature=0,
+                                    stop=[stop, "\x00never"], extra_body={"return_token_ids": True})
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and choice.stop_reason == stop
+    assert choice.text == full.text[:full.text.index(stop)] and stop not in choice.text
+    assert choice.token_ids == full.token_ids[:at + 1]
+    as_string = client.completions.create(model=tiny_model, prompt=TOKEN_PROMPTS[0], max_tokens=32,
+                                          temperature=0, stop=stop)
+    assert as_string.choices[0].text == choice.text
+
+
+def test_completions_logprobs_layout(client, http, tiny_model):
+    out = client.completions.create(model=tiny_model, prompt=TOKEN_PROMPTS[1], max_tokens=10, temperature=1.0,
+                                    seed=3, logprobs=2, extra_body={"return_token_ids": True})
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    assert "".join(lp.tokens).replace("\ufffd", "") == choice.text.replace("\ufffd", "")
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0.0
+        assert 1 <= len(top) <= 3 and top[token] == pytest.approx(logprob)  # the sampled token is always there
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    # token ids as tokens: nothing collides, so exactly top 2 plus the sampled token when it is not among them
+    ids = client.completions.create(model=tiny_model, prompt=TOKEN_PROMPTS[1], max_tokens=10, temperature=1.0,
+                                    seed=3, logprobs=2, extra_body={"return_tokens_as_token_ids": True,
+                                                                    "return_token_ids": True}).choices[0]
+    assert ids.token_ids == choice.token_ids
+    assert ids.logprobs.tokens == [f"token_id:{t}" for t in choice.token_ids]
+    assert ids.logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-5)
+    # the same numbers as TRL's layout on /generate/
+    trl = http.post("/generate/", json=dict(prompts=[TOKEN_PROMPTS[1]], max_tokens=10, temperature=1.0,
+                                            logprobs=2, generation_kwargs={"seed": 3})).json()
+    assert trl["completion_ids"][0] == choice.token_ids
+    for top, trl_ids, trl_lps in zip(ids.logprobs.top_logprobs, trl["logprob_token_ids"][0], trl["logprobs"][0]):
+        assert top == pytest.approx({f"token_id:{t}": v for t, v in zip(trl_ids, trl_lps)}, abs=1e-5)
+    # logprobs=0: the sampled token alone
+    zero = client.completions.create(model=tiny_model, prompt=TOKEN_PROMPTS[1], max_tokens=4, temperature=0,
+                                     logprobs=0).choices[0].logprobs
+    assert all(len(top) == 1 and top[t] == v for t, v, top in zip(zero.tokens, zero.token_logprobs,
+                                                                     zero.top_logprobs))
+
+
+def test_completions_stream(client, tiny_model):
+    whole = client.completions.create(model=tiny_model, prompt=PROMPTS, max_tokens=6, temperature=0, n=2)
+    chunks = list(client.completions.create(model=tiny_model, prompt=PROMPTS, max_tokens=6, temperature=0, n=2,
+                                            stream=True))
+    texts = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in whole.choices}
+
+
+# -- chat completions ---------------------------------------------------------------------------------------
+def test_chat_greedy_equals_offline_llm(client, llm, tiny_model):
+    out = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=10, temperature=0,
+                                         extra_body={"return_token_ids": True})
+    want = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=10))[0]
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == want.outputs[0].text
+    assert choice.token_ids == want.outputs[0].token_ids
+    assert out.prompt_token_ids == want.prompt_token_ids == llm.render_chat(MESSAGES)
+    assert out.object == "chat.completion" and out.usage.prompt_tokens == len(want.prompt_token_ids)
+    # max_completion_tokens (the newer name) wins over max_tokens
+    newer = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=10,
+                                           max_completion_tokens=3, temperature=0)
+    assert newer.usage.completion_tokens == 3 and newer.choices[0].finish_reason == "length"
+
+
+def test_chat_n_seed_and_stop(client, llm, tiny_model):
+    kwargs = dict(model=tiny_model, messages=MESSAGES, n=4, max_tokens=8, temperature=1.0, seed=7,
+                  extra_body={"return_token_ids": True})
+    out, again = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    want = llm.chat(MESSAGES, SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=7))[0].outputs
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.token_ids for c in out.choices] == [w.token_ids for w in want]
+    assert [c.message.content for c in again.choices] == [c.message.content for c in out.choices]
+    full = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=32))[0].outputs[0]
+    at = next(i for i, t in enumerate(full.token_ids) if i > 0 and 33 <= t < 127)
+    stop = chr(full.token_ids[at])
+    stopped = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=32, temperature=0,
+                                             stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == full.text[:full.text.index(stop)]
+
+
+def test_chat_logprobs_with_top_logprobs(client, tiny_model):
+    out = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=6, temperature=0,
+                                         logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True})
+    choice = out.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == len(choice.token_ids) == 6
+    for entry in content:
+        assert entry.logprob <= 0.0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert values[0] == pytest.approx(entry.logprob)  # greedy: the sampled token is the most likely
+    as_ids = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=2,
+                                            extra_body={"return_tokens_as_token_ids": True})
+    entries = as_ids.choices[0].logprobs.content
+    assert [e.token for e in entries] == [f"token_id:{t}" for t in choice.token_ids]
+    assert [e.top_logprobs[0].token for e in entries] == [e.token for e in entries]
+    plain = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+    sampled_only = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=2,
+                                                  temperature=0, logprobs=True)
+    assert all(e.top_logprobs == [] for e in sampled_only.choices[0].logprobs.content)
+
+
+def test_chat_stream(client, tiny_model):
+    whole = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=6, temperature=0)
+    chunks = list(client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=6,
+                                                 temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+def test_wrong_model_is_404(client, http, tiny_model):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert e.value.status_code == 404 and "no-such-model" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=2)
+    r = http.post("/v1/chat/completions", json=dict(model="nope", messages=MESSAGES, max_tokens=2))
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model" and r.json()["error"]["code"] == 404
+    assert_serves(client, tiny_model)
+
+
+def test_sdk_parses_400s_naming_the_field(client, tiny_model):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=tiny_model, prompt="hi", max_tokens=2, temperature=-1)
+    assert e.value.status_code == 400 and "temperature" in e.value.message
+    assert e.value.body["param"] == "temperature" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=2, top_p=0)
+    assert "top_p" in e.value.message
+    assert_serves(client, tiny_model)
+
+
+BAD = [
+    # (path, body, text the message must contain, param)
+    ("/v1/completions", dict(prompt=""), "prompt", "prompt"),
+    ("/v1/completions", dict(prompt=[]), "prompt", "prompt"),
+    ("/v1/completions", dict(prompt=[[]]), "prompt[0]", "prompt"),
+    ("/v1/completions", dict(prompt=[1, 2, 259]), "259", None),
+    ("/v1/completions", dict(prompt="x" * 2048), "max_model_len", None),
+    ("/v1/completions", dict(prompt="hi", max_tokens=2048), "max_tokens", None),
+    ("/v1/completions", dict(prompt="hi", max_tokens=0), "max_tokens", "max_tokens"),
+    ("/v1/completions", dict(prompt="hi", n=0), "n must", "n"),
+    ("/v1/completions", dict(prompt="hi", logprobs=50), "logprobs", "logprobs"),
+    ("/v1/completions", dict(prompt="hi", top_k=-2), "top_k", "top_k"),
+    ("/v1/completions", dict(prompt="hi", min_p=2), "min_p", "min_p"),
+    ("/v1/completions", dict(prompt="hi", repetition_penalty=0), "repetition_penalty", "repetition_penalty"),
+    ("/v1/completions", dict(prompt="hi", temperature="hot"), "temperature", "temperature"),
+    ("/v1/completions", dict(prompt=5), "prompt", "prompt"),
+    ("/v1/completions", dict(prompt="hi", echo=True), "echo", "echo"),
+    ("/v1/completions", dict(), "prompt", "prompt"),
+    ("/v1/chat/completions", dict(messages=[]), "messages", "messages"),
+    ("/v1/chat/completions", dict(messages="hi"), "messages", "messages"),
+    ("/v1/chat/completions", dict(messages=MESSAGES, logprobs=True, top_logprobs=50), "top_logprobs",
+     "top_logprobs"),
+    ("/v1/chat/completions", dict(messages=MESSAGES, max_completion_tokens=0), "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", dict(messages=MESSAGES, n="x"), "n", "n"),
+    ("/v1/chat/completions", dict(messages=MESSAGES, response_format={"type": "xml"}), "response_format",
+     "response_format"),
+]
+
+
+@pytest.mark.parametrize("path, body, field, param", BAD, ids=[f"{p[4:]}-{b}"[:60] for p, b, _, _ in BAD])
+def test_bad_input_is_400_naming_the_field(http, client, tiny_model, path, body, field, param):
+    r = http.post(path, json={"max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == 400
+    assert error["type"] == "invalid_request_error" and field in error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+    assert_serves(client, tiny_model)
+
+
+def test_client_gone_mid_generation_frees_kv_blocks(server, http, tiny_model):
+    slow = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        slow.chat.completions.create(model=tiny_model, messages=MESSAGES, n=16, max_tokens=1900,
+                                     extra_body={"ignore_eos": True})
+    with pytest.raises(openai.APITimeoutError):
+        slow.completions.create(model=tiny_model, prompt=PROMPTS, n=8, max_tokens=2000, stop=["\x00\x01"],
+                                extra_body={"ignore_eos": True})
+    slow.close()
+    wait_idle(http)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
+        assert_serves(c, tiny_model)

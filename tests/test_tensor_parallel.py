@@ -1,0 +1,84 @@
+"""Tensor parallelism on CPUs (gloo, 2 processes): the same tokens as one process, for every family, and
+the same weights after an update; clear errors when the heads cannot be split."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlserve import LLM, Client, SamplingParams
+from rlserve.models.loader import iter_safetensors
+from rlserve.models.tiny import FAMILIES, IM_END_ID, make_tiny_model
+from server_utils import free_port, running_server
+
+
+def prompts(n=8, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 256) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
+
+
+def greedy_tokens(llm, batch):
+    return [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_greedy_equals_tp1(tiny_models, family):
+    batch = prompts(seed=1)
+    want = greedy_tokens(LLM(tiny_models[family], device="cpu"), batch)
+    with LLM(tiny_models[family], device="cpu", tensor_parallel_size=2) as llm:
+        assert llm.engine.runner.model.tp.size == 2
+        assert greedy_tokens(llm, batch) == want
+        sampled = SamplingParams(temperature=1.0, max_tokens=16, seed=3, n=2, logprobs=0)
+        assert len(llm.generate(batch[:2], sampled)[0].outputs) == 2
+
+
+def test_weight_update_with_tp2_equals_tp1(tiny_models, tmp_path):
+    other = make_tiny_model(tmp_path / "b", "qwen2", seed=77)
+    weights = list(iter_safetensors(other))
+    batch = prompts(seed=2)
+    tp1 = LLM(tiny_models["qwen2"], device="cpu")
+    tp1.load_weights(weights)
+    with LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2) as tp2:
+        assert tp2.load_weights(weights) == 1
+        assert greedy_tokens(tp2, batch) == greedy_tokens(tp1, batch)
+        assert greedy_tokens(tp2, batch) == greedy_tokens(LLM(str(other), device="cpu"), batch)
+
+
+def test_heads_not_divisible_is_a_clear_error(tiny_models):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide the model's num_attention_heads \(4\)"):
+        LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=3)
+
+
+def test_server_tp2_weight_sync_reaches_every_rank(tiny_models, tmp_path):
+    other = make_tiny_model(tmp_path / "b", "llama", seed=78)
+    model_b = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    batch = prompts(n=4, seed=3)
+    with running_server(tiny_models["llama"], "--tensor_parallel_size", "2") as server:
+        client = Client(base_url=server.url, group_port=free_port())
+        assert client.get_world_size() == 2
+        client.init_communicator(device="cpu", timeout_s=30)
+        client.update_model_params(model_b)
+        out = client.generate(batch, temperature=0, max_tokens=16, generation_kwargs={"min_tokens": 16})
+        for prompt, ids in zip(batch, out["completion_ids"]):
+            ref = model_b.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=IM_END_ID)
+            assert ids == ref[0, len(prompt):].tolist()
+        client.close_communicator()
+
+
+def test_sweep_measures_every_layout_and_names_the_best(tiny_models, tmp_path):
+    from rlserve.bench.sweep import run_sweep
+    report = run_sweep("cpu-tiny", 2, model=tiny_models["qwen2"], device="cpu", output_dir=str(tmp_path),
+                       num_prompts=4, max_tokens=8)
+    layouts = {(r["tensor_parallel_size"], r["data_parallel_size"]) for r in report["results"]}
+    assert layouts == {(1, 1), (1, 2), (2, 1)}
+    assert all(r["generated_tokens"] == 4 * 4 * 8 for r in report["results"])
+    assert report["best"]["tokens_per_s"] == max(r["tokens_per_s"] for r in report["results"])
+    assert (tmp_path / "sweep-cpu-tiny-2cpu.png").stat().st_size > 1000
+    assert (tmp_path / "sweep-cpu-tiny-2cpu.json").exists()
