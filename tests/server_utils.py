@@ -21,11 +21,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, *args: str, startup_timeout: float = 120.0, env: dict | None = None):
+    def __init__(self, model: str, *args: str, startup_timeout: float = 120.0, env: dict | None = None,
+                 device: str = "cpu"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "rlserve.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", "cpu", "--log_level", "warning", *args]
+               "--port", str(self.port), "--device", device, "--log_level", "warning", *args]
         self.log = open(os.devnull, "w") if os.environ.get("RLSERVE_TEST_QUIET") else None
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
         self.wait_healthy(startup_timeout)

@@ -4,12 +4,19 @@ A busy loop around ``EngineCore.step()``. Between steps it drains its input sock
 stop-string finishes, and utility calls (stats, prefix-cache reset, pause/resume, weight sync). It sends
 finished sequences (and the tokens of streamed requests) to the API server after every step. An exception in
 a step fails every in-flight request, reports the engine dead and exits non-zero: a supervisor restarts it.
+An error while admitting one request fails only that request. If the API server dies without telling us (a
+SIGKILL), the loop notices that its parent is gone and exits, so that no engine outlives its server.
+
+Pause modes (between steps): ``abort`` ends every in-flight request now (finish reason "abort", with what it
+generated); ``wait`` lets them finish, then pauses; ``keep`` freezes them, KV cache and all, until ``resume``.
+A paused engine still admits requests (they wait), aborts, reports stats and loads weights.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -25,8 +32,10 @@ STATS_INTERVAL_S = 0.25
 
 
 class EngineCoreProc:
-    def __init__(self, config: EngineConfig, replica: int, input_addr: str, output_addr: str, tp_rank_base: int):
+    def __init__(self, config: EngineConfig, replica: int, input_addr: str, output_addr: str, tp_rank_base: int,
+                 parent_pid: int | None = None):
         self.replica = replica
+        self.parent_pid = parent_pid  # the API server; when it is gone, so are we
         self.tp_rank_base = tp_rank_base  # this replica's first rank in the weight-sync group
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
@@ -37,10 +46,9 @@ class EngineCoreProc:
         from rlserve.engine.executor import make_engine
         self.engine = make_engine(config)
         self.paused: str | None = None  # None, "keep" or "abort"
-        self.draining_call: int | None = None  # a pause(mode="wait") answered once idle
+        self.draining_calls: list[int] = []  # pause(mode="wait") calls, answered once idle
         self.weight_sync = None
         self.weight_sync_error: str | None = None
-        self.weights_partial = False
         self.last_stats = 0.0
         self.max_running = 0
         self.mean_step_seconds = 0.0  # exponential moving average
@@ -55,11 +63,24 @@ class EngineCoreProc:
     def send(self, message) -> None:
         self.outbox.send_pyobj(message)
 
+    def close(self) -> None:
+        """Stop what the engine started (tensor-parallel workers) before the interpreter's exit hooks, which
+        would wait forever on daemon workers that ignore SIGTERM as we do; then flush the outbox."""
+        try:
+            self._close_weight_sync()
+            self.engine.shutdown()
+        except Exception:
+            logger.exception("engine shutdown failed")
+        self.ctx.destroy(linger=2000)  # flushes what is still queued for the API server
+
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
         while not self.should_exit:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                logger.error("the API server (pid %d) is gone: exiting", self.parent_pid)
+                break
             busy = self.engine.has_unfinished() and self.paused is None
             if poller.poll(0 if busy else 100):
                 while True:
@@ -71,10 +92,11 @@ class EngineCoreProc:
                 break
             if self.engine.has_unfinished() and self.paused is None:
                 self.step()
-            elif self.draining_call is not None:
+            elif self.draining_calls:
                 self.paused = "keep"
-                self.send(msg.UtilityResult(self.draining_call, {"paused": True}))
-                self.draining_call = None
+                for call_id in self.draining_calls:
+                    self.send(msg.UtilityResult(call_id, {"paused": True}))
+                self.draining_calls = []
             self.maybe_send_stats()
 
     def step(self) -> None:
@@ -100,7 +122,7 @@ class EngineCoreProc:
                      mean_step_seconds=self.mean_step_seconds, last_weight_sync_seconds=self.last_weight_sync_seconds,
                      num_multi_request_steps=self.num_multi_request_steps,
                      weight_sync_connected=self.weight_sync is not None,
-                     weight_sync_error=self.weight_sync_error, weights_partial=self.weights_partial)
+                     weight_sync_error=self.weight_sync_error, weights_partial=self.engine.weights_partial)
         return stats
 
     # -- messages ----------------------------------------------------------------------------------
@@ -110,6 +132,14 @@ class EngineCoreProc:
                 self.engine.add_request(m.request_id, m.prompt_token_ids, m.params, m.stream)
             except ValueError as e:
                 self.send(msg.RequestFailed(m.request_id, str(e), 400))
+            except Exception as e:  # one bad request must not take the engine down
+                logger.exception("could not admit request %s", m.request_id)
+                if m.request_id in self.engine.requests:
+                    try:
+                        self.engine.abort_request(m.request_id)
+                    except Exception:
+                        logger.exception("could not clean up request %s", m.request_id)
+                self.send(msg.RequestFailed(m.request_id, f"{type(e).__name__}: {e}", 500))
         elif isinstance(m, msg.AbortRequests):
             ids = list(self.engine.requests) if m.request_ids is None else m.request_ids
             updates = []
@@ -160,8 +190,8 @@ class EngineCoreProc:
         elif mode == "keep":
             self.paused = "keep"
         elif mode == "wait":
-            self.paused = None
-            self.draining_call = call_id  # answered by the loop once no request is left
+            self.paused = None  # a frozen ("keep") engine runs its requests to the end too
+            self.draining_calls.append(call_id)  # answered by the loop once no request is left
             return DEFERRED
         else:
             raise ValueError(f"mode must be 'abort', 'wait' or 'keep', got {mode!r}")
@@ -169,17 +199,20 @@ class EngineCoreProc:
 
     def rpc_resume(self, call_id):
         self.paused = None
+        for waiting in self.draining_calls:  # a resume overrides a pause that has not happened yet
+            self.send(msg.UtilityResult(waiting, {"paused": False}))
+        self.draining_calls = []
         return {"paused": False}
 
-    def rpc_init_weight_sync(self, call_id, host: str, port: int, world_size: int, group_timeout_s: float):
+    def rpc_init_weight_sync(self, call_id, host: str, port: int, world_size: int, group_timeout_s: float,
+                             backend: str = "nccl"):
         """Join the group in a thread, so that generation goes on while the trainer connects."""
         self._close_weight_sync()
 
         def join():
-            from rlserve.distributed.weight_sync import WeightSyncGroup
             try:
-                group = WeightSyncGroup(host, port, self.tp_rank_base, world_size, self.engine.info.device,
-                                        group_timeout_s)
+                group = self.engine.join_weight_sync(host, port, world_size, self.tp_rank_base, group_timeout_s,
+                                                     backend)
             except Exception as e:
                 self.weight_sync_error = f"init_communicator failed: {type(e).__name__}: {e}"
                 self.send(msg.UtilityResult(call_id, error=self.weight_sync_error, status=500))
@@ -192,30 +225,23 @@ class EngineCoreProc:
 
     def rpc_update_weights(self, call_id, buckets: list[dict], version: int):
         """Receive and load every bucket now, between two steps; then the new version holds."""
-        from rlserve.distributed.weight_sync import BucketMeta, receive_buckets
+        from rlserve.distributed.weight_sync import BucketMeta
         if self.weight_sync is None:
             raise ValueError("no weight-sync group: call init_communicator first")
         group = self.weight_sync
         metas = [BucketMeta.from_dict(b) for b in buckets]
         start = time.perf_counter()
         try:
-            nbytes = receive_buckets(group, metas, self._load)
-            group.barrier()
+            nbytes = self.engine.receive_weights(group, metas)
         except Exception as e:
-            self.weights_partial = True
             self.weight_sync_error = f"update to version {version} failed: {type(e).__name__}: {e}"
             logger.error("%s; closing the weight-sync group", self.weight_sync_error)
             self._close_weight_sync()
             raise RuntimeError(self.weight_sync_error) from e
         self.engine.weight_version = version
         self.engine.reset_prefix_cache()
-        self.weights_partial = False
         self.last_weight_sync_seconds = time.perf_counter() - start
         return {"version": version, "bytes": nbytes, "seconds": self.last_weight_sync_seconds}
-
-    def _load(self, named) -> None:
-        self.engine.model.load_weights(named)
-        self.weights_partial = True  # until the whole update has landed
 
     def rpc_close_weight_sync(self, call_id):
         self._close_weight_sync()
@@ -224,22 +250,28 @@ class EngineCoreProc:
     def _close_weight_sync(self) -> None:
         group, self.weight_sync = self.weight_sync, None
         if group is not None:
-            group.close()
+            self.engine.close_weight_sync(group)
 
 
 DEFERRED = object()
 
 
 def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input_addr: str, output_addr: str,
-                    tp_rank_base: int, log_level: str = "INFO") -> None:
-    """Process entry point."""
+                    tp_rank_base: int, log_level: str = "INFO", parent_pid: int | None = None) -> None:
+    """Process entry point. ``parent_pid``: the API server's pid (default: our parent's now)."""
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s replica{replica} %(levelname)s %(message)s")
+    # Ctrl-C in a terminal, or a supervisor that signals the whole process group, must not kill the engine
+    # under the API server while it drains: the server stops us (a Shutdown message, then SIGKILL), and we
+    # exit on our own if it dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if config.resolved_device().type == "cpu" and num_replicas > 1:
         import torch  # replicas share the cores: oversubscribed threads spin against each other
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_replicas))
     proc = None
     try:
-        proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base)
+        proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base,
+                              parent_pid=parent_pid or os.getppid())
         proc.run()
     except Exception as e:
         message = f"engine replica {replica} died: {type(e).__name__}: {e}"
@@ -247,15 +279,15 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
         try:
             if proc is not None:
                 proc.send(msg.EngineDead(replica, message))
+                ctx = proc.ctx
             else:
                 ctx = zmq.Context.instance()
                 sock = ctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 2000)
                 sock.connect(output_addr)
                 sock.send_pyobj(msg.EngineDead(replica, message))
-                sock.close()
+            ctx.destroy(linger=2000)  # ZMQ sends from its own thread: flush before os._exit, or the cause is lost
         finally:
             os._exit(1)
     finally:
-        if proc is not None:
-            proc.outbox.close(linger=2000)
+        if proc is not None:  # a normal exit (Shutdown, or the API server gone)
+            proc.close()

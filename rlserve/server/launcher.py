@@ -1,7 +1,10 @@
 """``rlserve serve``: build the engine client and the app, run uvicorn, shut down cleanly.
 
 SIGTERM/SIGINT: stop accepting work (503), let in-flight requests finish for up to ``--shutdown_timeout``
-seconds, abort the rest, stop the replicas, exit 0. A dead replica: exit 1. No child process outlives us.
+seconds, abort the rest (they answer with finish_reason "abort"), stop the replicas, exit 0; a second signal
+stops at once. A dead replica: every in-flight request fails with 503, /health/ answers 503 for
+``DEAD_LINGER_S`` (so that health checks see why), then exit 1. No child process outlives us: the replicas
+are stopped on the way out, and exit by themselves if this process is killed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from rlserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("rlserve.server")
 
+DEAD_LINGER_S = 2.0  # after an engine death: answer 503 this long before exiting
+
 
 class Server(uvicorn.Server):
     """uvicorn, with a drain phase before it stops."""
@@ -37,25 +42,43 @@ class Server(uvicorn.Server):
         if self._draining is None and sig in (signal.SIGTERM, signal.SIGINT):
             logger.info("signal %d: draining (up to %.0fs), then stopping", sig, self.shutdown_timeout)
             self.app_.state.draining = True
-            self._draining = asyncio.get_event_loop().create_task(self._drain())
+            loop = asyncio.get_event_loop()
+            # A signal handler runs between two bytecodes of the loop's thread: hand the task over safely.
+            loop.call_soon_threadsafe(self._start_drain, loop)
+            self._draining = True
             return
         super().handle_exit(sig, frame)  # a second signal: stop now
+
+    def _start_drain(self, loop) -> None:
+        self._draining = loop.create_task(self._drain())
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_timeout
-        while self.engine.pending and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-        if self.engine.pending:
-            logger.info("aborting %d request(s) still running", len(self.engine.pending))
-            await self.engine.abort(None)
-            await asyncio.sleep(0.5)
-        self.should_exit = True
+        try:
+            while self.engine.pending and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            if self.engine.pending:
+                logger.info("aborting %d request(s) still running", len(self.engine.pending))
+                await self.engine.abort(None)
+                # Their "abort" outputs come back and are answered (uvicorn then waits for the responses).
+                end = loop.time() + 5.0
+                while self.engine.pending and loop.time() < end:
+                    await asyncio.sleep(0.05)
+        except Exception:
+            logger.exception("draining failed; stopping anyway")
+        finally:
+            self.should_exit = True
 
     def fatal(self, message: str) -> None:
-        logger.error("stopping: %s", message)
+        if self.exit_code:
+            return
+        logger.error("stopping in %.0fs: %s", DEAD_LINGER_S, message)
         self.exit_code = 1
-        self.should_exit = True
+        try:
+            asyncio.get_running_loop().call_later(DEAD_LINGER_S, setattr, self, "should_exit", True)
+        except RuntimeError:  # not called from the loop (cannot happen today): stop now
+            self.should_exit = True
 
 
 def engine_config_from_args(args) -> EngineConfig:

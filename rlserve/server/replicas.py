@@ -3,6 +3,10 @@
 It spawns the replicas, sends each request to the least-loaded one (outstanding tokens), gathers their
 outputs through one ``OutputProcessor`` and resolves the awaiting HTTP handlers. It never blocks the event
 loop: sockets are asyncio ZMQ sockets, and every wait has a timeout.
+
+Failures: a replica that reports itself dead, or whose process exits, fails every in-flight request with a
+503 that names the cause and marks the whole client dead (``on_dead`` stops the server, a supervisor restarts
+it). A request that fails alone -- refused by its replica, or whose output cannot be processed -- fails alone.
 """
 
 from __future__ import annotations
@@ -27,10 +31,20 @@ from rlserve.engine.core_proc import run_engine_core
 from rlserve.engine.output_processor import OutputProcessor, RequestState, needs_streaming
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
-from rlserve.server.errors import BadRequest, EngineUnavailable
+from rlserve.server.errors import BadRequest, Conflict, EngineUnavailable, ServerError
 from rlserve.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
+
+# validate_request's errors that name a sampling field (the rest concern the prompt and its length).
+SAMPLING_FIELDS_CHECKED_WITH_PROMPTS = ("stop_token_ids", "logprobs")
+SEND_TIMEOUT_S = 30.0  # a live replica reads its input between steps; a full pipe this long means a hung one
+
+
+class ClientDisconnected(ServerError):
+    """The HTTP client went away; its requests were aborted. Nobody reads the answer (nginx's 499)."""
+    status = 499
+    type = "client_closed_request"
 
 
 @dataclass
@@ -42,6 +56,7 @@ class Replica:
     stats: dict = field(default_factory=dict)
     outstanding_tokens: int = 0
     dead: str | None = None
+    died: asyncio.Event = field(default_factory=asyncio.Event)  # set with ``dead``
     request_ids: set[str] = field(default_factory=set)
 
 
@@ -102,7 +117,8 @@ class EngineClient:
             proc = spawn.Process(target=run_engine_core, name=f"rlserve-replica{r}", daemon=False,
                                  args=(config, r, self.data_parallel_size, addr, self.output_addr,
                                        r * self.config.tensor_parallel_size,
-                                       self.log_level))
+                                       self.log_level),
+                                 kwargs={"parent_pid": os.getpid()})
             proc.start()
             self.replicas.append(Replica(r, proc, sock))
         self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_processes())]
@@ -127,17 +143,15 @@ class EngineClient:
         for replica in self.replicas:
             if replica.process.is_alive():
                 try:
-                    await replica.socket.send_pyobj(msg.Shutdown())
-                except zmq.ZMQError:
+                    await self.send(replica, msg.Shutdown(), timeout_s=1.0)
+                except (zmq.ZMQError, EngineUnavailable):
                     pass
         deadline = time.monotonic() + timeout_s
         for replica in self.replicas:
             while replica.process.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if replica.process.is_alive():
-                replica.process.terminate()
-                replica.process.join(5)
-            if replica.process.is_alive():
+            if replica.process.is_alive():  # replicas ignore SIGTERM (see run_engine_core): kill
+                logger.warning("replica %d did not stop within %.0fs: killing it", replica.index, timeout_s)
                 replica.process.kill()
                 replica.process.join(5)
         for task in self._tasks:
@@ -166,50 +180,75 @@ class EngineClient:
         validate_request(self.view, prompt_token_ids, params, self.config.max_logprobs)
 
     async def generate(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
-                       detokenize: bool = False, is_disconnected=None) -> list[RequestOutput]:
+                       detokenize: bool = False, is_disconnected=None,
+                       request_id: str | None = None) -> list[RequestOutput]:
         """Run every prompt (with its n samples) on a replica; outputs in input order. Validates everything
         first, so a bad prompt queues nothing. ``is_disconnected``: an async callable; when it turns true, the
-        request is aborted and its KV blocks freed."""
+        request is aborted and its KV blocks freed. ``request_id`` (the caller's, e.g. ``X-Request-Id``): the
+        engine requests are ``{request_id}-{i}``, one per prompt, so that ``abort([request_id])`` finds them."""
         self.check_serving()
         for i, (_, ids) in enumerate(prompts):
             try:
                 self.validate(ids, params)
             except ValueError as e:
+                field = str(e).split(" ", 1)[0].rstrip(":")
+                if field in SAMPLING_FIELDS_CHECKED_WITH_PROMPTS:  # about the sampling field, not this prompt
+                    raise BadRequest(str(e), param=field) from None
                 raise BadRequest(f"prompts[{i}]: {e}", param="prompts") from None
-        group = uuid.uuid4().hex[:12]
+        group = request_id if request_id else uuid.uuid4().hex[:12]
         request_ids = [f"{group}-{i}" for i in range(len(prompts))]
-        futures = []
+        if request_id and any(r in self.pending for r in request_ids):
+            raise Conflict(f"request id {request_id!r} is already in use by a running request", param="request_id")
+        futures, sent, gathered = [], [], None
         loop = asyncio.get_running_loop()
-        for request_id, (text, ids) in zip(request_ids, prompts):
-            replica = min((r for r in self.replicas if r.dead is None), key=lambda r: r.outstanding_tokens)
-            cost = (len(ids) + (params.max_tokens or 0)) * params.n
-            replica.outstanding_tokens += cost
-            replica.request_ids.add(request_id)
-            self.request_replica[request_id] = replica.index
-            future = loop.create_future()
-            future.cost = cost
-            self.pending[request_id] = future
-            futures.append(future)
-            self.processor.add_request(request_id, text, ids, params, detokenize)
-            await replica.socket.send_pyobj(msg.AddRequest(request_id, ids, params, needs_streaming(params)))
-            self.counters["prompt_tokens"] += len(ids)
         try:
+            for rid, (text, ids) in zip(request_ids, prompts):
+                replica = min((r for r in self.replicas if r.dead is None), key=lambda r: r.outstanding_tokens)
+                cost = (len(ids) + (params.max_tokens or 0)) * params.n
+                replica.outstanding_tokens += cost
+                replica.request_ids.add(rid)
+                self.request_replica[rid] = replica.index
+                future = loop.create_future()
+                future.cost = cost
+                self.pending[rid] = future
+                futures.append(future)
+                self.processor.add_request(rid, text, ids, params, detokenize)
+                await self.send(replica, msg.AddRequest(rid, ids, params, needs_streaming(params)))
+                sent.append(rid)
+                self.counters["prompt_tokens"] += len(ids)
             gathered = asyncio.gather(*futures)
             while True:
                 done, _ = await asyncio.wait([gathered], timeout=0.25)
                 if done:
                     return gathered.result()
                 if is_disconnected is not None and await is_disconnected():
+                    # Aborted below; counted as aborted when their "abort" outputs come back (_resolve).
                     logger.info("client went away: aborting %d request(s)", len(request_ids))
-                    await self.abort(request_ids)
-                    self.counters["requests_aborted"] += len(request_ids)
-                    raise asyncio.CancelledError("client disconnected")
+                    raise ClientDisconnected("client disconnected")
         except BaseException:
-            await self.abort([r for r in request_ids if r in self.pending])
+            if gathered is not None:  # nobody awaits these outputs any more: consume what they end with
+                gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
+            for rid in request_ids[len(sent):]:  # never reached a replica: forget it
+                self.processor.states.pop(rid, None)
+                future = self.pending.get(rid)
+                self._finish(rid)
+                if future is not None:
+                    future.cancel()
+            try:
+                await self.abort([r for r in sent if r in self.pending])
+            except EngineUnavailable:
+                pass
             raise
 
+    def find_requests(self, ids: list[str]) -> list[str]:
+        """The engine requests of the callers' ids: each id itself, or ``{id}-{i}`` (see ``generate``)."""
+        wanted = set(ids)
+        prefixes = tuple(f"{i}-" for i in ids)
+        return [r for r in self.pending if r in wanted or r.startswith(prefixes)]
+
     async def abort(self, request_ids: list[str] | None) -> None:
-        """Abort some requests (None: all) on every replica that holds them."""
+        """Abort some engine requests (None: all) on every replica that holds them. They end with
+        finish_reason "abort" and what they generated so far."""
         by_replica: dict[int, list[str]] = {}
         for request_id in (list(self.pending) if request_ids is None else request_ids):
             replica = self.request_replica.get(request_id)
@@ -218,7 +257,7 @@ class EngineClient:
         for replica, ids in by_replica.items():
             r = self.replicas[replica]
             if r.dead is None:
-                await r.socket.send_pyobj(msg.AbortRequests(ids))
+                await self.send(r, msg.AbortRequests(ids))
 
     def render_chat(self, conversation, chat_template_kwargs=None, tools=None) -> list[int]:
         return render_chat(self.tokenizer, conversation, chat_template_kwargs, tools)
@@ -243,8 +282,8 @@ class EngineClient:
         call_id = next(self.call_ids)
         future = asyncio.get_running_loop().create_future()
         self.calls[call_id] = future
-        await r.socket.send_pyobj(msg.UtilityCall(call_id, method, kwargs))
         try:
+            await self.send(r, msg.UtilityCall(call_id, method, kwargs))
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
             raise EngineUnavailable(f"replica {replica} did not answer {method} within {timeout_s:.0f}s") from None
@@ -257,6 +296,35 @@ class EngineClient:
     def send_all_nowait(self, method: str, **kwargs) -> list[asyncio.Future]:
         """Start a call on every replica without waiting for the answers (returned as futures)."""
         return [asyncio.ensure_future(self.call(r.index, method, 3600.0, **kwargs)) for r in self.replicas]
+
+    # -- sending -----------------------------------------------------------------------------------
+    async def send(self, r: Replica, message, timeout_s: float = SEND_TIMEOUT_S) -> None:
+        """Send to a replica without ever waiting on a dead one: a PUSH socket whose peer is gone blocks
+        forever, so the send races the replica's death (and a timeout); EngineUnavailable if it loses."""
+        if r.dead is not None:
+            raise EngineUnavailable(f"replica {r.index} is dead: {r.dead}")
+        sent = r.socket.send_pyobj(message)  # done at once unless the pipe is full or the peer is gone
+        if not sent.done():
+            died = asyncio.ensure_future(r.died.wait())
+            try:
+                await asyncio.wait({sent, died}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                died.cancel()
+            if not sent.done():
+                sent.cancel()
+                if r.dead is not None:
+                    raise EngineUnavailable(f"replica {r.index} is dead: {r.dead}")
+                raise EngineUnavailable(f"replica {r.index} has not read its input for {timeout_s:.0f}s")
+        sent.result()
+
+    def send_soon(self, r: Replica, message) -> None:
+        """``send`` in the background (from synchronous code); a failure is logged, not raised."""
+        def done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("could not send %s to replica %d: %s", type(message).__name__, r.index,
+                               task.exception())
+        if r.dead is None:
+            asyncio.ensure_future(self.send(r, message)).add_done_callback(done)
 
     # -- receiving ---------------------------------------------------------------------------------
     async def _read_outputs(self) -> None:
@@ -275,10 +343,16 @@ class EngineClient:
             if m.stats is not None:
                 self.replicas[m.replica].stats = m.stats
             for update in m.updates:
-                done, finish = self.processor.process(update)
+                try:
+                    done, finish = self.processor.process(update)
+                except Exception as e:  # fails this request only; the others of the step go on
+                    logger.exception("could not process the output of request %s", update.request_id)
+                    self._fail_request(update.request_id, ServerError(
+                        f"could not process the output of request {update.request_id}: {type(e).__name__}: {e}"))
+                    continue
                 if finish is not None:
                     replica = self.replicas[m.replica]
-                    asyncio.ensure_future(replica.socket.send_pyobj(msg.FinishSample(*finish)))
+                    self.send_soon(replica, msg.FinishSample(*finish))
                 if done is not None:
                     self._resolve(done)
         elif isinstance(m, msg.UtilityResult):
@@ -289,8 +363,9 @@ class EngineClient:
                 else:
                     future.set_exception(BadRequest(m.error) if m.status == 400 else RuntimeError(m.error))
         elif isinstance(m, msg.RequestFailed):
+            error = BadRequest(m.message, param="prompts") if m.status == 400 else ServerError(m.message)
             self.processor.states.pop(m.request_id, None)
-            self._finish(m.request_id, exception=BadRequest(m.message, param="prompts"))
+            self._finish(m.request_id, exception=error)
         elif isinstance(m, msg.EngineReady):
             self.replicas[m.replica].info = m.info
             if all(r.info is not None for r in self.replicas):
@@ -305,12 +380,23 @@ class EngineClient:
 
     def _resolve(self, state: RequestState) -> None:
         output = state.to_output()
-        failed = any(o.finish_reason == "error" for o in output.outputs)
-        self.counters["requests_failed" if failed else "requests_ok"] += 1
+        reasons = {o.finish_reason for o in output.outputs}
+        outcome = "failed" if "error" in reasons else "aborted" if "abort" in reasons else "ok"
+        self.counters[f"requests_{outcome}"] += 1
         self.counters["generation_tokens"] += sum(len(o.token_ids) for o in output.outputs)
         self._finish(state.request_id, result=output)
 
+    def _fail_request(self, request_id: str, exception: Exception) -> None:
+        """Fail one engine request: the caller gets ``exception``, its replica forgets it."""
+        self.processor.states.pop(request_id, None)
+        replica = self.request_replica.get(request_id)
+        self._finish(request_id, exception=exception)
+        if replica is not None and self.replicas[replica].dead is None:
+            self.send_soon(self.replicas[replica], msg.AbortRequests([request_id]))
+
     def _finish(self, request_id: str, result=None, exception=None) -> None:
+        if exception is not None and request_id in self.pending:
+            self.counters["requests_failed"] += 1
         future = self.pending.pop(request_id, None)
         replica = self.request_replica.pop(request_id, None)
         if replica is not None:
@@ -329,14 +415,17 @@ class EngineClient:
         if r.dead is not None:
             return
         r.dead = message
+        r.died.set()
         self.dead = message
         logger.error("%s", message)
         if not self.ready.is_set():
             self.startup_error = message
             self.ready.set()
-        for request_id in list(r.request_ids):
-            self.processor.states.pop(request_id, None)
-            self._finish(request_id, exception=EngineUnavailable(message))
+        # The server stops now (on_dead): requests on the other replicas fail too, and those replicas free them.
+        for other in self.replicas:
+            if other.dead is None and other.request_ids:
+                self.send_soon(other, msg.AbortRequests(list(other.request_ids)))
+        self._fail_all(EngineUnavailable(message))
         for future in self.calls.values():
             if not future.done():
                 future.set_exception(EngineUnavailable(message))

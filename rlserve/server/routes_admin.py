@@ -66,11 +66,15 @@ async def resume(request: Request):
 
 @route(router, "POST", "/abort/")
 async def abort(request: Request, body: AbortRequest | None = None):
+    """Abort every running request (no ``request_ids``), or those of the given ids: an id given as
+    ``X-Request-Id`` names the engine requests ``{id}-{i}`` of its prompts. They end with finish_reason
+    "abort" and their partial output; unknown ids are ignored."""
     engine = engine_of(request)
     engine.check_serving()
     ids = (body or AbortRequest()).request_ids
-    await engine.abort(ids)
-    return {"message": "aborted", "request_ids": ids}
+    found = list(engine.pending) if ids is None else engine.find_requests(ids)
+    await engine.abort(found)
+    return {"message": f"aborted {len(found)} request(s)", "request_ids": ids, "aborted": found}
 
 
 class EngineCollector:
@@ -97,6 +101,7 @@ class EngineCollector:
             "kv_blocks_free": ("rlserve_kv_blocks_free", "KV cache blocks free"),
             "kv_blocks_total": ("rlserve_kv_blocks_total", "KV cache blocks in all"),
             "weight_version": ("rlserve_weight_version", "Weight version served"),
+            "is_paused": ("rlserve_paused", "1 while the engine is paused (/pause/)"),
             "max_running_seqs": ("rlserve_max_running_sequences", "Most sequences that ran in one step"),
             "mean_step_seconds": ("rlserve_step_seconds", "Mean engine step time (recent)"),
             "last_weight_sync_seconds": ("rlserve_weight_sync_seconds", "Duration of the last weight update"),
@@ -104,8 +109,9 @@ class EngineCollector:
         for key, (name, doc) in gauges.items():
             g = GaugeMetricFamily(name, doc, labels=["replica"])
             for r in e.replicas:
-                if key in r.stats and r.stats[key] is not None:
-                    g.add_metric([str(r.index)], float(r.stats[key]))
+                stats = dict(r.stats, is_paused=r.stats.get("paused") is not None) if r.stats else {}
+                if stats.get(key) is not None:
+                    g.add_metric([str(r.index)], float(stats[key]))
             yield g
         counters = {
             "num_steps": ("rlserve_engine_steps", "Engine steps"),

@@ -150,7 +150,8 @@ async def _generate(request: Request, prompts, params: SamplingParams) -> list[R
         raise EngineUnavailable("server is shutting down")
     engine.check_serving()
     engine.end_named_param_run()
-    return await engine.generate(prompts, params, detokenize=True, is_disconnected=request.is_disconnected)
+    return await engine.generate(prompts, params, detokenize=True, is_disconnected=request.is_disconnected,
+                                 request_id=request.headers.get("x-request-id"))
 
 
 def _sse(chunks: list[dict]) -> StreamingResponse:

@@ -81,7 +81,8 @@ async def run_generation(request: Request, prompts, params: SamplingParams):
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
     engine.end_named_param_run()
-    outputs = await engine.generate(prompts, params, detokenize=False, is_disconnected=request.is_disconnected)
+    outputs = await engine.generate(prompts, params, detokenize=False, is_disconnected=request.is_disconnected,
+                                    request_id=request.headers.get("x-request-id"))
     return trl_response(outputs, params)
 
 

@@ -32,9 +32,13 @@ async def init_communicator(request: Request, body: InitCommunicatorRequest):
                          f"client), got {body.world_size}", param="world_size")
     state = request.app.state
     # A new init replaces any group, established or half-made (a trainer that crashed and came back).
+    backend = body.backend or ("nccl" if body.client_device_uuid else "gloo")
+    if backend == "nccl" and engine.config.resolved_device().type != "cuda":
+        raise BadRequest("backend 'nccl' needs a server on CUDA devices; this one runs on the CPU",
+                         param="backend")
     state.weight_sync_init = engine.send_all_nowait(
         "init_weight_sync", host=body.host, port=body.port, world_size=body.world_size,
-        group_timeout_s=body.timeout_s)
+        group_timeout_s=body.timeout_s, backend=backend)
     state.weight_sync_updates = []
     return {"message": "Request received, initializing communicator"}
 

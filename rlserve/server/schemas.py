@@ -66,6 +66,9 @@ class InitCommunicatorRequest(BaseModel):
     world_size: int = Field(ge=2)
     client_device_uuid: str | None = None
     timeout_s: float = Field(default=120.0, gt=0)
+    # "nccl" (GPU to GPU) or "gloo" (through host memory: a trainer on CPU, or on a GPU the server uses).
+    # Default: nccl when the client names a CUDA device (TRL sends its uuid), else gloo.
+    backend: Literal["nccl", "gloo"] | None = None
 
 
 class UpdateNamedParamRequest(BaseModel):
