@@ -100,3 +100,9 @@ def test_kv_cache_is_sized_from_memory_and_reported(small_model_dir):
     assert info["num_kv_blocks"] > 1000 and info["kv_capacity_tokens"] == info["num_kv_blocks"] * 16
     kv = llm.engine.runner.kv_cache
     assert kv.numel() * kv.element_size() < 0.3 * torch.cuda.mem_get_info()[1]
+
+
+def test_fused_layer_kernels_pass_their_self_check():
+    from rlserve.layers import fused
+    assert fused.enabled(torch.device("cuda", 0), torch.bfloat16)
+    assert fused.enabled(torch.device("cuda", 0), torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import subprocess
 import time
@@ -16,6 +17,9 @@ from rlserve.bench.workloads import Workload, get_workload
 
 
 def git_commit() -> str:
+    """The commit being measured (RLSERVE_COMMIT names it where the tree travels without .git)."""
+    if os.environ.get("RLSERVE_COMMIT"):
+        return os.environ["RLSERVE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"

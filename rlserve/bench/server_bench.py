@@ -27,14 +27,16 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, model_dir: Path, device: torch.device, random_weights: bool, dp: int, tp: int):
+    def __init__(self, model_dir: Path, device: torch.device, random_weights: bool, dp: int, tp: int,
+                 extra: list[str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "rlserve.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", device.type, "--log_level", "warning",
+               "--port", str(self.port), "--device", str(device), "--log_level", "warning",
                "--data_parallel_size", str(dp), "--tensor_parallel_size", str(tp)]
         if random_weights:
             cmd += ["--load_format", "dummy", "--dtype", "bfloat16"]
+        cmd += extra or []
         self.proc = subprocess.Popen(cmd, start_new_session=True)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:

@@ -121,8 +121,9 @@ class Client:
 
     # -- weight sync -------------------------------------------------------------------------------
     def init_communicator(self, device: torch.device | str | int = "cuda", timeout_s: float = 120.0) -> None:
-        """Join the server's weight-sync group as its last rank (NCCL on CUDA, gloo on CPU). A previous
-        group of this client, or of a crashed trainer, is replaced."""
+        """Join the server's weight-sync group as its last rank: NCCL from a CUDA device, gloo (through host
+        memory) from the CPU -- also the way to reach a server on a GPU this process uses. A previous group of
+        this client, or of a crashed trainer, is replaced."""
         if self.communicator is not None:
             self.close_communicator()
         device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
@@ -131,6 +132,7 @@ class Client:
         world_size = self.get_world_size() + 1
         self._request("POST", "/init_communicator/", {
             "host": "0.0.0.0", "port": self.group_port, "world_size": world_size, "timeout_s": timeout_s,
+            "backend": "nccl" if device.type == "cuda" else "gloo",
             "client_device_uuid": str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda"
             else None})
         self.communicator = WeightSyncGroup(self.host, self.group_port, world_size - 1, world_size, device,

@@ -109,9 +109,10 @@ class TensorParallelEngine(EngineCore):
             self._expect(pipe, "load_weights")
         return version
 
-    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float):
-        self._send_all(("join_weight_sync", (host, port, world_size, rank, timeout_s)))
-        return super().join_weight_sync(host, port, world_size, rank, timeout_s)
+    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float,
+                         backend: str = "nccl"):
+        self._send_all(("join_weight_sync", (host, port, world_size, rank, timeout_s, backend)))
+        return super().join_weight_sync(host, port, world_size, rank, timeout_s, backend)
 
     def receive_weights(self, group, buckets) -> int:
         self._send_all(("receive_weights", buckets))
@@ -183,11 +184,12 @@ class TensorParallelWorker:
             elif kind == "shutdown":
                 return
 
-    def _join(self, host, port, world_size, rank, timeout_s) -> None:
+    def _join(self, host, port, world_size, rank, timeout_s, backend) -> None:
         from rlserve.distributed.weight_sync import WeightSyncGroup
         self._close()
+        device = self.info.device if backend == "nccl" else torch.device("cpu")
         try:
-            self.weight_sync = WeightSyncGroup(host, port, rank + self.rank, world_size, self.info.device, timeout_s)
+            self.weight_sync = WeightSyncGroup(host, port, rank + self.rank, world_size, device, timeout_s)
         except Exception as e:  # rank 0 sees the group fail too (its barrier times out)
             logger.error("weight-sync join failed on tp rank %d: %s", self.rank, e)
 

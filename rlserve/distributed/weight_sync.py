@@ -89,8 +89,9 @@ def _itemsize(dtype: str) -> int:
     return torch.tensor([], dtype=DTYPE_NAMES[dtype]).element_size()
 
 
-def pack_bucket(bucket: BucketMeta, tensors: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    flat = torch.empty(bucket.numel, dtype=DTYPE_NAMES[bucket.dtype], device=device)
+def pack_bucket(bucket: BucketMeta, tensors: dict[str, torch.Tensor], device: torch.device,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    flat = out if out is not None else torch.empty(bucket.numel, dtype=DTYPE_NAMES[bucket.dtype], device=device)
     for t in bucket.tensors:
         flat[t.offset:t.offset + t.numel].copy_(tensors[t.name].detach().reshape(-1))
     return flat
@@ -121,7 +122,19 @@ class WeightSyncGroup:
         else:
             self.pg = dist.ProcessGroupGloo(prefix, rank, world_size, self.timeout)
             self.backend = "gloo"
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self.barrier()  # everyone arrived: the group is usable
+
+    def buffer(self, dtype: torch.dtype, numel: int, slot: int) -> torch.Tensor:
+        """A flat transfer buffer. On the CPU, buffers are kept between updates: fresh host memory costs a
+        page fault per 4 KB on first touch (the GPU's caching allocator already reuses its memory)."""
+        if self.device.type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        key = (dtype, slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
 
     def broadcast_async(self, tensor: torch.Tensor):
         opts = dist.BroadcastOptions()
@@ -158,16 +171,16 @@ def receive_buckets(group: WeightSyncGroup, buckets: list[BucketMeta],
     if not buckets:
         return 0
 
-    def post(bucket):
-        flat = torch.empty(bucket.numel, dtype=DTYPE_NAMES[bucket.dtype], device=group.device)
+    def post(i):
+        flat = group.buffer(DTYPE_NAMES[buckets[i].dtype], buckets[i].numel, i % 2)
         return flat, group.broadcast_async(flat)
 
-    pending = post(buckets[0])
+    pending = post(0)
     for i, bucket in enumerate(buckets):
         flat, work = pending
         group.wait(work)
         if i + 1 < len(buckets):
-            pending = post(buckets[i + 1])
+            pending = post(i + 1)
         load(unpack_bucket(bucket, flat))
         received += flat.numel() * flat.element_size()
     return received
@@ -177,11 +190,10 @@ def send_buckets(group: WeightSyncGroup, buckets: list[BucketMeta], tensors: dic
     """The trainer's side: pack and broadcast each bucket, packing the next while one is in flight."""
     sent = 0
     pending = None
-    for bucket in buckets:
-        flat = pack_bucket(bucket, tensors, group.device)
-        if group.device.type == "cuda":
-            torch.cuda.current_stream(group.device).synchronize()  # packed before NCCL's stream reads it
-        work = group.broadcast_async(flat)
+    for i, bucket in enumerate(buckets):
+        flat = pack_bucket(bucket, tensors, group.device,
+                           group.buffer(DTYPE_NAMES[bucket.dtype], bucket.numel, i % 2))
+        work = group.broadcast_async(flat)  # NCCL's stream waits for the packing copies on ours
         if pending is not None:
             group.wait(pending[1])
         pending = (flat, work)

@@ -173,10 +173,13 @@ class EngineCore:
         self.reset_prefix_cache()
         return self.weight_version
 
-    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float):
-        """Join a trainer's weight-sync group as ``rank`` (blocking until everyone arrived)."""
+    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float,
+                         backend: str = "nccl"):
+        """Join a trainer's weight-sync group as ``rank`` (blocking until everyone arrived). With "gloo" the
+        tensors arrive in host memory and are copied onto the device as they load."""
         from rlserve.distributed.weight_sync import WeightSyncGroup
-        return WeightSyncGroup(host, port, rank, world_size, self.info.device, timeout_s)
+        device = self.info.device if backend == "nccl" else torch.device("cpu")
+        return WeightSyncGroup(host, port, rank, world_size, device, timeout_s)
 
     def receive_weights(self, group, buckets) -> int:
         """Receive and load every bucket, then meet the trainer in a barrier; returns the bytes received."""
@@ -208,5 +211,5 @@ class EngineCore:
             "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
             "prefix_cache_hit_tokens": bm.num_hit_tokens, "prefix_cache_queried_tokens": bm.num_queried_tokens,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
-            "weight_version": self.weight_version,
+            "weight_version": self.weight_version, "device": str(self.info.device),
         }

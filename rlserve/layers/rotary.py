@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from rlserve.layers import fused
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -62,7 +64,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T]; q [T, H, D]; k [T, KVH, D]."""
+        """positions [T]; q [T, H, D]; k [T, KVH, D]. On CUDA the fused kernel rotates them in place."""
+        if fused.enabled(q.device, q.dtype):
+            fused.rotary_(q, k, self.cos, self.sin, positions)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

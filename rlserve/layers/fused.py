@@ -1,0 +1,170 @@
+"""Fused Triton kernels for the small per-layer operations of a decode step on CUDA.
+
+A decoder layer in plain PyTorch launches ~30 kernels (RMSNorm in fp32, the rotary embedding, SiLU-and-mul,
+residual adds); at decode batch sizes each is a few microseconds of launch-bound work. These three kernels
+do the same arithmetic in three launches:
+
+- ``add_rmsnorm(x, residual, weight, eps)``: ``residual += x`` (rounded to the model dtype, as the unfused
+  code does) and ``rmsnorm(residual)`` computed in fp32, in one pass;
+- ``rotary_(q, k, cos, sin, positions)``: the "rotate half" embedding of q and k, in place;
+- ``silu_mul(x)``: ``silu(gate) * up`` of a fused [gate | up] projection.
+
+They are used on CUDA only (``enabled(device)``); the CPU path keeps the PyTorch code, whose float32 results
+equal Hugging Face transformers' bit for bit. Each kernel is checked against that code at first use on a
+device, and the PyTorch path is used if it disagrees (or when ``RLSERVE_FUSED=0``, for comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
+                            HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # the sum, in the model dtype
+            tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        variance = tl.sum(xf * xf, axis=0) / n_cols
+        normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype),
+                 mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                       stride_cos, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        d = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + pos * stride_cos + d)  # cos/sin tables hold [cos | cos]: the first half
+        sin = tl.load(sin_ptr + pos * stride_cos + d)
+        h = tl.arange(0, BLOCK_H)
+        for which in tl.static_range(2):
+            if which == 0:
+                base, stride_t, stride_h, num_heads = q_ptr, stride_qt, stride_qh, num_q_heads
+            else:
+                base, stride_t, stride_h, num_heads = k_ptr, stride_kt, stride_kh, num_k_heads
+            mask = h[:, None] < num_heads
+            ptr = base + t * stride_t + h[:, None] * stride_h + d[None, :]
+            x1 = tl.load(ptr, mask=mask, other=0.0)
+            x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+            c = cos[None, :].to(x1.dtype)
+            s = sin[None, :].to(x1.dtype)
+            # Same roundings as q * cos + rotate_half(q) * sin in the model dtype.
+            o1 = ((x1 * c).to(tl.float32) + (-x2 * s).to(tl.float32)).to(x1.dtype)
+            o2 = ((x2 * c).to(tl.float32) + (x1 * s).to(tl.float32)).to(x1.dtype)
+            tl.store(ptr, o1, mask=mask)
+            tl.store(ptr + HALF, o2, mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+        tl.store(out_ptr + row * stride_o + cols, silu * up, mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                ) -> torch.Tensor:
+    """x [N, D]; residual [N, D] updated in place to residual + x (when given) -> rmsnorm of it [N, D]."""
+    out = torch.empty_like(x)
+    n, d = x.shape
+    if n:
+        _add_rmsnorm_kernel[(n,)](x, residual if residual is not None else x, weight, out, x.stride(0),
+                                  residual.stride(0) if residual is not None else 0, out.stride(0), d, eps,
+                                  HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(d),
+                                  num_warps=4 if d <= 4096 else 8)
+    return out
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+            ) -> None:
+    """q [T, H, D], k [T, KVH, D] (last dim contiguous), rotated in place; cos/sin [P, D] fp32 tables."""
+    t, num_q, d = q.shape
+    if t:
+        _rotary_kernel[(t,)](q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                             cos.stride(0), num_q, k.shape[1], HALF=d // 2,
+                             BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])), num_warps=4)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 2I] = [gate | up] -> silu(gate) * up [N, I]."""
+    n, two_i = x.shape
+    half = two_i // 2
+    out = torch.empty(n, half, dtype=x.dtype, device=x.device)
+    if n:
+        block = 1024
+        _silu_mul_kernel[(n, triton.cdiv(half, block))](x, out, x.stride(0), out.stride(0), half, BLOCK=block,
+                                                         num_warps=4)
+    return out
+
+
+_checked: dict[tuple, bool] = {}
+
+
+def enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Use the fused kernels on this device and dtype? Only on CUDA, and only if they agree with PyTorch."""
+    if triton is None or device.type != "cuda" or os.environ.get("RLSERVE_FUSED", "1") == "0":
+        return False
+    key = (device.index, dtype)
+    if key not in _checked:
+        _checked[key] = _self_check(device, dtype)
+    return _checked[key]
+
+
+def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
+    import logging
+    g = torch.Generator(device=device).manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    try:
+        x = torch.randn(5, 320, device=device, generator=g).to(dtype)
+        r = torch.randn(5, 320, device=device, generator=g).to(dtype)
+        w = torch.randn(320, device=device, generator=g).to(dtype)
+        want_r = x + r
+        f = want_r.float()
+        want = w * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        got_r = r.clone()
+        got = add_rmsnorm(x, got_r, w, 1e-6)
+        ok = torch.allclose(got_r, want_r) and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+        q = torch.randn(7, 4, 64, device=device, generator=g).to(dtype)
+        k = torch.randn(7, 2, 64, device=device, generator=g).to(dtype)
+        ang = torch.rand(16, 32, device=device, generator=g)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        pos = torch.randint(0, 16, (7,), device=device, generator=g)
+
+        def rot(v):
+            c, s = cos[pos].unsqueeze(1).to(dtype), sin[pos].unsqueeze(1).to(dtype)
+            return v * c + torch.cat((-v[..., 32:], v[..., :32]), -1) * s
+
+        want_q, want_k = rot(q), rot(k)
+        rotary_(q, k, cos, sin, pos)
+        ok = ok and torch.allclose(q.float(), want_q.float(), atol=tol, rtol=tol) and \
+            torch.allclose(k.float(), want_k.float(), atol=tol, rtol=tol)
+        gu = torch.randn(3, 2 * 300, device=device, generator=g).to(dtype)
+        want_a = torch.nn.functional.silu(gu[:, :300]) * gu[:, 300:]
+        ok = ok and torch.allclose(silu_mul(gu).float(), want_a.float(), atol=tol, rtol=tol)
+    except Exception as e:  # a kernel that cannot build here: the PyTorch path
+        logging.getLogger(__name__).warning("fused kernels disabled on %s: %s", device, e)
+        return False
+    if not ok:
+        logging.getLogger(__name__).warning("fused kernels disagree with PyTorch on %s %s: disabled", device, dtype)
+    return bool(ok)

@@ -1,0 +1,97 @@
+"""Two GPUs (``-m gpu``, skipped with fewer): tensor parallelism over NCCL, data-parallel replicas on their
+own GPUs, and weight sync from a trainer GPU (NCCL) or host memory (gloo) into a running server."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rlserve import LLM, Client, SamplingParams
+from rlserve.bench.workloads import QWEN25_05B
+from rlserve.models.tiny import IM_END_ID, make_tiny_model
+from server_utils import free_port, running_server
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+
+
+def prompts(n, seed, vocab=256):
+    rng = random.Random(seed)
+    return [[rng.randrange(0, vocab) for _ in range(rng.randrange(2, 60))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=48, min_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    arch = dict(QWEN25_05B, num_hidden_layers=4, initializer_range=0.05, max_position_embeddings=4096)
+    return str(make_tiny_model(tmp_path_factory.mktemp("gpu2") / "rl-small-4l", "qwen2", seed=5, **arch))
+
+
+@pytest.mark.parametrize("which", ["tiny", "rl-small-shape"])
+def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which):
+    path = tiny_models["llama"] if which == "tiny" else small_model_dir
+    batch = prompts(8, seed=1, vocab=256 if which == "tiny" else 32000)
+    results = []
+    for tp in (1, 2):
+        with LLM(path, device="cuda", dtype="float32", tensor_parallel_size=tp, gpu_memory_utilization=0.4) as llm:
+            results.append([o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)])
+        torch.cuda.empty_cache()
+    assert results[0] == results[1]
+
+
+def hf_greedy(model, prompt, n, device):
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n, pad_token_id=IM_END_ID)
+    return out[0, len(prompt):].tolist()
+
+
+def test_nccl_weight_sync_from_gpu0_into_a_server_on_gpu1(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+    other = make_tiny_model(tmp_path / "b", "qwen2", seed=91)
+    model_b = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).to("cuda:0").eval()
+    batch = prompts(4, seed=2)
+    with running_server(tiny_models["qwen2"], "--dtype", "float32", "--gpu_memory_utilization", "0.3",
+                        device="cuda:1") as server:
+        client = Client(base_url=server.url, group_port=free_port())
+        client.init_communicator(device="cuda:0", timeout_s=60)
+        assert client.communicator.backend == "nccl"
+        client.update_model_params(model_b)
+        out = client.generate(batch, temperature=0, max_tokens=24, generation_kwargs={"min_tokens": 24})
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 24, "cuda:0") for p in batch]
+        client.close_communicator()
+
+
+def test_weight_sync_into_a_tp2_server_reaches_both_gpus(tiny_models, tmp_path):
+    """With two GPUs both held by the server, the trainer sends through host memory (gloo)."""
+    from transformers import AutoModelForCausalLM
+    other = make_tiny_model(tmp_path / "b", "llama", seed=92)
+    model_b = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    batch = prompts(4, seed=3)
+    with running_server(tiny_models["llama"], "--dtype", "float32", "--tensor_parallel_size", "2",
+                        "--gpu_memory_utilization", "0.3", device="cuda") as server:
+        client = Client(base_url=server.url, group_port=free_port())
+        assert client.get_world_size() == 2
+        client.init_communicator(device="cpu", timeout_s=60)
+        client.update_model_params(model_b)
+        out = client.generate(batch, temperature=0, max_tokens=24, generation_kwargs={"min_tokens": 24})
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 24, "cpu") for p in batch]
+        client.close_communicator()
+
+
+def test_data_parallel_replicas_on_their_own_gpus(tiny_models):
+    batch = prompts(16, seed=4)
+    with running_server(tiny_models["qwen2"], "--dtype", "float32", "--data_parallel_size", "2",
+                        "--gpu_memory_utilization", "0.3", device="cuda") as server:
+        client = Client(base_url=server.url)
+        out = client.generate(batch, temperature=0, max_tokens=24, generation_kwargs={"min_tokens": 24})
+        info = client.server_info()
+        assert [r["device"] for r in info["replicas"]] == ["cuda:0", "cuda:1"]
+        assert all(r["num_steps"] > 0 for r in info["replicas"])
+    with LLM(tiny_models["qwen2"], device="cuda", dtype="float32", gpu_memory_utilization=0.3) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(batch, SamplingParams(temperature=0, max_tokens=24,
+                                                                                    min_tokens=24))]
+    assert out["completion_ids"] == want
