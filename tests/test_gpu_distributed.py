@@ -3,6 +3,7 @@ own GPUs, and weight sync from a trainer GPU (NCCL) or host memory (gloo) into a
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -36,8 +37,11 @@ def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which):
     batch = prompts(8, seed=1, vocab=256 if which == "tiny" else 32000)
     results = []
     for tp in (1, 2):
-        with LLM(path, device="cuda", dtype="float32", tensor_parallel_size=tp, gpu_memory_utilization=0.4) as llm:
-            results.append([o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)])
+        llm = LLM(path, device="cuda", dtype="float32", tensor_parallel_size=tp, gpu_memory_utilization=0.4)
+        results.append([o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)])
+        llm.shutdown()
+        del llm  # its KV cache must be gone before the next engine sizes its own
+        gc.collect()
         torch.cuda.empty_cache()
     assert results[0] == results[1]
 

@@ -14,10 +14,11 @@ from typing import Iterable
 from urllib.parse import urlparse
 
 import httpx
+import orjson
 import torch
 from torch import nn
 
-from rlserve.distributed.weight_sync import WeightSyncGroup, plan_buckets, send_buckets
+from rlserve.distributed.weight_sync import WeightSyncGroup, pack_for_send, plan_buckets, send_buckets
 from rlserve.server.schemas import ChatRequest, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Client:
             except Exception:
                 message = response.text
             raise ServerError(response.status_code, message)
-        return response.json()
+        return orjson.loads(response.content)
 
     def check_server(self, total_timeout: float = 0.0, retry_interval: float = 2.0) -> None:
         """Wait until /health/ answers 200, up to ``total_timeout`` seconds; ConnectionError after that."""
@@ -159,8 +160,9 @@ class Client:
         tensors = {name: t.detach() for name, t in named_tensors}
         buckets = plan_buckets(((n, t.dtype, tuple(t.shape)) for n, t in tensors.items()),
                                int(bucket_size_mb * 2**20))
+        first = pack_for_send(group, buckets, tensors, 0) if buckets else None  # on the GPU during the HTTP call
         answer = self._request("POST", "/update_weights/", {"buckets": [b.to_dict() for b in buckets]})
-        send_buckets(group, buckets, tensors)
+        send_buckets(group, buckets, tensors, first)
         group.barrier()
         self.weight_version = answer["version"]
         return self.weight_version

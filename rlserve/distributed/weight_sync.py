@@ -73,7 +73,7 @@ def plan_buckets(named: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], buck
     for name, dtype, shape in named:
         key = dtype_name(dtype)
         meta = TensorMeta(name, list(shape), 0)
-        size = meta.numel * torch.tensor([], dtype=dtype).element_size()
+        size = meta.numel * dtype.itemsize
         bucket = open_bucket.get(key)
         if bucket is None or (bucket.numel and (bucket.numel * _itemsize(key) + size) > bucket_bytes):
             bucket = BucketMeta(key, 0)
@@ -86,7 +86,7 @@ def plan_buckets(named: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], buck
 
 
 def _itemsize(dtype: str) -> int:
-    return torch.tensor([], dtype=DTYPE_NAMES[dtype]).element_size()
+    return DTYPE_NAMES[dtype].itemsize
 
 
 def pack_bucket(bucket: BucketMeta, tensors: dict[str, torch.Tensor], device: torch.device,
@@ -186,13 +186,20 @@ def receive_buckets(group: WeightSyncGroup, buckets: list[BucketMeta],
     return received
 
 
-def send_buckets(group: WeightSyncGroup, buckets: list[BucketMeta], tensors: dict[str, torch.Tensor]) -> int:
-    """The trainer's side: pack and broadcast each bucket, packing the next while one is in flight."""
+def pack_for_send(group: WeightSyncGroup, buckets: list[BucketMeta], tensors: dict[str, torch.Tensor], i: int
+                  ) -> torch.Tensor:
+    bucket = buckets[i]
+    return pack_bucket(bucket, tensors, group.device, group.buffer(DTYPE_NAMES[bucket.dtype], bucket.numel, i % 2))
+
+
+def send_buckets(group: WeightSyncGroup, buckets: list[BucketMeta], tensors: dict[str, torch.Tensor],
+                 first: torch.Tensor | None = None) -> int:
+    """The trainer's side: pack and broadcast each bucket, packing the next while one is in flight.
+    ``first``: bucket 0 already packed (while the server was validating the metadata)."""
     sent = 0
     pending = None
     for i, bucket in enumerate(buckets):
-        flat = pack_bucket(bucket, tensors, group.device,
-                           group.buffer(DTYPE_NAMES[bucket.dtype], bucket.numel, i % 2))
+        flat = first if i == 0 and first is not None else pack_for_send(group, buckets, tensors, i)
         work = group.broadcast_async(flat)  # NCCL's stream waits for the packing copies on ours
         if pending is not None:
             group.wait(pending[1])

@@ -184,7 +184,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face-named tensors (full, unsharded); returns the names loaded."""
-        params = dict(self.named_parameters(remove_duplicate=False))
+        params = self.__dict__.get("_params_by_name")
+        if params is None:  # parameters keep their identity: look them up once (weight sync calls this often)
+            params = self.__dict__["_params_by_name"] = dict(self.named_parameters(remove_duplicate=False))
         loaded = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:

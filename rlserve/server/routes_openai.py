@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from rlserve.outputs import CompletionOutput, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
-from rlserve.server.routing import engine_of, route
+from rlserve.server.routing import engine_of, json_response, route
 
 router = APIRouter()
 
@@ -199,7 +199,7 @@ async def completions(request: Request, body: CompletionRequest):
               "model": model, "choices": choices, "usage": _usage(outputs)}
     if body.stream:
         return _sse([dict(result, choices=[ch]) for ch in choices])
-    return result
+    return json_response(result)
 
 
 @route(router, "POST", "/v1/chat/completions")
@@ -241,7 +241,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
                                                 "finish_reason": ch["finish_reason"], "logprobs": ch["logprobs"]}]}
                   for ch in choices]
         return _sse(chunks)
-    return result
+    return json_response(result)
 
 
 def response_format_to_structured(response_format: dict) -> dict | None:

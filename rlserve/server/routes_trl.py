@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable
-from rlserve.server.routing import engine_of, route
-from rlserve.server.schemas import ChatRequest, GenerateRequest, GenerateResponse
+from rlserve.server.routing import engine_of, json_response, route
+from rlserve.server.schemas import ChatRequest, GenerateRequest
 
 router = APIRouter()
 
@@ -63,17 +63,19 @@ def tokenize_prompts(engine, prompts) -> list[tuple[str | None, list[int]]]:
 
 
 def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
+    """TRL's response dict (``GenerateResponse`` documents it; built directly, it is large)."""
     completions = [c for o in outputs for c in o.outputs]
     logprobs = ids = None
-    if params.logprobs is not None:
+    if params.logprobs == 0:  # the RL case: [[logprob of the sampled token]] per token
+        logprobs = [[[lp] for lp in c.sampled_logprobs] for c in completions]
+        ids = [[[t] for t in c.token_ids] for c in completions]
+    elif params.logprobs is not None:
         pairs = [c.trl_logprobs() for c in completions]
         logprobs, ids = [p[0] for p in pairs], [p[1] for p in pairs]
     versions = [c.weight_versions for c in completions]
-    return GenerateResponse(
-        prompt_ids=[o.prompt_token_ids for o in outputs], completion_ids=[c.token_ids for c in completions],
-        logprobs=logprobs, logprob_token_ids=ids, finish_reasons=[c.finish_reason for c in completions],
-        weight_version=max((v for vs in versions for v in vs), default=0), weight_versions=versions,
-    ).model_dump()
+    return {"prompt_ids": [o.prompt_token_ids for o in outputs], "completion_ids": [c.token_ids for c in completions],
+            "logprobs": logprobs, "logprob_token_ids": ids, "finish_reasons": [c.finish_reason for c in completions],
+            "weight_version": max((v for vs in versions for v in vs), default=0), "weight_versions": versions}
 
 
 async def run_generation(request: Request, prompts, params: SamplingParams):
@@ -83,7 +85,7 @@ async def run_generation(request: Request, prompts, params: SamplingParams):
     engine.end_named_param_run()
     outputs = await engine.generate(prompts, params, detokenize=False, is_disconnected=request.is_disconnected,
                                     request_id=request.headers.get("x-request-id"))
-    return trl_response(outputs, params)
+    return json_response(trl_response(outputs, params))
 
 
 @route(router, "POST", "/generate/")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 
 def route(router: APIRouter, method: str, path: str, **kwargs):
@@ -17,3 +19,9 @@ def route(router: APIRouter, method: str, path: str, **kwargs):
 
 def engine_of(request: Request):
     return request.app.state.engine
+
+
+def json_response(payload: dict) -> Response:
+    """Serialise a (large) response body directly: an RL batch carries ~10 MB of token ids and logprobs,
+    which FastAPI's default encoder walks element by element in Python. Non-finite floats become null."""
+    return Response(orjson.dumps(payload), media_type="application/json")
