@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from rlserve.outputs import CompletionOutput, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
-from rlserve.server.routing import engine_of, json_response, route
+from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
 
 router = APIRouter()
 
@@ -173,16 +173,7 @@ async def completions(request: Request, body: CompletionRequest):
         prompt = [prompt]
     if not prompt:
         raise BadRequest("prompt must not be empty", param="prompt")
-    items = []
-    for i, p in enumerate(prompt):
-        if isinstance(p, str):
-            if not p:
-                raise BadRequest(f"prompt[{i}]: prompt must not be empty", param="prompt")
-            items.append((p, engine.tokenizer(p).input_ids))
-        else:
-            if not p:
-                raise BadRequest(f"prompt[{i}]: prompt must not be empty", param="prompt")
-            items.append((None, list(p)))
+    items = tokenize_prompts(engine, prompt, "prompt")
     params = body.params(body.logprobs, body.max_tokens)
     outputs = await _generate(request, items, params)
     choices = []

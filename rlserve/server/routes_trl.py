@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable
-from rlserve.server.routing import engine_of, json_response, route
+from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
 from rlserve.server.schemas import ChatRequest, GenerateRequest
 
 router = APIRouter()
@@ -50,18 +50,6 @@ def sampling_params_from(body) -> SamplingParams:
         raise BadRequest(str(e), param=str(e).split(" ", 1)[0]) from None
 
 
-def tokenize_prompts(engine, prompts) -> list[tuple[str | None, list[int]]]:
-    items = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if not p:
-                raise BadRequest(f"prompts[{i}]: prompt must not be empty", param="prompts")
-            items.append((p, engine.tokenizer(p).input_ids))
-        else:
-            items.append((None, list(p)))
-    return items
-
-
 def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
     """TRL's response dict (``GenerateResponse`` documents it; built directly, it is large)."""
     completions = [c for o in outputs for c in o.outputs]
@@ -93,7 +81,7 @@ async def generate(request: Request, body: GenerateRequest):
     engine = engine_of(request)
     engine.check_serving()
     params = sampling_params_from(body)
-    return await run_generation(request, tokenize_prompts(engine, body.prompts), params)
+    return await run_generation(request, tokenize_prompts(engine, body.prompts, "prompts"), params)
 
 
 @route(router, "POST", "/chat/")
