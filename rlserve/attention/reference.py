@@ -1,8 +1,8 @@
 """Plain-PyTorch attention over the paged KV cache.
 
 Runs on any device. It is the backend on CPU and the oracle the Triton kernels are tested against. Decodes
-are batched into one ``scaled_dot_product_attention`` call over their gathered, padded contexts; each
-prefill chunk is one call with a causal mask offset by its cached prefix.
+of equal context length are batched into one ``scaled_dot_product_attention`` call (no padding, so results
+do not depend on the batch); each prefill chunk is one call with a causal mask offset by its cached prefix.
 """
 
 from __future__ import annotations
@@ -50,25 +50,34 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
             scale: float) -> torch.Tensor:
-    """One query per sequence, contexts padded to the longest: q [B, H, D] -> [B, H, D]."""
+    """One query per sequence: q [B, H, D] -> [B, H, D]. Sequences are batched by context length, with no
+    padding and no mask, so a sequence's result does not depend on the others in the step."""
     nd = q.shape[0]
-    max_len = max(meta.seq_lens_cpu[:nd])
+    lengths = meta.seq_lens_cpu[:nd]
+    if min(lengths) == max(lengths):
+        return _decode_same_length(q, k_cache, v_cache, meta.block_tables[:nd], lengths[0], scale)
+    out = torch.empty_like(q)
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(i)
+    for length, rows in by_length.items():
+        index = torch.tensor(rows, device=q.device)
+        out[index] = _decode_same_length(q[index], k_cache, v_cache, meta.block_tables[index], length, scale)
+    return out
+
+
+def _decode_same_length(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                        length: int, scale: float) -> torch.Tensor:
+    b = q.shape[0]
     block_size = k_cache.shape[1]
-    num_blocks = (max_len + block_size - 1) // block_size
-    table = meta.block_tables[:nd, :num_blocks].long()
-    flat = table.flatten()
-    k = k_cache.index_select(0, flat).view(nd, num_blocks * block_size, *k_cache.shape[2:])[:, :max_len]
-    v = v_cache.index_select(0, flat).view(nd, num_blocks * block_size, *v_cache.shape[2:])[:, :max_len]
-    # k, v: [B, L, KVH, D]
-    positions = torch.arange(max_len, device=q.device)
-    # Contexts of one length need no mask (and then take the same kernel as an unpadded decode).
-    mask = None
-    if min(meta.seq_lens_cpu[:nd]) != max_len:
-        mask = (positions[None, :] < meta.seq_lens[:nd, None])[:, None, None, :]  # [B, 1, 1, L]
+    num_blocks = (length + block_size - 1) // block_size
+    flat = tables[:, :num_blocks].flatten()
+    k = k_cache.index_select(0, flat).view(b, num_blocks * block_size, *k_cache.shape[2:])[:, :length]
+    v = v_cache.index_select(0, flat).view(b, num_blocks * block_size, *v_cache.shape[2:])[:, :length]
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
         k.transpose(1, 2), v.transpose(1, 2),  # [B, KVH, L, D]
-        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[2])
+        scale=scale, enable_gqa=q.shape[1] != k.shape[2])
     return o.squeeze(2)
 
 

@@ -84,7 +84,8 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
         table.add_column(column, justify="right")
     for r in sorted(results, key=lambda r: -r["tokens_per_s"]):
         table.add_row(str(r["tensor_parallel_size"]), str(r["data_parallel_size"]), str(r["devices"]),
-                      f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}")
+                      f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                      f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}")
     console.print(table)
     console.print(f"best: tensor_parallel_size={best['tensor_parallel_size']} "
                   f"data_parallel_size={best['data_parallel_size']} ({best['tokens_per_s']:,.0f} tokens/s)")

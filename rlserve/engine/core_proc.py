@@ -127,19 +127,9 @@ class EngineCoreProc:
 
     # -- messages ----------------------------------------------------------------------------------
     def handle(self, m) -> None:
-        if isinstance(m, msg.AddRequest):
-            try:
-                self.engine.add_request(m.request_id, m.prompt_token_ids, m.params, m.stream)
-            except ValueError as e:
-                self.send(msg.RequestFailed(m.request_id, str(e), 400))
-            except Exception as e:  # one bad request must not take the engine down
-                logger.exception("could not admit request %s", m.request_id)
-                if m.request_id in self.engine.requests:
-                    try:
-                        self.engine.abort_request(m.request_id)
-                    except Exception:
-                        logger.exception("could not clean up request %s", m.request_id)
-                self.send(msg.RequestFailed(m.request_id, f"{type(e).__name__}: {e}", 500))
+        if isinstance(m, msg.AddRequests):
+            for request in m.requests:
+                self.add(request)
         elif isinstance(m, msg.AbortRequests):
             ids = list(self.engine.requests) if m.request_ids is None else m.request_ids
             updates = []
@@ -153,6 +143,20 @@ class EngineCoreProc:
             self.call(m)
         elif isinstance(m, msg.Shutdown):
             self.should_exit = True
+
+    def add(self, m: msg.AddRequest) -> None:
+        try:
+            self.engine.add_request(m.request_id, m.prompt_token_ids, m.params, m.stream)
+        except ValueError as e:
+            self.send(msg.RequestFailed(m.request_id, str(e), 400))
+        except Exception as e:  # one bad request must not take the engine down
+            logger.exception("could not admit request %s", m.request_id)
+            if m.request_id in self.engine.requests:
+                try:
+                    self.engine.abort_request(m.request_id)
+                except Exception:
+                    logger.exception("could not clean up request %s", m.request_id)
+            self.send(msg.RequestFailed(m.request_id, f"{type(e).__name__}: {e}", 500))
 
     def call(self, m: msg.UtilityCall) -> None:
         method = getattr(self, f"rpc_{m.method}", None)

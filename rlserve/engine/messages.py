@@ -1,6 +1,6 @@
 """Typed messages between the API server and the engine-core processes (pickled over ZMQ).
 
-API → core: ``AddRequest``, ``AbortRequests``, ``FinishSample``, ``UtilityCall``, ``Shutdown``.
+API → core: ``AddRequests``, ``AbortRequests``, ``FinishSample``, ``UtilityCall``, ``Shutdown``.
 Core → API: ``EngineReady``, ``StepOutputs``, ``RequestFailed``, ``UtilityResult``, ``EngineDead``.
 Messages on one socket arrive in the order they were sent, so a request sent after a weight update is
 generated with the new weights.
@@ -21,6 +21,13 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     stream: bool = False
+
+
+@dataclass
+class AddRequests:
+    """The prompts of one HTTP request bound for one replica, admitted together (as ``LLM.generate`` does),
+    so that they share their first step."""
+    requests: list[AddRequest]
 
 
 @dataclass

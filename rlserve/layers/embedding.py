@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlserve.distributed.parallel import SINGLE, TensorParallel
+from rlserve.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,7 +45,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the whole vocabulary; may share its weight with the embedding (tied)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V]
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather_last_dim(logits)
         return logits[:, :self.vocab_size]

@@ -19,6 +19,19 @@ from torch import nn
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with batches of a few rows padded to 8 on CPUs.
+
+    CPU BLAS takes a matrix-vector path for 1-4 rows, whose rounding differs from its matrix path: a seeded
+    request running alone would then draw from logits a few ulps away from those it gets inside a batch, and
+    a draw at a near-tie could flip. Padding keeps the one path. (BLAS also re-blocks the inner dimension at
+    some larger batch sizes, so bitwise batch invariance is not guaranteed: see README, Limitations.)"""
+    rows = x.shape[0]
+    if x.device.type == "cpu" and 0 < rows < 8 and x.dim() == 2:
+        return F.linear(F.pad(x, (0, 0, 0, 8 - rows)), weight, bias)[:rows]
+    return F.linear(x, weight, bias)
+
+
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"{what}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
@@ -42,7 +55,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -116,8 +129,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -202,6 +202,7 @@ class EngineClient:
         futures, sent, gathered = [], [], None
         loop = asyncio.get_running_loop()
         try:
+            batches: dict[int, list[msg.AddRequest]] = {}
             for rid, (text, ids) in zip(request_ids, prompts):
                 replica = min((r for r in self.replicas if r.dead is None), key=lambda r: r.outstanding_tokens)
                 cost = (len(ids) + (params.max_tokens or 0)) * params.n
@@ -213,9 +214,12 @@ class EngineClient:
                 self.pending[rid] = future
                 futures.append(future)
                 self.processor.add_request(rid, text, ids, params, detokenize)
-                await self.send(replica, msg.AddRequest(rid, ids, params, needs_streaming(params)))
-                sent.append(rid)
-                self.counters["prompt_tokens"] += len(ids)
+                add = msg.AddRequest(rid, ids, params, needs_streaming(params))
+                batches.setdefault(replica.index, []).append(add)
+            for index, batch in batches.items():  # one message per replica: its prompts start together
+                await self.send(self.replicas[index], msg.AddRequests(batch))
+                sent += [m.request_id for m in batch]
+                self.counters["prompt_tokens"] += sum(len(m.prompt_token_ids) for m in batch)
             gathered = asyncio.gather(*futures)
             while True:
                 done, _ = await asyncio.wait([gathered], timeout=0.25)
@@ -228,7 +232,7 @@ class EngineClient:
         except BaseException:
             if gathered is not None:  # nobody awaits these outputs any more: consume what they end with
                 gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
-            for rid in request_ids[len(sent):]:  # never reached a replica: forget it
+            for rid in [r for r in request_ids if r not in sent]:  # never reached a replica: forget it
                 self.processor.states.pop(rid, None)
                 future = self.pending.get(rid)
                 self._finish(rid)
