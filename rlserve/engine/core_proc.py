@@ -105,7 +105,8 @@ class EngineCoreProc:
         self.mean_step_seconds = 0.9 * self.mean_step_seconds + 0.1 * (time.perf_counter() - start)
         running = len(self.engine.scheduler.running)
         self.max_running = max(self.max_running, running)
-        if len({s.request.request_id for s in self.engine.scheduler.running}) > 1:
+        seqs = self.engine.scheduler.running
+        if seqs and any(s.request is not seqs[0].request for s in seqs):  # stops at the first other request
             self.num_multi_request_steps += 1
         if updates:
             self.send(msg.StepOutputs(self.replica, updates))

@@ -12,7 +12,7 @@ import torch
 from rlserve.engine.sampler import SamplingBatch
 from rlserve.sampling import SamplingParams
 from rlserve.engine.scheduler import ScheduledSeq
-from rlserve.engine.sequence import Sequence, mix64
+from rlserve.engine.sequence import Sequence, stream_seed
 from rlserve.engine.structured import build_allowed_mask
 
 _SEED_MASK = np.uint64((1 << 63) - 1)
@@ -23,7 +23,7 @@ def sample_seed(seq: Sequence, sample_index: int) -> int:
     """The random stream of a request's sample ``sample_index`` (a forking parent draws for its children)."""
     if sample_index == seq.sample_index:
         return seq.rng_seed
-    return mix64(seq.request.seed ^ mix64(sample_index))
+    return stream_seed(seq.request.seed, sample_index)
 
 
 def mix64_array(x: np.ndarray) -> np.ndarray:

@@ -29,6 +29,11 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def stream_seed(request_seed: int, sample_index: int) -> int:
+    """The random stream of sample ``sample_index`` of a request."""
+    return mix64(request_seed ^ mix64(sample_index))
+
+
 class SequenceStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -91,7 +96,7 @@ class Sequence:
         self.cache_epoch = -1  # prefix-cache epoch of its blocks; registration only in the current one
         self.status = SequenceStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.rng_seed = mix64(request.seed ^ mix64(sample_index))
+        self.rng_seed = stream_seed(request.seed, sample_index)
         self.grammar_state = None  # advanced with each newly sampled token (never on recompute)
         # What the front end gets back (kept here so that non-streamed requests send one message).
         self.sampled_logprobs: list[float] = []

@@ -51,7 +51,9 @@ def sampling_params_from(body) -> SamplingParams:
 
 
 def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
-    """TRL's response dict (``GenerateResponse`` documents it; built directly, it is large)."""
+    """TRL's response: prompt_ids (one per prompt), completion_ids (len(prompts) * n, grouped by prompt),
+    logprobs / logprob_token_ids ([sequence][token][entry], or None), plus finish_reasons and weight
+    version(s). Built as plain lists, not a pydantic model: an RL batch is ~10 MB of them."""
     completions = [c for o in outputs for c in o.outputs]
     logprobs = ids = None
     if params.logprobs == 0:  # the RL case: [[logprob of the sampled token]] per token

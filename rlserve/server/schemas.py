@@ -50,16 +50,6 @@ class ChatRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
 
 
-class GenerateResponse(BaseModel):
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    logprobs: list[list[list[float]]] | None
-    logprob_token_ids: list[list[list[int]]] | None
-    finish_reasons: list[str | None] = Field(default_factory=list)
-    weight_version: int = 0
-    weight_versions: list[list[int]] = Field(default_factory=list)
-
-
 class InitCommunicatorRequest(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
