@@ -166,6 +166,7 @@ class TensorParallelWorker:
         self.rank = rank
         self.pipe = pipe
         self.weight_sync = None
+        self.joining: threading.Thread | None = None  # a join in progress (it waits for the trainer)
 
     def run(self) -> None:
         while True:
@@ -176,7 +177,8 @@ class TensorParallelWorker:
                 self.model.load_weights(payload)
                 self.pipe.send(("ok", None))
             elif kind == "join_weight_sync":
-                threading.Thread(target=self._join, args=payload, daemon=True).start()
+                self.joining = threading.Thread(target=self._join, args=payload, daemon=True)
+                self.joining.start()
             elif kind == "receive_weights":
                 self._receive(payload)
             elif kind == "close_weight_sync":
@@ -195,6 +197,10 @@ class TensorParallelWorker:
 
     def _receive(self, buckets) -> None:
         from rlserve.distributed.weight_sync import receive_buckets
+        if self.joining is not None:
+            # Rank 0 can leave the join's final barrier, and the trainer start an update, a moment before
+            # this rank's join thread has stored its group.
+            self.joining.join(TP_TIMEOUT.total_seconds())
         group = self.weight_sync
         if group is None:
             logger.error("weight update without a weight-sync group on tp rank %d", self.rank)
