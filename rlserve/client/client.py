@@ -8,6 +8,7 @@ tensors. Migrating from TRL is the import line::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Iterable
@@ -18,7 +19,7 @@ import orjson
 import torch
 from torch import nn
 
-from rlserve.distributed.weight_sync import WeightSyncGroup, pack_for_send, plan_buckets, send_buckets
+from rlserve.distributed.weight_sync import GroupSpec, WeightSyncGroup, pack_for_send, plan_buckets, send_buckets
 from rlserve.server.schemas import ChatRequest, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,19 @@ class ServerError(RuntimeError):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+def _no_images(images, features) -> None:
+    if features is not None and any(f is not None for f in features) or \
+            images is not None and any(i for i in images):
+        raise NotImplementedError("rlserve serves text models: images are not supported")
+
+
+def _tool_schema(tool) -> dict:
+    if callable(tool):
+        from transformers.utils import get_json_schema
+        return get_json_schema(tool)
+    return tool
 
 
 class Client:
@@ -80,16 +94,21 @@ class Client:
             time.sleep(min(retry_interval, max(deadline - time.monotonic(), 0.05)))
 
     # -- generation --------------------------------------------------------------------------------
-    def generate(self, prompts: list[str] | list[list[int]], n: int = 1, repetition_penalty: float = 1.0,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
-                 max_tokens: int = 16, logprobs: int | None = 0, structured_outputs_regex: str | None = None,
-                 generation_kwargs: dict | None = None, timeout: float | None = None) -> dict:
+    def generate(self, prompts: list[str] | list[list[int]], images: list | None = None, n: int = 1,
+                 repetition_penalty: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
+                 min_p: float = 0.0, max_tokens: int = 16, logprobs: int | None = 0,
+                 structured_outputs_regex: str | None = None, generation_kwargs: dict | None = None,
+                 truncate_prompt_tokens: int | None = None, guided_decoding_regex: str | None = None,
+                 features: list | None = None, timeout: float | None = None) -> dict:
         """TRL's dict: prompt_ids, completion_ids (len(prompts) * n, grouped by prompt), logprobs and
-        logprob_token_ids (per token: the sampled token, or the top N+1 sorted; None for logprobs=None)."""
+        logprob_token_ids (per token: the sampled token, or the top N+1 sorted; None for logprobs=None).
+        Takes every argument TRL's trainers pass (1.0-1.16); images are not supported."""
+        _no_images(images, features)
         body = GenerateRequest(prompts=prompts, n=n, repetition_penalty=repetition_penalty,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                max_tokens=max_tokens, logprobs=logprobs,
-                               structured_outputs_regex=structured_outputs_regex,
+                               structured_outputs_regex=structured_outputs_regex or guided_decoding_regex,
+                               truncate_prompt_tokens=truncate_prompt_tokens,
                                generation_kwargs=generation_kwargs or {})
         return self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
 
@@ -97,13 +116,26 @@ class Client:
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
              max_tokens: int = 16, logprobs: int | None = 0, structured_outputs_regex: str | None = None,
              generation_kwargs: dict | None = None, chat_template_kwargs: dict | None = None,
-             tools: list | None = None, timeout: float | None = None) -> dict:
+             tools: list | None = None, chat_template: str | None = None, max_concurrent_requests: int = 64,
+             timeout: float | None = None) -> dict:
+        """TRL's chat call. ``chat_template``: a template other than the model's is not supported (it is a
+        server-side setting); ``max_concurrent_requests`` does not apply (one request carries them all)."""
+        if chat_template is not None:
+            raise NotImplementedError("rlserve renders the model's own chat template; chat_template is not supported")
         body = ChatRequest(messages=messages, n=n, repetition_penalty=repetition_penalty, temperature=temperature,
                            top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens, logprobs=logprobs,
                            structured_outputs_regex=structured_outputs_regex,
                            generation_kwargs=generation_kwargs or {}, chat_template_kwargs=chat_template_kwargs,
-                           tools=tools)
+                           tools=[_tool_schema(t) for t in tools] if tools else None)
         return self._request("POST", "/chat/", body.model_dump(), timeout)
+
+    def image_features(self, images, max_concurrent_requests: int = 64):
+        _no_images(images, None)
+        return [None] * len(images)
+
+    def get_server_info(self) -> dict:
+        """vLLM's config tree, as TRL >= 1.12 reads it (``weight_transfer_config``, ``model_config``...)."""
+        return self._request("GET", "/server_info/", None)["vllm_config"]
 
     def get_world_size(self) -> int:
         return self._request("GET", "/get_world_size/")["world_size"]
@@ -122,22 +154,26 @@ class Client:
 
     # -- weight sync -------------------------------------------------------------------------------
     def init_communicator(self, device: torch.device | str | int = "cuda", timeout_s: float = 120.0) -> None:
-        """Join the server's weight-sync group as its last rank: NCCL from a CUDA device, gloo (through host
-        memory) from the CPU -- also the way to reach a server on a GPU this process uses. A previous group of
-        this client, or of a crashed trainer, is replaced."""
+        """Join the server's weight-sync group as its last rank (vLLM's rendezvous, as TRL's client does): NCCL
+        from a CUDA device, gloo (through host memory) from the CPU -- also the way to reach a server on a GPU
+        this process uses. A previous group of this client, or of a crashed trainer, is replaced."""
         if self.communicator is not None:
             self.close_communicator()
         device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         world_size = self.get_world_size() + 1
+        backend = "nccl" if device.type == "cuda" else "gloo"
         self._request("POST", "/init_communicator/", {
             "host": "0.0.0.0", "port": self.group_port, "world_size": world_size, "timeout_s": timeout_s,
-            "backend": "nccl" if device.type == "cuda" else "gloo",
+            "backend": backend,
             "client_device_uuid": str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda"
             else None})
-        self.communicator = WeightSyncGroup(self.host, self.group_port, world_size - 1, world_size, device,
-                                            timeout_s)
+        spec = GroupSpec(host=self.host, port=self.group_port, world_size=world_size, trainer_rank=world_size - 1,
+                         backend=backend, timeout_s=timeout_s)
+        group = WeightSyncGroup(spec, world_size - 1, device)
+        group.warm_up()
+        self.communicator = group
 
     def _require_communicator(self) -> WeightSyncGroup:
         if self.communicator is None:
@@ -145,13 +181,23 @@ class Client:
         return self.communicator
 
     def update_named_param(self, name: str, weights: torch.Tensor) -> None:
-        """TRL's per-tensor update: announce, broadcast, wait until every worker loaded it."""
+        """TRL's per-tensor update: announce, broadcast, wait until every worker loaded it. A run of these is
+        one weight version, which holds from the next generation request or ``reset_prefix_cache``."""
         group = self._require_communicator()
         self._request("POST", "/update_named_param/",
                       {"name": name, "dtype": str(weights.dtype), "shape": list(weights.shape)})
         tensor = weights.detach().to(group.device).contiguous()
         group.broadcast(tensor)
         group.barrier()
+
+    def update_named_params(self, metadata: list, named_params: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """TRL >= 1.12's call (``metadata``: (name, dtype, shape) triplets, which rlserve reads off the tensors)."""
+        return self.update_weights(named_params)
+
+    @contextlib.contextmanager
+    def weight_update(self):
+        """TRL >= 1.12 groups its updates in this context; each rlserve update is already atomic."""
+        yield
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_size_mb: float = 512) -> int:
         """Push many tensors at once, in flat buckets of ``bucket_size_mb``; returns the new weight version.

@@ -109,14 +109,17 @@ class TensorParallelEngine(EngineCore):
             self._expect(pipe, "load_weights")
         return version
 
-    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float,
-                         backend: str = "nccl"):
-        self._send_all(("join_weight_sync", (host, port, world_size, rank, timeout_s, backend)))
-        return super().join_weight_sync(host, port, world_size, rank, timeout_s, backend)
+    def join_weight_sync(self, spec: dict, rank: int):
+        self._send_all(("join_weight_sync", (spec, rank)))
+        return super().join_weight_sync(spec, rank)
 
-    def receive_weights(self, group, buckets) -> int:
-        self._send_all(("receive_weights", buckets))
-        return super().receive_weights(group, buckets)
+    def warm_up_weight_sync(self, group) -> None:
+        self._send_all(("warm_up_weight_sync", None))
+        super().warm_up_weight_sync(group)
+
+    def receive_weights(self, group, buckets, discard: bool = False) -> int:
+        self._send_all(("receive_weights", (buckets, discard)))
+        return super().receive_weights(group, buckets, discard)
 
     def close_weight_sync(self, group) -> None:
         self._send_all(("close_weight_sync", None))
@@ -179,38 +182,48 @@ class TensorParallelWorker:
             elif kind == "join_weight_sync":
                 self.joining = threading.Thread(target=self._join, args=payload, daemon=True)
                 self.joining.start()
+            elif kind == "warm_up_weight_sync":
+                self._with_group("warm-up", lambda group: group.warm_up())
             elif kind == "receive_weights":
-                self._receive(payload)
+                buckets, discard = payload
+                self._with_group("weight update", lambda group: self._receive(group, buckets, discard))
             elif kind == "close_weight_sync":
                 self._close()
             elif kind == "shutdown":
                 return
 
-    def _join(self, host, port, world_size, rank, timeout_s, backend) -> None:
-        from rlserve.distributed.weight_sync import WeightSyncGroup
+    def _join(self, spec: dict, rank: int) -> None:
+        """In a thread: the rendezvous waits for the trainer. No collective runs here (the warm-up comes
+        through the pipe, in order with the steps), so NCCL launches on this rank stay ordered."""
+        from rlserve.distributed.weight_sync import GroupSpec, WeightSyncGroup
         self._close()
-        device = self.info.device if backend == "nccl" else torch.device("cpu")
+        spec = GroupSpec(**spec)
+        device = self.info.device if spec.backend == "nccl" else torch.device("cpu")
         try:
-            self.weight_sync = WeightSyncGroup(host, port, rank + self.rank, world_size, device, timeout_s)
-        except Exception as e:  # rank 0 sees the group fail too (its barrier times out)
+            self.weight_sync = WeightSyncGroup(spec, rank + self.rank, device)
+        except Exception as e:  # rank 0 sees the group fail too (its warm-up times out)
             logger.error("weight-sync join failed on tp rank %d: %s", self.rank, e)
 
-    def _receive(self, buckets) -> None:
-        from rlserve.distributed.weight_sync import receive_buckets
+    def _with_group(self, what: str, action) -> None:
         if self.joining is not None:
-            # Rank 0 can leave the join's final barrier, and the trainer start an update, a moment before
-            # this rank's join thread has stored its group.
+            # Rank 0 can finish its join, and the trainer start an update, a moment before this rank's join
+            # thread has stored its group.
             self.joining.join(TP_TIMEOUT.total_seconds())
         group = self.weight_sync
         if group is None:
-            logger.error("weight update without a weight-sync group on tp rank %d", self.rank)
+            logger.error("%s without a weight-sync group on tp rank %d", what, self.rank)
             return
         try:
-            receive_buckets(group, buckets, self.model.load_weights)
-            group.barrier()
+            action(group)
         except Exception as e:
-            logger.error("weight update failed on tp rank %d: %s", self.rank, e)
+            logger.error("%s failed on tp rank %d: %s", what, self.rank, e)
             self._close()
+
+    def _receive(self, group, buckets, discard: bool) -> None:
+        from rlserve.distributed.weight_sync import receive_buckets
+        receive_buckets(group, buckets, (lambda named: None) if discard else self.model.load_weights)
+        if group.spec.barrier_after_update:
+            group.barrier()
 
     def _close(self) -> None:
         group, self.weight_sync = self.weight_sync, None

@@ -173,25 +173,31 @@ class EngineCore:
         self.reset_prefix_cache()
         return self.weight_version
 
-    def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, timeout_s: float,
-                         backend: str = "nccl"):
-        """Join a trainer's weight-sync group as ``rank`` (blocking until everyone arrived). With "gloo" the
-        tensors arrive in host memory and are copied onto the device as they load."""
-        from rlserve.distributed.weight_sync import WeightSyncGroup
-        device = self.info.device if backend == "nccl" else torch.device("cpu")
-        return WeightSyncGroup(host, port, rank, world_size, device, timeout_s)
+    def join_weight_sync(self, spec: dict, rank: int):
+        """Join a trainer's weight-sync group as ``rank`` (blocks until every rank arrived; run it in a thread).
+        With "gloo" the tensors arrive in host memory and are copied onto the device as they load."""
+        from rlserve.distributed.weight_sync import GroupSpec, WeightSyncGroup
+        spec = GroupSpec(**spec)
+        device = self.info.device if spec.backend == "nccl" else torch.device("cpu")
+        return WeightSyncGroup(spec, rank, device)
 
-    def receive_weights(self, group, buckets) -> int:
-        """Receive and load every bucket, then meet the trainer in a barrier; returns the bytes received."""
+    def warm_up_weight_sync(self, group) -> None:
+        """The group's first collective, run between steps so it is ordered with the engine's own."""
+        group.warm_up()
+
+    def receive_weights(self, group, buckets, discard: bool = False) -> int:
+        """Receive every bucket and load it (or, ``discard``, drop it: an update refused after the trainer
+        began sending), then meet the trainer in a barrier where the protocol has one; returns the bytes."""
         from rlserve.distributed.weight_sync import receive_buckets
 
         def load(named):
-            self.model.load_weights(named)
-            self.weights_partial = True  # until the whole update has landed
+            if not discard:
+                self.model.load_weights(named)
+                self.weights_partial = True  # until the whole update has landed
 
         nbytes = receive_buckets(group, buckets, load)
-        group.barrier()
-        self.weights_partial = False
+        if group.spec.barrier_after_update:
+            group.barrier()
         return nbytes
 
     def close_weight_sync(self, group) -> None:

@@ -10,12 +10,17 @@ SIGKILL), the loop notices that its parent is gone and exits, so that no engine 
 Pause modes (between steps): ``abort`` ends every in-flight request now (finish reason "abort", with what it
 generated); ``wait`` lets them finish, then pauses; ``keep`` freezes them, KV cache and all, until ``resume``.
 A paused engine still admits requests (they wait), aborts, reports stats and loads weights.
+
+Weight updates run between steps too. One that comes in parts (TRL's per-tensor updates; vLLM's
+start/update/finish) freezes stepping like ``keep`` until it is applied, so that no token is generated on a mix
+of old and new weights; a trainer that goes quiet mid-update cannot freeze the engine for good (a deadline).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -49,6 +54,9 @@ class EngineCoreProc:
         self.draining_calls: list[int] = []  # pause(mode="wait") calls, answered once idle
         self.weight_sync = None
         self.weight_sync_error: str | None = None
+        self.joined: queue.SimpleQueue = queue.SimpleQueue()  # (generation, call id, group, error) from joins
+        self.join_generation = 0
+        self.update: dict | None = None  # an update in progress: no step runs until it is applied or expires
         self.last_stats = 0.0
         self.max_running = 0
         self.mean_step_seconds = 0.0  # exponential moving average
@@ -81,7 +89,7 @@ class EngineCoreProc:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 logger.error("the API server (pid %d) is gone: exiting", self.parent_pid)
                 break
-            busy = self.engine.has_unfinished() and self.paused is None
+            busy = self.can_step()
             if poller.poll(0 if busy else 100):
                 while True:
                     try:
@@ -90,14 +98,19 @@ class EngineCoreProc:
                         break
             if self.should_exit:
                 break
-            if self.engine.has_unfinished() and self.paused is None:
+            self.finish_joins()
+            self.expire_update()
+            if self.can_step():
                 self.step()
-            elif self.draining_calls:
+            elif self.draining_calls and not self.engine.has_unfinished():
                 self.paused = "keep"
                 for call_id in self.draining_calls:
                     self.send(msg.UtilityResult(call_id, {"paused": True}))
                 self.draining_calls = []
             self.maybe_send_stats()
+
+    def can_step(self) -> bool:
+        return self.engine.has_unfinished() and self.paused is None and self.update is None
 
     def step(self) -> None:
         start = time.perf_counter()
@@ -123,7 +136,8 @@ class EngineCoreProc:
                      mean_step_seconds=self.mean_step_seconds, last_weight_sync_seconds=self.last_weight_sync_seconds,
                      num_multi_request_steps=self.num_multi_request_steps,
                      weight_sync_connected=self.weight_sync is not None,
-                     weight_sync_error=self.weight_sync_error, weights_partial=self.engine.weights_partial)
+                     weight_sync_error=self.weight_sync_error, weights_partial=self.engine.weights_partial,
+                     weight_update_open=self.update is not None)
         return stats
 
     # -- messages ----------------------------------------------------------------------------------
@@ -209,47 +223,118 @@ class EngineCoreProc:
         self.draining_calls = []
         return {"paused": False}
 
-    def rpc_init_weight_sync(self, call_id, host: str, port: int, world_size: int, group_timeout_s: float,
-                             backend: str = "nccl"):
-        """Join the group in a thread, so that generation goes on while the trainer connects."""
+    # -- weight sync ---------------------------------------------------------------------------------
+    def rpc_init_weight_sync(self, call_id, spec: dict):
+        """Join the group in a thread, so that generation goes on while the trainer connects; the group's
+        warm-up collective then runs in the loop, between steps (``finish_joins``), and answers the call."""
         self._close_weight_sync()
+        self.join_generation += 1
+        generation = self.join_generation
+        rank = spec["rank_offset"] + self.tp_rank_base
 
         def join():
             try:
-                group = self.engine.join_weight_sync(host, port, world_size, self.tp_rank_base, group_timeout_s,
-                                                     backend)
+                group = self.engine.join_weight_sync(spec, rank)
             except Exception as e:
-                self.weight_sync_error = f"init_communicator failed: {type(e).__name__}: {e}"
-                self.send(msg.UtilityResult(call_id, error=self.weight_sync_error, status=500))
-                return
-            self.weight_sync, self.weight_sync_error = group, None
-            self.send(msg.UtilityResult(call_id, {"rank": self.tp_rank_base, "backend": group.backend}))
+                self.joined.put((generation, call_id, None, f"{type(e).__name__}: {e}"))
+            else:
+                self.joined.put((generation, call_id, group, None))
 
         threading.Thread(target=join, name="weight-sync-init", daemon=True).start()
         return DEFERRED
 
-    def rpc_update_weights(self, call_id, buckets: list[dict], version: int):
-        """Receive and load every bucket now, between two steps; then the new version holds."""
+    def finish_joins(self) -> None:
+        while not self.joined.empty():
+            generation, call_id, group, error = self.joined.get()
+            if error is None and generation != self.join_generation:  # replaced by a later init meanwhile
+                self.engine.close_weight_sync(group)
+                error = "replaced by a later init_communicator"
+            if error is None:
+                try:
+                    self.engine.warm_up_weight_sync(group)
+                except Exception as e:
+                    self.engine.close_weight_sync(group)
+                    error = f"{type(e).__name__}: {e}"
+            if error is not None:
+                self.weight_sync_error = f"init_communicator failed: {error}"
+                self.send(msg.UtilityResult(call_id, error=self.weight_sync_error, status=500))
+                continue
+            self.weight_sync, self.weight_sync_error = group, None
+            self.send(msg.UtilityResult(call_id, {"rank": group.rank, "backend": group.backend}))
+
+    def rpc_begin_weight_update(self, call_id, update_timeout_s: float):
+        """vLLM's start_weight_update: no step runs until finish_weight_update (or ``update_timeout_s``), so
+        that no token is generated on a mix of old and new weights."""
+        self._open_update(update_timeout_s)
+        return {"ok": True}
+
+    def rpc_update_weights(self, call_id, buckets: list[dict], version: int | None = None,
+                           run_version: int | None = None, run_timeout_s: float = 60.0, discard: bool = False):
+        """Receive and load every bucket now, between two steps. With ``version``: a whole update, which holds
+        at once. Without: one part of an update (opened here if none is: ``run_version`` is the version it
+        will hold), applied by finish_weight_update, or once ``run_timeout_s`` pass without another part.
+        ``discard``: receive and drop (an update refused after the trainer started sending)."""
         from rlserve.distributed.weight_sync import BucketMeta
         if self.weight_sync is None:
             raise ValueError("no weight-sync group: call init_communicator first")
         group = self.weight_sync
+        if version is None and not discard:
+            self._open_update(run_timeout_s, run_version)
         metas = [BucketMeta.from_dict(b) for b in buckets]
         start = time.perf_counter()
         try:
-            nbytes = self.engine.receive_weights(group, metas)
+            nbytes = self.engine.receive_weights(group, metas, discard)
         except Exception as e:
-            self.weight_sync_error = f"update to version {version} failed: {type(e).__name__}: {e}"
+            self.weight_sync_error = f"weight update failed: {type(e).__name__}: {e}"
             logger.error("%s; closing the weight-sync group", self.weight_sync_error)
             self._close_weight_sync()
+            self._end_update()  # weights_partial stays set: the weights are a mix until the next update
             raise RuntimeError(self.weight_sync_error) from e
-        self.engine.weight_version = version
-        self.engine.reset_prefix_cache()
         self.last_weight_sync_seconds = time.perf_counter() - start
+        if version is not None:
+            self._apply_update(version)
+        elif self.update is not None:
+            self.update["deadline"] = time.monotonic() + self.update["timeout_s"]
         return {"version": version, "bytes": nbytes, "seconds": self.last_weight_sync_seconds}
+
+    def rpc_finish_weight_update(self, call_id, version: int):
+        self._apply_update(version)
+        return {"version": version}
+
+    def _open_update(self, timeout_s: float, version: int | None = None) -> None:
+        if self.update is None:
+            self.update = {"version": version, "timeout_s": timeout_s}
+        self.update["deadline"] = time.monotonic() + timeout_s
+
+    def _apply_update(self, version: int) -> None:
+        self.update = None
+        self.engine.weight_version = version
+        self.engine.weights_partial = False
+        self.engine.reset_prefix_cache()
+
+    def _end_update(self) -> None:
+        """An update that will not be completed: serve again, on whatever the weights now are."""
+        self.update = None
+        self.engine.reset_prefix_cache()
+
+    def expire_update(self) -> None:
+        """The trainer went quiet in the middle of an update: a run of per-tensor updates (TRL <= 1.10) is
+        complete at this point; a vLLM-style update without its finish is not."""
+        update = self.update
+        if update is None or time.monotonic() < update["deadline"]:
+            return
+        if update["version"] is not None:
+            self._apply_update(update["version"])
+        else:
+            self.weight_sync_error = "weight update not finished in time (no finish_weight_update)"
+            logger.error(self.weight_sync_error)
+            self._end_update()
 
     def rpc_close_weight_sync(self, call_id):
         self._close_weight_sync()
+        if self.update is not None:
+            self.update["deadline"] = 0.0
+            self.expire_update()
         return {"ok": True}
 
     def _close_weight_sync(self) -> None:

@@ -92,7 +92,7 @@ class EngineClient:
         self.view: RuntimeView | None = None
         self.info: dict = {}
         self.weight_version = 0
-        self.named_param_run_open = False
+        self.named_param_run: int | None = None  # the version an open run of per-tensor updates will hold
         self.weight_shapes: dict[str, tuple] = {}
         self.on_dead = None  # callback(message) when a replica dies
         self.counters = {"requests_ok": 0, "requests_failed": 0, "requests_aborted": 0,
@@ -267,16 +267,22 @@ class EngineClient:
         return render_chat(self.tokenizer, conversation, chat_template_kwargs, tools)
 
     # -- weight versions ---------------------------------------------------------------------------
-    def next_weight_version(self, named_param: bool = False) -> int:
-        """A bucketed update is one version; a run of per-tensor updates (TRL's protocol) shares one,
-        which ends with the next generation request or prefix-cache reset."""
-        if not (named_param and self.named_param_run_open):
-            self.weight_version += 1
-        self.named_param_run_open = named_param
+    def next_weight_version(self) -> int:
+        self.weight_version += 1
         return self.weight_version
 
-    def end_named_param_run(self) -> None:
-        self.named_param_run_open = False
+    def named_param_run_version(self) -> int:
+        """A run of per-tensor updates (TRL's protocol) is one version, held once the run ends."""
+        if self.named_param_run is None:
+            self.named_param_run = self.next_weight_version()
+        return self.named_param_run
+
+    async def end_named_param_run(self, timeout_s: float = 600.0) -> None:
+        """The run ends with the next generation request, prefix-cache reset or other weight call: the
+        replicas apply it (after the tensor they may still be receiving) before they see what follows."""
+        version, self.named_param_run = self.named_param_run, None
+        if version is not None:
+            await self.call_all("finish_weight_update", timeout_s=timeout_s, version=version)
 
     # -- utility calls -----------------------------------------------------------------------------
     async def call(self, replica: int, method: str, timeout_s: float = 30.0, **kwargs):

@@ -31,6 +31,27 @@ async def server_info(request: Request):
         "weight_version": min((r.get("weight_version", 0) for r in replicas), default=0),
         "requested_weight_version": engine.weight_version,
         "engine": engine.info, "replicas": replicas, "counters": dict(engine.counters),
+        "vllm_config": vllm_config(request),
+    }
+
+
+def vllm_config(request: Request) -> dict:
+    """The parts of vLLM's ``/server_info?config_format=json`` tree that TRL (>= 1.12) reads: whether weight
+    transfer is on, the logprobs mode (rlserve's logprobs are of the processed distribution), parallelism."""
+    engine = engine_of(request)
+    config = engine.config
+    on_cuda = config.resolved_device().type == "cuda"
+    sync_on = getattr(request.app.state, "weight_sync_enabled", True)
+    return {
+        "model_config": {"model": config.model, "revision": config.revision, "dtype": str(config.dtype),
+                         "max_model_len": engine.info.get("max_model_len"), "logprobs_mode": "processed_logprobs"},
+        "parallel_config": {"tensor_parallel_size": config.tensor_parallel_size,
+                            "pipeline_parallel_size": 1, "data_parallel_size": engine.data_parallel_size,
+                            "world_size": config.tensor_parallel_size},
+        "cache_config": {"enable_prefix_caching": config.enable_prefix_caching,
+                         "gpu_memory_utilization": config.gpu_memory_utilization},
+        "weight_transfer_config": {"backend": "nccl" if on_cuda else "gloo"} if sync_on else None,
+        "lora_config": None,
     }
 
 

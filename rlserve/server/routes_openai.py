@@ -149,7 +149,7 @@ async def _generate(request: Request, prompts, params: SamplingParams) -> list[R
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
     engine.check_serving()
-    engine.end_named_param_run()
+    await engine.end_named_param_run()
     return await engine.generate(prompts, params, detokenize=True, is_disconnected=request.is_disconnected,
                                  request_id=request.headers.get("x-request-id"))
 

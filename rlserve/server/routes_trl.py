@@ -68,11 +68,16 @@ def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
             "weight_version": max((v for vs in versions for v in vs), default=0), "weight_versions": versions}
 
 
-async def run_generation(request: Request, prompts, params: SamplingParams):
+async def run_generation(request: Request, prompts, params: SamplingParams,
+                         truncate_prompt_tokens: int | None = None):
+    """``truncate_prompt_tokens`` (older TRL releases send it): keep only each prompt's last N tokens."""
     engine = engine_of(request)
+    if truncate_prompt_tokens is not None:
+        prompts = [(text if len(ids) <= truncate_prompt_tokens else None, ids[-truncate_prompt_tokens:])
+                   for text, ids in prompts]
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
-    engine.end_named_param_run()
+    await engine.end_named_param_run()
     outputs = await engine.generate(prompts, params, detokenize=False, is_disconnected=request.is_disconnected,
                                     request_id=request.headers.get("x-request-id"))
     return json_response(trl_response(outputs, params))
@@ -83,7 +88,8 @@ async def generate(request: Request, body: GenerateRequest):
     engine = engine_of(request)
     engine.check_serving()
     params = sampling_params_from(body)
-    return await run_generation(request, tokenize_prompts(engine, body.prompts, "prompts"), params)
+    return await run_generation(request, tokenize_prompts(engine, body.prompts, "prompts"), params,
+                                body.truncate_prompt_tokens)
 
 
 @route(router, "POST", "/chat/")
@@ -97,14 +103,14 @@ async def chat(request: Request, body: ChatRequest):
             prompts.append((None, engine.render_chat(conversation, body.chat_template_kwargs, body.tools)))
         except Exception as e:  # a template error is the caller's input
             raise BadRequest(f"messages[{i}]: cannot apply the chat template: {e}", param="messages") from None
-    return await run_generation(request, prompts, params)
+    return await run_generation(request, prompts, params, body.truncate_prompt_tokens)
 
 
 @route(router, "POST", "/reset_prefix_cache/")
 async def reset_prefix_cache(request: Request):
     engine = engine_of(request)
     engine.check_serving()
-    engine.end_named_param_run()
+    await engine.end_named_param_run()
     await engine.call_all("reset_prefix_cache")
     return {"message": "Prefix cache reset"}
 

@@ -1,9 +1,16 @@
-"""Weight-sync endpoints: TRL's (init_communicator, update_named_param, close_communicator) and the bucketed
-``update_weights``.
+"""Weight-sync endpoints: three front doors onto one transport (``rlserve.distributed.weight_sync``).
+
+- TRL <= 1.10 (``trl vllm-serve``'s protocol): ``/init_communicator/`` (the server's first worker hosts the
+  store, the trainer is the last rank), ``/update_named_param/`` per tensor, each followed by a store barrier;
+  a run of them is one version, applied when the run ends. ``/close_communicator/``.
+- vLLM's weight-transfer API (TRL >= 1.12): ``/init_weight_transfer_engine`` (the trainer is rank 0 and hosts
+  the store), ``/start_weight_update``, ``/update_weights`` with ``update_info`` (vLLM's packed or per-tensor
+  broadcasts), ``/finish_weight_update``.
+- rlserve's own bucketed ``/update_weights/`` (a body with ``buckets``), one version per call.
 
 Every update is validated in full against the model here, before any replica is told to receive: a wrong
-name, shape or dtype is a 400 and no collective starts on either side. The handlers answer as soon as the
-replicas are told; the trainer then broadcasts, and both sides meet in a barrier once everything landed.
+name, shape or dtype is a 400 and nothing is loaded. Where the protocol has the trainer broadcast before the
+answer (vLLM's), a refused update is received and dropped, so that the trainer is not left hanging.
 """
 
 from __future__ import annotations
@@ -12,14 +19,37 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 
-from rlserve.distributed.weight_sync import parse_dtype
+from rlserve.distributed.weight_sync import BUCKET_DTYPES, GroupSpec, parse_dtype, plan_vllm_buckets
 from rlserve.server.errors import BadRequest, Conflict
 from rlserve.server.routing import engine_of, route
-from rlserve.server.schemas import InitCommunicatorRequest, UpdateNamedParamRequest, UpdateWeightsRequest
+from rlserve.server.schemas import (InitCommunicatorRequest, InitWeightTransferRequest, UpdateNamedParamRequest,
+                                    UpdateWeightsRequest, VllmUpdateInfo)
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
+
+NAMED_PARAM_RUN_QUIET_S = 5.0  # a run of per-tensor updates with no call for this long is complete
+
+
+# -- joining a group ------------------------------------------------------------------------------------
+def _backend(engine, requested: str | None) -> str:
+    """NCCL on a CUDA server (what TRL's clients speak, with or without a device uuid), gloo on a CPU one."""
+    on_cuda = engine.config.resolved_device().type == "cuda"
+    backend = requested or ("nccl" if on_cuda else "gloo")
+    if backend == "nccl" and not on_cuda:
+        raise BadRequest("backend 'nccl' needs a server on CUDA devices; this one runs on the CPU", param="backend")
+    return backend
+
+
+def _join(request: Request, spec: GroupSpec) -> list[asyncio.Future]:
+    """Every worker joins (a new group replaces any other, established or half-made: a trainer that crashed
+    and came back); the futures resolve once each replica's workers are in and warmed up."""
+    state = request.app.state
+    state.weight_sync_spec = spec
+    state.weight_sync_init = engine_of(request).send_all_nowait("init_weight_sync", spec=spec.to_dict())
+    return state.weight_sync_init
 
 
 @route(router, "POST", "/init_communicator/")
@@ -30,31 +60,47 @@ async def init_communicator(request: Request, body: InitCommunicatorRequest):
     if body.world_size != expected:
         raise BadRequest(f"world_size must be {expected} (the server's {engine.world_size} workers + the "
                          f"client), got {body.world_size}", param="world_size")
-    state = request.app.state
-    # A new init replaces any group, established or half-made (a trainer that crashed and came back).
-    backend = body.backend or ("nccl" if body.client_device_uuid else "gloo")
-    if backend == "nccl" and engine.config.resolved_device().type != "cuda":
-        raise BadRequest("backend 'nccl' needs a server on CUDA devices; this one runs on the CPU",
-                         param="backend")
-    state.weight_sync_init = engine.send_all_nowait(
-        "init_weight_sync", host=body.host, port=body.port, world_size=body.world_size,
-        group_timeout_s=body.timeout_s, backend=backend)
-    state.weight_sync_updates = []
+    await engine.end_named_param_run()
+    spec = GroupSpec(host=body.host, port=body.port, world_size=body.world_size, trainer_rank=body.world_size - 1,
+                     backend=_backend(engine, body.backend), timeout_s=body.timeout_s)
+    _join(request, spec)  # answered at once: the trainer joins the rendezvous after this returns
     return {"message": "Request received, initializing communicator"}
 
 
-async def _require_group(request: Request, timeout_s: float = 60.0) -> None:
+@route(router, "POST", "/init_weight_transfer_engine/")
+async def init_weight_transfer_engine(request: Request, body: InitWeightTransferRequest):
+    """vLLM's NCCL weight-transfer engine: answered once every worker has joined (the trainer joins the
+    rendezvous while this request is in flight)."""
+    engine = engine_of(request)
+    engine.check_serving()
+    info = body.init_info
+    if info.world_size < info.rank_offset + engine.world_size:
+        raise BadRequest(f"init_info.world_size must be at least rank_offset + {engine.world_size} (the server's "
+                         f"workers), got {info.world_size}", param="init_info.world_size")
+    await engine.end_named_param_run()
+    spec = GroupSpec(host=info.master_address, port=info.master_port, world_size=info.world_size, trainer_rank=0,
+                     rank_offset=info.rank_offset, backend=_backend(engine, body.backend),
+                     timeout_s=body.timeout_s, barrier_after_update=False)
+    request.app.state.weight_transfer_packed = info.packed
+    _join(request, spec)
+    await _require_group(request, spec.timeout_s + 10.0)
+    return {"message": "Weight transfer initialized"}
+
+
+async def _require_group(request: Request, timeout_s: float = 60.0) -> GroupSpec:
     init = getattr(request.app.state, "weight_sync_init", None)
     if not init:
-        raise Conflict("no weight-sync group: call /init_communicator/ first", param="name")
+        raise Conflict("no weight-sync group: call /init_communicator/ or /init_weight_transfer_engine first")
     done, pending = await asyncio.wait(init, timeout=timeout_s)
     if pending:
         raise Conflict("the weight-sync group is not ready yet (has the client joined?)")
     for future in done:
         if future.exception() is not None:
             raise Conflict(f"the weight-sync group failed: {future.exception()}")
+    return request.app.state.weight_sync_spec
 
 
+# -- validation -----------------------------------------------------------------------------------------
 def validate_tensor(shapes: dict, name: str, dtype: str, shape: list[int], where: str) -> None:
     if name not in shapes:
         raise BadRequest(f"{where}: unknown parameter name {name!r}", param="name")
@@ -66,76 +112,154 @@ def validate_tensor(shapes: dict, name: str, dtype: str, shape: list[int], where
         raise BadRequest(f"{where}: {e}", param="dtype") from None
 
 
-def _dispatch(request: Request, buckets: list[dict], version: int) -> None:
-    engine = engine_of(request)
-    futures = engine.send_all_nowait("update_weights", buckets=buckets, version=version)
-    request.app.state.weight_sync_updates = futures
-    for future in futures:
-        future.add_done_callback(_log_update(version))
+def _numel(shape: list[int]) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel
 
 
-def _log_update(version: int):
+def _log_update(version: int | None):
     def done(future: asyncio.Future) -> None:
         if future.cancelled():
             return
         if future.exception() is not None:
-            logger.error("weight update to version %d failed: %s", version, future.exception())
-        else:
+            logger.error("weight update (version %s) failed: %s", version, future.exception())
+        elif version is not None:
             r = future.result()
             logger.info("weights version %d loaded: %.1f MB in %.3fs", version, r["bytes"] / 1e6, r["seconds"])
     return done
 
 
+def _dispatch(request: Request, buckets: list[dict], **kwargs) -> list[asyncio.Future]:
+    futures = engine_of(request).send_all_nowait("update_weights", buckets=buckets, **kwargs)
+    for future in futures:
+        future.add_done_callback(_log_update(kwargs.get("version")))
+    return futures
+
+
+# -- TRL <= 1.10: one tensor a call --------------------------------------------------------------------
 @route(router, "POST", "/update_named_param/")
 async def update_named_param(request: Request, body: UpdateNamedParamRequest):
-    """TRL's per-tensor update: the tensor follows by broadcast."""
+    """TRL's per-tensor update: answered at once; the tensor follows by broadcast, then a store barrier."""
     engine = engine_of(request)
     engine.check_serving()
     validate_tensor(engine.weight_shapes, body.name, body.dtype, body.shape, "update_named_param")
     await _require_group(request)
-    numel = 1
-    for s in body.shape:
-        numel *= s
-    bucket = {"dtype": str(parse_dtype(body.dtype)).removeprefix("torch."), "numel": numel,
+    bucket = {"dtype": str(parse_dtype(body.dtype)).removeprefix("torch."), "numel": _numel(body.shape),
               "tensors": [{"name": body.name, "shape": body.shape, "offset": 0}]}
-    version = engine.next_weight_version(named_param=True)
-    _dispatch(request, [bucket], version)
+    version = engine.named_param_run_version()
+    _dispatch(request, [bucket], run_version=version, run_timeout_s=NAMED_PARAM_RUN_QUIET_S)
     return {"message": "Request received, updating named parameter", "version": version}
 
 
+# -- rlserve's bucketed update, and vLLM's update_info -----------------------------------------------------
 @route(router, "POST", "/update_weights/")
-async def update_weights(request: Request, body: UpdateWeightsRequest):
-    """Bucketed update: metadata for many tensors in one call; buckets follow by broadcast, in order."""
+async def update_weights(request: Request):
+    """Two protocols share this path, told apart by the body: ``{"update_info": ...}`` is vLLM's (TRL >= 1.12),
+    ``{"buckets": ...}`` rlserve's."""
     engine = engine_of(request)
     engine.check_serving()
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the body must be a JSON object", param="body") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", param="body")
+    if "update_info" in body:
+        return await _vllm_update_weights(request, _parse(VllmUpdateInfo, body["update_info"], "update_info"))
+    return await _bucketed_update_weights(request, _parse(UpdateWeightsRequest, body, None))
+
+
+def _parse(model, data, prefix: str | None):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+        raise BadRequest(f"{field}: {err['msg']}", param=field) from None
+
+
+async def _bucketed_update_weights(request: Request, body: UpdateWeightsRequest):
+    """Metadata for many tensors in one call, answered at once; buckets follow by broadcast, in order."""
+    engine = engine_of(request)
     for b, bucket in enumerate(body.buckets):
         end = 0
         for t, entry in enumerate(sorted(bucket.tensors, key=lambda e: e.offset)):
             where = f"buckets[{b}].tensors[{t}]"
             validate_tensor(engine.weight_shapes, entry.name, bucket.dtype, entry.shape, where)
-            numel = 1
-            for s in entry.shape:
-                numel *= s
             if entry.offset < end:
                 raise BadRequest(f"{where}: offset {entry.offset} overlaps the previous tensor", param="offset")
-            end = entry.offset + numel
+            end = entry.offset + _numel(entry.shape)
         if end > bucket.numel:
             raise BadRequest(f"buckets[{b}]: tensors need {end} elements, numel is {bucket.numel}", param="numel")
     await _require_group(request)
     if body.version is not None and body.version <= engine.weight_version:
         raise BadRequest(f"version must be > {engine.weight_version}, got {body.version}", param="version")
+    await engine.end_named_param_run()
     version = engine.next_weight_version()
     if body.version is not None:
         version = engine.weight_version = body.version
     buckets = [dict(b.model_dump(), dtype=str(parse_dtype(b.dtype)).removeprefix("torch.")) for b in body.buckets]
-    _dispatch(request, buckets, version)
+    _dispatch(request, buckets, version=version)
     return {"message": "Request received, updating weights", "version": version}
+
+
+async def _vllm_update_weights(request: Request, info: VllmUpdateInfo):
+    """vLLM's update: the trainer broadcasts while this request is in flight; answered once received. Refused
+    metadata is still received (and dropped) when the transfer sizes are known, then answered with a 400."""
+    engine = engine_of(request)
+    spec = await _require_group(request)
+    if spec.trainer_rank != 0:
+        raise Conflict("this update_info call needs a group made by /init_weight_transfer_engine", param="update_info")
+    packed = info.packed if info.packed is not None else getattr(request.app.state, "weight_transfer_packed", False)
+    refusal = None
+    try:
+        for i, (name, dtype, shape) in enumerate(zip(info.names, info.dtype_names, info.shapes)):
+            validate_tensor(engine.weight_shapes, name, dtype, shape, f"update_info[{i}]")
+    except BadRequest as e:
+        refusal = e
+        if not all(d in BUCKET_DTYPES for d in info.dtype_names):  # sizes unknown: nothing can be drained
+            raise
+    await engine.end_named_param_run()
+    buckets = [b.to_dict() for b in plan_vllm_buckets(info.names, info.dtype_names, info.shapes, bool(packed),
+                                                      info.packed_buffer_size_bytes)]
+    futures = _dispatch(request, buckets, discard=refusal is not None, run_timeout_s=spec.timeout_s)
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    if refusal is not None:
+        raise refusal
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return {"message": "Weights updated"}
+
+
+@route(router, "POST", "/start_weight_update/")
+async def start_weight_update(request: Request):
+    """No engine step runs from here until ``/finish_weight_update``: tokens never see half an update."""
+    engine = engine_of(request)
+    engine.check_serving()
+    spec = await _require_group(request)
+    await engine.end_named_param_run()
+    await engine.call_all("begin_weight_update", timeout_s=600.0, update_timeout_s=spec.timeout_s)
+    return {"message": "Weight update started"}
+
+
+@route(router, "POST", "/finish_weight_update/")
+async def finish_weight_update(request: Request):
+    engine = engine_of(request)
+    engine.check_serving()
+    await _require_group(request)
+    version = engine.next_weight_version()
+    await engine.call_all("finish_weight_update", timeout_s=600.0, version=version)
+    return {"message": "Weight update finished", "version": version}
 
 
 @route(router, "POST", "/close_communicator/")
 async def close_communicator(request: Request):
     engine = engine_of(request)
     engine.check_serving()
+    await engine.end_named_param_run()
     await engine.call_all("close_weight_sync")
     request.app.state.weight_sync_init = None
     return {"message": "Request received, closing communicator"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SamplingFields(BaseModel):
@@ -24,6 +24,7 @@ class SamplingFields(BaseModel):
     logprobs: int | None = 0
     structured_outputs_regex: str | None = None
     guided_decoding_regex: str | None = None  # the name older TRL releases used
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # older TRL releases: keep the last N
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     def sampling_dict(self) -> dict[str, Any]:
@@ -59,6 +60,38 @@ class InitCommunicatorRequest(BaseModel):
     # "nccl" (GPU to GPU) or "gloo" (through host memory: a trainer on CPU, or on a GPU the server uses).
     # Default: nccl when the client names a CUDA device (TRL sends its uuid), else gloo.
     backend: Literal["nccl", "gloo"] | None = None
+
+
+class WeightTransferInitInfo(BaseModel):
+    """vLLM's ``NCCLWeightTransferInitInfo``: the trainer (rank 0) hosts the group's store."""
+    master_address: str
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(default=1, ge=0)
+    world_size: int = Field(ge=2)
+    packed: bool | None = None  # vLLM >= 0.28's trainer says it here rather than per update
+
+
+class InitWeightTransferRequest(BaseModel):
+    init_info: WeightTransferInitInfo
+    backend: Literal["nccl", "gloo"] | None = None  # rlserve's: gloo only between rlserve's own ends
+    timeout_s: float = Field(default=300.0, gt=0)  # vLLM's store timeout
+
+
+class VllmUpdateInfo(BaseModel):
+    """vLLM's ``NCCLWeightTransferUpdateInfo``: the tensors that follow, in broadcast order."""
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    packed: bool | None = None  # None: as init_info said (vLLM >= 0.28), else per tensor
+    packed_buffer_size_bytes: int = Field(default=1 << 30, gt=0)
+    packed_num_buffers: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _same_lengths(self):
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(f"names, dtype_names and shapes must have the same length, got {len(self.names)}, "
+                             f"{len(self.dtype_names)} and {len(self.shapes)}")
+        return self
 
 
 class UpdateNamedParamRequest(BaseModel):
