@@ -3,6 +3,11 @@ another, end to end (HTTP included), beside a raw ``torch.distributed.broadcast`
 same size between the same two GPUs, in the same run:
 ``python -m rlserve.bench.sync_bench --trainer_gpu 0 --server_gpu 1``.
 
+With vLLM's Python importable (TRL's trainer environment), TRL's two wire protocols are timed too, driven by
+vLLM's own trainer-side classes as TRL's clients drive them: ``trl-per-tensor`` (TRL <= 1.10: one
+``/update_named_param/`` + broadcast + store barrier per tensor) and ``vllm-packed`` (TRL >= 1.12:
+start / ``update_weights`` with vLLM's packed 1 GB chunks / finish).
+
 On a CPU-only machine (``--device cpu``) the same pair is measured for the cpu-tiny model over gloo.
 """
 
@@ -93,6 +98,7 @@ def run_sync_bench(device: str = "cuda", trainer_gpu: int = 0, server_gpu: int =
         info = client.server_info()
         assert info["weight_version"] == version, (info["weight_version"], version)
         client.close_communicator()
+        trl_paths = _time_trl_paths(server.url, model, dev, repeats) if on_gpu else {}
     finally:
         server.stop()
     seconds = statistics.median(times)
@@ -102,14 +108,76 @@ def run_sync_bench(device: str = "cuda", trainer_gpu: int = 0, server_gpu: int =
               "bytes": nbytes, "bucket_size_mb": bucket_size_mb,
               "rlserve_seconds": seconds, "rlserve_gb_per_s": nbytes / seconds / 1e9,
               "raw_broadcast_seconds": raw, "raw_gb_per_s": nbytes / raw / 1e9, "fraction_of_raw": raw / seconds,
-              "all_rlserve_seconds": times}
+              "all_rlserve_seconds": times,
+              **{f"{path}_seconds": t for path, t in trl_paths.items()},
+              **{f"{path}_gb_per_s": nbytes / t / 1e9 for path, t in trl_paths.items()}}
     print(f"{result['name']}: {nbytes / 1e9:.2f} GB in {seconds * 1e3:.0f} ms end to end "
           f"({result['rlserve_gb_per_s']:.1f} GB/s); raw broadcast {raw * 1e3:.0f} ms "
           f"({result['raw_gb_per_s']:.1f} GB/s): {result['fraction_of_raw']:.0%} of raw")
+    for name, t in trl_paths.items():
+        print(f"  {name}: {t * 1e3:.0f} ms ({nbytes / t / 1e9:.1f} GB/s)")
     path = Path(output or f"bench_results/{result['name']}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _time_trl_paths(url: str, model, dev: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds of each TRL wire protocol, driven by vLLM's classes; {} without vLLM."""
+    try:
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
+    except ImportError:
+        return {}
+    import threading
+
+    import httpx
+    http = httpx.Client(base_url=url, timeout=600)
+    world = http.get("/get_world_size/").json()["world_size"] + 1
+    torch.cuda.set_device(dev)
+    params = [(n, p.data) for n, p in model.named_parameters()]
+    times: dict[str, list[float]] = {"trl-per-tensor": [], "vllm-packed": []}
+
+    port = _free_port()  # TRL <= 1.10
+    http.post("/init_communicator/", json={"host": "0.0.0.0", "port": port, "world_size": world,
+                                           "client_device_uuid": "bench"}).raise_for_status()
+    comm = PyNcclCommunicator(StatelessProcessGroup.create("127.0.0.1", port, world - 1, world), device=dev)
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        for name, tensor in params:
+            http.post("/update_named_param/", json={"name": name, "dtype": str(tensor.dtype),
+                                                    "shape": list(tensor.shape)}).raise_for_status()
+            comm.broadcast(tensor, src=world - 1)
+            comm.group.barrier()
+        http.post("/reset_prefix_cache/").raise_for_status()
+        if i:
+            times["trl-per-tensor"].append(time.perf_counter() - start)
+    http.post("/close_communicator/").raise_for_status()
+
+    port = _free_port()  # TRL >= 1.12
+    init_info = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": world}
+    answer = threading.Thread(target=lambda: http.post("/init_weight_transfer_engine",
+                                                       json={"init_info": init_info}).raise_for_status())
+    answer.start()
+    group = NCCLWeightTransferEngine.trainer_init(init_info)
+    answer.join()
+    info = {"names": [n for n, _ in params], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in params],
+            "shapes": [list(t.shape) for _, t in params], "packed": True}
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        http.post("/start_weight_update", json={}).raise_for_status()
+        update = threading.Thread(target=lambda: http.post("/update_weights",
+                                                           json={"update_info": info}).raise_for_status())
+        update.start()
+        NCCLWeightTransferEngine.trainer_send_weights(iter(params), NCCLTrainerSendWeightsArgs(group=group,
+                                                                                               packed=True))
+        update.join()
+        http.post("/finish_weight_update", json={}).raise_for_status()
+        http.post("/reset_prefix_cache").raise_for_status()
+        if i:
+            times["vllm-packed"].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On a 2-GPU device host: install the carried wheels (.whl/common, .whl/trl; see make_wheels.sh) once per
+# machine, then run the named steps, logs and JSON under $OUT. Usage: run_on_device.sh STEP...
+#   e2e-1.10 | e2e-1.16   TRL's own GRPOTrainer, unchanged, against rlserve serve (http, grpo-unchanged)
+#   pytest-trl            tests/test_gpu_trl.py with TRL 1.10's client, then 1.16's
+#   sync                  sync-medium: rlserve's bucketed path beside TRL's two wire protocols
+#   pytest-gpu            the other GPU tests
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+P="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+if [ ! -e /tmp/site/.done ]; then
+  $P --target /tmp/site .whl/common/*.whl && touch /tmp/site/.done
+  $P --target /tmp/trl-1.10.0 .whl/trl/trl-1.10.0-*.whl
+  $P --target /tmp/trl-1.16.0 .whl/trl/trl-1.16.0-*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    e2e-1.10|e2e-1.16)
+      v=${step#e2e-}
+      timeout 290 python3 tools/trl_e2e/grpo_e2e.py --trl-path /tmp/trl-$v.0 --repo "$PWD" --out "$OUT/e2e-$v" \
+        --phases http,grpo-unchanged --timeout 200 2>&1 | tail -n 12
+      cp "$OUT/e2e-$v/results.json" "$OUT/e2e-$v.json" 2>/dev/null ;;
+    pytest-trl)
+      for v in 1.10 1.16; do
+        PYTHONPATH=/tmp/trl-$v.0:$PYTHONPATH timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_trl.py -x \
+          -p no:cacheprovider 2>&1 | tail -n 15 | sed "s/^/[trl $v] /"
+      done ;;
+    sync)
+      timeout 280 python3 -m rlserve.bench.sync_bench --output "$OUT/sync-medium.json" 2>&1 | grep -v Warning | tail -n 8 ;;
+    pytest-gpu)
+      timeout 400 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_distributed.py -x -p no:cacheprovider \
+        2>&1 | tail -n 25 ;;
+  esac
+done
