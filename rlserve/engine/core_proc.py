@@ -233,6 +233,8 @@ class EngineCoreProc:
         rank = spec["rank_offset"] + self.tp_rank_base
 
         def join():
+            logger.info("joining the weight-sync group at %s:%d as rank %d of %d (%s)", spec["host"], spec["port"],
+                        rank, spec["world_size"], spec["backend"])
             try:
                 group = self.engine.join_weight_sync(spec, rank)
             except Exception as e:
@@ -257,9 +259,11 @@ class EngineCoreProc:
                     error = f"{type(e).__name__}: {e}"
             if error is not None:
                 self.weight_sync_error = f"init_communicator failed: {error}"
+                logger.error(self.weight_sync_error)
                 self.send(msg.UtilityResult(call_id, error=self.weight_sync_error, status=500))
                 continue
             self.weight_sync, self.weight_sync_error = group, None
+            logger.info("joined the weight-sync group as rank %d (%s)", group.rank, group.backend)
             self.send(msg.UtilityResult(call_id, {"rank": group.rank, "backend": group.backend}))
 
     def rpc_begin_weight_update(self, call_id, update_timeout_s: float):

@@ -314,6 +314,12 @@ def run_phase(args, phase: str, model_dir: Path, out: Path) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     else:
         env["CUDA_VISIBLE_DEVICES"] = str(args.trainer_gpu)
+        # As `torchrun`/`accelerate launch` start a trainer: accelerate's device is then "cuda:0". In a plain
+        # single process it is "cuda" (no index), and vLLM 0.26's PyNcclCommunicator, which TRL <= 1.10's client
+        # builds with that device, fails its own warm-up ("created to work on cuda, but the input tensor is on
+        # cuda:0") whatever the server -- a TRL/vLLM matter, not the server's.
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
     cmd = [args.trainer_python, str(HERE), "_child", "--phase", phase, "--url", server.url, "--model", str(model_dir),
            "--out", str(out), "--result", str(result), "--group-port", str(group_port), "--device", args.device,
            "--timeout", str(timeout)]

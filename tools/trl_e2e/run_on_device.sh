@@ -20,9 +20,11 @@ for step in "$@"; do
   case $step in
     e2e-1.10|e2e-1.16)
       v=${step#e2e-}
-      timeout 290 python3 tools/trl_e2e/grpo_e2e.py --trl-path /tmp/trl-$v.0 --repo "$PWD" --out "$OUT/e2e-$v" \
-        --phases http,grpo-unchanged --timeout 200 2>&1 | tail -n 12
-      cp "$OUT/e2e-$v/results.json" "$OUT/e2e-$v.json" 2>/dev/null ;;
+      d=/tmp/e2e-$v; rm -rf $d
+      timeout ${E2E_TIMEOUT:-290} python3 tools/trl_e2e/grpo_e2e.py --trl-path /tmp/trl-$v.0 --repo "$PWD" --out $d \
+        --phases ${E2E_PHASES:-http,grpo-unchanged} --timeout ${PHASE_TIMEOUT:-200} 2>&1 | tail -n 12
+      cp $d/results.json "$OUT/e2e-$v.json" 2>/dev/null
+      for f in $d/*.log; do echo "##### $f"; grep -v '" 200 \|RECORD line' $f | tail -n 60; done > "$OUT/e2e-$v.logs.txt" ;;
     pytest-trl)
       for v in 1.10 1.16; do
         PYTHONPATH=/tmp/trl-$v.0:$PYTHONPATH timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_trl.py -x \
