@@ -49,9 +49,11 @@ def free_port() -> int:
     return port
 
 
-def wait_health(url: str, timeout: float) -> bool:
+def wait_health(url: str, timeout: float, proc=None) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:  # it exited: no point waiting
+            return False
         try:
             with urllib.request.urlopen(url + "/health/", timeout=5) as r:
                 if r.status == 200:
@@ -116,7 +118,7 @@ class Server:
         self.log = log
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        if not wait_health(self.url, args.server_start_timeout):
+        if not wait_health(self.url, args.server_start_timeout, self.proc):
             self.stop()
             raise RuntimeError(f"rlserve did not become healthy; log tail:\n" + "\n".join(tail(log)))
 

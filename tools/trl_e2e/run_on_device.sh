@@ -10,12 +10,16 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 P="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
 if [ ! -e /tmp/site/.done ]; then
-  $P --target /tmp/site .whl/common/*.whl && touch /tmp/site/.done
-  $P --target /tmp/trl-1.10.0 .whl/trl/trl-1.10.0-*.whl
-  $P --target /tmp/trl-1.16.0 .whl/trl/trl-1.16.0-*.whl
+  $P --target /tmp/site .whl/common/*.whl >/dev/null 2>&1 && touch /tmp/site/.done
+  $P --target /tmp/trl-1.10.0 .whl/trl/trl-1.10.0-*.whl >/dev/null 2>&1
+  $P --target /tmp/trl-1.16.0 .whl/trl/trl-1.16.0-*.whl >/dev/null 2>&1
 fi
 export PYTHONPATH=/tmp/site:$PWD
-for step in "$@"; do
+cleanup() { pkill -9 -f "rlserve.cli serve" 2>/dev/null; pkill -9 -f grpo_e2e.py 2>/dev/null; sleep 1; }
+trap cleanup EXIT
+cleanup  # servers of an earlier call on this machine run in their own sessions and would hold GPU memory
+run_step() {
+  step=$1
   echo "=== $step $(date +%T)"
   case $step in
     e2e-1.10|e2e-1.16)
@@ -36,4 +40,9 @@ for step in "$@"; do
       timeout 400 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_distributed.py -x -p no:cacheprovider \
         2>&1 | tail -n 25 ;;
   esac
-done
+}
+if [ -n "${PARALLEL:-}" ]; then  # independent steps at once (each e2e needs both GPUs, but little of them)
+  for step in "$@"; do run_step "$step" > "$OUT/step-$step.txt" 2>&1 & done; wait; cat "$OUT"/step-*.txt
+else
+  for step in "$@"; do run_step "$step"; done
+fi
