@@ -322,3 +322,19 @@ def test_serve_flags_and_their_defaults(monkeypatch):
     for flag in ("api_key", "disable_weight_sync", "weight_sync_allowed_hosts", "max_request_body_mb",
                  "max_prompts_per_request"):
         assert f"--{flag}" in r.stdout and f"--{flag.replace('_', '-')}" in r.stdout, flag
+
+
+def test_only_health_is_open_and_websockets_need_the_key():
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from rlserve.server.app import create_app
+    app = create_app(types.SimpleNamespace(), security=SecurityConfig(api_key=KEY))
+    client = TestClient(app)  # no lifespan: nothing here needs the engine
+    for path in ("/health/x", "/healthz", "/health/../server_info"):
+        assert_error(client.get(path), 401)
+    assert client.get("/no_such_route", headers=AUTH).status_code == 404
+    with pytest.raises(WebSocketDisconnect) as e:
+        with client.websocket_connect("/any"):
+            pass
+    assert e.value.code == 1008

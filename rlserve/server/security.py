@@ -46,7 +46,7 @@ WEIGHT_SYNC_PATHS = (
     "/finish_weight_update",
 )
 
-OPEN_PATHS = ("/health",)  # no key needed: load-balancer and orchestrator probes
+OPEN_PATHS = ("/health",)  # exactly these (trailing slash optional), no key: load-balancer and orchestrator probes
 
 API_KEY_ENV_VARS = ("RLSERVE_API_KEY", "VLLM_API_KEY")  # first one set wins; VLLM_API_KEY as `vllm serve` reads it
 
@@ -178,14 +178,18 @@ class SecurityMiddleware:
         self._key_digest = _digest(config.api_key.encode()) if config.api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or _matches(scope["path"], OPEN_PATHS):
+        if scope["type"] == "lifespan" or scope["path"].rstrip("/") in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         try:
             self._admit(scope)
-            receive = self._bounded(scope, receive)
+            if scope["type"] == "http":
+                receive = self._bounded(scope, receive)
         except ServerError as e:
-            await server_error_response(e)(scope, receive, send)
+            if scope["type"] == "websocket":  # none today; one added later is refused the same way
+                await send({"type": "websocket.close", "code": 1008, "reason": e.message[:120]})
+            else:
+                await server_error_response(e)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -196,7 +200,7 @@ class SecurityMiddleware:
         if self._key_digest is not None:
             token = _bearer_token(headers)
             if token is None or not hmac.compare_digest(_digest(token), self._key_digest):
-                logger.info("401 %s %s from %s: %s API key", scope["method"], scope["path"], host,
+                logger.info("401 %s %s from %s: %s API key", scope.get("method", "WS"), scope["path"], host,
                             "missing" if token is None else "wrong")
                 raise Unauthorized("invalid or missing API key: send 'Authorization: Bearer <key>' (the key "
                                    "the server was started with, --api_key or $RLSERVE_API_KEY)")
@@ -208,7 +212,7 @@ class SecurityMiddleware:
                 reason = (f"weight sync is not allowed from {host} (--weight_sync_allowed_hosts "
                           f"{','.join(str(n) for n in self.config.weight_sync_allowed_hosts)})")
             if reason is not None:
-                logger.warning("403 %s %s from %s: %s", scope["method"], scope["path"], host, reason)
+                logger.warning("403 %s %s from %s: %s", scope.get("method", "WS"), scope["path"], host, reason)
                 raise Forbidden(reason)
 
     def _bounded(self, scope, receive):
