@@ -68,6 +68,21 @@ def add_serve_parser(sub) -> None:
     _flag(p, "shutdown_timeout", type=float, default=30.0,
           help="Seconds to finish in-flight requests after SIGTERM before aborting them.")
     _flag(p, "fail_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # test hook
+    # Admission (rlserve/server/security.py); README "Security" says what is open by default and why.
+    _flag(p, "api_key", default=None,
+          help="Require 'Authorization: Bearer <key>' on every route but /health (default: $RLSERVE_API_KEY, "
+               "else $VLLM_API_KEY, else no key: TRL's clients send none).")
+    _flag(p, "disable_weight_sync", type=_bool, nargs="?", const=True, default=False,
+          help="Refuse every weight-sync route with 403 (an inference-only server).")
+    _flag(p, "weight_sync_allowed_hosts", default=None,
+          help="Comma-separated client addresses or networks (e.g. 10.0.0.5,127.0.0.1 or 10.0.0.0/24) that may "
+               "call the weight-sync routes; others get 403 (default: any host).")
+    # Defaults as in SecurityConfig (not imported: `rlserve bench` should not pay for FastAPI).
+    _flag(p, "max_request_body_mb", type=float, default=64.0,
+          help="Largest request body in MiB; larger ones get 413 (default: 64).")
+    _flag(p, "max_prompts_per_request", type=int, default=16384,
+          help="Most prompts in one /generate/, /chat/ or /v1/completions request; more get 400 "
+               "(default: 16384).")
 
 
 def add_bench_parser(sub) -> None:

@@ -45,9 +45,26 @@ def tokenizer():
     return make_byte_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def compiler(tokenizer):
-    return GrammarCompiler(tokenizer, EOS)
+@pytest.fixture(scope="module", params=["library_eos", "one_library_eos"])
+def compiler(tokenizer, request):
+    """``one_library_eos``: the library takes one EOS id, as llguidance < 1.7 (which vLLM 0.20-0.21 pin) does,
+    and the compiler adds the others itself; every test must pass either way."""
+    compiler = GrammarCompiler(tokenizer, EOS)
+    if request.param == "library_eos":
+        return compiler
+    import llguidance.hf
+    original = llguidance.hf.from_tokenizer
+
+    def one_eos(*args, eos_token=None, **kwargs):
+        if isinstance(eos_token, list):
+            raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
+        return original(*args, eos_token=eos_token, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(llguidance.hf, "from_tokenizer", one_eos)
+        assert compiler.ll_tokenizer is not None  # made now, under the patch
+    assert compiler.eos_token_ids == list(EOS) and compiler._extra_eos == [EOS[1]]
+    return compiler
 
 
 def walk(states, rng: random.Random, p_end: float = 0.4, max_steps: int = 2000, vocab: int = MODEL_VOCAB,

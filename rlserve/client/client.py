@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Iterable
 from urllib.parse import urlparse
@@ -49,7 +50,10 @@ def _tool_schema(tool) -> dict:
 
 class Client:
     def __init__(self, base_url: str | None = None, host: str = "0.0.0.0", server_port: int = 8000,
-                 group_port: int = 51216, connection_timeout: float = 0.0, request_timeout: float = 3600.0):
+                 group_port: int = 51216, connection_timeout: float = 0.0, request_timeout: float = 3600.0,
+                 api_key: str | None = None):
+        """``api_key``: sent as ``Authorization: Bearer <key>`` on every request; default $RLSERVE_API_KEY,
+        else $VLLM_API_KEY (the variables ``rlserve serve`` reads), else none."""
         if base_url is not None:
             parsed = urlparse(base_url)
             self.host = parsed.hostname or "127.0.0.1"
@@ -61,7 +65,10 @@ class Client:
         self.group_port = group_port
         self.request_timeout = request_timeout
         # Retries cover failures to connect only: a request that reached the server is never sent twice.
-        self.http = httpx.Client(base_url=self.base_url, timeout=request_timeout,
+        if api_key is None:
+            api_key = os.environ.get("RLSERVE_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=request_timeout, headers=self.headers,
                                  transport=httpx.HTTPTransport(retries=3))
         self.communicator: WeightSyncGroup | None = None
         self.weight_version = 0
@@ -84,7 +91,7 @@ class Client:
         while True:
             try:  # one probe, no transport retries, never past the deadline (by more than a second)
                 timeout = min(10.0, max(deadline - time.monotonic(), 1.0))
-                if httpx.get(self.base_url + "/health/", timeout=timeout).status_code == 200:
+                if httpx.get(self.base_url + "/health/", timeout=timeout, headers=self.headers).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -218,6 +218,7 @@ class GrammarCompiler:
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
         self._ll_tokenizer = None
+        self._extra_eos: list[int] = []  # EOS ids the library does not know (llguidance < 1.7 knows one)
         self._executor = None
         self.num_hits = 0
         self.num_misses = 0
@@ -237,11 +238,17 @@ class GrammarCompiler:
                 raise ValueError("structured_outputs needs an EOS token: neither the model nor the tokenizer "
                                  "names one")
             try:
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer),
-                                                                  eos_token=eos)
+                try:
+                    self._ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer),
+                                                                      eos_token=eos)
+                except TypeError:  # llguidance < 1.7 (vLLM 0.17-0.21 pin 1.3): one EOS; the others are ours
+                    self._ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer),
+                                                                      eos_token=eos[0])
             except ValueError as e:  # a slow (Python) tokenizer
                 raise ValueError(f"structured_outputs: unsupported tokenizer: {e}") from None
-            self.eos_token_ids = list(self._ll_tokenizer.eos_tokens)
+            ll_eos = list(getattr(self._ll_tokenizer, "eos_tokens", [self._ll_tokenizer.eos_token]))
+            self._extra_eos = [t for t in eos if t not in ll_eos]
+            self.eos_token_ids = ll_eos + self._extra_eos
             self._tokenizer_source = None  # the HF tokenizer is no longer needed
         return self._ll_tokenizer
 
@@ -291,6 +298,11 @@ class GrammarCompiler:
         else:
             for i, s in enumerate(states):
                 s._matcher.unsafe_compute_mask_ptr(packed[i].data_ptr(), words * 4)
+        if self._extra_eos:  # allowed wherever the library's own EOS is
+            first = self.eos_token_ids[0]
+            can_end = (packed[:, first // 32] & _bit(first % 32)) != 0
+            for t in self._extra_eos:
+                packed[can_end, t // 32] |= _bit(t % 32)
         # A state in error (a token it had to reject) or a grammar with nothing left: EOS only, never an
         # all-masked row (its softmax would be NaN).
         empty = (packed == 0).all(dim=1)
@@ -342,6 +354,8 @@ class GrammarState:
         if not 0 <= token_id < self.grammar.compiler.vocab_size:
             self._error = f"token {token_id} is outside the tokenizer's vocabulary"
             return False
+        if token_id in self.grammar.compiler._extra_eos:
+            token_id = self.grammar.compiler.eos_token_ids[0]
         if not self._matcher.consume_token(token_id):
             self._error = self._matcher.get_error() or f"token {token_id} is not allowed here"
             return False

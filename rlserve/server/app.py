@@ -15,11 +15,17 @@ from fastapi import FastAPI
 
 from rlserve.server import routes_admin, routes_openai, routes_trl, routes_weights
 from rlserve.server.errors import install_error_handlers
+from rlserve.server.security import SecurityConfig, SecurityMiddleware
 
 logger = logging.getLogger("rlserve.server")
 
 
-def create_app(engine, on_ready=None, on_fatal=None, startup_timeout_s: float = 900.0) -> FastAPI:
+def create_app(engine, on_ready=None, on_fatal=None, startup_timeout_s: float = 900.0,
+               security: SecurityConfig | None = None) -> FastAPI:
+    """``security``: API key, weight-sync admission and request-size limits (default: no key, weight sync
+    from anywhere, the default limits), enforced by one middleware in front of every route."""
+    security = security or SecurityConfig()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async def start():
@@ -45,7 +51,10 @@ def create_app(engine, on_ready=None, on_fatal=None, startup_timeout_s: float = 
     app.state.weight_sync_init = None
     app.state.weight_sync_updates = []
     app.state.metrics = routes_admin.make_metrics_registry(engine)
+    app.state.security = security
+    app.state.weight_sync_enabled = security.weight_sync_enabled  # False: server_info reports no transfer config
     install_error_handlers(app)
+    app.add_middleware(SecurityMiddleware, config=security)
     for module in (routes_trl, routes_openai, routes_weights, routes_admin):
         app.include_router(module.router)
     return app

@@ -1,6 +1,7 @@
 """The one place where exceptions become HTTP statuses.
 
-400 bad input (the message names the field and the limit), 404 unknown route or model, 409 state conflict,
+400 bad input (the message names the field and the limit), 401 missing or wrong API key, 403 a weight-sync call
+the server does not admit, 404 unknown route or model, 409 state conflict, 413 request body over the limit,
 503 while starting, draining, paused for shutdown or after the engine died, 500 only for real bugs. Bodies
 are ``{"error": {"message", "type", "param", "code"}}`` (the OpenAI shape, which the openai SDK parses).
 """
@@ -26,10 +27,25 @@ class ServerError(Exception):
         self.message = message
         self.param = param
 
+    def as_http_exception(self) -> StarletteHTTPException:
+        """The same error as an HTTPException, for code that runs inside FastAPI's body parsing (which turns
+        any other exception into a 400); the handler below answers it with this class's type."""
+        return StarletteHTTPException(self.status, self.message)
+
 
 class BadRequest(ServerError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(ServerError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ServerError):
+    status = 403
+    type = "permission_error"
 
 
 class NotFound(ServerError):
@@ -42,14 +58,30 @@ class Conflict(ServerError):
     type = "conflict_error"
 
 
+class PayloadTooLarge(ServerError):
+    status = 413
+    type = "request_too_large"
+
+
 class EngineUnavailable(ServerError):
     status = 503
     type = "service_unavailable"
 
 
+_TYPE_OF_STATUS = {cls.status: cls.type for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict,
+                                                    PayloadTooLarge, EngineUnavailable)}
+_TYPE_OF_STATUS[405] = "invalid_request_error"
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(status_code=status, headers=headers,
                         content={"error": {"message": message, "type": type_, "param": param, "code": status}})
+
+
+def server_error_response(exc: ServerError) -> JSONResponse:
+    """The response of a ServerError (also for middleware, which runs outside the handlers below)."""
+    return error_response(exc.status, exc.message, exc.type, exc.param)
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "list", "dict", "none"})
@@ -79,7 +111,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def server_error(request: Request, exc: ServerError):
         if exc.status >= 500 and engine_started(request):
             logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        return error_response(exc.status, exc.message, exc.type, exc.param)
+        return server_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -98,7 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        type_ = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "error")
+        type_ = _TYPE_OF_STATUS.get(exc.status_code, "error")
         return error_response(exc.status_code, str(exc.detail), type_)
 
     @app.exception_handler(Exception)

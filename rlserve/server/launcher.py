@@ -10,6 +10,7 @@ are stopped on the way out, and exit by themselves if this process is killed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -20,6 +21,7 @@ from rlserve.config import EngineConfig
 from rlserve.models.loader import resolve_model_dir
 from rlserve.server.app import create_app
 from rlserve.server.replicas import EngineClient
+from rlserve.server.security import security_config_from_args
 from rlserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("rlserve.server")
@@ -81,6 +83,13 @@ class Server(uvicorn.Server):
             self.should_exit = True
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(
         model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
@@ -95,6 +104,11 @@ def serve(args) -> int:
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = engine_config_from_args(args)
+    try:
+        security = security_config_from_args(args)
+    except ValueError as e:
+        print(f"rlserve serve: error: {e}", file=sys.stderr)
+        return 2
     model_dir = resolve_model_dir(config.model, config.revision)
     tokenizer = load_tokenizer(model_dir)
     engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level)
@@ -110,7 +124,13 @@ def serve(args) -> int:
         print(f"rlserve ready: http://{args.host}:{args.port} model={config.model} "
               f"world_size={engine.world_size} kv_tokens={info['kv_capacity_tokens']}", flush=True)
 
-    app = create_app(engine, on_ready=on_ready, on_fatal=lambda m: server.fatal(m))
+    logger.info("admission: %s", security.describe())
+    if security.api_key is None and not _is_loopback(args.host):
+        logger.warning("listening on %s without an API key: whoever reaches port %d can generate%s (see "
+                       "--api_key, --weight_sync_allowed_hosts, --disable_weight_sync)", args.host, args.port,
+                       " and replace the weights" if security.weight_sync_enabled
+                       and not security.weight_sync_allowed_hosts else "")
+    app = create_app(engine, on_ready=on_ready, on_fatal=lambda m: server.fatal(m), security=security)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=5, access_log=args.log_level in ("debug", "trace"))
     server = Server(uv_config, app, engine, args.shutdown_timeout)

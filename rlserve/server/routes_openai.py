@@ -21,6 +21,7 @@ from rlserve.outputs import CompletionOutput, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
+from rlserve.server.security import check_num_prompts
 
 router = APIRouter()
 
@@ -173,6 +174,7 @@ async def completions(request: Request, body: CompletionRequest):
         prompt = [prompt]
     if not prompt:
         raise BadRequest("prompt must not be empty", param="prompt")
+    check_num_prompts(request, len(prompt), "prompt")
     items = tokenize_prompts(engine, prompt, "prompt")
     params = body.params(body.logprobs, body.max_tokens)
     outputs = await _generate(request, items, params)

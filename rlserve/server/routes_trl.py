@@ -11,6 +11,7 @@ from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
 from rlserve.server.schemas import ChatRequest, GenerateRequest
+from rlserve.server.security import check_num_prompts
 
 router = APIRouter()
 
@@ -87,6 +88,7 @@ async def run_generation(request: Request, prompts, params: SamplingParams,
 async def generate(request: Request, body: GenerateRequest):
     engine = engine_of(request)
     engine.check_serving()
+    check_num_prompts(request, len(body.prompts), "prompts")
     params = sampling_params_from(body)
     return await run_generation(request, tokenize_prompts(engine, body.prompts, "prompts"), params,
                                 body.truncate_prompt_tokens)
@@ -96,6 +98,7 @@ async def generate(request: Request, body: GenerateRequest):
 async def chat(request: Request, body: ChatRequest):
     engine = engine_of(request)
     engine.check_serving()
+    check_num_prompts(request, len(body.messages), "messages")
     params = sampling_params_from(body)
     prompts = []
     for i, conversation in enumerate(body.messages):
