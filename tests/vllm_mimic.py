@@ -61,8 +61,10 @@ def make_unique_id(cls, data: bytes):
 class StatelessGroup:
     def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float = 60.0):
         self.rank, self.world_size = rank, world_size
+        # vLLM's create_tcp_store: TCPStore's default wait_for_workers=True -- the master's constructor waits
+        # until world_size stores (itself included) have connected and counted themselves in.
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0),
-                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+                                   timeout=datetime.timedelta(seconds=timeout_s))
         self.sent = 0
         self.received = {i: 0 for i in range(world_size)}
 

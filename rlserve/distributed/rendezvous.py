@@ -92,8 +92,10 @@ class StoreGroup:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
         self.rank, self.world_size = rank, world_size
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=self.timeout,
-                                   wait_for_workers=False)
+        # As vLLM creates it: every store (client or master) counts itself in on connecting, and the master's
+        # constructor returns once all ``world_size`` have. A client that skipped the count would leave a
+        # vLLM-side master (TRL >= 1.12's trainer) waiting until its timeout.
+        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=self.timeout)
         self.num_sent = 0  # broadcasts published by this rank (as rank 0)
         self.num_received = 0  # broadcasts read from rank 0
 
