@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Logprob:
@@ -70,6 +72,57 @@ class CompletionOutput:
         return values, ids
 
 
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A prompt's logprobs (``SamplingParams.prompt_logprobs=K``): for each position p >= 1 of a prompt of P
+    tokens, the distribution predicting token p from tokens < p, log_softmax(logits / temperature) in fp32.
+    Row p - 1 of every array is position p. Arrays, not dicts: a teacher-scoring batch is thousands of positions
+    x 100 tokens. Indexing it gives vLLM's layout: ``pl[0] is None``, ``pl[p] == {token_id: Logprob}``.
+
+    ``ranks`` follows vLLM: the number of tokens at least as likely as the prompt token (1 + the number strictly
+    more likely when nothing ties with it), so that when it is not among the top K its rank is > K."""
+    token_ids: np.ndarray  # [P-1] int64: prompt tokens 1..P-1
+    logprobs: np.ndarray  # [P-1] fp32: their logprobs
+    ranks: np.ndarray  # [P-1] int32: their ranks, 1-based
+    top_ids: np.ndarray  # [P-1, K] int32: the K most likely tokens, by rank
+    top_logprobs: np.ndarray  # [P-1, K] fp32: their logprobs
+
+    @property
+    def num_top(self) -> int:
+        return self.top_ids.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.token_ids) + 1
+
+    def __getitem__(self, p: int) -> dict[int, Logprob] | None:
+        """vLLM's entry for position p: the prompt token's Logprob first, then the top K (a prompt token among
+        them keeps its top-K rank)."""
+        if p < 0:
+            p += len(self)
+        if not 0 <= p < len(self):
+            raise IndexError(f"position {p} is outside the prompt (0..{len(self) - 1})")
+        if p == 0:
+            return None
+        row = p - 1
+        entry = {int(self.token_ids[row]): Logprob(float(self.logprobs[row]), int(self.ranks[row]))}
+        for rank, (tid, lp) in enumerate(zip(self.top_ids[row].tolist(), self.top_logprobs[row].tolist()), start=1):
+            entry[tid] = Logprob(lp, rank)
+        return entry
+
+    def __iter__(self):
+        return (self[p] for p in range(len(self)))
+
+    @classmethod
+    def concat(cls, chunks: list["PromptLogprobs"], num_top: int) -> "PromptLogprobs":
+        """One prompt's rows from the chunks its prefill was computed in (a copy: chunks are views of a step's
+        arrays)."""
+        if not chunks:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32),
+                       np.zeros((0, num_top), np.int32), np.zeros((0, num_top), np.float32))
+        return cls(*(np.concatenate([getattr(c, name) for c in chunks]) for name in
+                     ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs")))
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -78,6 +131,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs was set
 
     @property
     def weight_versions(self) -> list[int]:

@@ -12,6 +12,9 @@ from typing import Any
 
 MAX_N = 1024
 MAX_LOGPROBS = 20
+# Prompt logprobs serve teacher scoring (TRL's distillation asks for the top 100 per position). The bound keeps a
+# request's host-side result (positions x K x 8 bytes) sane; the engine also caps it at the vocabulary size.
+MAX_PROMPT_LOGPROBS = 1000
 
 
 @dataclass
@@ -33,6 +36,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; N: plus the top N
     logprobs_mode: str = "processed"  # "processed": the distribution sampled from; "raw": log_softmax(logits)
+    # None: none; K: for every prompt position p >= 1, the logprob and rank of prompt token p and the top K tokens
+    # of the distribution predicting it, log_softmax(logits / temperature) in fp32 (temperature 0: unscaled). Only
+    # temperature applies (no penalties, no top-k/top-p). With max_tokens=0 the request only scores its prompt.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: dict | None = None  # {"regex": ...} | {"json": schema} | {"choice": [...]}
     extra_args: dict = field(default_factory=dict)
@@ -61,8 +68,12 @@ class SamplingParams:
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
             _check_int("seed", self.seed, -(2**63), 2**63 - 1)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_PROMPT_LOGPROBS)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 1, None)
+            scoring = self.prompt_logprobs is not None  # max_tokens=0: score the prompt, generate nothing
+            _check_int("max_tokens", self.max_tokens, 0 if scoring else 1, None,
+                       hint="" if scoring else " (0 only with prompt_logprobs)")
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
@@ -84,6 +95,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def scores_only(self) -> bool:
+        """Compute the prompt (and its prompt logprobs) without generating a token."""
+        return self.max_tokens == 0
 
     @property
     def uses_penalties(self) -> bool:

@@ -106,3 +106,24 @@ def test_fused_layer_kernels_pass_their_self_check():
     from rlserve.layers import fused
     assert fused.enabled(torch.device("cuda", 0), torch.bfloat16)
     assert fused.enabled(torch.device("cuda", 0), torch.float32)
+
+
+def test_prompt_logprobs_equal_transformers(small_model_dir):
+    """Teacher scoring on CUDA: prefill chunks of several prompts scored beside decodes, fp32 vs transformers."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).cuda().eval()
+    llm = LLM(str(small_model_dir), device="cuda", dtype="float32", gpu_memory_utilization=0.5,
+              max_num_batched_tokens=256)
+    batch = prompts(6, seed=5, vocab=32000, low=2, high=600)
+    params = SamplingParams(n=2, temperature=0.7, max_tokens=8, min_tokens=8, prompt_logprobs=20)
+    outs = llm.generate(batch, params)
+    for prompt, out in zip(batch, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt], device="cuda")).logits[0, :-1].float() / 0.7, -1)
+        pl = out.prompt_logprobs
+        actual = ref.gather(1, torch.tensor(prompt[1:], device="cuda")[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.from_numpy(pl.logprobs).cuda(), actual, atol=2e-3, rtol=0)
+        top_values, top_ids = ref.topk(20, dim=-1)
+        torch.testing.assert_close(torch.from_numpy(pl.top_logprobs).cuda(), top_values, atol=2e-3, rtol=0)
+        assert (torch.from_numpy(pl.top_ids[:, 0]).cuda() == top_ids[:, 0]).float().mean() > 0.99
+        assert [len(c.token_ids) for c in out.outputs] == [8, 8]

@@ -133,3 +133,32 @@ def test_abort_unforked_request_reports_every_sample():
     assert [seq.status for seq in ended] == [SequenceStatus.FINISHED_ABORTED] * 3
     assert s.num_unfinished == 0
     assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_score_only_draws_nothing():
+    s = make_scheduler(block_size=4, budget=8)
+    add(s, "warm", 12, max_tokens=1)
+    while s.num_unfinished:
+        run_step(s)
+    scored = add(s, "a", 12, n=3, max_tokens=0, prompt_logprobs=2)  # the same prompt: its blocks are cached
+    steps = []
+    while s.num_unfinished:
+        steps.append(run_step(s))
+    assert scored.num_cached_tokens == 0
+    assert [[(i.num_new_tokens, i.samples) for i in out.prompt_logprobs] for out in steps] == [[(8, False)],
+                                                                                               [(4, False)]]
+    assert [(seq.status, seq.output_token_ids) for seq in scored.seqs] == [(SequenceStatus.FINISHED_LENGTH, [])] * 3
+    assert scored.prompt_logprobs is not None and not s.scoring
+    plain = add(s, "b", 12, max_tokens=1)  # without prompt logprobs, the cache serves it again
+    out = s.schedule()
+    assert out.prompt_logprobs is None and plain.num_cached_tokens == 8
+    s.block_manager.check_invariants()
+
+
+def test_score_only_prompt_may_fill_the_context():
+    s = make_scheduler(num_blocks=8, block_size=4, max_len=32)
+    assert s.check_fits(32, 0) == 0
+    with pytest.raises(ValueError, match="the prompt must fit in both"):
+        s.check_fits(33, 0)
+    with pytest.raises(ValueError, match="must be shorter than max_model_len"):
+        s.check_fits(32, 1)

@@ -8,6 +8,7 @@ tensors. Migrating from TRL is the import line::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -16,12 +17,13 @@ from typing import Iterable
 from urllib.parse import urlparse
 
 import httpx
+import numpy as np
 import orjson
 import torch
 from torch import nn
 
 from rlserve.distributed.weight_sync import GroupSpec, WeightSyncGroup, pack_for_send, plan_buckets, send_buckets
-from rlserve.server.schemas import ChatRequest, GenerateRequest
+from rlserve.server.schemas import ChatRequest, GenerateRequest, SequenceLogprobsRequest
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,28 @@ class Client:
     def get_server_info(self) -> dict:
         """vLLM's config tree, as TRL >= 1.12 reads it (``weight_transfer_config``, ``model_config``...)."""
         return self._request("GET", "/server_info/", None)["vllm_config"]
+
+    def get_sequence_logprobs(self, sequences: list[list[int]], prompt_lengths: list[int], top_logprobs: int = 100,
+                              temperature: float = 1.0, use_binary: bool = True, chunk_size: int = 0,
+                              max_concurrent_requests: int = 4, timeout: float | None = None) -> dict:
+        """TRL's teacher scoring: per sequence, per completion position (from its prompt length on), the top
+        ``top_logprobs`` logprobs and token ids by rank ([completion length][top_logprobs], padded with -inf / 0
+        where a position has no distribution) and the actual token's (``actual_logprobs``, ``actual_token_ids``:
+        [completion length][1]). Fetched as binary arrays; lists, as TRL's client returns them. TRL's
+        ``use_binary``/``chunk_size``/``max_concurrent_requests`` are accepted: one request carries the batch, and
+        the server splits it into chunks of its own."""
+        body = SequenceLogprobsRequest(sequences=sequences, prompt_lengths=prompt_lengths, top_logprobs=top_logprobs,
+                                       temperature=temperature, response_format="binary")
+        answer = self._request("POST", "/get_sequence_logprobs/", body.model_dump(), timeout)
+        batch, length, k = answer["shape"]
+        result = {}
+        for key, field, dtype, width in (("logprobs", "logprobs_b64", np.float32, k),
+                                         ("logprob_token_ids", "token_ids_b64", np.int32, k),
+                                         ("actual_logprobs", "actual_logprobs_b64", np.float32, 1),
+                                         ("actual_token_ids", "actual_token_ids_b64", np.int32, 1)):
+            array = np.frombuffer(base64.b64decode(answer[field]), dtype=dtype).reshape(batch, length, width)
+            result[key] = [array[i, :n].tolist() for i, n in enumerate(answer["completion_lengths"])]
+        return result
 
     def get_world_size(self) -> int:
         return self._request("GET", "/get_world_size/")["world_size"]

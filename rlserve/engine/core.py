@@ -21,6 +21,7 @@ from rlserve.engine.scheduler import Scheduler, check_fits
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
 from rlserve.engine.structured import GrammarCompiler, check_spec
 from rlserve.engine.worker import load_worker
+from rlserve.outputs import PromptLogprobs
 from rlserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def validate_request(info: RuntimeInfo, prompt_token_ids: list[int], params: Sam
             raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
     if params.logprobs is not None and params.logprobs > max_logprobs:
         raise ValueError(f"logprobs must be <= {max_logprobs}, got {params.logprobs}")
+    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
+        raise ValueError(f"prompt_logprobs must be <= {vocab} (the vocabulary size), got {params.prompt_logprobs}")
     if params.structured_outputs is not None:
         check_spec(params.structured_outputs)
     return check_fits(len(prompt_token_ids), params.max_tokens, info.max_model_len, info.kv_capacity_tokens)
@@ -58,6 +61,7 @@ class SeqUpdate:
     stop_reason: int | str | None = None
     weight_versions: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # the request's, once, with the first update after its prefill
 
 
 class EngineCore:
@@ -146,13 +150,18 @@ class EngineCore:
         start = seq.num_sent_tokens
         seq.num_sent_tokens = seq.num_output_tokens
         p = seq.params
+        request = seq.request
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is not None:  # sent once, for all samples
+            request.prompt_logprobs = None
         return SeqUpdate(
             request_id=seq.request.request_id, index=seq.sample_index,
             token_ids=seq.output_token_ids[start:],
             sampled_logprobs=seq.sampled_logprobs[start:] if p.logprobs is not None else None,
             top_logprobs=seq.top_logprobs[start:] if p.logprobs else None,
             finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason,
-            weight_versions=list(seq.weight_versions), num_cached_tokens=seq.request.num_cached_tokens)
+            weight_versions=list(seq.weight_versions), num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs)
 
     # -- weights and cache -------------------------------------------------------------------------
     def validate_weights(self, metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:

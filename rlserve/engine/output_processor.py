@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlserve.engine.core import SeqUpdate
-from rlserve.outputs import CompletionOutput, RequestOutput
+from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.tokenizer import IncrementalDetokenizer, find_stop_string
 
@@ -24,6 +24,7 @@ class RequestState:
     outputs: list[CompletionOutput] = field(default_factory=list)
     detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -31,7 +32,8 @@ class RequestState:
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.outputs,
-                             finished=self.finished, num_cached_tokens=self.num_cached_tokens)
+                             finished=self.finished, num_cached_tokens=self.num_cached_tokens,
+                             prompt_logprobs=self.prompt_logprobs)
 
 
 def needs_streaming(params: SamplingParams) -> bool:
@@ -60,6 +62,8 @@ class OutputProcessor:
         state = self.states.get(update.request_id)
         if state is None:
             return None, None
+        if update.prompt_logprobs is not None:  # the request's, sent once with whichever sample came first
+            state.prompt_logprobs = update.prompt_logprobs
         out = state.outputs[update.index]
         if out.finished:
             return None, None

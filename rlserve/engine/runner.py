@@ -5,7 +5,8 @@ It owns the model, the KV cache tensor and the attention backend. It knows nothi
 
 Per step: copy-on-write block copies → inputs (token ids, positions, slot mapping, block tables, sequence
 lengths; decodes first) → forward (a CUDA-graph replay for decode batches on GPU) → logits of the rows that
-sample → sampler (fused on GPU for the common case) → one host sync to return the tokens.
+sample → sampler (fused on GPU for the common case) → one host sync to return the tokens. A step that computes
+a prompt whose logprobs were asked for also scores its prompt positions (``prompt_logprobs.py``).
 
 Block tables live on the device, one row per running sequence, and are updated only where a sequence's
 table changed; each step gathers its rows. Slots are computed on the device from them.
@@ -13,6 +14,7 @@ table changed; each step gathers its rows. Slots are computed on the device from
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -20,10 +22,12 @@ import torch
 
 from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
+from rlserve.engine import prompt_logprobs
 from rlserve.engine.sampler import SamplerOutput, is_simple, sample
 from rlserve.engine.sampling_batch import prepare_sampling
 from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
+from rlserve.sampling import MAX_PROMPT_LOGPROBS
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ class StepInput:
     num_decodes: int = 0
     table_writes: list[tuple[int, int, int]] = field(default_factory=list)  # (row, column, block)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    prompt_logprobs: prompt_logprobs.PromptLogprobsInput | None = None  # prompt positions to score
 
 
 class ModelRunner:
@@ -95,8 +100,8 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_free_memory(self, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take: run the largest step the scheduler can produce (every token of the
-        budget, logits and top logprobs for the most sequences) and keep what its peak leaves under
-        ``gpu_memory_utilization`` of the card."""
+        budget, logits and top logprobs for the most sequences, a chunk of prompt logprobs) and keep what its
+        peak leaves under ``gpu_memory_utilization`` of the card."""
         num_tokens = self.info.max_num_batched_tokens
         num_seqs = min(self.info.max_num_seqs, num_tokens)
         per_seq = num_tokens // num_seqs
@@ -107,10 +112,16 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
         torch.log_softmax(logits, dim=-1).topk(self.config.max_logprobs, dim=-1)
+        del logits
+        # And one chunk of prompt logprobs at the largest K (its [rows, vocab] fp32 temporaries).
+        rows = min(prompt_logprobs.CHUNK_ROWS, hidden.shape[0])
+        k = min(MAX_PROMPT_LOGPROBS, self.info.vocab_size)
+        scoring = prompt_logprobs.PromptLogprobsInput(list(range(rows)), [0] * rows, [rows], [1.0], [k])
+        prompt_logprobs.score(self.model, hidden, prompt_logprobs.to_device(scoring, self.device))
         torch.cuda.synchronize()
         kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         peak_without_kv = torch.cuda.max_memory_allocated() - kv_bytes
-        del hidden, logits
+        del hidden
         self.kv_cache = None
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
@@ -194,21 +205,29 @@ class ModelRunner:
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens != 1)
         items = [sched.scheduled[i] for i in order]
         step = self.build_step(items, sched.block_copies)
+        if sched.prompt_logprobs is not None:
+            flat_start = dict(zip(items, itertools.accumulate(step.query_lens, initial=0)))
+            step.prompt_logprobs = prompt_logprobs.plan(sched.prompt_logprobs,
+                                                        [flat_start[item] for item in sched.prompt_logprobs])
         if self.broadcast_step is not None:  # tensor parallel: the other ranks run the same forward
             self.broadcast_step(step)
-        logits = self.forward(step)
+        logits, scored = self.forward(step)
         first_row = [-1] * len(items)
         if logits is None:
-            return StepResult([], first_row)
-        sampling_items = [item for item in items if item.samples]
-        batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
-        result = self._to_host(self._sample(logits, batch))
-        row = 0
-        for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
-            if item.samples:
-                first_row[pos] = row
-                row += item.seq.num_samples_to_draw
-        result.first_row = first_row
+            result = StepResult([], first_row)
+        else:
+            sampling_items = [item for item in items if item.samples]
+            batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
+            result = self._to_host(self._sample(logits, batch))
+            row = 0
+            for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
+                if item.samples:
+                    first_row[pos] = row
+                    row += item.seq.num_samples_to_draw
+            result.first_row = first_row
+        if scored is not None:  # computed before the sampling pass: copying it back waits for nothing more
+            values, ids = scored
+            result.prompt_logprobs = prompt_logprobs.split(values.cpu(), ids.cpu(), step.prompt_logprobs)
         return result
 
     def build_step(self, items: list[ScheduledSeq], block_copies: list[tuple[int, int]]) -> StepInput:
@@ -234,16 +253,25 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def forward(self, step: StepInput) -> torch.Tensor | None:
-        """Run the model on a step; logits of the sampling rows (None when no row samples)."""
+    def forward(self, step: StepInput):
+        """Run the model on a step. Returns the logits of the sampling rows (None when no row samples) and, when
+        the step scores prompt positions, their (values, ids) from ``prompt_logprobs.score`` (else None)."""
         self.num_steps += 1
         self.copy_blocks(step.block_copies)
         input_ids, positions, meta, sample_rows = self._device_inputs(step)
+        scoring = None
+        if step.prompt_logprobs is not None:
+            scoring = prompt_logprobs.to_device(step.prompt_logprobs, self.device)
         if self.graphs is not None and meta.num_prefills == 0 and meta.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
-            return self.model.compute_logits(hidden)  # every decode samples
-        hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[sample_rows]) if step.sample_rows else None
+        else:
+            hidden = self.model(input_ids, positions, meta)
+        scored = None if scoring is None else prompt_logprobs.score(self.model, hidden, scoring)
+        if not step.sample_rows:
+            return None, scored
+        if len(step.sample_rows) == hidden.shape[0]:  # every row samples (a decode batch): no gather
+            return self.model.compute_logits(hidden), scored
+        return self.model.compute_logits(hidden[sample_rows]), scored
 
     def _sample(self, logits: torch.Tensor, batch) -> SamplerOutput:
         if self.fused_sample is not None and is_simple(batch):

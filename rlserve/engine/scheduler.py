@@ -5,6 +5,10 @@ Two entry points: ``schedule()`` picks the work of one step under one token budg
 catching up by one decode token or a prefill chunk; when blocks run out, the newest running sequence is
 preempted (its blocks freed, to be recomputed later). Waiting sequences are admitted while the budget, the
 sequence limit and the free blocks allow, unless a preemption happened this step.
+
+Prompt logprobs: a request that asks for them computes every prompt position (no prefix-cache hit may skip
+one), and the steps that compute its prompt list it in ``SchedulerOutput.prompt_logprobs`` so that the runner
+scores those positions; a score-only request (max_tokens=0) ends when its prompt is computed, drawing nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     num_preempted: int = 0
+    # The scheduled items computing a prompt whose logprobs were asked for (None when there are none).
+    prompt_logprobs: list[ScheduledSeq] | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -50,11 +56,18 @@ class StepResult:
     first_row: list[int]
     logprobs: list[float] | None = None  # the sampled tokens' (when any row asked)
     top: list[list[tuple[int, float]]] | None = None  # the top N (when any row asked for N > 0)
+    # One outputs.PromptLogprobs per SchedulerOutput.prompt_logprobs item: the positions its chunk scored.
+    prompt_logprobs: list | None = None
 
 
 def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity: int) -> int:
     """Refuse what could never run (longer than the context or the whole KV cache); returns the effective
     max_tokens (None: as long as the context and the cache allow)."""
+    if max_tokens == 0:  # score the prompt only: it may fill the whole context
+        if num_prompt_tokens > min(max_model_len, capacity):
+            raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {max_model_len} and the "
+                             f"KV cache holds {capacity}: the prompt must fit in both")
+        return 0
     if num_prompt_tokens >= max_model_len:
         raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {max_model_len}: "
                          f"the prompt must be shorter than max_model_len")
@@ -83,6 +96,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.scoring: set[Sequence] = set()  # parents computing a prompt whose logprobs were asked for
 
     # -- admission ---------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
@@ -138,7 +152,9 @@ class Scheduler:
             seq = self.waiting[0]
             if num_live + seq.num_samples_to_draw > self.max_num_seqs and num_live > 0:
                 break
-            hits = bm.find_cached_prefix(seq)
+            # Prompt logprobs need the logits of every prompt position: no cached prefix may skip one.
+            scores = seq.params.prompt_logprobs is not None and seq.is_unforked_parent
+            hits = [] if scores else bm.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
             if not bm.can_allocate(seq, hits, n):
                 break
@@ -151,6 +167,13 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             num_live += seq.num_samples_to_draw
             budget -= n
+            if scores:
+                self.scoring.add(seq)
+        if self.scoring:
+            out.prompt_logprobs = [item for item in out.scheduled if item.seq in self.scoring]
+            for item in out.prompt_logprobs:
+                if item.seq.params.scores_only:
+                    item.samples = False
         return out
 
     def _preempt(self, seq: Sequence) -> None:
@@ -190,10 +213,39 @@ class Scheduler:
                     self._check_stop(target)
                 touched.append(target)
                 row += 1
+        if out.prompt_logprobs is not None:
+            touched += self._update_prompt_logprobs(out.prompt_logprobs, result.prompt_logprobs)
         for seq in touched:
             if seq.status.is_finished:
                 self._remove(seq)
         return touched
+
+    def _update_prompt_logprobs(self, items: list[ScheduledSeq], chunks: list | None) -> list[Sequence]:
+        """Store the positions scored this step; a request whose prompt is now computed has all of them. Returns
+        the samples of score-only requests, which end here."""
+        ended = []
+        for i, item in enumerate(items):
+            seq, request = item.seq, item.seq.request
+            if chunks is not None:
+                request.add_prompt_logprobs(chunks[i])
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                continue
+            self.scoring.discard(seq)
+            request.complete_prompt_logprobs()
+            if seq.params.scores_only:
+                self._add_finished_samples(request, SequenceStatus.FINISHED_LENGTH)
+                seq.finish(SequenceStatus.FINISHED_LENGTH)
+                ended += request.seqs
+        return ended
+
+    def _add_finished_samples(self, request: Request, status: SequenceStatus) -> None:
+        """A request ending before it forked: its other samples are created finished (and empty), so that each
+        gets a finish reason."""
+        parent = request.seqs[0]
+        request.seqs = [parent] + [Sequence(request, i, list(parent.token_ids)) for i in range(1, request.params.n)]
+        request.is_forked = True
+        for child in request.seqs[1:]:
+            child.finish(status)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         request = parent.request
@@ -230,6 +282,7 @@ class Scheduler:
 
     # -- removal (finish, abort) -------------------------------------------------------------------
     def _remove(self, seq: Sequence) -> None:
+        self.scoring.discard(seq)
         if seq in self.running:
             self.running.remove(seq)
         else:
@@ -251,12 +304,7 @@ class Scheduler:
         """End every live sequence of a request; a request still computing its prompt ends with all of its
         samples (they are created empty, so that each gets a finish reason)."""
         if not request.is_forked:
-            parent = request.seqs[0]
-            request.seqs = [parent] + [Sequence(request, i, list(parent.token_ids))
-                                       for i in range(1, request.params.n)]
-            request.is_forked = True
-            for child in request.seqs[1:]:
-                child.finish(status)
+            self._add_finished_samples(request, status)
         ended = []
         for seq in request.seqs:
             if not seq.status.is_finished:

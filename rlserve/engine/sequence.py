@@ -16,6 +16,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from rlserve.outputs import PromptLogprobs
 from rlserve.sampling import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -73,10 +74,24 @@ class Request:
     seqs: list["Sequence"] = field(default_factory=list)
     is_forked: bool = False
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    # Prompt logprobs (params.prompt_logprobs), computed once by the parent, chunk by chunk of its prefill; the
+    # whole result waits in ``prompt_logprobs`` until it is sent to the front end with the first sample's update.
+    prompt_logprob_chunks: list[PromptLogprobs] = field(default_factory=list)
+    num_prompt_logprobs: int = 0  # prompt positions scored so far (1..num_prompt_logprobs)
+    prompt_logprobs: PromptLogprobs | None = None  # complete and not yet sent
 
     @property
     def is_finished(self) -> bool:
         return self.is_forked and all(s.status.is_finished for s in self.seqs)
+
+    def add_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
+        if len(chunk.token_ids):
+            self.prompt_logprob_chunks.append(chunk)
+            self.num_prompt_logprobs += len(chunk.token_ids)
+
+    def complete_prompt_logprobs(self) -> None:
+        self.prompt_logprobs = PromptLogprobs.concat(self.prompt_logprob_chunks, self.params.prompt_logprobs)
+        self.prompt_logprob_chunks = []
 
 
 _seq_ids = itertools.count()

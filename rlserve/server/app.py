@@ -13,7 +13,7 @@ import logging
 
 from fastapi import FastAPI
 
-from rlserve.server import routes_admin, routes_openai, routes_trl, routes_weights
+from rlserve.server import routes_admin, routes_openai, routes_scoring, routes_trl, routes_weights
 from rlserve.server.errors import install_error_handlers
 from rlserve.server.security import SecurityConfig, SecurityMiddleware
 
@@ -55,6 +55,6 @@ def create_app(engine, on_ready=None, on_fatal=None, startup_timeout_s: float = 
     app.state.weight_sync_enabled = security.weight_sync_enabled  # False: server_info reports no transfer config
     install_error_handlers(app)
     app.add_middleware(SecurityMiddleware, config=security)
-    for module in (routes_trl, routes_openai, routes_weights, routes_admin):
+    for module in (routes_trl, routes_scoring, routes_openai, routes_weights, routes_admin):
         app.include_router(module.router)
     return app

@@ -37,7 +37,7 @@ from rlserve.tokenizer import render_chat
 logger = logging.getLogger(__name__)
 
 # validate_request's errors that name a sampling field (the rest concern the prompt and its length).
-SAMPLING_FIELDS_CHECKED_WITH_PROMPTS = ("stop_token_ids", "logprobs")
+SAMPLING_FIELDS_CHECKED_WITH_PROMPTS = ("stop_token_ids", "logprobs", "prompt_logprobs")
 SEND_TIMEOUT_S = 30.0  # a live replica reads its input between steps; a full pipe this long means a hung one
 
 
@@ -181,20 +181,21 @@ class EngineClient:
 
     async def generate(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
                        detokenize: bool = False, is_disconnected=None,
-                       request_id: str | None = None) -> list[RequestOutput]:
+                       request_id: str | None = None, field: str = "prompts") -> list[RequestOutput]:
         """Run every prompt (with its n samples) on a replica; outputs in input order. Validates everything
         first, so a bad prompt queues nothing. ``is_disconnected``: an async callable; when it turns true, the
         request is aborted and its KV blocks freed. ``request_id`` (the caller's, e.g. ``X-Request-Id``): the
-        engine requests are ``{request_id}-{i}``, one per prompt, so that ``abort([request_id])`` finds them."""
+        engine requests are ``{request_id}-{i}``, one per prompt, so that ``abort([request_id])`` finds them.
+        ``field``: the request field the prompts came from, named in 400s about one of them."""
         self.check_serving()
         for i, (_, ids) in enumerate(prompts):
             try:
                 self.validate(ids, params)
             except ValueError as e:
-                field = str(e).split(" ", 1)[0].rstrip(":")
-                if field in SAMPLING_FIELDS_CHECKED_WITH_PROMPTS:  # about the sampling field, not this prompt
-                    raise BadRequest(str(e), param=field) from None
-                raise BadRequest(f"prompts[{i}]: {e}", param="prompts") from None
+                named = str(e).split(" ", 1)[0].rstrip(":")
+                if named in SAMPLING_FIELDS_CHECKED_WITH_PROMPTS:  # about the sampling field, not this prompt
+                    raise BadRequest(str(e), param=named) from None
+                raise BadRequest(f"{field}[{i}]: {e}", param=field) from None
         group = request_id if request_id else uuid.uuid4().hex[:12]
         request_ids = [f"{group}-{i}" for i in range(len(prompts))]
         if request_id and any(r in self.pending for r in request_ids):

@@ -1,6 +1,11 @@
 """An OpenAI-compatible subset: /v1/models, /v1/completions, /v1/chat/completions (what the ``openai`` SDK,
 TRL >= 1.10's client and load tools speak), with vLLM's extra fields (top_k, min_p, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, return_token_ids, return_tokens_as_token_ids).
+min_tokens, ignore_eos, stop_token_ids, return_token_ids, return_tokens_as_token_ids, prompt_logprobs).
+
+``prompt_logprobs=K`` (TRL >= 1.12's teacher scoring) puts vLLM's layout in each completion choice (at the top
+level of a chat completion): per prompt position, None for the first, then ``{str(token id): {"logprob",
+"rank", "decoded_token"}}`` for the prompt token and the top K. Unlike vLLM, which ignores the temperature for
+prompt logprobs, they are log_softmax(logits / temperature): the request's temperature says how to score.
 
 ``stream=true`` is answered as a server-sent event stream carrying the whole result in one chunk per choice
 (generation is batched; there is no token-by-token stream yet).
@@ -8,16 +13,19 @@ min_tokens, ignore_eos, stop_token_ids, return_token_ids, return_tokens_as_token
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from typing import Any
 
+import numpy as np
+
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from rlserve.outputs import CompletionOutput, RequestOutput
+from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
@@ -51,12 +59,14 @@ class OpenAISampling(BaseModel):
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
     structured_outputs: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None
 
     def params(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
         values = dict(n=self.n, max_tokens=max_tokens, stop=self.stop, seed=self.seed, min_tokens=self.min_tokens,
                       ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids, logprobs=logprobs,
                       include_stop_str_in_output=self.include_stop_str_in_output,
-                      skip_special_tokens=self.skip_special_tokens, structured_outputs=self.structured_outputs)
+                      skip_special_tokens=self.skip_special_tokens, structured_outputs=self.structured_outputs,
+                      prompt_logprobs=self.prompt_logprobs)
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                      "repetition_penalty"):
             if getattr(self, name) is not None:
@@ -145,6 +155,30 @@ def _chat_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | None:
     return {"content": content}
 
 
+def _prompt_logprobs(engine, pl: PromptLogprobs | None, as_ids: bool, names: dict) -> list | None:
+    """vLLM's layout of a prompt's logprobs (see the module docstring); -inf is sent as -9999.0, as vLLM does.
+    ``names``: token id -> (key, decoded token), shared by the prompts of one response."""
+    if pl is None:
+        return None
+
+    def name(token_id: int) -> tuple[str, str]:
+        if token_id not in names:
+            names[token_id] = (str(token_id), _token_str(engine, token_id, as_ids))
+        return names[token_id]
+
+    top_ids, top_values = pl.top_ids.tolist(), np.maximum(pl.top_logprobs, -9999.0).tolist()
+    values, ranks = np.maximum(pl.logprobs, -9999.0).tolist(), pl.ranks.tolist()
+    entries: list[dict | None] = [None]
+    for row, token_id in enumerate(pl.token_ids.tolist()):
+        key, text = name(token_id)
+        entry = {key: {"logprob": values[row], "rank": ranks[row], "decoded_token": text}}
+        for rank, (tid, value) in enumerate(zip(top_ids[row], top_values[row]), start=1):
+            key, text = name(tid)
+            entry[key] = {"logprob": value, "rank": rank, "decoded_token": text}
+        entries.append(entry)
+    return entries
+
+
 async def _generate(request: Request, prompts, params: SamplingParams) -> list[RequestOutput]:
     engine = engine_of(request)
     if request.app.state.draining:
@@ -178,21 +212,28 @@ async def completions(request: Request, body: CompletionRequest):
     items = tokenize_prompts(engine, prompt, "prompt")
     params = body.params(body.logprobs, body.max_tokens)
     outputs = await _generate(request, items, params)
-    choices = []
-    for o in outputs:
-        for c in o.outputs:
-            choice = {"index": len(choices), "text": c.text, "finish_reason": c.finish_reason,
-                      "stop_reason": c.stop_reason,
-                      "logprobs": _completion_logprobs(engine, c, body.return_tokens_as_token_ids)}
-            if body.return_token_ids:
-                choice.update(prompt_token_ids=o.prompt_token_ids, token_ids=c.token_ids)
-            choice["weight_versions"] = c.weight_versions
-            choices.append(choice)
-    result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-              "model": model, "choices": choices, "usage": _usage(outputs)}
-    if body.stream:
-        return _sse([dict(result, choices=[ch]) for ch in choices])
-    return json_response(result)
+
+    def respond():
+        choices, names = [], {}
+        for o in outputs:
+            prompt_logprobs = _prompt_logprobs(engine, o.prompt_logprobs, body.return_tokens_as_token_ids, names)
+            for c in o.outputs:
+                choice = {"index": len(choices), "text": c.text, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason,
+                          "logprobs": _completion_logprobs(engine, c, body.return_tokens_as_token_ids),
+                          "prompt_logprobs": prompt_logprobs}
+                if body.return_token_ids:
+                    choice.update(prompt_token_ids=o.prompt_token_ids, token_ids=c.token_ids)
+                choice["weight_versions"] = c.weight_versions
+                choices.append(choice)
+        result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                  "model": model, "choices": choices, "usage": _usage(outputs)}
+        if body.stream:
+            return _sse([dict(result, choices=[ch]) for ch in choices])
+        return json_response(result)
+
+    # Prompt logprobs of a batch of long prompts make a large answer: built off the event loop.
+    return await asyncio.to_thread(respond) if params.prompt_logprobs is not None else respond()
 
 
 @route(router, "POST", "/v1/chat/completions")
@@ -228,6 +269,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
               "model": model, "choices": choices, "usage": _usage(outputs)}
     if body.return_token_ids:
         result["prompt_token_ids"] = out.prompt_token_ids
+    if body.prompt_logprobs is not None:
+        result["prompt_logprobs"] = _prompt_logprobs(engine, out.prompt_logprobs, body.return_tokens_as_token_ids, {})
     if body.stream:
         chunks = [{"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
                    "model": model, "choices": [{"index": ch["index"], "delta": ch["message"],

@@ -51,6 +51,17 @@ class ChatRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
 
 
+class SequenceLogprobsRequest(BaseModel):
+    """TRL 1.9-1.10's teacher scoring: the logprobs of each sequence from its prompt length on."""
+    model_config = ConfigDict(extra="ignore")
+
+    sequences: list[list[int]]  # prompt + completion token ids
+    prompt_lengths: list[int]
+    top_logprobs: int = 100
+    temperature: float = 1.0
+    response_format: Literal["json", "binary"] = "json"  # "binary": base64 numpy arrays
+
+
 class InitCommunicatorRequest(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
