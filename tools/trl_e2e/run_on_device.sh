@@ -41,8 +41,6 @@ run_step() {
         2>&1 | tail -n 25 ;;
   esac
 }
-if [ -n "${PARALLEL:-}" ]; then  # independent steps at once (each e2e needs both GPUs, but little of them)
-  for step in "$@"; do run_step "$step" > "$OUT/step-$step.txt" 2>&1 & done; wait; cat "$OUT"/step-*.txt
-else
-  for step in "$@"; do run_step "$step"; done
-fi
+# One step at a time: each starts a server that sizes its KV cache from the GPU's free memory, so two servers
+# started together on one GPU starve each other.
+for step in "$@"; do run_step "$step"; done
