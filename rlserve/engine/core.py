@@ -129,6 +129,7 @@ class EngineCore:
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
         sched = self.scheduler.schedule()
+        self.runner.release(sched.preempted)  # their tables start over when they run again
         if sched.is_empty:
             return []
         sampled = self.runner.execute(sched)

@@ -5,6 +5,11 @@ Two entry points: ``schedule()`` picks the work of one step under one token budg
 catching up by one decode token or a prefill chunk; when blocks run out, the newest running sequence is
 preempted (its blocks freed, to be recomputed later). Waiting sequences are admitted while the budget, the
 sequence limit and the free blocks allow, unless a preemption happened this step.
+
+Invariant: at most ``max_num_seqs`` sequences run (a parent that has not forked yet counts once). A request
+whose ``n`` exceeds the room left when its prompt is done forks every sample at once -- each draws its first
+token from the prompt's logits and shares the prompt's blocks -- but only the samples that fit run; the
+others wait at the head of the queue, blocks held, and start as running ones finish.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    num_preempted: int = 0
+    preempted: list[Sequence] = field(default_factory=list)  # gave their blocks back this step
+
+    @property
+    def num_preempted(self) -> int:
+        return len(self.preempted)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -121,7 +130,7 @@ class Scheduler:
             while not bm.can_append(seq, n):
                 victim = self.running[-1]  # the newest; always at or after position i
                 self._preempt(victim)
-                out.num_preempted += 1
+                out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
@@ -138,14 +147,21 @@ class Scheduler:
             seq = self.waiting[0]
             if num_live + seq.num_samples_to_draw > self.max_num_seqs and num_live > 0:
                 break
-            hits = bm.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
-            if not bm.can_allocate(seq, hits, n):
-                break
-            self.waiting.popleft()
-            bm.allocate(seq, hits, n)
-            if seq.is_unforked_parent:
-                seq.request.num_cached_tokens = seq.num_computed_tokens
+            if seq.block_table:  # a forked sample waiting for room: it holds the prompt's blocks
+                n = min(seq.num_uncomputed_tokens, budget)
+                if not bm.can_append(seq, n):
+                    break
+                self.waiting.popleft()
+                out.block_copies += bm.append_slots(seq, n)
+            else:
+                hits = bm.find_cached_prefix(seq)
+                n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
+                if not bm.can_allocate(seq, hits, n):
+                    break
+                self.waiting.popleft()
+                bm.allocate(seq, hits, n)
+                if seq.is_unforked_parent:
+                    seq.request.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
@@ -203,12 +219,16 @@ class Scheduler:
             if parent.grammar_state is not None:
                 child.grammar_state = parent.grammar_state.copy()  # still at the start: no token accepted
             self.block_manager.fork(parent, child)
-            child.status = SequenceStatus.RUNNING
             children.append(child)
         request.seqs = [parent] + children
         request.is_forked = True
+        room = max(self.max_num_seqs - len(self.running), 0)  # the parent already runs
+        running, waiting = children[:room], children[room:]
+        for child in running:
+            child.status = SequenceStatus.RUNNING
         at = self.running.index(parent) + 1
-        self.running[at:at] = children
+        self.running[at:at] = running
+        self.waiting.extendleft(reversed(waiting))  # in sample order, ahead of newer requests
         return [parent] + children
 
     def _check_stop(self, seq: Sequence) -> None:
