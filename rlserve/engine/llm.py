@@ -19,7 +19,7 @@ from rlserve.tokenizer import load_tokenizer, render_chat
 class LLM:
     def __init__(self, model: str, revision: str | None = None, dtype: str = "auto", tensor_parallel_size: int = 1,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.9, device: str | None = None, seed: int = 0,
+                 gpu_memory_utilization: float = 0.9, device: str | None = None, seed: int | None = 0,
                  enforce_eager: bool = False, **engine_kwargs: Any):
         self.config = EngineConfig(
             model=model, revision=revision, dtype=dtype, tensor_parallel_size=tensor_parallel_size,

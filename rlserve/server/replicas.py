@@ -131,13 +131,14 @@ class EngineClient:
             raise EngineUnavailable(self.startup_error)
 
     def _replica_config(self, r: int) -> EngineConfig:
-        """Replica r runs on devices [r*tp, (r+1)*tp) of the visible ones."""
+        """Replica r knows its index (its own request seeds) and runs on devices [r*tp, (r+1)*tp) of the
+        visible ones."""
+        from dataclasses import replace
         device = self.config.resolved_device()
         if device.type != "cuda":
-            return self.config
-        from dataclasses import replace
+            return replace(self.config, data_parallel_rank=r)
         base = (device.index or 0) + r * self.config.tensor_parallel_size
-        return replace(self.config, device=f"cuda:{base}")
+        return replace(self.config, data_parallel_rank=r, device=f"cuda:{base}")
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         for replica in self.replicas:
