@@ -5,7 +5,8 @@ It owns the model, the KV cache tensor and the attention backend. It knows nothi
 
 Per step: copy-on-write block copies → inputs (token ids, positions, slot mapping, block tables, sequence
 lengths; decodes first) → forward (a CUDA-graph replay for decode batches on GPU) → logits of the rows that
-sample → sampler (fused on GPU for the common case) → one host sync to return the tokens.
+sample → sampler (one draw rule per device; when no row needs more than temperature, the model's logits go
+straight to the GPU draw kernel) → one host sync to return the tokens.
 
 Block tables live on the device, one row per running sequence, and are updated only where a sequence's
 table changed; each step gathers its rows. Slots are computed on the device from them.
@@ -20,7 +21,7 @@ import torch
 
 from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
-from rlserve.engine.sampler import SamplerOutput, is_simple, sample
+from rlserve.engine.sampler import SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows
 from rlserve.engine.sampling_batch import prepare_sampling
 from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
@@ -55,13 +56,11 @@ class ModelRunner:
         self.num_steps = 0
         self.graphs = None  # DecodeGraphs, once captured
         self.broadcast_step = None  # set under tensor parallelism: sends each step to the other ranks
-        self.fused_sample = None
-        if self.device.type == "cuda" and self.backend.name == "triton":
-            from rlserve.engine.sampler_triton import fused_sample
-            self.fused_sample = fused_sample
-        # Device block tables: row r holds the table of the sequence that owns it.
+        self.gumbel_sample = _gumbel_sampler(self.device)  # the draw rule of every row (sampler.py)
+        # Device block tables: row r holds the table of the sequence that owns it. The scheduler runs at most
+        # max_num_seqs sequences, and a sequence gives its row back when it finishes or is preempted.
         self.max_blocks_per_seq = -(-info.max_model_len // info.block_size)
-        self.num_rows = 2 * info.max_num_seqs
+        self.num_rows = info.max_num_seqs
         self.block_tables = torch.zeros(self.num_rows, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
         self.row_of: dict[int, int] = {}  # seq_id -> row
@@ -175,7 +174,8 @@ class ModelRunner:
 
     def _take_row(self) -> int:
         if not self.free_rows:
-            raise RuntimeError("no free block-table row: release() was not called for finished sequences")
+            raise RuntimeError(f"no free block-table row: more than max_num_seqs ({self.num_rows}) sequences "
+                               f"hold one (a sequence ended without release())")
         return self.free_rows.pop()
 
     def release(self, seqs) -> None:
@@ -239,19 +239,32 @@ class ModelRunner:
         self.num_steps += 1
         self.copy_blocks(step.block_copies)
         input_ids, positions, meta, sample_rows = self._device_inputs(step)
+        if not step.sample_rows:  # e.g. only prefill chunks that end before their prompt does
+            sample_rows = None
         if self.graphs is not None and meta.num_prefills == 0 and meta.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
-            return self.model.compute_logits(hidden)  # every decode samples
-        hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[sample_rows]) if step.sample_rows else None
+            if sample_rows is not None and len(step.sample_rows) == meta.num_seqs:
+                return self.model.compute_logits(hidden)  # every row samples: no gather
+        else:
+            hidden = self.model(input_ids, positions, meta)
+        # A one-token chunk of a prompt (the token budget cut it) runs among the decodes but draws nothing.
+        return None if sample_rows is None else self.model.compute_logits(hidden[sample_rows])
 
-    def _sample(self, logits: torch.Tensor, batch) -> SamplerOutput:
-        if self.fused_sample is not None and is_simple(batch):
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Draw every sample row. A request forking into more samples than a step runs sequences is drawn
+        in parts of ``max_num_seqs`` rows, so that the sampler's memory peak is the profiled one."""
+        num_rows, limit = batch.logits_index.numel(), self.info.max_num_seqs
+        if num_rows <= limit:
+            return self._sample_rows(logits, batch)
+        return concat_outputs([self._sample_rows(logits, slice_rows(batch, start, min(start + limit, num_rows)))
+                               for start in range(0, num_rows, limit)])
+
+    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if self.gumbel_sample is not None and is_simple(batch):  # the model's logits straight to the draw
             rows = logits.index_select(0, batch.logits_index) if batch.needs_gather else logits
-            temperature = torch.where(batch.is_greedy, 0.0, batch.temperature)
-            tokens, logprobs = self.fused_sample(rows, temperature, batch.seeds)
+            tokens, logprobs = self.gumbel_sample(rows, 1.0 / batch.temperature, batch.is_greedy, batch.seeds)
             return SamplerOutput(tokens, logprobs if batch.max_num_logprobs >= 0 else None, None, None)
-        return sample(logits.float(), batch)
+        return sample(logits.float(), batch, self.gumbel_sample)
 
     def _device_inputs(self, step: StepInput):
         dev, bs = self.device, self.block_size
@@ -309,3 +322,15 @@ class ModelRunner:
             return StepResult(host[0].long().tolist(), [], host[1].tolist())
         top = [list(zip(ids, lps)) for ids, lps in zip(out.top_ids.tolist(), out.top_logprobs.tolist())]
         return StepResult(out.token_ids.tolist(), [], out.logprobs.tolist(), top)
+
+
+def _gumbel_sampler(device: torch.device):
+    """The Triton Gumbel-max draw on CUDA (when Triton is there), else None: the inverse-CDF draw."""
+    if device.type != "cuda":
+        return None
+    try:
+        from rlserve.engine.sampler_triton import gumbel_sample
+    except ImportError:  # pragma: no cover - CUDA without Triton
+        logger.warning("Triton is not installed: sampling on CUDA draws by inverse CDF")
+        return None
+    return gumbel_sample

@@ -48,9 +48,11 @@ class _RequestRow:
 
     def __init__(self, p: SamplingParams, vocab_size: int, eos_token_ids: tuple[int, ...]):
         greedy = p.is_greedy
-        # temperature, greedy, top_k, top_p, min_p, repetition, presence, frequency, raw logprobs
-        self.values = (1.0 if greedy else p.temperature, greedy, p.top_k if p.top_k > 0 else vocab_size,
-                       p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+        # temperature, greedy, top_k, top_p, min_p, repetition, presence, frequency, raw logprobs. A greedy row
+        # takes the argmax: truncation would change nothing but its logprobs, so it has none (as in HF).
+        top_k = p.top_k if p.top_k > 0 and not greedy else vocab_size
+        self.values = (1.0 if greedy else p.temperature, greedy, top_k, 1.0 if greedy else p.top_p,
+                       0.0 if greedy else p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
                        p.logprobs_mode == "raw")
         self.logprobs = -1 if p.logprobs is None else p.logprobs
         self.min_tokens = p.min_tokens
