@@ -203,11 +203,14 @@ class ModelRunner:
         sampling_items = [item for item in items if item.samples]
         batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
         result = self._to_host(self._sample(logits, batch))
-        row = 0
+        row = k = 0
         for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
             if item.samples:
                 first_row[pos] = row
                 row += item.seq.num_samples_to_draw
+                if k in batch.failed_items:
+                    result.failed[pos] = batch.failed_items[k]
+                k += 1
         result.first_row = first_row
         return result
 

@@ -51,6 +51,7 @@ class SamplingBatch:
     allowed_mask: torch.Tensor | None = None  # [S, V] bool (structured outputs); None = all allowed
     max_num_logprobs: int = -1  # -1: no row wants logprobs; 0: sampled only; N: plus the top N
     raw_logprob_rows: torch.Tensor | None = None  # [S] bool: rows that want raw (unprocessed) logprobs
+    failed_items: dict[int, str] = field(default_factory=dict)  # item -> error: its rows are placeholders
 
 
 @dataclass

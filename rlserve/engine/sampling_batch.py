@@ -65,45 +65,60 @@ class _RequestRow:
 def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: tuple[int, ...],
                      device: torch.device) -> SamplingBatch:
     """Per-row sampling tensors for the sequences that sample this step (a forking parent: one row per
-    sample). Stages no row uses are left out, so the sampler skips them."""
+    sample). Stages no row uses are left out, so the sampler skips them. An item whose rows cannot be made
+    gets greedy placeholder rows and is listed in ``failed_items``: it fails alone."""
     logits_index, values, streams, positions = [], [], [], []
     banned_rows, banned_ids, penalty_rows, grammar_states = [], [], [], []
     max_logprobs = -1
     any_grammar = False
+    failed: dict[int, str] = {}
     for r, item in enumerate(items):
-        seq = item.seq
-        request = seq.request
-        row = request.sampling_row
-        if row is None:
-            row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
-        num_out = len(seq.token_ids) - seq.num_prompt_tokens
-        if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
-            logits_index.append(r)
-            values.append(row.values)
-            streams.append(seq.rng_seed)
-            positions.append(num_out)
-            grammar_states.append(seq.grammar_state)
+        mark = len(logits_index), len(banned_rows), len(penalty_rows)
+        try:
+            seq = item.seq
+            request = seq.request
+            row = request.sampling_row
+            if row is None:
+                row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
+            num_out = len(seq.token_ids) - seq.num_prompt_tokens
+            if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
+                logits_index.append(r)
+                values.append(row.values)
+                streams.append(seq.rng_seed)
+                positions.append(num_out)
+                grammar_states.append(seq.grammar_state)
+                if row.logprobs > max_logprobs:
+                    max_logprobs = row.logprobs
+                any_grammar = any_grammar or seq.grammar_state is not None
+                continue
+            count = seq.num_samples_to_draw
+            for k in range(count):
+                if row.min_tokens > num_out or row.penalties:
+                    index = len(logits_index)
+                    if row.min_tokens > num_out:
+                        banned_rows += [index] * len(row.banned)
+                        banned_ids += row.banned
+                    if row.penalties:
+                        penalty_rows.append((index, seq))
+                logits_index.append(r)
+                values.append(row.values)
+                streams.append(seq.rng_seed if count == 1 else sample_seed(seq, k))
+                positions.append(num_out)
+                grammar_states.append(seq.grammar_state)
             if row.logprobs > max_logprobs:
                 max_logprobs = row.logprobs
             any_grammar = any_grammar or seq.grammar_state is not None
-            continue
-        count = seq.num_samples_to_draw
-        for k in range(count):
-            if row.min_tokens > num_out or row.penalties:
-                index = len(logits_index)
-                if row.min_tokens > num_out:
-                    banned_rows += [index] * len(row.banned)
-                    banned_ids += row.banned
-                if row.penalties:
-                    penalty_rows.append((index, seq))
-            logits_index.append(r)
-            values.append(row.values)
-            streams.append(seq.rng_seed if count == 1 else sample_seed(seq, k))
-            positions.append(num_out)
-            grammar_states.append(seq.grammar_state)
-        if row.logprobs > max_logprobs:
-            max_logprobs = row.logprobs
-        any_grammar = any_grammar or seq.grammar_state is not None
+        except Exception as e:  # this request's draw fails alone (finish reason "error"), not the step
+            failed[r] = f"{type(e).__name__}: {e}"
+            for column in (logits_index, values, streams, positions, grammar_states):
+                del column[mark[0]:]
+            del banned_rows[mark[1]:], banned_ids[mark[1]:], penalty_rows[mark[2]:]
+            for _ in range(item.seq.num_samples_to_draw):  # placeholder rows: greedy, drawn and dropped
+                logits_index.append(r)
+                values.append((1.0, True, vocab_size, 1.0, 0.0, 1.0, 0.0, 0.0, False))
+                streams.append(0)
+                positions.append(0)
+                grammar_states.append(None)
     temperature, greedy, top_k, top_p, min_p, rep, pres, freq, raw = zip(*values)
     dev = device
     num_rows = len(logits_index)
@@ -113,7 +128,7 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
         is_greedy=torch.tensor(greedy, dtype=torch.bool, device=dev),
         seeds=torch.from_numpy(row_seeds(streams, positions)).to(dev),
         all_greedy=all(greedy), any_greedy=any(greedy), max_num_logprobs=max_logprobs,
-        needs_gather=num_rows != len(items))
+        needs_gather=num_rows != len(items), failed_items=failed)
     if min(top_k) < vocab_size:
         batch.top_k = torch.tensor(top_k, dtype=torch.int64, device=dev)
     if min(top_p) < 1.0:

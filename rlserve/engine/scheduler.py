@@ -59,6 +59,7 @@ class StepResult:
     first_row: list[int]
     logprobs: list[float] | None = None  # the sampled tokens' (when any row asked)
     top: list[list[tuple[int, float]]] | None = None  # the top N (when any row asked for N > 0)
+    failed: dict[int, str] = field(default_factory=dict)  # scheduled item -> why its draw failed
 
 
 def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity: int) -> int:
@@ -184,7 +185,7 @@ class Scheduler:
         touched: list[Sequence] = []
         token_ids, logprobs, top = result.token_ids, result.logprobs, result.top
         bs = bm.block_size
-        for item, row in zip(out.scheduled, result.first_row):
+        for i, (item, row) in enumerate(zip(out.scheduled, result.first_row)):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             if seq.num_computed_tokens // bs > seq.num_registered_blocks:
@@ -192,18 +193,17 @@ class Scheduler:
             if row < 0:
                 continue
             targets = self._fork(seq) if seq.is_unforked_parent else (seq,)
-            num_logprobs = seq.params.logprobs
+            error = result.failed.get(i)
             for target in targets:
-                target.append_token(token_ids[row], weight_version)
-                if num_logprobs is not None:
-                    target.sampled_logprobs.append(logprobs[row])
-                    if num_logprobs > 0:
-                        target.top_logprobs.append(top[row][:num_logprobs])
-                state = target.grammar_state
-                if state is not None and not state.accept(token_ids[row]):
-                    target.finish(SequenceStatus.FINISHED_ERROR, state.error)
+                if error is not None:
+                    target.finish(SequenceStatus.FINISHED_ERROR, error)
                 else:
-                    self._check_stop(target)
+                    try:  # an error here (a grammar's, say) ends this sample only
+                        self._apply_token(target, token_ids[row], weight_version,
+                                          None if logprobs is None else logprobs[row],
+                                          None if top is None else top[row])
+                    except Exception as e:
+                        target.finish(SequenceStatus.FINISHED_ERROR, f"{type(e).__name__}: {e}")
                 touched.append(target)
                 row += 1
         for seq in touched:
@@ -211,7 +211,22 @@ class Scheduler:
                 self._remove(seq)
         return touched
 
+    def _apply_token(self, seq: Sequence, token_id: int, weight_version: int, logprob, top) -> None:
+        seq.append_token(token_id, weight_version)
+        num_logprobs = seq.params.logprobs
+        if num_logprobs is not None:
+            seq.sampled_logprobs.append(logprob)
+            if num_logprobs > 0:
+                seq.top_logprobs.append(top[:num_logprobs])
+        state = seq.grammar_state
+        if state is not None and not state.accept(token_id):
+            seq.finish(SequenceStatus.FINISHED_ERROR, state.error)
+        else:
+            self._check_stop(seq)
+
     def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Split a parent whose prompt is done into its n samples. Those beyond ``max_num_seqs`` running
+        sequences wait at the head of the queue (their first token drawn, the prompt's blocks shared)."""
         request = parent.request
         children = []
         for index in range(1, request.params.n):

@@ -6,7 +6,8 @@ loop: sockets are asyncio ZMQ sockets, and every wait has a timeout.
 
 Failures: a replica that reports itself dead, or whose process exits, fails every in-flight request with a
 503 that names the cause and marks the whole client dead (``on_dead`` stops the server, a supervisor restarts
-it). A request that fails alone -- refused by its replica, or whose output cannot be processed -- fails alone.
+it). A request that fails alone -- refused by its replica, a sample that ends with finish reason "error" in
+the engine, or an output that cannot be processed -- fails alone (400 or 500, naming the cause).
 """
 
 from __future__ import annotations
@@ -348,6 +349,13 @@ class EngineClient:
             if m.stats is not None:
                 self.replicas[m.replica].stats = m.stats
             for update in m.updates:
+                if update.finish_reason == "error" and update.request_id in self.pending:
+                    # A sample failed inside the engine (a grammar error, say): the request fails now with
+                    # a 500 that says why, and its other samples are freed.
+                    self._fail_request(update.request_id, ServerError(
+                        f"request {update.request_id}: sample {update.index} failed in the engine: "
+                        f"{update.stop_reason}"))
+                    continue
                 try:
                     done, finish = self.processor.process(update)
                 except Exception as e:  # fails this request only; the others of the step go on
