@@ -314,3 +314,28 @@ def test_http_a_sample_failing_in_the_engine_fails_its_request_only_with_500(tin
             time.sleep(0.1)
         again = http.post("/generate/", json=dict(prompts=["ok"], max_tokens=2, temperature=0))
         assert again.status_code == 200 and http.get("/health/").status_code == 200
+
+
+# -- item 5 of the review: memory ------------------------------------------------------------------------------
+def test_rotary_table_is_built_once_at_max_model_len(tiny_model):
+    llm = LLM(tiny_model, device="cpu", max_model_len=96)
+    model = llm.engine.runner.model
+    tables = {id(layer.self_attn.rotary_emb) for layer in model.model.layers}
+    assert tables == {id(model.model.rotary_emb)}  # one module shared by every layer
+    assert model.model.rotary_emb.cos.shape[0] == 96  # not max_position_embeddings (2048)
+    assert sum(1 for _ in model.buffers()) == 2  # cos and sin, once
+    out = llm.generate([list(range(80))], SamplingParams(temperature=0, max_tokens=16, min_tokens=16))[0]
+    assert len(out.outputs[0].token_ids) == 16  # positions up to 95 read the table
+
+
+def test_the_memory_profiles_sampler_batch_runs_every_stage():
+    """The batch the CUDA memory profile samples (so that the KV cache leaves room for the sampler's peak)
+    goes through every stage and draws from the logits rows it gathers."""
+    from rlserve.engine.sampler import sample, worst_case_batch
+    batch = worst_case_batch(6, 2, 300, 20, torch.device("cpu"))
+    assert all(getattr(batch, name) is not None for name in (
+        "top_k", "top_p", "min_p", "repetition_penalty", "output_counts", "prompt_mask", "banned",
+        "allowed_mask", "raw_logprob_rows"))
+    out = sample(torch.randn(2, 300), batch)
+    assert out.token_ids.shape == (6,) and out.top_ids.shape == (6, 20)
+    assert bool((out.token_ids != 0).all())  # token 0 is banned (min_tokens) on every row

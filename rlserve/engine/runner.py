@@ -21,7 +21,8 @@ import torch
 
 from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
-from rlserve.engine.sampler import SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows
+from rlserve.engine.sampler import (SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows,
+                                    worst_case_batch)
 from rlserve.engine.sampling_batch import prepare_sampling
 from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
@@ -57,6 +58,7 @@ class ModelRunner:
         self.graphs = None  # DecodeGraphs, once captured
         self.broadcast_step = None  # set under tensor parallelism: sends each step to the other ranks
         self.gumbel_sample = _gumbel_sampler(self.device)  # the draw rule of every row (sampler.py)
+        self.profiled_peak_bytes: int | None = None  # CUDA: a step's peak without the KV cache (profiled)
         # Device block tables: row r holds the table of the sequence that owns it. The scheduler runs at most
         # max_num_seqs sequences, and a sequence gives its row back when it finishes or is preempted.
         self.max_blocks_per_seq = -(-info.max_model_len // info.block_size)
@@ -94,8 +96,8 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_free_memory(self, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take: run the largest step the scheduler can produce (every token of the
-        budget, logits and top logprobs for the most sequences) and keep what its peak leaves under
-        ``gpu_memory_utilization`` of the card."""
+        budget, logits for the most sequences, then the sampler with every stage on max_num_seqs rows -- the
+        most it draws at once) and keep what its peak leaves under ``gpu_memory_utilization`` of the card."""
         num_tokens = self.info.max_num_batched_tokens
         num_seqs = min(self.info.max_num_seqs, num_tokens)
         per_seq = num_tokens // num_seqs
@@ -104,12 +106,16 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         input_ids, positions, meta = self._dummy_batch(num_seqs, per_seq)
         hidden = self.model(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
-        torch.log_softmax(logits, dim=-1).topk(self.config.max_logprobs, dim=-1)
+        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])  # [num_seqs, V]
+        del hidden
+        batch = worst_case_batch(self.info.max_num_seqs, num_seqs, logits.shape[-1], self.config.max_logprobs,
+                                 self.device)
+        out = self._sample(logits, batch)
         torch.cuda.synchronize()
         kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         peak_without_kv = torch.cuda.max_memory_allocated() - kv_bytes
-        del hidden, logits
+        self.profiled_peak_bytes = peak_without_kv
+        del logits, batch, out
         self.kv_cache = None
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()

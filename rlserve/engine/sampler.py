@@ -178,6 +178,27 @@ def is_simple(batch: SamplingBatch) -> bool:
             and batch.raw_logprob_rows is None and batch.max_num_logprobs <= 0)
 
 
+def worst_case_batch(num_rows: int, num_logits_rows: int, vocab_size: int, max_logprobs: int,
+                     device: torch.device) -> SamplingBatch:
+    """A batch that runs every stage on every row (mask, min_tokens, penalties, min-p, top-k, top-p, raw and
+    top-N logprobs): what the memory profile samples, so that the KV cache leaves room for the sampler's
+    peak (top-p sorts [rows, vocab] with int64 indices)."""
+    def full(value, dtype=torch.float32):
+        return torch.full((num_rows,), value, dtype=dtype, device=device)
+
+    rows = torch.arange(num_rows, device=device)
+    return SamplingBatch(
+        logits_index=rows % num_logits_rows, temperature=full(0.7), is_greedy=full(False, torch.bool),
+        seeds=rows * 7919 + 1, all_greedy=False, any_greedy=False, needs_gather=True,
+        top_k=full(max(vocab_size // 2, 1), torch.int64), top_p=full(0.9), min_p=full(0.01),
+        repetition_penalty=full(1.1), presence_penalty=full(0.1), frequency_penalty=full(0.1),
+        output_counts=torch.zeros(num_rows, vocab_size, device=device),
+        prompt_mask=torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device),
+        banned=(rows, torch.zeros(num_rows, dtype=torch.int64, device=device)),
+        allowed_mask=torch.ones(num_rows, vocab_size, dtype=torch.bool, device=device),
+        max_num_logprobs=max_logprobs, raw_logprob_rows=full(True, torch.bool))
+
+
 def slice_rows(batch: SamplingBatch, start: int, stop: int) -> SamplingBatch:
     """Rows [start, stop) of a batch, to sample a large one in parts (a request forking into more samples
     than a step runs sequences); their logits_index still points into the step's logits."""
