@@ -273,6 +273,16 @@ def test_empty_prompts_list_gives_an_empty_result(http):
     assert_serves(http)
 
 
+def test_n_1024_with_the_default_limits_is_served(http):
+    """The schema allows n up to 1024; the CPU default runs 256 sequences (before, n > 512 killed the
+    replica with "no free block-table row")."""
+    out = generate(http, prompts=[[3, 4]], n=1024, max_tokens=2, temperature=1.0,
+                   generation_kwargs={"min_tokens": 2})
+    assert len(out["completion_ids"]) == 1024 and all(len(c) == 2 for c in out["completion_ids"])
+    wait_idle(http)
+    assert_serves(http)
+
+
 # -- bad input: 400 naming the field, then the server still serves ----------------------------------------
 BAD_GENERATE = [
     # (body fields, text the message must contain, expected param)

@@ -50,7 +50,7 @@ class _RequestRow:
         greedy = p.is_greedy
         # temperature, greedy, top_k, top_p, min_p, repetition, presence, frequency, raw logprobs. A greedy row
         # takes the argmax: truncation would change nothing but its logprobs, so it has none (as in HF).
-        top_k = p.top_k if p.top_k > 0 and not greedy else vocab_size
+        top_k = min(p.top_k, vocab_size) if p.top_k > 0 and not greedy else vocab_size
         self.values = (1.0 if greedy else p.temperature, greedy, top_k, 1.0 if greedy else p.top_p,
                        0.0 if greedy else p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
                        p.logprobs_mode == "raw")
