@@ -339,3 +339,57 @@ def test_the_memory_profiles_sampler_batch_runs_every_stage():
     out = sample(torch.randn(2, 300), batch)
     assert out.token_ids.shape == (6,) and out.top_ids.shape == (6, 20)
     assert bool((out.token_ids != 0).all())  # token 0 is banned (min_tokens) on every row
+
+
+# -- on CUDA: the graph branch with one-token chunks, and the memory profile -----------------------------------
+@pytest.mark.gpu
+def test_one_token_prompt_chunk_among_decodes_in_a_real_cuda_graph(tiny_model):
+    """max_num_batched_tokens == max_num_seqs on CUDA: steps of decodes plus a one-token prompt chunk replay a
+    captured graph; the tokens equal those of the eager engine."""
+    config = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=4,
+                  gpu_memory_utilization=0.2)
+    batch = [[5], [6], [7], [9] * 30, [3, 1, 4, 1, 5]]
+    params = [SamplingParams(temperature=0, max_tokens=10, min_tokens=10),
+              SamplingParams(temperature=1.0, seed=5, top_p=0.9, max_tokens=10, min_tokens=10, logprobs=0),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=10, min_tokens=10, logprobs=0)]
+    eager = LLM(tiny_model, enforce_eager=True, **config)
+    want = [tokens(eager.generate(batch, p)) for p in params]
+    del eager
+    llm = LLM(tiny_model, **config)
+    runner = llm.engine.runner
+    assert runner.graphs is not None
+    cut_chunks, forward = [], runner.forward
+
+    def recording_forward(step):
+        if step.num_decodes == len(step.query_lens) and len(step.sample_rows) < len(step.query_lens):
+            cut_chunks.append(step)
+        return forward(step)
+
+    runner.forward = recording_forward
+    assert [tokens(llm.generate(batch, p)) for p in params] == want
+    assert cut_chunks
+    assert_no_leak(llm)
+
+
+@pytest.mark.gpu
+def test_the_memory_profile_covers_the_samplers_peak(tmp_path):
+    """The profiled peak (forward + logits + the sampler with every stage on max_num_seqs rows) is at least
+    what the sampler alone takes on its worst batch, so the KV cache leaves room for it. A Qwen-sized
+    vocabulary on a tiny network: the sampler's [rows, vocab] tensors dominate."""
+    from rlserve.engine.sampler import worst_case_batch
+    from rlserve.models.tiny import make_tiny_model
+    model = make_tiny_model(tmp_path / "big-vocab", "qwen2", seed=1, vocab_size=151936)
+    llm = LLM(str(model), device="cuda", dtype="bfloat16", max_num_seqs=256, gpu_memory_utilization=0.3)
+    runner = llm.engine.runner
+    assert runner.profiled_peak_bytes is not None and runner.profiled_peak_bytes > 0
+    rows, vocab = 256, llm.info.vocab_size
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    batch = worst_case_batch(rows, rows, vocab, llm.engine.config.max_logprobs, torch.device("cuda"))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = runner._sample(logits, batch)
+    torch.cuda.synchronize()
+    sampler_peak = torch.cuda.max_memory_allocated() - base
+    assert out.token_ids.shape == (rows,)
+    assert sampler_peak <= runner.profiled_peak_bytes, (sampler_peak, runner.profiled_peak_bytes)
