@@ -393,3 +393,18 @@ def test_the_memory_profile_covers_the_samplers_peak(tmp_path):
     sampler_peak = torch.cuda.max_memory_allocated() - base
     assert out.token_ids.shape == (rows,)
     assert sampler_peak <= runner.profiled_peak_bytes, (sampler_peak, runner.profiled_peak_bytes)
+
+
+# -- item 6 of the review: penalty state built on the device from token ids ----------------------------------
+def test_penalty_counts_and_prompt_mask_are_built_from_token_ids():
+    """The penalised rows' [S, V] counts and prompt mask, built where the logits are from the ids alone (no
+    dense host tensor), equal the dense reference; rows without penalties stay zero."""
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(), SamplingParams(frequency_penalty=0.5)]
+    batch = sampling_batch_of(params, 50, "cpu")  # prompt [1, 2, 3], outputs [10, 11, 10, 12]
+    counts = torch.zeros(3, 50)
+    mask = torch.zeros(3, 50, dtype=torch.bool)
+    for row in (0, 2):
+        for t in (10, 11, 10, 12):
+            counts[row, t] += 1
+        mask[row, [1, 2, 3]] = True
+    assert torch.equal(batch.output_counts, counts) and torch.equal(batch.prompt_mask, mask)

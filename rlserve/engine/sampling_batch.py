@@ -44,7 +44,7 @@ def row_seeds(stream_seeds: list[int], positions: list[int]) -> np.ndarray:
 
 class _RequestRow:
     """A request's sampling parameters as one row of the batch's columns, computed once per request."""
-    __slots__ = ("values", "logprobs", "min_tokens", "banned", "penalties", "checks")
+    __slots__ = ("values", "logprobs", "min_tokens", "banned", "penalties", "checks", "prompt_ids")
 
     def __init__(self, p: SamplingParams, vocab_size: int, eos_token_ids: tuple[int, ...]):
         greedy = p.is_greedy
@@ -60,6 +60,38 @@ class _RequestRow:
         self.banned = sorted(t for t in stop_ids if t < vocab_size)  # masked until min_tokens
         self.penalties = p.uses_penalties
         self.checks = self.penalties or self.min_tokens > 0  # rows needing per-step work beyond the columns
+        self.prompt_ids: list[int] | None = None  # the prompt's distinct ids (penalties), once needed
+
+
+def _penalty_state(penalty_rows: list[tuple[int, Sequence]], num_rows: int, vocab_size: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output-token counts [S, V] fp32 and prompt-token mask [S, V] bool of the penalised rows, built on the
+    device from the token ids: only the ids cross to it (one copy), never a dense [S, V] host tensor (311 MB a
+    step at 512 rows x 152k). A request's distinct prompt ids are computed once."""
+    rows: list[int] = []
+    ids: list[int] = []
+    prompt_rows: list[int] = []
+    prompt_ids: list[int] = []
+    for row, seq in penalty_rows:
+        out = seq.token_ids[seq.num_prompt_tokens:]
+        rows += [row] * len(out)
+        ids += out
+        request = seq.request
+        distinct = request.sampling_row.prompt_ids
+        if distinct is None:
+            distinct = request.sampling_row.prompt_ids = sorted(set(request.prompt_token_ids))
+        prompt_rows += [row] * len(distinct)
+        prompt_ids += distinct
+    num_out = len(rows)
+    packed = torch.tensor(rows + ids + prompt_rows + prompt_ids, dtype=torch.int64).to(device, non_blocking=True)
+    counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
+    if num_out:
+        counts.index_put_((packed[:num_out], packed[num_out:2 * num_out]),
+                          torch.ones(num_out, dtype=torch.float32, device=device), accumulate=True)
+    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+    num_prompt = len(prompt_rows)
+    prompt_mask[packed[2 * num_out:2 * num_out + num_prompt], packed[2 * num_out + num_prompt:]] = True
+    return counts, prompt_mask
 
 
 def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: tuple[int, ...],
@@ -142,15 +174,7 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
     if banned_rows:
         batch.banned = (torch.tensor(banned_rows, device=dev), torch.tensor(banned_ids, device=dev))
     if penalty_rows:
-        counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32)
-        prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool)
-        for row, seq in penalty_rows:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.int64)
-            if len(out):
-                counts[row].index_add_(0, out, torch.ones(len(out)))
-            prompt_mask[row, torch.tensor(seq.token_ids[:seq.num_prompt_tokens])] = True
-        batch.output_counts = counts.to(dev)
-        batch.prompt_mask = prompt_mask.to(dev)
+        batch.output_counts, batch.prompt_mask = _penalty_state(penalty_rows, num_rows, vocab_size, dev)
         batch.repetition_penalty = torch.tensor(rep, dtype=torch.float32, device=dev)
         batch.presence_penalty = torch.tensor(pres, dtype=torch.float32, device=dev)
         batch.frequency_penalty = torch.tensor(freq, dtype=torch.float32, device=dev)
