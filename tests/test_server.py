@@ -429,7 +429,7 @@ def test_aborted_requests_are_counted_once_as_aborted(server, http):
 
 @pytest.fixture(scope="module")
 def dp_http(tiny_model):
-    """A server with --data_parallel_size 2 (and no --seed: fresh entropy)."""
+    """A server with --data_parallel_size 2 (and the tests' --seed 0: each replica derives its own stream)."""
     with running_server(tiny_model, "--data_parallel_size", "2") as s, \
             httpx.Client(base_url=s.url, timeout=120) as c:
         yield c
