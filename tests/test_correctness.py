@@ -297,7 +297,8 @@ def test_http_a_sample_failing_in_the_engine_fails_its_request_only_with_500(tin
     (tmp_path / "sitecustomize.py").write_text(FAULTY_GRAMMAR)
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     good = dict(prompts=[[1, 2, 3]], n=2, max_tokens=30, temperature=1.0, generation_kwargs={"ignore_eos": True})
-    bad = dict(prompts=[[4, 5]], n=3, max_tokens=30, generation_kwargs={"structured_outputs": {"regex": "x+"}})
+    bad = dict(prompts=[[4, 5]], n=3, max_tokens=30,  # min_tokens: past the second token, where the fault is
+               generation_kwargs={"structured_outputs": {"regex": "x+"}, "min_tokens": 5})
     with running_server(tiny_model, env={"PYTHONPATH": path}) as server, \
             httpx.Client(base_url=server.url, timeout=60) as http, ThreadPoolExecutor(2) as pool:
         running = pool.submit(http.post, "/generate/", json=good)
