@@ -62,7 +62,10 @@ def add_serve_parser(sub) -> None:
     _flag(p, "max_num_batched_tokens", type=int, default=None, help="Token budget of one engine step.")
     _flag(p, "num_kv_blocks", type=int, default=None, help="Force the KV cache size in blocks (testing).")
     _flag(p, "block_size", type=int, default=16, help="Tokens per KV cache block.")
-    _flag(p, "seed", type=int, default=0, help="Seed for requests that do not give one.")
+    _flag(p, "seed", type=int, default=None,
+          help="Seed of the random streams of requests that do not give one (each data-parallel replica "
+               "derives its own from it). Default: fresh entropy at every start, so that replicas and "
+               "restarts draw independent samples.")
     _flag(p, "load_format", default="auto", choices=["auto", "dummy"],
           help="'dummy' starts from random weights (benchmarks, or a trainer that pushes all weights).")
     _flag(p, "shutdown_timeout", type=float, default=30.0,

@@ -30,7 +30,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
-    seed: int = 0
+    seed: int | None = 0  # the request-seed generator's; None: fresh OS entropy (see EngineCore)
+    data_parallel_rank: int = 0  # which replica this engine is (its request seeds differ from the others')
     block_size: int = 16
     max_num_seqs: int | None = None  # None: 512 on CUDA, 256 on CPU
     max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on CPU
@@ -59,6 +60,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.data_parallel_rank < 0:
+            raise ValueError(f"data_parallel_rank must be >= 0, got {self.data_parallel_rank}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.cpu_kv_cache_gb <= 0:

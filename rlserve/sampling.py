@@ -135,9 +135,14 @@ def _check_int(name: str, value, low, high, hint: str = "") -> None:
         raise ValueError(f"{name} must be <= {high}{hint}, got {value}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the sampler computes in fp32: larger values would become inf there
+
+
 def _check_float(name: str, value, low, high, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite 32-bit float (at most {FLOAT32_MAX:.4g} in size), got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:

@@ -25,8 +25,10 @@ class ServerProcess:
                  device: str = "cpu"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # --seed 0: unseeded requests draw the same samples in every run, so that tests are reproducible (the
+        # server's default is fresh entropy); a test's own --seed comes later and wins.
         cmd = [sys.executable, "-m", "rlserve.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", device, "--log_level", "warning", *args]
+               "--port", str(self.port), "--device", device, "--log_level", "warning", "--seed", "0", *args]
         self.log = open(os.devnull, "w") if os.environ.get("RLSERVE_TEST_QUIET") else None
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
         self.wait_healthy(startup_timeout)

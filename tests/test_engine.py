@@ -36,6 +36,9 @@ def reference(tiny_model):
     dict(num_kv_blocks=12, block_size=8),  # forces preemption
     dict(max_num_batched_tokens=7),  # forces chunked prefill, mixed with decodes
     dict(block_size=4, max_num_seqs=3),
+    dict(max_num_seqs=2),  # n = 3 samples run in parts; their first tokens drawn in parts of two rows
+    # A budget of max_num_seqs + 1: one-token prompt chunks that draw nothing run among the decodes.
+    dict(max_num_seqs=2, max_num_batched_tokens=3),
 ])
 def test_variants_give_identical_outputs(tiny_model, reference, variant):
     batch, greedy, sampled, want_greedy, want_sampled = reference

@@ -80,7 +80,7 @@ def test_fused_sampler_logprobs_equal_transformers(small_model_dir):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).cuda().eval()
     llm = LLM(str(small_model_dir), device="cuda", dtype="float32", gpu_memory_utilization=0.5)
-    assert llm.engine.runner.fused_sample is not None
+    assert llm.engine.runner.gumbel_sample is not None
     batch = prompts(4, seed=4, vocab=32000, low=5, high=50)
     outs = llm.generate(batch, SamplingParams(temperature=0.8, max_tokens=32, logprobs=0, seed=1, n=2,
                                               ignore_eos=True))

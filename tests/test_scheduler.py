@@ -162,3 +162,75 @@ def test_score_only_prompt_may_fill_the_context():
         s.check_fits(33, 0)
     with pytest.raises(ValueError, match="must be shorter than max_model_len"):
         s.check_fits(32, 1)
+
+
+def test_n_larger_than_max_num_seqs_runs_in_parts():
+    """n = 10 on a 4-sequence scheduler: all ten samples draw their first token from the prompt, four run,
+    the other six wait (sharing the prompt's blocks) and start as running ones finish."""
+    s = make_scheduler(max_seqs=4, block_size=4)
+    req = add(s, "a", 6, n=10, max_tokens=3)
+    run_step(s)  # the prompt: the fork
+    assert len(req.seqs) == 10 and all(len(seq.output_token_ids) == 1 for seq in req.seqs)
+    assert len(s.running) == 4 and len(s.waiting) == 6
+    assert all(seq.block_table == req.seqs[0].block_table for seq in req.seqs)
+    while s.num_unfinished:
+        out = run_step(s)
+        assert len(out.scheduled) <= 4 and len(s.running) <= 4
+        s.block_manager.check_invariants()
+    assert [seq.output_token_ids for seq in req.seqs] == [[7, 7, 7]] * 10
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
+def test_waiting_samples_of_a_large_n_go_before_newer_requests():
+    s = make_scheduler(max_seqs=2)
+    big = add(s, "big", 4, n=5, max_tokens=2)
+    run_step(s)
+    later = add(s, "later", 4, first=40, max_tokens=2)
+    started = set()
+    for _ in range(50):
+        if not s.num_unfinished:
+            break
+        out = run_step(s)
+        assert len(s.running) <= 2
+        ids = {item.seq.request.request_id for item in out.scheduled}
+        if "later" in ids:
+            assert all(seq.status.is_finished or seq in s.running for seq in big.seqs)  # all started first
+        started |= ids
+    assert not s.num_unfinished
+    assert all(seq.status == SequenceStatus.FINISHED_LENGTH for seq in big.seqs + later.seqs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_never_runs_more_than_max_num_seqs(seed):
+    """Random prompts, n, lengths and EOS draws on a small cache (preemption) and a small budget (chunked
+    prefill): at most max_num_seqs sequences run or are scheduled in any step, block accounting holds, and
+    every request ends with each of its samples."""
+    import random
+    rng = random.Random(seed)
+    max_seqs = rng.choice([1, 2, 3, 5, 8])
+    s = make_scheduler(num_blocks=rng.choice([12, 24, 64]), block_size=4, budget=rng.choice([3, 6, 16, 64]),
+                       max_seqs=max_seqs, max_len=64)
+    requests = []
+    for step in range(400):
+        if len(requests) < 12 and rng.random() < 0.3:
+            prompt_len = rng.randrange(1, 20)
+            max_tokens = rng.randrange(1, 12)
+            try:
+                requests.append(add(s, f"r{len(requests)}", prompt_len, first=rng.randrange(0, 50),
+                                    n=rng.choice([1, 2, 3, 7, 20]), max_tokens=max_tokens))
+            except ValueError:  # larger than the whole cache: refused at admission
+                pass
+        if not s.num_unfinished:
+            continue
+        out = run_step(s, token=EOS if rng.random() < 0.05 else 7)
+        assert len(out.scheduled) <= max_seqs and len(s.running) <= max_seqs
+        s.block_manager.check_invariants()
+    for _ in range(2000):
+        if not s.num_unfinished:
+            break
+        out = run_step(s)
+        assert len(out.scheduled) <= max_seqs and len(s.running) <= max_seqs
+    assert not s.num_unfinished, "the scheduler stopped making progress"
+    for req in requests:
+        assert len(req.seqs) == req.params.n and req.is_finished
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks

@@ -273,6 +273,16 @@ def test_empty_prompts_list_gives_an_empty_result(http):
     assert_serves(http)
 
 
+def test_n_1024_with_the_default_limits_is_served(http):
+    """The schema allows n up to 1024; the CPU default runs 256 sequences (before, n > 512 killed the
+    replica with "no free block-table row")."""
+    out = generate(http, prompts=[[3, 4]], n=1024, max_tokens=2, temperature=1.0,
+                   generation_kwargs={"min_tokens": 2})
+    assert len(out["completion_ids"]) == 1024 and all(len(c) == 2 for c in out["completion_ids"])
+    wait_idle(http)
+    assert_serves(http)
+
+
 # -- bad input: 400 naming the field, then the server still serves ----------------------------------------
 BAD_GENERATE = [
     # (body fields, text the message must contain, expected param)
@@ -417,27 +427,50 @@ def test_aborted_requests_are_counted_once_as_aborted(server, http):
     assert_serves(http)
 
 
-def test_data_parallel_2_same_outputs_in_order_on_both_replicas(tiny_model, llm):
-    prompts = TEXT_PROMPTS + TOKEN_PROMPTS
-    want = offline(llm, prompts, max_tokens=10, temperature=0)
+@pytest.fixture(scope="module")
+def dp_http(tiny_model):
+    """A server with --data_parallel_size 2 (and the tests' --seed 0: each replica derives its own stream)."""
     with running_server(tiny_model, "--data_parallel_size", "2") as s, \
             httpx.Client(base_url=s.url, timeout=120) as c:
-        assert c.get("/get_world_size/").json() == {"world_size": 2}
-        assert c.get("/health/").status_code == 200
-        text = generate(c, prompts=TEXT_PROMPTS, max_tokens=10, temperature=0)
-        tokens = generate(c, prompts=TOKEN_PROMPTS, max_tokens=10, temperature=0)
-        assert text["completion_ids"] + tokens["completion_ids"] == want
-        assert text["prompt_ids"] == [list(p.encode()) for p in TEXT_PROMPTS]
-        assert tokens["prompt_ids"] == TOKEN_PROMPTS
-        sampled = generate(c, prompts=TOKEN_PROMPTS, n=2, max_tokens=6, temperature=1.0,
-                           generation_kwargs={"seed": 9})
-        assert sampled["completion_ids"] == offline(llm, TOKEN_PROMPTS, n=2, max_tokens=6, temperature=1.0,
-                                                    seed=9)
-        info = c.get("/server_info/").json()
-        assert info["data_parallel_size"] == 2 and len(info["replicas"]) == 2
-        assert all(r["num_steps"] > 0 for r in info["replicas"]), info["replicas"]
-        assert len({r["pid"] for r in info["replicas"]}) == 2
-        wait_idle(c)
+        yield c
+
+
+def test_data_parallel_2_identical_unseeded_requests_at_once_are_independent(dp_http):
+    """The same prompt twice at once lands once on each replica (routing by outstanding tokens). Each replica
+    draws request seeds from its own stream, so the unseeded samples differ -- before, every replica's
+    generator started from --seed and their first requests came back identical. With a seed, they agree.
+    Runs first on this server, while both replicas are at their first draw."""
+    body = dict(prompts=[[7, 8, 9]] * 2, max_tokens=16, temperature=1.0, generation_kwargs={"ignore_eos": True})
+    before = [r["num_steps"] for r in replica_stats(dp_http)]
+    first, second = generate(dp_http, **body)["completion_ids"]
+    assert first != second
+    assert all(r["num_steps"] > b for r, b in zip(replica_stats(dp_http), before))  # one on each replica
+    first, second = generate(dp_http, **dict(body, generation_kwargs={"ignore_eos": True, "seed": 5}))[
+        "completion_ids"]
+    assert first == second
+    wait_idle(dp_http)
+
+
+def test_data_parallel_2_same_outputs_in_order_on_both_replicas(dp_http, llm):
+    prompts = TEXT_PROMPTS + TOKEN_PROMPTS
+    want = offline(llm, prompts, max_tokens=10, temperature=0)
+    c = dp_http
+    assert c.get("/get_world_size/").json() == {"world_size": 2}
+    assert c.get("/health/").status_code == 200
+    text = generate(c, prompts=TEXT_PROMPTS, max_tokens=10, temperature=0)
+    tokens = generate(c, prompts=TOKEN_PROMPTS, max_tokens=10, temperature=0)
+    assert text["completion_ids"] + tokens["completion_ids"] == want
+    assert text["prompt_ids"] == [list(p.encode()) for p in TEXT_PROMPTS]
+    assert tokens["prompt_ids"] == TOKEN_PROMPTS
+    sampled = generate(c, prompts=TOKEN_PROMPTS, n=2, max_tokens=6, temperature=1.0,
+                       generation_kwargs={"seed": 9})
+    assert sampled["completion_ids"] == offline(llm, TOKEN_PROMPTS, n=2, max_tokens=6, temperature=1.0,
+                                                seed=9)
+    info = c.get("/server_info/").json()
+    assert info["data_parallel_size"] == 2 and len(info["replicas"]) == 2
+    assert all(r["num_steps"] > 0 for r in info["replicas"]), info["replicas"]
+    assert len({r["pid"] for r in info["replicas"]}) == 2
+    wait_idle(c)
 
 
 # -- the command line -------------------------------------------------------------------------------------

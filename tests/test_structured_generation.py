@@ -92,7 +92,7 @@ def test_http_fields_reach_the_engine(tiny_model):
         url = server.url
         r = httpx.post(url + "/generate/", json={"prompts": ["x"], "n": 3, "max_tokens": 32,
                                                  "structured_outputs_regex": REGEX}, timeout=60).json()
-        texts = [bytes(ids).decode(errors="replace") for ids in r["completion_ids"]]
+        texts = [bytes(t for t in ids if t < 256).decode(errors="replace") for ids in r["completion_ids"]]
         assert all(check("regex", t) for t in texts), texts
         for kind in ("regex", "json", "choice"):
             r = httpx.post(url + "/generate/", json={

@@ -50,6 +50,36 @@ def test_weight_update_with_tp2_equals_tp1(tiny_models, tmp_path):
         assert greedy_tokens(tp2, batch) == greedy_tokens(LLM(str(other), device="cpu"), batch)
 
 
+def test_an_old_tp_engine_collected_late_leaves_a_newer_engines_group_alone(tiny_models, monkeypatch):
+    """The cause of test_weight_update_with_tp2_equals_tp1's flakiness in full runs: a TP engine sits in a
+    reference cycle (runner -> its bound broadcast method -> engine) until the garbage collector gets to it,
+    and its ``__del__`` -> ``shutdown()`` destroyed *the process's default group* -- by then the next
+    engine's. A collection during the next engine's start made its first collective fail ("not initialized
+    in the world group map"). Forced here at the worst moment, and again while the new engine runs."""
+    import gc
+
+    import torch.distributed as dist
+
+    from rlserve.distributed import tp_engine
+    batch = prompts(n=2, seed=5)
+    with LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2) as old:
+        want = greedy_tokens(old, batch)
+    del old
+    init_group = tp_engine._init_group
+
+    def init_then_collect(*args):
+        tp = init_group(*args)
+        gc.collect()  # the old engine's __del__ runs here
+        return tp
+
+    monkeypatch.setattr(tp_engine, "_init_group", init_then_collect)
+    with LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2) as new:
+        gc.collect()
+        assert dist.is_initialized()
+        assert greedy_tokens(new, batch) == want
+    assert not dist.is_initialized()  # its own group is destroyed on shutdown
+
+
 def test_heads_not_divisible_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide the model's num_attention_heads \(4\)"):
         LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=3)

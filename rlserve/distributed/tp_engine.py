@@ -16,7 +16,6 @@ import datetime
 import logging
 import multiprocessing
 import os
-import socket
 import threading
 import traceback
 from dataclasses import replace
@@ -34,12 +33,6 @@ logger = logging.getLogger(__name__)
 TP_TIMEOUT = datetime.timedelta(seconds=300)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     device = config.resolved_device()
     if device.type != "cuda":
@@ -47,14 +40,16 @@ def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     return replace(config, device=f"cuda:{(device.index or 0) + rank}")
 
 
-def _init_group(config: EngineConfig, rank: int, init_method: str) -> TensorParallel:
+def _init_group(config: EngineConfig, rank: int, store: dist.Store) -> TensorParallel:
+    """Join the ranks' default process group through ``store`` (rank 0 hosts it on a port the OS gave it,
+    so that no other process can take the port between choosing and binding it)."""
     size = config.tensor_parallel_size
     cuda = config.resolved_device().type == "cuda"
     if cuda:
         torch.cuda.set_device(_rank_config(config, rank).resolved_device())
     else:
         torch.set_num_threads(max(1, torch.get_num_threads() // size))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=size,
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=size,
                             timeout=TP_TIMEOUT)
     return TensorParallel(rank, size, dist.group.WORLD)
 
@@ -64,19 +59,24 @@ class TensorParallelEngine(EngineCore):
         from rlserve.engine.worker import check_tensor_parallel
         check_tensor_parallel(load_config(resolve_model_dir(config.model, config.revision)),
                               config.tensor_parallel_size)
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        store = dist.TCPStore("127.0.0.1", 0, config.tensor_parallel_size, is_master=True, timeout=TP_TIMEOUT,
+                              wait_for_workers=False)
         spawn = multiprocessing.get_context("spawn")
         self.workers: list[multiprocessing.Process] = []
         self.pipes = []
         self._pipe_lock = threading.Lock()  # steps (main thread) and weight-sync joins (a thread) share pipes
+        self._group = None  # the default process group this engine made (destroyed by shutdown(), if still it)
+        self._num_threads = torch.get_num_threads()  # rank 0 runs in the caller's process: restored at shutdown
+        self._is_shut_down = False
         for rank in range(1, config.tensor_parallel_size):
             parent, child = spawn.Pipe()
             proc = spawn.Process(target=run_tp_worker, name=f"rlserve-tp{rank}", daemon=True,
-                                 args=(config, rank, init_method, child, attention_backend))
+                                 args=(config, rank, store.port, child, attention_backend))
             proc.start()
             self.workers.append(proc)
             self.pipes.append(parent)
-        tp = _init_group(config, 0, init_method)
+        tp = _init_group(config, 0, store)
+        self._group = tp.group
         super().__init__(config, tp, attention_backend)
         for pipe in self.pipes:
             self._expect(pipe, "ready")
@@ -126,6 +126,12 @@ class TensorParallelEngine(EngineCore):
         super().close_weight_sync(group)
 
     def shutdown(self) -> None:
+        """Stop the workers and destroy this engine's process group -- only its own: the default group of
+        this process may belong to a newer engine by now (``__del__`` runs whenever the garbage collector
+        gets to an old engine, which used to destroy the group of the one starting or running then)."""
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
         for pipe in self.pipes:
             try:
                 pipe.send(("shutdown", None))
@@ -135,8 +141,10 @@ class TensorParallelEngine(EngineCore):
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
-        if dist.is_initialized():
+        if self._group is not None and dist.is_initialized() and dist.group.WORLD is self._group:
             dist.destroy_process_group()
+        self._group = None
+        torch.set_num_threads(self._num_threads)
 
     def __del__(self):
         try:
@@ -145,12 +153,14 @@ class TensorParallelEngine(EngineCore):
             pass
 
 
-def run_tp_worker(config: EngineConfig, rank: int, init_method: str, pipe, attention_backend: str) -> None:
+def run_tp_worker(config: EngineConfig, rank: int, store_port: int, pipe, attention_backend: str) -> None:
     """Process entry point of rank > 0: build the shard the same way rank 0 does, then serve its pipe."""
     logging.basicConfig(level="INFO", format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
     try:
         from rlserve.engine.worker import load_worker
-        tp = _init_group(config, rank, init_method)
+        store = dist.TCPStore("127.0.0.1", store_port, config.tensor_parallel_size, is_master=False,
+                              timeout=TP_TIMEOUT)
+        tp = _init_group(config, rank, store)
         loaded = load_worker(_rank_config(config, rank), tp, attention_backend)
         pipe.send(("ok", "ready"))
         TensorParallelWorker(loaded, rank, pipe).run()

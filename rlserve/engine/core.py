@@ -9,6 +9,7 @@ sequence to the front end when it finishes, or every step for streamed requests.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.scheduler import Scheduler, check_fits
-from rlserve.engine.sequence import Request, Sequence, SequenceStatus
+from rlserve.engine.sequence import Request, Sequence, SequenceStatus, stream_seed
 from rlserve.engine.structured import GrammarCompiler, check_spec
 from rlserve.engine.worker import load_worker
 from rlserve.outputs import PromptLogprobs
@@ -47,6 +48,21 @@ def validate_request(info: RuntimeInfo, prompt_token_ids: list[int], params: Sam
     if params.structured_outputs is not None:
         check_spec(params.structured_outputs)
     return check_fits(len(prompt_token_ids), params.max_tokens, info.max_model_len, info.kv_capacity_tokens)
+
+
+def request_seed_generator(seed: int | None, data_parallel_rank: int = 0) -> random.Random:
+    """Where requests without a seed get theirs. ``seed`` None: OS entropy, so that replicas and restarts
+    draw independent samples. A fixed seed is reproducible, and each data-parallel replica derives its own
+    stream from it (replica 0 uses it as it is, as an offline ``LLM`` with that seed does): two replicas never
+    give two identical unseeded requests the same samples."""
+    if seed is None:
+        return random.Random(int.from_bytes(os.urandom(16), "little"))
+    if data_parallel_rank == 0:
+        return random.Random(seed)
+    return random.Random(stream_seed(seed, _REPLICA_SALT + data_parallel_rank))
+
+
+_REPLICA_SALT = 0x7265706C696361  # keeps replica streams apart from the sample-index streams of a request
 
 
 @dataclass
@@ -79,7 +95,7 @@ class EngineCore:
                     min(info.max_model_len, info.kv_capacity_tokens), info.max_model_len)
         self.grammars = GrammarCompiler(config.tokenizer or self.model_dir, info.eos_token_ids)
         self.requests: dict[str, Request] = {}
-        self.rng = random.Random(config.seed)
+        self.rng = request_seed_generator(config.seed, config.data_parallel_rank)
         self.weight_version = 0
         self.weights_partial = False  # a weight update failed half-way: the weights are a mix
         self.num_steps = 0
@@ -133,6 +149,7 @@ class EngineCore:
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
         sched = self.scheduler.schedule()
+        self.runner.release(sched.preempted)  # their tables start over when they run again
         if sched.is_empty:
             return []
         sampled = self.runner.execute(sched)

@@ -2,9 +2,10 @@
 
 A busy loop around ``EngineCore.step()``. Between steps it drains its input socket: new requests, aborts,
 stop-string finishes, and utility calls (stats, prefix-cache reset, pause/resume, weight sync). It sends
-finished sequences (and the tokens of streamed requests) to the API server after every step. An exception in
-a step fails every in-flight request, reports the engine dead and exits non-zero: a supervisor restarts it.
-An error while admitting one request fails only that request. If the API server dies without telling us (a
+finished sequences (and the tokens of streamed requests) to the API server after every step. An error in one
+request's own work -- admitting it, its sampling parameters, its grammar, applying its token -- fails only that
+request (finish reason "error"). Any other exception in a step (the forward, the sampler) fails every
+in-flight request, reports the engine dead and exits non-zero: a supervisor restarts it. If the API server dies without telling us (a
 SIGKILL), the loop notices that its parent is gone and exits, so that no engine outlives its server.
 
 Pause modes (between steps): ``abort`` ends every in-flight request now (finish reason "abort", with what it

@@ -19,7 +19,7 @@ from rlserve.tokenizer import load_tokenizer, render_chat
 class LLM:
     def __init__(self, model: str, revision: str | None = None, dtype: str = "auto", tensor_parallel_size: int = 1,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.9, device: str | None = None, seed: int = 0,
+                 gpu_memory_utilization: float = 0.9, device: str | None = None, seed: int | None = 0,
                  enforce_eager: bool = False, **engine_kwargs: Any):
         self.config = EngineConfig(
             model=model, revision=revision, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
@@ -100,7 +100,10 @@ class LLM:
         try:
             while self.engine.has_unfinished():
                 for update in self.engine.step():
-                    done, finish = self.processor.process(update)
+                    try:
+                        done, finish = self.processor.process(update)
+                    except Exception as e:  # e.g. detokenizing: this request fails alone
+                        done, finish = self._fail(update.request_id, f"{type(e).__name__}: {e}"), None
                     if finish is not None:
                         self.engine.finish_sample(*finish)
                     if done is not None:
@@ -110,6 +113,17 @@ class LLM:
                 self.processor.process(update)
             raise
         return [results[r] for r in order]
+
+    def _fail(self, request_id: str, message: str):
+        """End a request whose output could not be processed: its unfinished samples report finish reason
+        "error" (stop_reason: the message), with the tokens they had; the engine frees them."""
+        self.engine.abort_request(request_id)
+        state = self.processor.states.pop(request_id, None)
+        if state is not None:
+            for out in state.outputs:
+                if not out.finished:
+                    out.finish_reason, out.stop_reason = "error", message
+        return state
 
     # -- engine control ----------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:

@@ -5,8 +5,9 @@ It owns the model, the KV cache tensor and the attention backend. It knows nothi
 
 Per step: copy-on-write block copies → inputs (token ids, positions, slot mapping, block tables, sequence
 lengths; decodes first) → forward (a CUDA-graph replay for decode batches on GPU) → logits of the rows that
-sample → sampler (fused on GPU for the common case) → one host sync to return the tokens. A step that computes
-a prompt whose logprobs were asked for also scores its prompt positions (``prompt_logprobs.py``).
+sample → sampler (one draw rule per device; when no row needs more than temperature, the model's logits go
+straight to the GPU draw kernel) → one host sync to return the tokens. A step that computes a prompt whose
+logprobs were asked for also scores its prompt positions (``prompt_logprobs.py``).
 
 Block tables live on the device, one row per running sequence, and are updated only where a sequence's
 table changed; each step gathers its rows. Slots are computed on the device from them.
@@ -23,7 +24,8 @@ import torch
 from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.engine import prompt_logprobs
-from rlserve.engine.sampler import SamplerOutput, is_simple, sample
+from rlserve.engine.sampler import (SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows,
+                                    worst_case_batch)
 from rlserve.engine.sampling_batch import prepare_sampling
 from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
@@ -60,13 +62,12 @@ class ModelRunner:
         self.num_steps = 0
         self.graphs = None  # DecodeGraphs, once captured
         self.broadcast_step = None  # set under tensor parallelism: sends each step to the other ranks
-        self.fused_sample = None
-        if self.device.type == "cuda" and self.backend.name == "triton":
-            from rlserve.engine.sampler_triton import fused_sample
-            self.fused_sample = fused_sample
-        # Device block tables: row r holds the table of the sequence that owns it.
+        self.gumbel_sample = _gumbel_sampler(self.device)  # the draw rule of every row (sampler.py)
+        self.profiled_peak_bytes: int | None = None  # CUDA: a step's peak without the KV cache (profiled)
+        # Device block tables: row r holds the table of the sequence that owns it. The scheduler runs at most
+        # max_num_seqs sequences, and a sequence gives its row back when it finishes or is preempted.
         self.max_blocks_per_seq = -(-info.max_model_len // info.block_size)
-        self.num_rows = 2 * info.max_num_seqs
+        self.num_rows = info.max_num_seqs
         self.block_tables = torch.zeros(self.num_rows, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
         self.row_of: dict[int, int] = {}  # seq_id -> row
@@ -100,8 +101,9 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_free_memory(self, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take: run the largest step the scheduler can produce (every token of the
-        budget, logits and top logprobs for the most sequences, a chunk of prompt logprobs) and keep what its
-        peak leaves under ``gpu_memory_utilization`` of the card."""
+        budget, logits for the most sequences, a chunk of prompt logprobs, then the sampler with every stage on
+        max_num_seqs rows -- the most it draws at once) and keep what its peak leaves under
+        ``gpu_memory_utilization`` of the card."""
         num_tokens = self.info.max_num_batched_tokens
         num_seqs = min(self.info.max_num_seqs, num_tokens)
         per_seq = num_tokens // num_seqs
@@ -110,18 +112,21 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         input_ids, positions, meta = self._dummy_batch(num_seqs, per_seq)
         hidden = self.model(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
-        torch.log_softmax(logits, dim=-1).topk(self.config.max_logprobs, dim=-1)
-        del logits
-        # And one chunk of prompt logprobs at the largest K (its [rows, vocab] fp32 temporaries).
+        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])  # [num_seqs, V]
+        # One chunk of prompt logprobs at the largest K (its [rows, vocab] fp32 temporaries).
         rows = min(prompt_logprobs.CHUNK_ROWS, hidden.shape[0])
         k = min(MAX_PROMPT_LOGPROBS, self.info.vocab_size)
         scoring = prompt_logprobs.PromptLogprobsInput(list(range(rows)), [0] * rows, [rows], [1.0], [k])
         prompt_logprobs.score(self.model, hidden, prompt_logprobs.to_device(scoring, self.device))
+        del hidden
+        batch = worst_case_batch(self.info.max_num_seqs, num_seqs, logits.shape[-1], self.config.max_logprobs,
+                                 self.device)
+        out = self._sample(logits, batch)
         torch.cuda.synchronize()
         kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         peak_without_kv = torch.cuda.max_memory_allocated() - kv_bytes
-        del hidden
+        self.profiled_peak_bytes = peak_without_kv
+        del logits, batch, out
         self.kv_cache = None
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
@@ -186,7 +191,8 @@ class ModelRunner:
 
     def _take_row(self) -> int:
         if not self.free_rows:
-            raise RuntimeError("no free block-table row: release() was not called for finished sequences")
+            raise RuntimeError(f"no free block-table row: more than max_num_seqs ({self.num_rows}) sequences "
+                               f"hold one (a sequence ended without release())")
         return self.free_rows.pop()
 
     def release(self, seqs) -> None:
@@ -219,11 +225,14 @@ class ModelRunner:
             sampling_items = [item for item in items if item.samples]
             batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
             result = self._to_host(self._sample(logits, batch))
-            row = 0
+            row = k = 0
             for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
                 if item.samples:
                     first_row[pos] = row
                     row += item.seq.num_samples_to_draw
+                    if k in batch.failed_items:
+                        result.failed[pos] = batch.failed_items[k]
+                    k += 1
             result.first_row = first_row
         if scored is not None:  # computed before the sampling pass: copying it back waits for nothing more
             values, ids = scored
@@ -267,19 +276,28 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, meta)
         scored = None if scoring is None else prompt_logprobs.score(self.model, hidden, scoring)
-        if not step.sample_rows:
+        if not step.sample_rows:  # e.g. only prefill chunks that end before their prompt does
             return None, scored
         if len(step.sample_rows) == hidden.shape[0]:  # every row samples (a decode batch): no gather
             return self.model.compute_logits(hidden), scored
+        # A one-token chunk of a prompt (the token budget cut it) runs among the decodes but draws nothing.
         return self.model.compute_logits(hidden[sample_rows]), scored
 
-    def _sample(self, logits: torch.Tensor, batch) -> SamplerOutput:
-        if self.fused_sample is not None and is_simple(batch):
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Draw every sample row. A request forking into more samples than a step runs sequences is drawn
+        in parts of ``max_num_seqs`` rows, so that the sampler's memory peak is the profiled one."""
+        num_rows, limit = batch.logits_index.numel(), self.info.max_num_seqs
+        if num_rows <= limit:
+            return self._sample_rows(logits, batch)
+        return concat_outputs([self._sample_rows(logits, slice_rows(batch, start, min(start + limit, num_rows)))
+                               for start in range(0, num_rows, limit)])
+
+    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if self.gumbel_sample is not None and is_simple(batch):  # the model's logits straight to the draw
             rows = logits.index_select(0, batch.logits_index) if batch.needs_gather else logits
-            temperature = torch.where(batch.is_greedy, 0.0, batch.temperature)
-            tokens, logprobs = self.fused_sample(rows, temperature, batch.seeds)
+            tokens, logprobs = self.gumbel_sample(rows, 1.0 / batch.temperature, batch.is_greedy, batch.seeds)
             return SamplerOutput(tokens, logprobs if batch.max_num_logprobs >= 0 else None, None, None)
-        return sample(logits.float(), batch)
+        return sample(logits.float(), batch, self.gumbel_sample)
 
     def _device_inputs(self, step: StepInput):
         dev, bs = self.device, self.block_size
@@ -337,3 +355,15 @@ class ModelRunner:
             return StepResult(host[0].long().tolist(), [], host[1].tolist())
         top = [list(zip(ids, lps)) for ids, lps in zip(out.top_ids.tolist(), out.top_logprobs.tolist())]
         return StepResult(out.token_ids.tolist(), [], out.logprobs.tolist(), top)
+
+
+def _gumbel_sampler(device: torch.device):
+    """The Triton Gumbel-max draw on CUDA (when Triton is there), else None: the inverse-CDF draw."""
+    if device.type != "cuda":
+        return None
+    try:
+        from rlserve.engine.sampler_triton import gumbel_sample
+    except ImportError:  # pragma: no cover - CUDA without Triton
+        logger.warning("Triton is not installed: sampling on CUDA draws by inverse CDF")
+        return None
+    return gumbel_sample

@@ -1,18 +1,27 @@
 """From logits to tokens, in vLLM's order: allowed-token mask → min_tokens → penalties → temperature → min_p →
 top-k/top-p → draw. Each stage runs only when some row of the batch uses it.
 
-Randomness is counter-based: every row carries a 63-bit seed derived from (sequence seed, output position)
-on the host. A seeded request therefore samples the same tokens whatever else is in the batch, and nothing
-here needs a per-row generator or a host sync. This general path draws by inverse CDF over the processed
-distribution (one uniform per row, from the seed's bits); the fused CUDA path (``sampler_triton``), used when
-a batch needs only temperature and the sampled token's logprob, draws by Gumbel-max from Philox noise keyed
-by the same seed. Returned logprobs are the log-softmax of exactly the processed logits (fp32), the quantity
-an importance-sampling correction needs.
+One draw rule per device, applied to every row whatever its neighbours need, so that a seeded row draws the
+same tokens alone or in any batch. Randomness is counter-based: every row carries a 63-bit seed derived from
+(sequence seed, output position) on the host, so nothing here needs a per-row generator or a host sync.
+
+- CUDA (Triton): Gumbel-max, ``argmax(x * (1/T) + g)`` with Gumbel noise ``g`` from Philox keyed by the row's
+  seed and the token index (``sampler_triton.gumbel_sample``). The kernel always receives the *unscaled*
+  logits -- raw for rows that need nothing else, penalised and with -inf where a mask, min_tokens or the
+  truncation (decided here on ``x / T``) cuts -- and scales them itself, so that a row's scores are computed
+  by the same instructions on the same values on either path.
+- CPU: inverse CDF over the processed distribution, one uniform per row from the seed's bits.
+
+Returned logprobs are the log-softmax of exactly the processed logits (fp32), the quantity an
+importance-sampling correction needs.
+
+A guided row whose grammar allows only stop tokens while ``min_tokens`` bans them keeps its stop tokens: the
+grammar wins (the sample ends with finish reason "stop"), never an all -inf row whose draw would be NaN.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +51,7 @@ class SamplingBatch:
     allowed_mask: torch.Tensor | None = None  # [S, V] bool (structured outputs); None = all allowed
     max_num_logprobs: int = -1  # -1: no row wants logprobs; 0: sampled only; N: plus the top N
     raw_logprob_rows: torch.Tensor | None = None  # [S] bool: rows that want raw (unprocessed) logprobs
+    failed_items: dict[int, str] = field(default_factory=dict)  # item -> error: its rows are placeholders
 
 
 @dataclass
@@ -52,8 +62,9 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [S, N] fp32
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """logits: [R, V] fp32, one row per sampling sequence; modified in place."""
+def sample(logits: torch.Tensor, batch: SamplingBatch, gumbel_sample=None) -> SamplerOutput:
+    """logits: [R, V] fp32, one row per sampling sequence; modified in place. ``gumbel_sample``: the CUDA draw
+    kernel (``sampler_triton.gumbel_sample``); None draws by inverse CDF."""
     if batch.needs_gather:
         logits = logits.index_select(0, batch.logits_index)  # [S, V]; processed in place below
     raw_logprobs = None
@@ -62,34 +73,74 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if batch.allowed_mask is not None:
         logits.masked_fill_(~batch.allowed_mask, NEG_INF)
     if batch.banned is not None:
-        logits[batch.banned] = NEG_INF
+        _ban(logits, batch.banned, keep_if_nothing_else=batch.allowed_mask is not None)
     if batch.repetition_penalty is not None:
         _apply_penalties(logits, batch)
+    if gumbel_sample is not None:
+        return _sample_gumbel(logits, batch, raw_logprobs, gumbel_sample)
 
     if batch.all_greedy:
         token_ids = logits.argmax(dim=-1)
     else:
         logits.div_(batch.temperature.unsqueeze(1))
-        if batch.min_p is not None:
-            probs = torch.softmax(logits, dim=-1)
-            threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
-            logits.masked_fill_(probs < threshold, NEG_INF)
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
+        if batch.min_p is not None or batch.top_k is not None or batch.top_p is not None:
+            logits = _truncate(logits, batch)
         token_ids = _draw(logits, _uniform(batch.seeds))
         if batch.any_greedy:
             token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), token_ids)
-
     if batch.max_num_logprobs < 0:
         return SamplerOutput(token_ids, None, None, None)
-    logprobs = torch.log_softmax(logits, dim=-1)
+    return _with_logprobs(token_ids, torch.log_softmax(logits, dim=-1), raw_logprobs, batch)
+
+
+def _sample_gumbel(logits: torch.Tensor, batch: SamplingBatch, raw_logprobs, gumbel_sample) -> SamplerOutput:
+    """The CUDA rule: truncation decided on ``x / T`` but applied as -inf on the unscaled ``x``, which the
+    kernel scales and draws from (greedy rows: the argmax)."""
+    inv_temperature = 1.0 / batch.temperature  # greedy rows have temperature 1: their logits as they are
+    if batch.min_p is not None or batch.top_k is not None or batch.top_p is not None:
+        scaled = _truncate(logits * inv_temperature.unsqueeze(1), batch)
+        logits.masked_fill_(scaled == NEG_INF, NEG_INF)
+    token_ids, sampled = gumbel_sample(logits, inv_temperature, batch.is_greedy, batch.seeds)
+    if batch.max_num_logprobs < 0:
+        return SamplerOutput(token_ids, None, None, None)
+    if batch.max_num_logprobs == 0 and raw_logprobs is None:
+        return SamplerOutput(token_ids, sampled, None, None)
+    logprobs = torch.log_softmax(logits * inv_temperature.unsqueeze(1), dim=-1)
+    return _with_logprobs(token_ids, logprobs, raw_logprobs, batch)
+
+
+def _with_logprobs(token_ids: torch.Tensor, logprobs: torch.Tensor, raw_logprobs, batch: SamplingBatch
+                   ) -> SamplerOutput:
     if raw_logprobs is not None:
         logprobs = torch.where(batch.raw_logprob_rows.unsqueeze(1), raw_logprobs, logprobs)
     sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     top_ids = top_values = None
     if batch.max_num_logprobs > 0:
-        top_values, top_ids = logprobs.topk(batch.max_num_logprobs, dim=-1)
+        top_values, top_ids = logprobs.topk(min(batch.max_num_logprobs, logprobs.shape[-1]), dim=-1)
     return SamplerOutput(token_ids, sampled, top_ids, top_values)
+
+
+def _ban(logits: torch.Tensor, banned: tuple[torch.Tensor, torch.Tensor], keep_if_nothing_else: bool) -> None:
+    """-inf on the (row, token) pairs of ``banned`` (stop tokens before min_tokens). With a grammar mask a
+    row may allow nothing but those tokens: then they stay (the grammar wins over min_tokens)."""
+    if not keep_if_nothing_else:
+        logits[banned] = NEG_INF
+        return
+    before = logits[banned]
+    logits[banned] = NEG_INF
+    emptied = torch.isneginf(logits).all(dim=-1)  # [S]
+    logits[banned] = torch.where(emptied[banned[0]], before, NEG_INF)
+
+
+def _truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """min_p, then top-k/top-p, on temperature-scaled logits [S, V]: -inf where a token is cut."""
+    if batch.min_p is not None:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
+        logits.masked_fill_(probs < threshold, NEG_INF)
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
+    return logits
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
@@ -120,10 +171,63 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
 
 
 def is_simple(batch: SamplingBatch) -> bool:
-    """Temperature (or greedy) only, at most the sampled token's processed logprob: the fused path's case."""
+    """Temperature (or greedy) only, at most the sampled token's processed logprob: the draw kernel alone,
+    on the logits as the model returned them."""
     return (batch.top_k is None and batch.top_p is None and batch.min_p is None
             and batch.repetition_penalty is None and batch.banned is None and batch.allowed_mask is None
             and batch.raw_logprob_rows is None and batch.max_num_logprobs <= 0)
+
+
+def worst_case_batch(num_rows: int, num_logits_rows: int, vocab_size: int, max_logprobs: int,
+                     device: torch.device) -> SamplingBatch:
+    """A batch that runs every stage on every row (mask, min_tokens, penalties, min-p, top-k, top-p, raw and
+    top-N logprobs): what the memory profile samples, so that the KV cache leaves room for the sampler's
+    peak (top-p sorts [rows, vocab] with int64 indices)."""
+    def full(value, dtype=torch.float32):
+        return torch.full((num_rows,), value, dtype=dtype, device=device)
+
+    rows = torch.arange(num_rows, device=device)
+    return SamplingBatch(
+        logits_index=rows % num_logits_rows, temperature=full(0.7), is_greedy=full(False, torch.bool),
+        seeds=rows * 7919 + 1, all_greedy=False, any_greedy=False, needs_gather=True,
+        top_k=full(max(vocab_size // 2, 1), torch.int64), top_p=full(0.9), min_p=full(0.01),
+        repetition_penalty=full(1.1), presence_penalty=full(0.1), frequency_penalty=full(0.1),
+        output_counts=torch.zeros(num_rows, vocab_size, device=device),
+        prompt_mask=torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device),
+        banned=(rows, torch.zeros(num_rows, dtype=torch.int64, device=device)),
+        allowed_mask=torch.ones(num_rows, vocab_size, dtype=torch.bool, device=device),
+        max_num_logprobs=max_logprobs, raw_logprob_rows=full(True, torch.bool))
+
+
+def slice_rows(batch: SamplingBatch, start: int, stop: int) -> SamplingBatch:
+    """Rows [start, stop) of a batch, to sample a large one in parts (a request forking into more samples
+    than a step runs sequences); their logits_index still points into the step's logits."""
+    def part(t):
+        return None if t is None else t[start:stop]
+
+    banned = None
+    if batch.banned is not None:
+        rows, ids = batch.banned
+        inside = (rows >= start) & (rows < stop)
+        if bool(inside.any()):
+            banned = (rows[inside] - start, ids[inside])
+    return SamplingBatch(
+        logits_index=batch.logits_index[start:stop], temperature=part(batch.temperature),
+        is_greedy=part(batch.is_greedy), seeds=part(batch.seeds), all_greedy=batch.all_greedy,
+        any_greedy=batch.any_greedy, needs_gather=True, top_k=part(batch.top_k), top_p=part(batch.top_p),
+        min_p=part(batch.min_p), repetition_penalty=part(batch.repetition_penalty),
+        presence_penalty=part(batch.presence_penalty), frequency_penalty=part(batch.frequency_penalty),
+        output_counts=part(batch.output_counts), prompt_mask=part(batch.prompt_mask), banned=banned,
+        allowed_mask=part(batch.allowed_mask), max_num_logprobs=batch.max_num_logprobs,
+        raw_logprob_rows=part(batch.raw_logprob_rows))
+
+
+def concat_outputs(parts: list[SamplerOutput]) -> SamplerOutput:
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return SamplerOutput(cat("token_ids"), cat("logprobs"), cat("top_ids"), cat("top_logprobs"))
 
 
 def _uniform(seeds: torch.Tensor) -> torch.Tensor:

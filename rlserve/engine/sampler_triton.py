@@ -1,12 +1,14 @@
-"""A fused GPU sampler for the common RL case: temperature (or greedy) only, the sampled token's logprob.
+"""The GPU draw: one Triton pass per row computes the token and its logprob.
 
-One pass over each row of logits (bf16 or fp32) computes both the token and its logprob: an online
-log-sum-exp of ``x / T`` and a Gumbel-max draw ``argmax(x / T + g)``, where ``g`` is Gumbel noise from a
-counter-based generator (Philox) keyed by the row's seed -- derived on the host from the sequence's seed
-and output position, so a seeded request draws the same tokens whatever else is in the batch.
-``argmax(x / T + g)`` is an exact sample of ``softmax(x / T)``; greedy rows (T = 0) take ``argmax(x)``.
+``gumbel_sample`` scales each row by its inverse temperature, keeps an online log-sum-exp of ``x * (1/T)`` and
+draws by Gumbel-max, ``argmax(x * (1/T) + g)``, where ``g`` is Gumbel noise from a counter-based generator
+(Philox) keyed by the row's seed and the token index -- derived on the host from the sequence's seed and
+output position, so a seeded request draws the same tokens whatever else is in the batch.
+``argmax(x / T + g)`` is an exact sample of ``softmax(x / T)``; greedy rows take ``argmax(x)``.
 
-Rows needing top-k/top-p/min-p, penalties, masks or top-N logprobs go through ``sampler.sample`` instead.
+Every row on CUDA is drawn here (see ``sampler``): rows needing only temperature straight from the model's
+logits (bf16 or fp32), rows needing top-k/top-p/min-p, penalties or masks from the processed fp32 logits
+(-inf where cut), still unscaled, so that the same instructions see the same values on both paths.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _fused_sample_kernel(logits_ptr, stride_row, temperature_ptr, seed_ptr, token_ptr, logprob_ptr, vocab_size,
-                         BLOCK: tl.constexpr):
+def _gumbel_sample_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, seed_ptr, token_ptr,
+                          logprob_ptr, vocab_size, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    temperature = tl.load(temperature_ptr + row)
-    greedy = temperature == 0.0
-    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, temperature))
+    inv_t = tl.load(inv_temperature_ptr + row)
+    greedy = tl.load(greedy_ptr + row) != 0
     seed = tl.load(seed_ptr + row)
     base = logits_ptr + row.to(tl.int64) * stride_row
 
@@ -36,7 +37,10 @@ def _fused_sample_kernel(logits_ptr, stride_row, temperature_ptr, seed_ptr, toke
         valid = offs < vocab_size
         x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK]
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.where(valid, tl.exp(x - m_new), 0.0), axis=0)
+        # exp(-inf - -inf) is NaN: a block (or row so far) of only -inf adds nothing.
+        alive = m_new > float("-inf")
+        s = tl.where(alive, s * tl.exp(m - m_new), s) \
+            + tl.sum(tl.where(valid & alive, tl.exp(x - m_new), 0.0), axis=0)
         m = m_new
         u = tl.rand(seed, offs)  # [0, 1)
         gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-10)))
@@ -51,15 +55,26 @@ def _fused_sample_kernel(logits_ptr, stride_row, temperature_ptr, seed_ptr, toke
     tl.store(logprob_ptr + row, best_x - (m + tl.log(s)))
 
 
-def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [S, V] (bf16/fp16/fp32, unit stride along V); temperature [S] fp32 (0 = greedy);
-    seeds [S] int64 -> (token ids [S] int64, logprobs [S] fp32 of softmax(logits / T))."""
+def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, is_greedy: torch.Tensor,
+                  seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [S, V] (bf16/fp16/fp32, unit stride along V, -inf where cut); inv_temperature [S] fp32 (1 for
+    greedy rows); is_greedy [S] bool; seeds [S] int64 -> (token ids [S] int64, logprobs [S] fp32 of the drawn
+    tokens under softmax(logits * inv_temperature))."""
     rows, vocab = logits.shape
-    assert logits.stride(1) == 1
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        _fused_sample_kernel[(rows,)](logits, logits.stride(0), temperature, seeds, tokens, logprobs, vocab,
-                                      BLOCK=2048, num_warps=8)
+        _gumbel_sample_kernel[(rows,)](logits, logits.stride(0), inv_temperature.float().contiguous(),
+                                       is_greedy.to(torch.int8).contiguous(), seeds.contiguous(), tokens,
+                                       logprobs, vocab, BLOCK=2048, num_warps=8)
     return tokens, logprobs
+
+
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gumbel_sample`` with temperatures: temperature [S] fp32, 0 = greedy."""
+    greedy = temperature == 0
+    inv_temperature = 1.0 / torch.where(greedy, 1.0, temperature.float())
+    return gumbel_sample(logits, inv_temperature, greedy, seeds)

@@ -44,13 +44,15 @@ def row_seeds(stream_seeds: list[int], positions: list[int]) -> np.ndarray:
 
 class _RequestRow:
     """A request's sampling parameters as one row of the batch's columns, computed once per request."""
-    __slots__ = ("values", "logprobs", "min_tokens", "banned", "penalties", "checks")
+    __slots__ = ("values", "logprobs", "min_tokens", "banned", "penalties", "checks", "prompt_ids")
 
     def __init__(self, p: SamplingParams, vocab_size: int, eos_token_ids: tuple[int, ...]):
         greedy = p.is_greedy
-        # temperature, greedy, top_k, top_p, min_p, repetition, presence, frequency, raw logprobs
-        self.values = (1.0 if greedy else p.temperature, greedy, p.top_k if p.top_k > 0 else vocab_size,
-                       p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+        # temperature, greedy, top_k, top_p, min_p, repetition, presence, frequency, raw logprobs. A greedy row
+        # takes the argmax: truncation would change nothing but its logprobs, so it has none (as in HF).
+        top_k = min(p.top_k, vocab_size) if p.top_k > 0 and not greedy else vocab_size
+        self.values = (1.0 if greedy else p.temperature, greedy, top_k, 1.0 if greedy else p.top_p,
+                       0.0 if greedy else p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
                        p.logprobs_mode == "raw")
         self.logprobs = -1 if p.logprobs is None else p.logprobs
         self.min_tokens = p.min_tokens
@@ -58,50 +60,97 @@ class _RequestRow:
         self.banned = sorted(t for t in stop_ids if t < vocab_size)  # masked until min_tokens
         self.penalties = p.uses_penalties
         self.checks = self.penalties or self.min_tokens > 0  # rows needing per-step work beyond the columns
+        self.prompt_ids: list[int] | None = None  # the prompt's distinct ids (penalties), once needed
+
+
+def _penalty_state(penalty_rows: list[tuple[int, Sequence]], num_rows: int, vocab_size: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output-token counts [S, V] fp32 and prompt-token mask [S, V] bool of the penalised rows, built on the
+    device from the token ids: only the ids cross to it (one copy), never a dense [S, V] host tensor (311 MB a
+    step at 512 rows x 152k). A request's distinct prompt ids are computed once."""
+    rows: list[int] = []
+    ids: list[int] = []
+    prompt_rows: list[int] = []
+    prompt_ids: list[int] = []
+    for row, seq in penalty_rows:
+        out = seq.token_ids[seq.num_prompt_tokens:]
+        rows += [row] * len(out)
+        ids += out
+        request = seq.request
+        distinct = request.sampling_row.prompt_ids
+        if distinct is None:
+            distinct = request.sampling_row.prompt_ids = sorted(set(request.prompt_token_ids))
+        prompt_rows += [row] * len(distinct)
+        prompt_ids += distinct
+    num_out = len(rows)
+    packed = torch.tensor(rows + ids + prompt_rows + prompt_ids, dtype=torch.int64).to(device, non_blocking=True)
+    counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
+    if num_out:
+        counts.index_put_((packed[:num_out], packed[num_out:2 * num_out]),
+                          torch.ones(num_out, dtype=torch.float32, device=device), accumulate=True)
+    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+    num_prompt = len(prompt_rows)
+    prompt_mask[packed[2 * num_out:2 * num_out + num_prompt], packed[2 * num_out + num_prompt:]] = True
+    return counts, prompt_mask
 
 
 def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: tuple[int, ...],
                      device: torch.device) -> SamplingBatch:
     """Per-row sampling tensors for the sequences that sample this step (a forking parent: one row per
-    sample). Stages no row uses are left out, so the sampler skips them."""
+    sample). Stages no row uses are left out, so the sampler skips them. An item whose rows cannot be made
+    gets greedy placeholder rows and is listed in ``failed_items``: it fails alone."""
     logits_index, values, streams, positions = [], [], [], []
     banned_rows, banned_ids, penalty_rows, grammar_states = [], [], [], []
     max_logprobs = -1
     any_grammar = False
+    failed: dict[int, str] = {}
     for r, item in enumerate(items):
-        seq = item.seq
-        request = seq.request
-        row = request.sampling_row
-        if row is None:
-            row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
-        num_out = len(seq.token_ids) - seq.num_prompt_tokens
-        if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
-            logits_index.append(r)
-            values.append(row.values)
-            streams.append(seq.rng_seed)
-            positions.append(num_out)
-            grammar_states.append(seq.grammar_state)
+        mark = len(logits_index), len(banned_rows), len(penalty_rows)
+        try:
+            seq = item.seq
+            request = seq.request
+            row = request.sampling_row
+            if row is None:
+                row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
+            num_out = len(seq.token_ids) - seq.num_prompt_tokens
+            if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
+                logits_index.append(r)
+                values.append(row.values)
+                streams.append(seq.rng_seed)
+                positions.append(num_out)
+                grammar_states.append(seq.grammar_state)
+                if row.logprobs > max_logprobs:
+                    max_logprobs = row.logprobs
+                any_grammar = any_grammar or seq.grammar_state is not None
+                continue
+            count = seq.num_samples_to_draw
+            for k in range(count):
+                if row.min_tokens > num_out or row.penalties:
+                    index = len(logits_index)
+                    if row.min_tokens > num_out:
+                        banned_rows += [index] * len(row.banned)
+                        banned_ids += row.banned
+                    if row.penalties:
+                        penalty_rows.append((index, seq))
+                logits_index.append(r)
+                values.append(row.values)
+                streams.append(seq.rng_seed if count == 1 else sample_seed(seq, k))
+                positions.append(num_out)
+                grammar_states.append(seq.grammar_state)
             if row.logprobs > max_logprobs:
                 max_logprobs = row.logprobs
             any_grammar = any_grammar or seq.grammar_state is not None
-            continue
-        count = seq.num_samples_to_draw
-        for k in range(count):
-            if row.min_tokens > num_out or row.penalties:
-                index = len(logits_index)
-                if row.min_tokens > num_out:
-                    banned_rows += [index] * len(row.banned)
-                    banned_ids += row.banned
-                if row.penalties:
-                    penalty_rows.append((index, seq))
-            logits_index.append(r)
-            values.append(row.values)
-            streams.append(seq.rng_seed if count == 1 else sample_seed(seq, k))
-            positions.append(num_out)
-            grammar_states.append(seq.grammar_state)
-        if row.logprobs > max_logprobs:
-            max_logprobs = row.logprobs
-        any_grammar = any_grammar or seq.grammar_state is not None
+        except Exception as e:  # this request's draw fails alone (finish reason "error"), not the step
+            failed[r] = f"{type(e).__name__}: {e}"
+            for column in (logits_index, values, streams, positions, grammar_states):
+                del column[mark[0]:]
+            del banned_rows[mark[1]:], banned_ids[mark[1]:], penalty_rows[mark[2]:]
+            for _ in range(item.seq.num_samples_to_draw):  # placeholder rows: greedy, drawn and dropped
+                logits_index.append(r)
+                values.append((1.0, True, vocab_size, 1.0, 0.0, 1.0, 0.0, 0.0, False))
+                streams.append(0)
+                positions.append(0)
+                grammar_states.append(None)
     temperature, greedy, top_k, top_p, min_p, rep, pres, freq, raw = zip(*values)
     dev = device
     num_rows = len(logits_index)
@@ -111,7 +160,7 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
         is_greedy=torch.tensor(greedy, dtype=torch.bool, device=dev),
         seeds=torch.from_numpy(row_seeds(streams, positions)).to(dev),
         all_greedy=all(greedy), any_greedy=any(greedy), max_num_logprobs=max_logprobs,
-        needs_gather=num_rows != len(items))
+        needs_gather=num_rows != len(items), failed_items=failed)
     if min(top_k) < vocab_size:
         batch.top_k = torch.tensor(top_k, dtype=torch.int64, device=dev)
     if min(top_p) < 1.0:
@@ -125,15 +174,7 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
     if banned_rows:
         batch.banned = (torch.tensor(banned_rows, device=dev), torch.tensor(banned_ids, device=dev))
     if penalty_rows:
-        counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32)
-        prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool)
-        for row, seq in penalty_rows:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.int64)
-            if len(out):
-                counts[row].index_add_(0, out, torch.ones(len(out)))
-            prompt_mask[row, torch.tensor(seq.token_ids[:seq.num_prompt_tokens])] = True
-        batch.output_counts = counts.to(dev)
-        batch.prompt_mask = prompt_mask.to(dev)
+        batch.output_counts, batch.prompt_mask = _penalty_state(penalty_rows, num_rows, vocab_size, dev)
         batch.repetition_penalty = torch.tensor(rep, dtype=torch.float32, device=dev)
         batch.presence_penalty = torch.tensor(pres, dtype=torch.float32, device=dev)
         batch.frequency_penalty = torch.tensor(freq, dtype=torch.float32, device=dev)

@@ -9,6 +9,11 @@ sequence limit and the free blocks allow, unless a preemption happened this step
 Prompt logprobs: a request that asks for them computes every prompt position (no prefix-cache hit may skip
 one), and the steps that compute its prompt list it in ``SchedulerOutput.prompt_logprobs`` so that the runner
 scores those positions; a score-only request (max_tokens=0) ends when its prompt is computed, drawing nothing.
+
+Invariant: at most ``max_num_seqs`` sequences run (a parent that has not forked yet counts once). A request
+whose ``n`` exceeds the room left when its prompt is done forks every sample at once -- each draws its first
+token from the prompt's logits and shares the prompt's blocks -- but only the samples that fit run; the
+others wait at the head of the queue, blocks held, and start as running ones finish.
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    num_preempted: int = 0
+    preempted: list[Sequence] = field(default_factory=list)  # gave their blocks back this step
     # The scheduled items computing a prompt whose logprobs were asked for (None when there are none).
     prompt_logprobs: list[ScheduledSeq] | None = None
+
+    @property
+    def num_preempted(self) -> int:
+        return len(self.preempted)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -58,6 +67,7 @@ class StepResult:
     top: list[list[tuple[int, float]]] | None = None  # the top N (when any row asked for N > 0)
     # One outputs.PromptLogprobs per SchedulerOutput.prompt_logprobs item: the positions its chunk scored.
     prompt_logprobs: list | None = None
+    failed: dict[int, str] = field(default_factory=dict)  # scheduled item -> why its draw failed
 
 
 def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity: int) -> int:
@@ -135,7 +145,7 @@ class Scheduler:
             while not bm.can_append(seq, n):
                 victim = self.running[-1]  # the newest; always at or after position i
                 self._preempt(victim)
-                out.num_preempted += 1
+                out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
@@ -152,16 +162,23 @@ class Scheduler:
             seq = self.waiting[0]
             if num_live + seq.num_samples_to_draw > self.max_num_seqs and num_live > 0:
                 break
-            # Prompt logprobs need the logits of every prompt position: no cached prefix may skip one.
-            scores = seq.params.prompt_logprobs is not None and seq.is_unforked_parent
-            hits = [] if scores else bm.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
-            if not bm.can_allocate(seq, hits, n):
-                break
-            self.waiting.popleft()
-            bm.allocate(seq, hits, n)
-            if seq.is_unforked_parent:
-                seq.request.num_cached_tokens = seq.num_computed_tokens
+            if seq.block_table:  # a forked sample waiting for room: it holds the prompt's blocks
+                n = min(seq.num_uncomputed_tokens, budget)
+                if not bm.can_append(seq, n):
+                    break
+                self.waiting.popleft()
+                out.block_copies += bm.append_slots(seq, n)
+            else:
+                # Prompt logprobs need the logits of every prompt position: no cached prefix may skip one.
+                scores = seq.params.prompt_logprobs is not None and seq.is_unforked_parent
+                hits = [] if scores else bm.find_cached_prefix(seq)
+                n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
+                if not bm.can_allocate(seq, hits, n):
+                    break
+                self.waiting.popleft()
+                bm.allocate(seq, hits, n)
+                if seq.is_unforked_parent:
+                    seq.request.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
@@ -191,7 +208,7 @@ class Scheduler:
         touched: list[Sequence] = []
         token_ids, logprobs, top = result.token_ids, result.logprobs, result.top
         bs = bm.block_size
-        for item, row in zip(out.scheduled, result.first_row):
+        for i, (item, row) in enumerate(zip(out.scheduled, result.first_row)):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             if seq.num_computed_tokens // bs > seq.num_registered_blocks:
@@ -199,18 +216,17 @@ class Scheduler:
             if row < 0:
                 continue
             targets = self._fork(seq) if seq.is_unforked_parent else (seq,)
-            num_logprobs = seq.params.logprobs
+            error = result.failed.get(i)
             for target in targets:
-                target.append_token(token_ids[row], weight_version)
-                if num_logprobs is not None:
-                    target.sampled_logprobs.append(logprobs[row])
-                    if num_logprobs > 0:
-                        target.top_logprobs.append(top[row][:num_logprobs])
-                state = target.grammar_state
-                if state is not None and not state.accept(token_ids[row]):
-                    target.finish(SequenceStatus.FINISHED_ERROR, state.error)
+                if error is not None:
+                    target.finish(SequenceStatus.FINISHED_ERROR, error)
                 else:
-                    self._check_stop(target)
+                    try:  # an error here (a grammar's, say) ends this sample only
+                        self._apply_token(target, token_ids[row], weight_version,
+                                          None if logprobs is None else logprobs[row],
+                                          None if top is None else top[row])
+                    except Exception as e:
+                        target.finish(SequenceStatus.FINISHED_ERROR, f"{type(e).__name__}: {e}")
                 touched.append(target)
                 row += 1
         if out.prompt_logprobs is not None:
@@ -247,7 +263,22 @@ class Scheduler:
         for child in request.seqs[1:]:
             child.finish(status)
 
+    def _apply_token(self, seq: Sequence, token_id: int, weight_version: int, logprob, top) -> None:
+        seq.append_token(token_id, weight_version)
+        num_logprobs = seq.params.logprobs
+        if num_logprobs is not None:
+            seq.sampled_logprobs.append(logprob)
+            if num_logprobs > 0:
+                seq.top_logprobs.append(top[:num_logprobs])
+        state = seq.grammar_state
+        if state is not None and not state.accept(token_id):
+            seq.finish(SequenceStatus.FINISHED_ERROR, state.error)
+        else:
+            self._check_stop(seq)
+
     def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Split a parent whose prompt is done into its n samples. Those beyond ``max_num_seqs`` running
+        sequences wait at the head of the queue (their first token drawn, the prompt's blocks shared)."""
         request = parent.request
         children = []
         for index in range(1, request.params.n):
@@ -255,12 +286,16 @@ class Scheduler:
             if parent.grammar_state is not None:
                 child.grammar_state = parent.grammar_state.copy()  # still at the start: no token accepted
             self.block_manager.fork(parent, child)
-            child.status = SequenceStatus.RUNNING
             children.append(child)
         request.seqs = [parent] + children
         request.is_forked = True
+        room = max(self.max_num_seqs - len(self.running), 0)  # the parent already runs
+        running, waiting = children[:room], children[room:]
+        for child in running:
+            child.status = SequenceStatus.RUNNING
         at = self.running.index(parent) + 1
-        self.running[at:at] = children
+        self.running[at:at] = running
+        self.waiting.extendleft(reversed(waiting))  # in sample order, ahead of newer requests
         return [parent] + children
 
     def _check_stop(self, seq: Sequence) -> None:

@@ -293,11 +293,13 @@ class GrammarCompiler:
             if self._executor is None:
                 from llguidance import LLExecutor
                 self._executor = LLExecutor(self.num_threads)
-            self._executor.unsafe_compute_mask_ptr([(s._matcher, i) for i, s in enumerate(states)],
-                                                   packed.data_ptr(), words * 4, len(states))
+            try:
+                self._executor.unsafe_compute_mask_ptr([(s._matcher, i) for i, s in enumerate(states)],
+                                                       packed.data_ptr(), words * 4, len(states))
+            except Exception:  # find the state at fault below, one by one
+                self._fill_each(states, packed)
         else:
-            for i, s in enumerate(states):
-                s._matcher.unsafe_compute_mask_ptr(packed[i].data_ptr(), words * 4)
+            self._fill_each(states, packed)
         if self._extra_eos:  # allowed wherever the library's own EOS is
             first = self.eos_token_ids[0]
             can_end = (packed[:, first // 32] & _bit(first % 32)) != 0
@@ -310,6 +312,19 @@ class GrammarCompiler:
             for i in empty.nonzero().flatten().tolist():
                 for t in self.eos_token_ids:
                     packed[i, t // 32] |= _bit(t % 32)
+
+
+    @staticmethod
+    def _fill_each(states: list["GrammarState"], packed: torch.Tensor) -> None:
+        """One mask at a time; a state whose mask cannot be computed is put in error (its row stays empty:
+        EOS only, and the sample ends with finish reason "error"), the others are unaffected."""
+        words = packed.shape[1]
+        for i, s in enumerate(states):
+            try:
+                s._matcher.unsafe_compute_mask_ptr(packed[i].data_ptr(), words * 4)
+            except Exception as e:
+                packed[i] = 0
+                s._error = f"structured_outputs: the grammar failed: {type(e).__name__}: {e}"
 
 
 class CompiledGrammar:

@@ -76,12 +76,13 @@ def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
     dtype = resolve_dtype(config.dtype, hf_config, device)
-    model = load_model(model_dir, hf_config, dtype, device, tp, config.load_format)
+    max_model_len = max_model_len_for(config, hf_config)
+    model = load_model(model_dir, hf_config, dtype, device, tp, config.load_format, max_position=max_model_len)
     t_load = time.perf_counter()
     on_gpu = device.type == "cuda"
     info = RuntimeInfo(
         device=device, dtype=dtype, vocab_size=hf_config.vocab_size,
-        max_model_len=max_model_len_for(config, hf_config), num_kv_blocks=0, block_size=config.block_size,
+        max_model_len=max_model_len, num_kv_blocks=0, block_size=config.block_size,
         max_num_seqs=config.max_num_seqs or (512 if on_gpu else 256),
         max_num_batched_tokens=config.max_num_batched_tokens or (8192 if on_gpu else 2048),
         eos_token_ids=eos_token_ids(model_dir, hf_config), model_name=config.model,

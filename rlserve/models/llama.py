@@ -41,7 +41,7 @@ class LlamaAttention(nn.Module):
     qkv_bias_default = False
     qk_norm = False
 
-    def __init__(self, config, tp: TensorParallel):
+    def __init__(self, config, tp: TensorParallel, rotary_emb: RotaryEmbedding):
         super().__init__()
         self.head_dim = head_dim_of(config)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -55,7 +55,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config))
+        self.rotary_emb = rotary_emb  # one table for all layers (LlamaModel's)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -89,9 +89,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls = LlamaAttention
 
-    def __init__(self, config, tp: TensorParallel):
+    def __init__(self, config, tp: TensorParallel, rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.self_attn = self.attention_cls(config, tp)
+        self.self_attn = self.attention_cls(config, tp, rotary_emb)
         self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -110,10 +110,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, tp: TensorParallel, layer_cls=LlamaDecoderLayer):
+    def __init__(self, config, tp: TensorParallel, layer_cls=LlamaDecoderLayer, max_position: int | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList([layer_cls(config, tp) for _ in range(config.num_hidden_layers)])
+        # The cos/sin table, built once and shared by every layer, for the positions the engine will use
+        # (max_model_len): at max_position_embeddings per layer it took ~0.9 GiB at the 7B shape.
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), max_position or config.max_position_embeddings,
+                                          rope_parameters(config))
+        self.layers = nn.ModuleList([layer_cls(config, tp, self.rotary_emb)
+                                     for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -127,12 +132,13 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     decoder_layer_cls = LlamaDecoderLayer
 
-    def __init__(self, config, tp: TensorParallel = SINGLE):
+    def __init__(self, config, tp: TensorParallel = SINGLE, max_position: int | None = None):
+        """``max_position``: the longest context the engine runs (max_model_len; default: the model's)."""
         super().__init__()
         self.config = config
         self.tp = tp
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.model = LlamaModel(config, tp, self.decoder_layer_cls)
+        self.model = LlamaModel(config, tp, self.decoder_layer_cls, max_position)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -54,11 +54,11 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(config, dtype: torch.dtype, device: torch.device, tp=None):
+def build_model(config, dtype: torch.dtype, device: torch.device, tp=None, max_position: int | None = None):
     from rlserve.distributed.parallel import SINGLE
     cls = model_class(config)
     with _default_dtype(dtype), torch.device(device):
-        model = cls(config, tp or SINGLE)
+        model = cls(config, tp or SINGLE, max_position)
     # Rotary tables stay float32 (built with explicit .float()), everything else is `dtype`.
     return model.eval()
 
@@ -79,8 +79,8 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(model_dir: Path, config, dtype: torch.dtype, device: torch.device, tp=None,
-               load_format: str = "auto"):
-    model = build_model(config, dtype, device, tp)
+               load_format: str = "auto", max_position: int | None = None):
+    model = build_model(config, dtype, device, tp, max_position)
     if load_format == "dummy":  # random weights, for benchmarks: throughput does not depend on the values
         std = getattr(config, "initializer_range", 0.02)
         with torch.no_grad():

@@ -6,7 +6,8 @@ loop: sockets are asyncio ZMQ sockets, and every wait has a timeout.
 
 Failures: a replica that reports itself dead, or whose process exits, fails every in-flight request with a
 503 that names the cause and marks the whole client dead (``on_dead`` stops the server, a supervisor restarts
-it). A request that fails alone -- refused by its replica, or whose output cannot be processed -- fails alone.
+it). A request that fails alone -- refused by its replica, a sample that ends with finish reason "error" in
+the engine, or an output that cannot be processed -- fails alone (400 or 500, naming the cause).
 """
 
 from __future__ import annotations
@@ -131,13 +132,14 @@ class EngineClient:
             raise EngineUnavailable(self.startup_error)
 
     def _replica_config(self, r: int) -> EngineConfig:
-        """Replica r runs on devices [r*tp, (r+1)*tp) of the visible ones."""
+        """Replica r knows its index (its own request seeds) and runs on devices [r*tp, (r+1)*tp) of the
+        visible ones."""
+        from dataclasses import replace
         device = self.config.resolved_device()
         if device.type != "cuda":
-            return self.config
-        from dataclasses import replace
+            return replace(self.config, data_parallel_rank=r)
         base = (device.index or 0) + r * self.config.tensor_parallel_size
-        return replace(self.config, device=f"cuda:{base}")
+        return replace(self.config, data_parallel_rank=r, device=f"cuda:{base}")
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         for replica in self.replicas:
@@ -354,6 +356,13 @@ class EngineClient:
             if m.stats is not None:
                 self.replicas[m.replica].stats = m.stats
             for update in m.updates:
+                if update.finish_reason == "error" and update.request_id in self.pending:
+                    # A sample failed inside the engine (a grammar error, say): the request fails now with
+                    # a 500 that says why, and its other samples are freed.
+                    self._fail_request(update.request_id, ServerError(
+                        f"request {update.request_id}: sample {update.index} failed in the engine: "
+                        f"{update.stop_reason}"))
+                    continue
                 try:
                     done, finish = self.processor.process(update)
                 except Exception as e:  # fails this request only; the others of the step go on
