@@ -162,6 +162,7 @@ class Scheduler:
             seq = self.waiting[0]
             if num_live + seq.num_samples_to_draw > self.max_num_seqs and num_live > 0:
                 break
+            scores = False
             if seq.block_table:  # a forked sample waiting for room: it holds the prompt's blocks
                 n = min(seq.num_uncomputed_tokens, budget)
                 if not bm.can_append(seq, n):
