@@ -64,7 +64,7 @@ class StatelessGroup:
         # vLLM's create_tcp_store: TCPStore's default wait_for_workers=True -- the master's constructor waits
         # until world_size stores (itself included) have connected and counted themselves in.
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0),
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+                                   timeout=datetime.timedelta(seconds=timeout_s), use_libuv=False)
         self.sent = 0
         self.received = {i: 0 for i in range(world_size)}
 

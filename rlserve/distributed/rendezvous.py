@@ -51,33 +51,33 @@ def dumps_unique_id(unique_id: bytes) -> bytes:
             + pickle.TUPLE2 + pickle.TUPLE2 + pickle.REDUCE + pickle.STOP)
 
 
-class _UniqueIdClass:
-    """Stands for vLLM's ``ncclUniqueId`` class inside the restricted unpickler."""
-
-
-def _rebuild_ctypes(cls, state):
-    if cls is not _UniqueIdClass or not isinstance(state, tuple) or len(state) != 2:
-        raise pickle.UnpicklingError("only an NCCL unique id may be rebuilt")
-    data = state[1]
-    if not isinstance(data, bytes) or len(data) != NCCL_UNIQUE_ID_BYTES:
-        raise pickle.UnpicklingError(f"an NCCL unique id has {NCCL_UNIQUE_ID_BYTES} bytes")
-    return UniqueId(data)
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
-    ALLOWED = {("_ctypes", "_unpickle"): _rebuild_ctypes,
-               (VLLM_UNIQUE_ID_MODULE, VLLM_UNIQUE_ID_CLASS): _UniqueIdClass}
+    """Knows two globals, both stand-ins made for this one load (so that a payload's BUILD opcode, which sets
+    attributes on what it is given, changes nothing that outlives it)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self._unique_id_class = type("ncclUniqueId", (), {})
+
+    def _rebuild_ctypes(self, cls, state):
+        if cls is not self._unique_id_class or not isinstance(state, tuple) or len(state) != 2:
+            raise pickle.UnpicklingError("only an NCCL unique id may be rebuilt")
+        data = state[1]
+        if not isinstance(data, bytes) or len(data) != NCCL_UNIQUE_ID_BYTES:
+            raise pickle.UnpicklingError(f"an NCCL unique id has {NCCL_UNIQUE_ID_BYTES} bytes")
+        return UniqueId(data)
 
     def find_class(self, module: str, name: str):
-        found = self.ALLOWED.get((module, name))
-        if found is None:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from the weight-sync store")
-        return found
+        if (module, name) == ("_ctypes", "_unpickle"):
+            return lambda cls, state: self._rebuild_ctypes(cls, state)
+        if (module, name) == (VLLM_UNIQUE_ID_MODULE, VLLM_UNIQUE_ID_CLASS):
+            return self._unique_id_class
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from the weight-sync store")
 
 
 def loads_restricted(data: bytes):
     """Unpickle a string, bytes, or a unique id (as ``UniqueId``); anything else is an UnpicklingError."""
-    obj = _RestrictedUnpickler(io.BytesIO(data)).load()
+    obj = _RestrictedUnpickler(data).load()
     if not isinstance(obj, (str, bytes)):
         raise pickle.UnpicklingError(f"unexpected {type(obj).__name__} in the weight-sync store")
     return obj
@@ -128,6 +128,9 @@ class StoreGroup:
         for i in ranks:
             self.store.delete_key(f"arrival_{barrier_id}_{i}")
             self.store.delete_key(f"departure_{barrier_id}_{i}")
+        # Every rank has read this barrier's id (it arrived): its key can go too. (vLLM keeps such keys for an
+        # hour; TRL <= 1.10 makes one barrier per tensor per step, so they would pile up in the store.)
+        self.store.delete_key(f"broadcast_from/0/{self.num_sent - 1}")
 
     def close(self) -> None:
         self.store = None

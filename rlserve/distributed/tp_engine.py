@@ -180,6 +180,8 @@ class TensorParallelWorker:
         self.pipe = pipe
         self.weight_sync = None
         self.joining: threading.Thread | None = None  # a join in progress (it waits for the trainer)
+        self.join_generation = 0  # bumped by every join or close: a join thread keeps its group only if current
+        self.lock = threading.Lock()
 
     def run(self) -> None:
         while True:
@@ -190,7 +192,9 @@ class TensorParallelWorker:
                 self.model.load_weights(payload)
                 self.pipe.send(("ok", None))
             elif kind == "join_weight_sync":
-                self.joining = threading.Thread(target=self._join, args=payload, daemon=True)
+                self._close()
+                self.joining = threading.Thread(target=self._join, args=(*payload, self.join_generation),
+                                                daemon=True)
                 self.joining.start()
             elif kind == "warm_up_weight_sync":
                 self._with_group("warm-up", lambda group: group.warm_up())
@@ -202,17 +206,23 @@ class TensorParallelWorker:
             elif kind == "shutdown":
                 return
 
-    def _join(self, spec: dict, rank: int) -> None:
+    def _join(self, spec: dict, rank: int, generation: int) -> None:
         """In a thread: the rendezvous waits for the trainer. No collective runs here (the warm-up comes
-        through the pipe, in order with the steps), so NCCL launches on this rank stay ordered."""
+        through the pipe, in order with the steps), so NCCL launches on this rank stay ordered. A join that a
+        later join or close overtook drops its group."""
         from rlserve.distributed.weight_sync import GroupSpec, WeightSyncGroup
-        self._close()
         spec = GroupSpec(**spec)
         device = self.info.device if spec.backend == "nccl" else torch.device("cpu")
         try:
-            self.weight_sync = WeightSyncGroup(spec, rank + self.rank, device)
+            group = WeightSyncGroup(spec, rank + self.rank, device)
         except Exception as e:  # rank 0 sees the group fail too (its warm-up times out)
             logger.error("weight-sync join failed on tp rank %d: %s", self.rank, e)
+            return
+        with self.lock:
+            if generation == self.join_generation:
+                self.weight_sync, group = group, None
+        if group is not None:
+            group.close()
 
     def _with_group(self, what: str, action) -> None:
         if self.joining is not None:
@@ -236,6 +246,9 @@ class TensorParallelWorker:
             group.barrier()
 
     def _close(self) -> None:
-        group, self.weight_sync = self.weight_sync, None
+        """Drop the group, and the result of any join in flight."""
+        with self.lock:
+            self.join_generation += 1
+            group, self.weight_sync = self.weight_sync, None
         if group is not None:
             group.close()

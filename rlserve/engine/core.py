@@ -227,7 +227,9 @@ class EngineCore:
         return nbytes
 
     def close_weight_sync(self, group) -> None:
-        group.close()
+        """Close ``group`` (None: no group, but joins in flight on other ranks are dropped too)."""
+        if group is not None:
+            group.close()
 
     def shutdown(self) -> None:
         """Release what the engine started (tensor-parallel workers); a single-process core has nothing."""

@@ -58,6 +58,7 @@ class EngineCoreProc:
         self.joined: queue.SimpleQueue = queue.SimpleQueue()  # (generation, call id, group, error) from joins
         self.join_generation = 0
         self.update: dict | None = None  # an update in progress: no step runs until it is applied or expires
+        self.update_error: str | None = None  # why the last update did not complete
         self.last_stats = 0.0
         self.max_running = 0
         self.mean_step_seconds = 0.0  # exponential moving average
@@ -229,7 +230,6 @@ class EngineCoreProc:
         """Join the group in a thread, so that generation goes on while the trainer connects; the group's
         warm-up collective then runs in the loop, between steps (``finish_joins``), and answers the call."""
         self._close_weight_sync()
-        self.join_generation += 1
         generation = self.join_generation
         rank = spec["rank_offset"] + self.tp_rank_base
 
@@ -249,9 +249,11 @@ class EngineCoreProc:
     def finish_joins(self) -> None:
         while not self.joined.empty():
             generation, call_id, group, error = self.joined.get()
-            if error is None and generation != self.join_generation:  # replaced by a later init meanwhile
-                self.engine.close_weight_sync(group)
-                error = "replaced by a later init_communicator"
+            if generation != self.join_generation:  # closed or replaced by a later init meanwhile
+                if group is not None:
+                    group.close()  # ours only: the workers have dropped theirs already
+                self.send(msg.UtilityResult(call_id, error="replaced by a later init or close", status=409))
+                continue
             if error is None:
                 try:
                     self.engine.warm_up_weight_sync(group)
@@ -268,8 +270,10 @@ class EngineCoreProc:
             self.send(msg.UtilityResult(call_id, {"rank": group.rank, "backend": group.backend}))
 
     def rpc_begin_weight_update(self, call_id, update_timeout_s: float):
-        """vLLM's start_weight_update: no step runs until finish_weight_update (or ``update_timeout_s``), so
-        that no token is generated on a mix of old and new weights."""
+        """vLLM's start_weight_update: no step runs until finish_weight_update, so that no token is generated
+        on a mix of old and new weights -- or until ``update_timeout_s`` pass without a call of the update."""
+        if self.weight_sync is None:
+            raise ValueError("no weight-sync group: call init_weight_transfer_engine first")
         self._open_update(update_timeout_s)
         return {"ok": True}
 
@@ -278,7 +282,8 @@ class EngineCoreProc:
         """Receive and load every bucket now, between two steps. With ``version``: a whole update, which holds
         at once. Without: one part of an update (opened here if none is: ``run_version`` is the version it
         will hold), applied by finish_weight_update, or once ``run_timeout_s`` pass without another part.
-        ``discard``: receive and drop (an update refused after the trainer started sending)."""
+        ``discard``: receive and drop an update that was refused after the trainer began sending; it ends the
+        update in progress (the trainer will not finish it)."""
         from rlserve.distributed.weight_sync import BucketMeta
         if self.weight_sync is None:
             raise ValueError("no weight-sync group: call init_communicator first")
@@ -293,22 +298,31 @@ class EngineCoreProc:
             self.weight_sync_error = f"weight update failed: {type(e).__name__}: {e}"
             logger.error("%s; closing the weight-sync group", self.weight_sync_error)
             self._close_weight_sync()
-            self._end_update()  # weights_partial stays set: the weights are a mix until the next update
+            self._end_update(self.weight_sync_error)  # weights_partial stays set: the weights are a mix
             raise RuntimeError(self.weight_sync_error) from e
         self.last_weight_sync_seconds = time.perf_counter() - start
-        if version is not None:
+        if discard:
+            if self.update is not None:
+                self._end_update("the update was refused")
+        elif version is not None:
             self._apply_update(version)
-        elif self.update is not None:
+        else:
             self.update["deadline"] = time.monotonic() + self.update["timeout_s"]
         return {"version": version, "bytes": nbytes, "seconds": self.last_weight_sync_seconds}
 
     def rpc_finish_weight_update(self, call_id, version: int):
+        """Apply the update in progress as ``version``. Refused (ValueError) when none is: it failed, was
+        refused or expired -- the weights are then not labelled with a version they may not be."""
+        if self.update is None:
+            raise ValueError(f"no weight update in progress to finish"
+                             f"{': ' + self.update_error if self.update_error else ''}")
         self._apply_update(version)
         return {"version": version}
 
     def _open_update(self, timeout_s: float, version: int | None = None) -> None:
         if self.update is None:
             self.update = {"version": version, "timeout_s": timeout_s}
+            self.update_error = None
         self.update["deadline"] = time.monotonic() + timeout_s
 
     def _apply_update(self, version: int) -> None:
@@ -317,9 +331,11 @@ class EngineCoreProc:
         self.engine.weights_partial = False
         self.engine.reset_prefix_cache()
 
-    def _end_update(self) -> None:
-        """An update that will not be completed: serve again, on whatever the weights now are."""
+    def _end_update(self, error: str) -> None:
+        """An update that will not be completed: serve again, on whatever the weights now are (a mix, when any
+        part had loaded: ``weights_partial`` says so)."""
         self.update = None
+        self.update_error = error
         self.engine.reset_prefix_cache()
 
     def expire_update(self) -> None:
@@ -331,9 +347,8 @@ class EngineCoreProc:
         if update["version"] is not None:
             self._apply_update(update["version"])
         else:
-            self.weight_sync_error = "weight update not finished in time (no finish_weight_update)"
-            logger.error(self.weight_sync_error)
-            self._end_update()
+            logger.error("weight update not finished within %.0fs: serving on", update["timeout_s"])
+            self._end_update("not finished in time")
 
     def rpc_close_weight_sync(self, call_id):
         self._close_weight_sync()
@@ -343,9 +358,10 @@ class EngineCoreProc:
         return {"ok": True}
 
     def _close_weight_sync(self) -> None:
+        """Drop the group, and any join still in flight (its result will be discarded)."""
+        self.join_generation += 1
         group, self.weight_sync = self.weight_sync, None
-        if group is not None:
-            self.engine.close_weight_sync(group)
+        self.engine.close_weight_sync(group)
 
 
 DEFERRED = object()

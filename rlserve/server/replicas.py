@@ -285,7 +285,10 @@ class EngineClient:
         replicas apply it (after the tensor they may still be receiving) before they see what follows."""
         version, self.named_param_run = self.named_param_run, None
         if version is not None:
-            await self.call_all("finish_weight_update", timeout_s=timeout_s, version=version)
+            try:
+                await self.call_all("finish_weight_update", timeout_s=timeout_s, version=version)
+            except Exception as e:  # the run failed or already ended (its quiet time passed): status says
+                logger.warning("weights version %d not applied by every replica: %s", version, e)
 
     # -- utility calls -----------------------------------------------------------------------------
     async def call(self, replica: int, method: str, timeout_s: float = 30.0, **kwargs):
@@ -381,7 +384,8 @@ class EngineClient:
                 if m.error is None:
                     future.set_result(m.result)
                 else:
-                    future.set_exception(BadRequest(m.error) if m.status == 400 else RuntimeError(m.error))
+                    error = {400: BadRequest, 409: Conflict}.get(m.status)
+                    future.set_exception(error(m.error) if error else RuntimeError(m.error))
         elif isinstance(m, msg.RequestFailed):
             error = BadRequest(m.message, param="prompts") if m.status == 400 else ServerError(m.message)
             self.processor.states.pop(m.request_id, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -67,12 +69,14 @@ def _status(request: Request) -> str:
 
 
 @route(router, "POST", "/pause/")
-async def pause(request: Request, body: PauseRequest | None = None):
+async def pause(request: Request, body: PauseRequest | None = None,
+                mode: Literal["abort", "wait", "keep"] | None = None):
     """``abort``: in-flight requests end now with finish_reason "abort"; ``wait``: they finish, then the
-    engine pauses; ``keep``: they freeze and continue after /resume/. New requests wait until then."""
+    engine pauses; ``keep``: they freeze and continue after /resume/. New requests wait until then. The mode
+    comes in the body, or as vLLM takes it, in the query (``/pause?mode=keep``, what TRL's async GRPO sends)."""
     engine = engine_of(request)
     engine.check_serving()
-    mode = (body or PauseRequest()).mode
+    mode = mode or (body or PauseRequest()).mode
     await engine.call_all("pause", timeout_s=3600.0 if mode == "wait" else 30.0, mode=mode)
     return {"message": f"paused ({mode})", "mode": mode}
 

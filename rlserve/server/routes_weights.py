@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 NAMED_PARAM_RUN_QUIET_S = 5.0  # a run of per-tensor updates with no call for this long is complete
+UPDATE_QUIET_S = 60.0  # a vLLM-style update with no call for this long is abandoned (the trainer is gone)
 
 
 # -- joining a group ------------------------------------------------------------------------------------
@@ -43,12 +44,16 @@ def _backend(engine, requested: str | None) -> str:
     return backend
 
 
-def _join(request: Request, spec: GroupSpec) -> list[asyncio.Future]:
-    """Every worker joins (a new group replaces any other, established or half-made: a trainer that crashed
-    and came back); the futures resolve once each replica's workers are in and warmed up."""
-    state = request.app.state
+async def _join(request: Request, spec: GroupSpec) -> list[asyncio.Future]:
+    """Every worker joins; the futures resolve once each replica's workers are in and warmed up. A new group
+    replaces any other, established or half-made (a trainer that crashed and came back): the old one is gone
+    before this returns, so that the trainer cannot meet it."""
+    engine, state = engine_of(request), request.app.state
+    state.weight_sync_init = None
+    await engine.end_named_param_run()
+    await engine.call_all("close_weight_sync", timeout_s=spec.timeout_s + 30.0)
     state.weight_sync_spec = spec
-    state.weight_sync_init = engine_of(request).send_all_nowait("init_weight_sync", spec=spec.to_dict())
+    state.weight_sync_init = engine.send_all_nowait("init_weight_sync", spec=spec.to_dict())
     return state.weight_sync_init
 
 
@@ -60,10 +65,9 @@ async def init_communicator(request: Request, body: InitCommunicatorRequest):
     if body.world_size != expected:
         raise BadRequest(f"world_size must be {expected} (the server's {engine.world_size} workers + the "
                          f"client), got {body.world_size}", param="world_size")
-    await engine.end_named_param_run()
     spec = GroupSpec(host=body.host, port=body.port, world_size=body.world_size, trainer_rank=body.world_size - 1,
                      backend=_backend(engine, body.backend), timeout_s=body.timeout_s)
-    _join(request, spec)  # answered at once: the trainer joins the rendezvous after this returns
+    await _join(request, spec)  # answered once joining: the trainer joins the rendezvous after this returns
     return {"message": "Request received, initializing communicator"}
 
 
@@ -77,12 +81,11 @@ async def init_weight_transfer_engine(request: Request, body: InitWeightTransfer
     if info.world_size < info.rank_offset + engine.world_size:
         raise BadRequest(f"init_info.world_size must be at least rank_offset + {engine.world_size} (the server's "
                          f"workers), got {info.world_size}", param="init_info.world_size")
-    await engine.end_named_param_run()
     spec = GroupSpec(host=info.master_address, port=info.master_port, world_size=info.world_size, trainer_rank=0,
                      rank_offset=info.rank_offset, backend=_backend(engine, body.backend),
                      timeout_s=body.timeout_s, barrier_after_update=False)
     request.app.state.weight_transfer_packed = info.packed
-    _join(request, spec)
+    await _join(request, spec)
     await _require_group(request, spec.timeout_s + 10.0)
     return {"message": "Weight transfer initialized"}
 
@@ -133,8 +136,16 @@ def _log_update(version: int | None):
 
 def _dispatch(request: Request, buckets: list[dict], **kwargs) -> list[asyncio.Future]:
     futures = engine_of(request).send_all_nowait("update_weights", buckets=buckets, **kwargs)
+    state = request.app.state
+
+    def group_lost(future: asyncio.Future) -> None:  # a replica closes its group when an update fails
+        if not future.cancelled() and future.exception() is not None and state.weight_sync_init is init:
+            state.weight_sync_init = None
+
+    init = state.weight_sync_init
     for future in futures:
         future.add_done_callback(_log_update(kwargs.get("version")))
+        future.add_done_callback(group_lost)
     return futures
 
 
@@ -224,7 +235,7 @@ async def _vllm_update_weights(request: Request, info: VllmUpdateInfo):
     await engine.end_named_param_run()
     buckets = [b.to_dict() for b in plan_vllm_buckets(info.names, info.dtype_names, info.shapes, bool(packed),
                                                       info.packed_buffer_size_bytes)]
-    futures = _dispatch(request, buckets, discard=refusal is not None, run_timeout_s=spec.timeout_s)
+    futures = _dispatch(request, buckets, discard=refusal is not None, run_timeout_s=UPDATE_QUIET_S)
     results = await asyncio.gather(*futures, return_exceptions=True)
     if refusal is not None:
         raise refusal
@@ -239,9 +250,9 @@ async def start_weight_update(request: Request):
     """No engine step runs from here until ``/finish_weight_update``: tokens never see half an update."""
     engine = engine_of(request)
     engine.check_serving()
-    spec = await _require_group(request)
+    await _require_group(request)
     await engine.end_named_param_run()
-    await engine.call_all("begin_weight_update", timeout_s=600.0, update_timeout_s=spec.timeout_s)
+    await engine.call_all("begin_weight_update", timeout_s=600.0, update_timeout_s=UPDATE_QUIET_S)
     return {"message": "Weight update started"}
 
 
@@ -250,8 +261,12 @@ async def finish_weight_update(request: Request):
     engine = engine_of(request)
     engine.check_serving()
     await _require_group(request)
-    version = engine.next_weight_version()
-    await engine.call_all("finish_weight_update", timeout_s=600.0, version=version)
+    version = engine.weight_version + 1
+    try:
+        await engine.call_all("finish_weight_update", timeout_s=600.0, version=version)
+    except BadRequest as e:  # it failed, was refused, or expired: no new version
+        raise Conflict(e.message) from None
+    engine.weight_version = version
     return {"message": "Weight update finished", "version": version}
 
 
@@ -259,7 +274,7 @@ async def finish_weight_update(request: Request):
 async def close_communicator(request: Request):
     engine = engine_of(request)
     engine.check_serving()
+    request.app.state.weight_sync_init = None
     await engine.end_named_param_run()
     await engine.call_all("close_weight_sync")
-    request.app.state.weight_sync_init = None
     return {"message": "Request received, closing communicator"}

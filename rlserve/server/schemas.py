@@ -77,7 +77,7 @@ class WeightTransferInitInfo(BaseModel):
     """vLLM's ``NCCLWeightTransferInitInfo``: the trainer (rank 0) hosts the group's store."""
     master_address: str
     master_port: int = Field(ge=1, le=65535)
-    rank_offset: int = Field(default=1, ge=0)
+    rank_offset: int = Field(default=1, ge=1)  # the trainer is rank 0
     world_size: int = Field(ge=2)
     packed: bool | None = None  # vLLM >= 0.28's trainer says it here rather than per update
 
