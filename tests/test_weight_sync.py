@@ -109,6 +109,27 @@ def test_trl_sequence_per_tensor(model_pairs):
         client.close_communicator()
 
 
+def test_update_named_params_streams_what_the_iterator_yields(model_pairs):
+    """TRL >= 1.12's call through rlserve.Client (trl_compat): the iterator's tensors are taken when yielded
+    -- TRL's PEFT branch unmerges adapters in place after its last yield, which must not reach the server."""
+    path_a, model_b = model_pairs["qwen2"]
+    params = [(name, p.data.clone()) for name, p in model_b.named_parameters()]
+    metadata = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in params]
+
+    def yielding_then_spoiling():
+        for name, tensor in params:
+            yield name, tensor
+        for _, tensor in params:
+            tensor.zero_()  # after the last yield, as an in-place unmerge would
+
+    with running_server(path_a) as server:
+        client = Client(base_url=server.url, group_port=free_port())
+        client.init_communicator(device="cpu", timeout_s=30)
+        assert client.update_named_params(metadata, yielding_then_spoiling(), bucket_size_mb=0.05) == 1
+        assert server_greedy(client)["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        client.close_communicator()
+
+
 def test_wrong_name_shape_or_dtype_is_400_and_nothing_changes(model_pairs):
     path_a, model_b = model_pairs["qwen2"]
     with running_server(path_a) as server:

@@ -130,7 +130,7 @@ def _time_trl_paths(url: str, model, dev: torch.device, repeats: int) -> dict[st
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
     except ImportError:
         return {}
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
     http = httpx.Client(base_url=url, timeout=600)
@@ -157,22 +157,19 @@ def _time_trl_paths(url: str, model, dev: torch.device, repeats: int) -> dict[st
 
     port = _free_port()  # TRL >= 1.12
     init_info = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": world}
-    answer = threading.Thread(target=lambda: http.post("/init_weight_transfer_engine",
-                                                       json={"init_info": init_info}).raise_for_status())
-    answer.start()
+    pool = ThreadPoolExecutor(1)  # the server answers these once the trainer's side is done: post them aside
+    answer = pool.submit(lambda: http.post("/init_weight_transfer_engine", json={"init_info": init_info}))
     group = NCCLWeightTransferEngine.trainer_init(init_info)
-    answer.join()
+    answer.result().raise_for_status()
     info = {"names": [n for n, _ in params], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in params],
             "shapes": [list(t.shape) for _, t in params], "packed": True}
     for i in range(repeats + 1):
         start = time.perf_counter()
         http.post("/start_weight_update", json={}).raise_for_status()
-        update = threading.Thread(target=lambda: http.post("/update_weights",
-                                                           json={"update_info": info}).raise_for_status())
-        update.start()
+        update = pool.submit(lambda: http.post("/update_weights", json={"update_info": info}))
         NCCLWeightTransferEngine.trainer_send_weights(iter(params), NCCLTrainerSendWeightsArgs(group=group,
                                                                                                packed=True))
-        update.join()
+        update.result().raise_for_status()  # a failed update is an error, not a time
         http.post("/finish_weight_update", json={}).raise_for_status()
         http.post("/reset_prefix_cache").raise_for_status()
         if i:

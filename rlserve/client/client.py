@@ -22,7 +22,8 @@ import orjson
 import torch
 from torch import nn
 
-from rlserve.distributed.weight_sync import GroupSpec, WeightSyncGroup, pack_for_send, plan_buckets, send_buckets
+from rlserve.distributed.weight_sync import (GroupSpec, WeightSyncGroup, pack_for_send, parse_dtype, plan_buckets,
+                                             send_buckets, send_streamed)
 from rlserve.server.schemas import ChatRequest, GenerateRequest, SequenceLogprobsRequest
 
 logger = logging.getLogger(__name__)
@@ -221,9 +222,19 @@ class Client:
         group.broadcast(tensor)
         group.barrier()
 
-    def update_named_params(self, metadata: list, named_params: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """TRL >= 1.12's call (``metadata``: (name, dtype, shape) triplets, which rlserve reads off the tensors)."""
-        return self.update_weights(named_params)
+    def update_named_params(self, metadata: list, named_params: Iterable[tuple[str, torch.Tensor]],
+                            bucket_size_mb: float = 512) -> int:
+        """TRL >= 1.12's call: ``metadata`` announces every tensor ((name, dtype, shape), in order), then
+        ``named_params`` yields them one at a time -- each is copied into its bucket as it comes (TRL's iterator
+        may gather a sharded parameter, or merge adapters, only for the time of its yield)."""
+        group = self._require_communicator()
+        buckets = plan_buckets(((name, parse_dtype(dtype), tuple(shape)) for name, dtype, shape in metadata),
+                               int(bucket_size_mb * 2**20))
+        answer = self._request("POST", "/update_weights/", {"buckets": [b.to_dict() for b in buckets]})
+        send_streamed(group, buckets, named_params)
+        group.barrier()
+        self.weight_version = answer["version"]
+        return self.weight_version
 
     @contextlib.contextmanager
     def weight_update(self):

@@ -293,3 +293,36 @@ def send_buckets(group: WeightSyncGroup, buckets: list[BucketMeta], tensors: dic
     if pending is not None:
         group.wait(pending[1])
     return sent
+
+
+def send_streamed(group: WeightSyncGroup, buckets: list[BucketMeta],
+                  named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """The trainer's side for tensors that exist one at a time (TRL's iterator gathers a sharded parameter, or
+    merges adapters, only for the time of its yield): each is copied into its bucket when yielded, and buckets
+    are broadcast in order as they fill, at most two in flight. Every announced tensor must come, once."""
+    where = {t.name: (i, t) for i, bucket in enumerate(buckets) for t in bucket.tensors}
+    remaining = [len(bucket.tensors) for bucket in buckets]
+    flats: dict[int, torch.Tensor] = {}
+    in_flight: list[tuple[int, object]] = []
+    next_bucket = sent = 0
+    for name, tensor in named_tensors:
+        if name not in where:
+            raise ValueError(f"{name!r} was not announced, or came twice")
+        i, meta = where.pop(name)
+        if i not in flats:
+            flats[i] = torch.empty(buckets[i].numel, dtype=BUCKET_DTYPES[buckets[i].dtype], device=group.device)
+        flats[i][meta.offset:meta.offset + meta.numel].copy_(tensor.detach().reshape(-1))
+        remaining[i] -= 1
+        while next_bucket < len(buckets) and remaining[next_bucket] == 0:
+            in_flight.append((next_bucket, group.broadcast_async(flats[next_bucket])))
+            sent += flats[next_bucket].numel() * flats[next_bucket].element_size()
+            next_bucket += 1
+            if len(in_flight) > 1:
+                done, work = in_flight.pop(0)
+                group.wait(work)
+                del flats[done]
+    if where:
+        raise ValueError(f"announced but never sent: {sorted(where)[:5]}")
+    for _, work in in_flight:
+        group.wait(work)
+    return sent
