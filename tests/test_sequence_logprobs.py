@@ -230,7 +230,7 @@ BAD = [
      f"prompt_logprobs must be <= {BYTE_VOCAB} (the vocabulary size)", "prompt_logprobs"),
     ("/v1/completions", dict(prompt=[[1, 2]], prompt_logprobs=1001), "prompt_logprobs must be <= 1000",
      "prompt_logprobs"),
-    ("/v1/completions", dict(prompt=[[1] * 64], prompt_logprobs=1), "max_model_len", "prompts"),
+    ("/v1/completions", dict(prompt=[[1] * 64], prompt_logprobs=1), "max_model_len", "prompt"),
     ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "hi"}], prompt_logprobs="all"),
      "prompt_logprobs", "prompt_logprobs"),
 ]

@@ -179,14 +179,14 @@ def _prompt_logprobs(engine, pl: PromptLogprobs | None, as_ids: bool, names: dic
     return entries
 
 
-async def _generate(request: Request, prompts, params: SamplingParams) -> list[RequestOutput]:
+async def _generate(request: Request, prompts, params: SamplingParams, field: str) -> list[RequestOutput]:
     engine = engine_of(request)
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
     engine.check_serving()
     await engine.end_named_param_run()
     return await engine.generate(prompts, params, detokenize=True, is_disconnected=request.is_disconnected,
-                                 request_id=request.headers.get("x-request-id"))
+                                 request_id=request.headers.get("x-request-id"), field=field)
 
 
 def _sse(chunks: list[dict]) -> StreamingResponse:
@@ -211,7 +211,7 @@ async def completions(request: Request, body: CompletionRequest):
     check_num_prompts(request, len(prompt), "prompt")
     items = tokenize_prompts(engine, prompt, "prompt")
     params = body.params(body.logprobs, body.max_tokens)
-    outputs = await _generate(request, items, params)
+    outputs = await _generate(request, items, params, "prompt")
 
     def respond():
         choices, names = [], {}
@@ -254,7 +254,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         ids = engine.render_chat(body.messages, body.chat_template_kwargs, body.tools)
     except Exception as e:
         raise BadRequest(f"messages: cannot apply the chat template: {e}", param="messages") from None
-    outputs = await _generate(request, [(None, ids)], params)
+    outputs = await _generate(request, [(None, ids)], params, "messages")
     out = outputs[0]
     choices = []
     for c in out.outputs:
