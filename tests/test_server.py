@@ -518,6 +518,37 @@ def test_serve_accepts_both_flag_spellings(sep):
         ("0.0.0.0", 8000, 1, 1)
 
 
+# -- the binary response layout ----------------------------------------------------------------------------
+@pytest.mark.parametrize("logprobs", [0, 2, None])
+def test_binary_response_decodes_to_exactly_the_json_response(http, logprobs):
+    """Same seeded request twice, each on a cold prefix cache (a hit may change logprobs in the last bits):
+    the binary answer decodes to the JSON answer, ids equal and logprobs bit-equal; then a normal request."""
+    from rlserve.server import binary
+    body = dict(prompts=[TOKEN_PROMPTS[1], TOKEN_PROMPTS[2], TOKEN_PROMPTS[3]], n=3, max_tokens=7,
+                temperature=1.0, logprobs=logprobs, generation_kwargs={"seed": 3})
+    for path, prompt_field in (("/generate/", None), ("/chat/", "messages")):
+        if prompt_field:
+            body = dict(body, messages=CONVERSATIONS)
+            body.pop("prompts")
+        http.post("/reset_prefix_cache/").raise_for_status()
+        as_json = generate(http, path, **body)
+        http.post("/reset_prefix_cache/").raise_for_status()
+        answer = generate(http, path, **body, response_format="binary")
+        assert answer["format"] == binary.FORMAT and "completion_ids" not in answer
+        decoded = binary.decode(answer)
+        assert decoded == as_json
+        if logprobs is not None:  # == on floats is bit equality here (no NaN); check the types too
+            assert all(type(v) is float for row in decoded["logprobs"] for entries in row for v in entries)
+            assert answer["logprobs_dtype"] == "float32"
+        assert_serves(http, path)
+
+
+def test_binary_response_of_an_unknown_format_is_400(http):
+    r = http.post("/generate/", json={"prompts": ["ok"], "max_tokens": 2, "response_format": "msgpack"})
+    assert_error(r, 400, "response_format")
+    assert_serves(http)
+
+
 # -- rlserve.Client ---------------------------------------------------------------------------------------
 def test_client_trl_methods(server, llm):
     with Client(base_url=server.url, connection_timeout=10) as client:
@@ -541,6 +572,12 @@ def test_client_trl_methods(server, llm):
             client.generate(["ok"], temperature=-1)
         assert e.value.status == 400 and "temperature" in e.value.message
         assert len(client.generate(["ok"], max_tokens=2)["completion_ids"]) == 1
+        for logprobs in (0, 3, None):  # binary_response: the same dict as JSON
+            kwargs = dict(n=2, max_tokens=6, temperature=1.0, logprobs=logprobs, generation_kwargs={"seed": 4})
+            client.reset_prefix_cache()
+            as_json = client.generate(TOKEN_PROMPTS[:3], **kwargs)
+            client.reset_prefix_cache()
+            assert client.generate(TOKEN_PROMPTS[:3], **kwargs, binary_response=True) == as_json
     # TRL's constructor style: host and server_port
     with Client(host="127.0.0.1", server_port=server.port) as client:
         assert client.get_world_size() == 1

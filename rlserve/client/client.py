@@ -24,6 +24,7 @@ from torch import nn
 
 from rlserve.distributed.weight_sync import (GroupSpec, WeightSyncGroup, pack_for_send, parse_dtype, plan_buckets,
                                              send_buckets, send_streamed)
+from rlserve.server import binary
 from rlserve.server.schemas import ChatRequest, GenerateRequest, SequenceLogprobsRequest
 
 logger = logging.getLogger(__name__)
@@ -109,18 +110,22 @@ class Client:
                  min_p: float = 0.0, max_tokens: int = 16, logprobs: int | None = 0,
                  structured_outputs_regex: str | None = None, generation_kwargs: dict | None = None,
                  truncate_prompt_tokens: int | None = None, guided_decoding_regex: str | None = None,
-                 features: list | None = None, timeout: float | None = None) -> dict:
+                 features: list | None = None, timeout: float | None = None, binary_response: bool = False) -> dict:
         """TRL's dict: prompt_ids, completion_ids (len(prompts) * n, grouped by prompt), logprobs and
         logprob_token_ids (per token: the sampled token, or the top N+1 sorted; None for logprobs=None).
-        Takes every argument TRL's trainers pass (1.0-1.16); images are not supported."""
+        Takes every argument TRL's trainers pass (1.0-1.16); images are not supported. ``binary_response``:
+        fetch ids and logprobs as numpy arrays (rlserve/server/binary.py) and return the same dict; faster
+        for RL batches, which are ~10 MB as JSON."""
         _no_images(images, features)
         body = GenerateRequest(prompts=prompts, n=n, repetition_penalty=repetition_penalty,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                max_tokens=max_tokens, logprobs=logprobs,
                                structured_outputs_regex=structured_outputs_regex or guided_decoding_regex,
                                truncate_prompt_tokens=truncate_prompt_tokens,
-                               generation_kwargs=generation_kwargs or {})
-        return self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
+                               generation_kwargs=generation_kwargs or {},
+                               response_format="binary" if binary_response else "json")
+        answer = self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
+        return binary.decode(answer) if binary_response else answer
 
     def chat(self, messages: list[list[dict]], n: int = 1, repetition_penalty: float = 1.0,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,

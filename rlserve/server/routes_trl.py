@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
+from rlserve.server import binary
 from rlserve.server.errors import BadRequest, EngineUnavailable
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
 from rlserve.server.schemas import ChatRequest, GenerateRequest
@@ -69,9 +70,26 @@ def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
             "weight_version": max((v for vs in versions for v in vs), default=0), "weight_versions": versions}
 
 
+def binary_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
+    """``trl_response``'s values in the compact layout of rlserve/server/binary.py, built without the nested
+    per-token lists."""
+    completions = [c for o in outputs for c in o.outputs]
+    sampled = trl = None
+    if params.logprobs == 0 and all(len(c.sampled_logprobs) == len(c.token_ids) for c in completions):
+        sampled = [c.sampled_logprobs for c in completions]
+    elif params.logprobs is not None:
+        pairs = [c.trl_logprobs() for c in completions]
+        trl = ([p[0] for p in pairs], [p[1] for p in pairs])
+    versions = [c.weight_versions for c in completions]
+    return binary.encode([o.prompt_token_ids for o in outputs], [c.token_ids for c in completions], sampled, trl,
+                         [c.finish_reason for c in completions],
+                         max((v for vs in versions for v in vs), default=0), versions)
+
+
 async def run_generation(request: Request, prompts, params: SamplingParams,
-                         truncate_prompt_tokens: int | None = None):
-    """``truncate_prompt_tokens`` (older TRL releases send it): keep only each prompt's last N tokens."""
+                         truncate_prompt_tokens: int | None = None, response_format: str = "json"):
+    """``truncate_prompt_tokens`` (older TRL releases send it): keep only each prompt's last N tokens.
+    ``response_format``: "json" (TRL's layout) or "binary" (rlserve/server/binary.py)."""
     engine = engine_of(request)
     if truncate_prompt_tokens is not None:
         prompts = [(text if len(ids) <= truncate_prompt_tokens else None, ids[-truncate_prompt_tokens:])
@@ -81,7 +99,8 @@ async def run_generation(request: Request, prompts, params: SamplingParams,
     await engine.end_named_param_run()
     outputs = await engine.generate(prompts, params, detokenize=False, is_disconnected=request.is_disconnected,
                                     request_id=request.headers.get("x-request-id"))
-    return json_response(trl_response(outputs, params))
+    layout = binary_response if response_format == "binary" else trl_response
+    return json_response(layout(outputs, params))
 
 
 @route(router, "POST", "/generate/")
@@ -91,7 +110,7 @@ async def generate(request: Request, body: GenerateRequest):
     check_num_prompts(request, len(body.prompts), "prompts")
     params = sampling_params_from(body)
     return await run_generation(request, tokenize_prompts(engine, body.prompts, "prompts"), params,
-                                body.truncate_prompt_tokens)
+                                body.truncate_prompt_tokens, body.response_format)
 
 
 @route(router, "POST", "/chat/")
@@ -106,7 +125,7 @@ async def chat(request: Request, body: ChatRequest):
             prompts.append((None, engine.render_chat(conversation, body.chat_template_kwargs, body.tools)))
         except Exception as e:  # a template error is the caller's input
             raise BadRequest(f"messages[{i}]: cannot apply the chat template: {e}", param="messages") from None
-    return await run_generation(request, prompts, params, body.truncate_prompt_tokens)
+    return await run_generation(request, prompts, params, body.truncate_prompt_tokens, body.response_format)
 
 
 @route(router, "POST", "/reset_prefix_cache/")

@@ -43,10 +43,13 @@ class SamplingFields(BaseModel):
 
 class GenerateRequest(SamplingFields):
     prompts: list[str] | list[list[int]]
+    # "binary": ids and logprobs as base64 numpy arrays (rlserve/server/binary.py); JSON lists by default.
+    response_format: Literal["json", "binary"] = "json"
 
 
 class ChatRequest(SamplingFields):
     messages: list[list[dict[str, Any]]]
+    response_format: Literal["json", "binary"] = "json"  # as GenerateRequest's
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 

@@ -1,0 +1,113 @@
+"""The compact layout of a ``/generate/`` or ``/chat/`` answer, asked for with ``"response_format": "binary"``.
+
+An RL batch answered in JSON is ~10 MB of nested lists (``logprobs`` is ``[sequence][token][entry]``), which the
+server spends time writing and the client time parsing. The binary layout carries the same values as flat
+little-endian numpy arrays, base64-encoded inside a small JSON object, with the lengths needed to cut them:
+
+    prompt_ids_b64          int32, every prompt's ids one after another; prompt_lengths cuts them
+    completion_ids_b64      int32, every completion's ids; completion_lengths cuts them
+    logprobs_b64            per token, its entries (TRL's order); logprobs_dtype is "float32" when every value
+                            is exactly a float32 (the engine's own precision), else "float64"; null when the
+                            request had logprobs=None
+    logprob_widths_b64      int32, entries per token; null for logprobs=0 (one entry: the sampled token)
+    logprob_token_ids_b64   int32, the entries' token ids; null for logprobs=0 (they are the completion ids)
+
+``finish_reasons``, ``weight_version`` and ``weight_versions`` are as in JSON. ``decode`` turns the answer back into
+exactly the JSON answer's dict (same ids, bit-equal logprobs; a non-finite logprob becomes None, as JSON's null).
+The server and ``rlserve.Client`` both use this module, so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+FORMAT = "rlserve-binary-v1"
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def _array(text: str, dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def _flat_int32(rows: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+    lengths = [len(r) for r in rows]
+    flat = np.fromiter((t for r in rows for t in r), dtype="<i4", count=sum(lengths))
+    return flat, lengths
+
+
+def encode(prompt_ids: list[list[int]], completion_ids: list[list[int]], sampled_logprobs: list[list[float]] | None,
+           trl_logprobs: tuple[list, list] | None, finish_reasons: list, weight_version: int,
+           weight_versions: list[list[int]]) -> dict:
+    """``sampled_logprobs``: per completion, the sampled token's logprob per token (logprobs=0); or
+    ``trl_logprobs``: (values, ids) in TRL's [sequence][token][entry] layout (logprobs=N); neither: None."""
+    prompts, prompt_lengths = _flat_int32(prompt_ids)
+    completions, completion_lengths = _flat_int32(completion_ids)
+    answer = {"format": FORMAT, "prompt_lengths": prompt_lengths, "prompt_ids_b64": _b64(prompts),
+              "completion_lengths": completion_lengths, "completion_ids_b64": _b64(completions),
+              "logprobs_b64": None, "logprobs_dtype": None, "logprob_widths_b64": None,
+              "logprob_token_ids_b64": None, "finish_reasons": finish_reasons, "weight_version": weight_version,
+              "weight_versions": weight_versions}
+    if sampled_logprobs is not None:
+        values = np.fromiter((v for row in sampled_logprobs for v in row), dtype=np.float64, count=len(completions))
+    elif trl_logprobs is not None:
+        value_rows, id_rows = trl_logprobs
+        widths = [len(entries) for row in value_rows for entries in row]
+        values = np.fromiter((v for row in value_rows for entries in row for v in entries), dtype=np.float64,
+                             count=sum(widths))
+        ids = np.fromiter((t for row in id_rows for entries in row for t in entries), dtype="<i4", count=sum(widths))
+        answer["logprob_widths_b64"] = _b64(np.asarray(widths, dtype="<i4"))
+        answer["logprob_token_ids_b64"] = _b64(ids)
+    else:
+        return answer
+    narrow = values.astype(np.float32)
+    exact = np.array_equal(narrow.astype(np.float64), values, equal_nan=True)
+    answer["logprobs_dtype"] = "float32" if exact else "float64"
+    answer["logprobs_b64"] = _b64(narrow.astype("<f4") if exact else values.astype("<f8"))
+    return answer
+
+
+def _split(flat: np.ndarray, lengths: list[int]) -> list[list]:
+    ends = np.cumsum(lengths)
+    values = flat.tolist()
+    return [values[end - n:end] for n, end in zip(lengths, ends.tolist())]
+
+
+def decode(answer: dict) -> dict:
+    """The JSON answer's dict (TRL's layout) from a binary answer."""
+    if answer.get("format") != FORMAT:
+        raise ValueError(f"not an {FORMAT} answer (format {answer.get('format')!r})")
+    completion_lengths = answer["completion_lengths"]
+    completion_ids = _split(_array(answer["completion_ids_b64"], np.int32), completion_lengths)
+    result = {"prompt_ids": _split(_array(answer["prompt_ids_b64"], np.int32), answer["prompt_lengths"]),
+              "completion_ids": completion_ids, "logprobs": None, "logprob_token_ids": None,
+              "finish_reasons": answer["finish_reasons"], "weight_version": answer["weight_version"],
+              "weight_versions": answer["weight_versions"]}
+    if answer["logprobs_b64"] is None:
+        return result
+    values = _array(answer["logprobs_b64"], answer["logprobs_dtype"]).astype(np.float64)
+    finite = bool(np.isfinite(values).all())
+    flat = values.tolist() if finite else [v if np.isfinite(v) else None for v in values.tolist()]
+    if answer["logprob_widths_b64"] is None:  # logprobs=0: one entry per token, the sampled one
+        rows = [flat[end - n:end] for n, end in zip(completion_lengths, np.cumsum(completion_lengths).tolist())]
+        result["logprobs"] = [[[v] for v in row] for row in rows]
+        result["logprob_token_ids"] = [[[t] for t in row] for row in completion_ids]
+        return result
+    widths = _array(answer["logprob_widths_b64"], np.int32).tolist()
+    ids = _array(answer["logprob_token_ids_b64"], np.int32).tolist()
+    value_rows, id_rows, entry, token = [], [], 0, 0
+    for n in completion_lengths:
+        values_of, ids_of = [], []
+        for width in widths[token:token + n]:
+            values_of.append(flat[entry:entry + width])
+            ids_of.append(ids[entry:entry + width])
+            entry += width
+        token += n
+        value_rows.append(values_of)
+        id_rows.append(ids_of)
+    result["logprobs"], result["logprob_token_ids"] = value_rows, id_rows
+    return result
