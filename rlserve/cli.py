@@ -93,8 +93,14 @@ def add_bench_parser(sub) -> None:
     _flag(p, "workload", default="cpu-tiny", help="cpu-tiny, rl-small, rl-medium, rl-7b, rl-varlen")
     _flag(p, "device", default=None)
     _flag(p, "no_baseline", action="store_true", help="Skip the transformers baseline.")
-    _flag(p, "logprobs", default="both", choices=["both", "none", "0"],
-          help="Run without logprobs, with logprobs=0, or both (default).")
+    _flag(p, "modes", default="plain,logprobs0,seeded",
+          help="Comma-separated sampling modes, each timed on a cold prefix cache: plain (no logprobs, no seed), "
+               "logprobs0 (logprobs=0), seeded (logprobs=0 and a seed per request). Default: all three.")
+    _flag(p, "logprobs", default=None, choices=["both", "none", "0"],
+          help="Older spelling of --modes: none = plain, 0 = logprobs0, both = plain,logprobs0.")
+    _flag(p, "against", default=None, choices=["vllm"],
+          help="Run the workload through vLLM too (a subprocess on the same card, same prompts and sampling, "
+               "VLLM_USE_FLASHINFER_SAMPLER=0, prefix caching on) and report rlserve / vLLM per mode.")
     _flag(p, "output", default=None, help="JSON path (default: bench_results/<workload>.json).")
     _flag(p, "through_server", action="store_true", help="Measure through a real HTTP server as well.")
     _flag(p, "concurrency", type=int, default=None, help="With --through_server: a load generator with C "
@@ -105,7 +111,10 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    modes = {"both": (None, 0), "none": (None,), "0": (0,)}[args.logprobs]
+    if args.logprobs is not None:
+        modes = {"both": ("plain", "logprobs0"), "none": ("plain",), "0": ("logprobs0",)}[args.logprobs]
+    else:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     engine_kwargs = {"enforce_eager": True} if args.enforce_eager else {}
     if args.through_server:
         from rlserve.bench.server_bench import run_server_bench
@@ -116,8 +125,13 @@ def cmd_bench(args) -> int:
     if args.tensor_parallel_size > 1:
         engine_kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     from rlserve.bench.bench import run_bench
-    run_bench(args.workload, device=args.device, baseline=not args.no_baseline, logprobs_modes=modes,
-              output=args.output, engine_kwargs=engine_kwargs)
+    from rlserve.bench.workloads import BenchError
+    try:
+        run_bench(args.workload, device=args.device, baseline=not args.no_baseline, modes=modes,
+                  output=args.output, engine_kwargs=engine_kwargs, against=(args.against,) if args.against else ())
+    except BenchError as e:  # an unknown mode, vLLM not importable or failing: say so plainly
+        print(f"rlserve bench: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,9 +20,12 @@ def load_hf_model(model_dir, dtype: torch.dtype, device: torch.device, random_we
 
 @torch.inference_mode()
 def hf_generate_throughput(model, prompts: list[list[int]], n: int, max_tokens: list[int]) -> dict:
-    """Generated tokens per second of one batched ``generate`` call (temperature 1, top_p 1, min = max new
-    tokens). Prompts with different ``max_tokens`` all run to the largest; only the tokens each asked for
-    count, as a user of ``generate`` would have to do."""
+    """Tokens per second of one batched ``generate`` call (temperature 1, top_p 1, min = max new tokens).
+
+    ``generate`` cannot stop a row early, so with different ``max_tokens`` (rl-varlen) every row runs to the
+    largest: it *generates* ``longest * rows`` tokens, of which only each prompt's ``max_tokens`` were asked for
+    (*useful*, what rlserve generates). ``tokens_per_s`` counts useful tokens, the figure compared with rlserve;
+    ``generated_tokens_per_s`` counts everything it computed. For fixed lengths the two are equal."""
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
     longest = max(max_tokens)
@@ -36,8 +39,10 @@ def hf_generate_throughput(model, prompts: list[list[int]], n: int, max_tokens: 
     _sync(device)
     seconds = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + longest
-    tokens = sum(max_tokens) * n
-    return {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds}
+    useful = sum(max_tokens) * n
+    generated = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    return {"seconds": seconds, "useful_tokens": useful, "generated_tokens": generated,
+            "tokens_per_s": useful / seconds, "generated_tokens_per_s": generated / seconds}
 
 
 def _sync(device: torch.device) -> None:

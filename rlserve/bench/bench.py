@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from rlserve.bench.workloads import Workload, get_workload
+from rlserve.bench.workloads import (MODES, WARM_UP_SEED, BenchError, Mode, Workload, get_workload,
+                                     request_params)
 
 
 def git_commit() -> str:
@@ -46,41 +47,61 @@ def prepare_model(workload: Workload, root: Path, device: torch.device) -> tuple
     return path, random_weights
 
 
-def sampling_params(workload: Workload, logprobs: int | None, seed: int = 0):
+def sampling_params(workload: Workload, mode: Mode, seed: int = 0):
     from rlserve import SamplingParams
-    return [SamplingParams(n=workload.n, temperature=1.0, top_p=1.0, max_tokens=m, ignore_eos=True,
-                           logprobs=logprobs, seed=seed + i)
-            for i, m in enumerate(workload.max_tokens_per_prompt())]
+    return [SamplingParams(**p) for p in request_params(workload, mode, seed)]
 
 
-def run_rlserve(llm, workload: Workload, logprobs: int | None) -> dict:
-    prompts = workload.prompts()
-    params = sampling_params(workload, logprobs)
-    llm.generate(prompts[:4], [p.clone(max_tokens=8) for p in params[:4]])  # warm-up
+def engine_key(engine: str, mode: str) -> str:
+    """The JSON key of one engine's run in one mode: "rlserve", "rlserve_logprobs0", "vllm_seeded"..."""
+    return engine if mode == "plain" else f"{engine}_{mode}"
+
+
+def run_rlserve(llm, workload: Workload, mode: Mode) -> dict:
+    """One timed ``generate`` of the whole workload on a cold prefix cache: the warm-up runs other prompts
+    (another seed) in the same mode, then the cache is reset, so that no figure depends on what ran before."""
+    params = sampling_params(workload, mode)
+    warm_up = workload.prompts(seed=WARM_UP_SEED)[:4]
+    llm.generate(warm_up, [p.clone(max_tokens=8) for p in params[:4]], detokenize=False)
+    llm.reset_prefix_cache()
     _sync(llm.info.device)
+    hits_before = llm.stats().get("prefix_cache_hit_tokens", 0)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, detokenize=False)
+    outputs = llm.generate(workload.prompts(), params, detokenize=False)
     _sync(llm.info.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     assert tokens == workload.num_generated_tokens(), (tokens, workload.num_generated_tokens())
-    if logprobs is not None:
+    if mode.logprobs is not None:
         assert all(len(c.sampled_logprobs) == len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds}
+    # Hits inside the timed run are the n samples of a prompt sharing its blocks, never an earlier run's.
+    return {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "prefix_cache_hit_tokens": llm.stats().get("prefix_cache_hit_tokens", 0) - hits_before}
 
 
-def run_bench(workload_name: str, device: str | None = None, baseline: bool = True,
-              logprobs_modes: tuple = (None, 0), output: str | None = None, model_root: str | None = None,
-              engine_kwargs: dict | None = None, console=None) -> dict:
+def run_bench(workload_name: str | Workload, device: str | None = None, baseline: bool = True,
+              modes: tuple[str, ...] = tuple(MODES), output: str | None = None, model_root: str | None = None,
+              engine_kwargs: dict | None = None, console=None, against: tuple[str, ...] = ()) -> dict:
+    """``against``: other engines to run beside rlserve in the same run ("vllm")."""
     from rlserve import LLM
-    workload = get_workload(workload_name)
+    workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
     dev = torch.device(device or ("cuda" if workload.device == "cuda" and torch.cuda.is_available() else "cpu"))
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise BenchError(f"unknown mode(s) {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+    if "vllm" in against:  # fail before anything is measured
+        from rlserve.bench.vllm_baseline import unavailable_reason
+        reason = unavailable_reason()
+        if reason:
+            raise BenchError(reason)
     root = Path(model_root or Path.home() / ".cache" / "rlserve" / "bench")
     model_dir, random_weights = prepare_model(workload, root, dev)
     result = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "sequences": workload.num_sequences,
-              "generated_tokens": workload.num_generated_tokens(), "torch": torch.__version__}
+              "generated_tokens": workload.num_generated_tokens(), "torch": torch.__version__,
+              "modes": list(modes), "cold_prefix_cache": True}
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype_name = "bfloat16" if dev.type == "cuda" else "float32"
     if dev.type == "cuda":
         from rlserve.bench.roofline import measure_copy_bandwidth, measure_matmul_rate, roofline_seconds
         bandwidth, flops = measure_copy_bandwidth(dev), measure_matmul_rate(dev)
@@ -93,21 +114,32 @@ def run_bench(workload_name: str, device: str | None = None, baseline: bool = Tr
         result["transformers"] = hf_generate_throughput(hf, workload.prompts(), workload.n,
                                                         workload.max_tokens_per_prompt())
         del hf
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_memory(dev)
+    if "vllm" in against:  # before rlserve's engine exists: vLLM has the card to itself
+        from rlserve.bench import vllm_baseline
+        _free_memory(dev)
+        job = vllm_baseline.make_job(
+            model_dir, random_weights, dtype_name, (engine_kwargs or {}).get("gpu_memory_utilization", 0.9),
+            workload.prompts(), workload.prompts(seed=WARM_UP_SEED)[:4],
+            {m: request_params(workload, MODES[m]) for m in modes}, workload.num_generated_tokens())
+        vllm = vllm_baseline.run_in_subprocess(job, cuda_device=dev.index if dev.type == "cuda" else None)
     t0 = time.perf_counter()
-    llm = LLM(str(model_dir), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
+    llm = LLM(str(model_dir), device=str(dev), dtype=dtype_name,
               load_format="dummy" if random_weights else "auto", **(engine_kwargs or {}))
     result["startup_seconds"] = round(time.perf_counter() - t0, 2)
     result["engine"] = llm.info.summary()
-    for mode in logprobs_modes:
-        key = "rlserve" if mode is None else f"rlserve_logprobs{mode}"
-        result[key] = run_rlserve(llm, workload, mode)
-        if "transformers" in result:
-            result[key]["vs_transformers"] = result[key]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    for mode in modes:
+        result[engine_key("rlserve", mode)] = run_rlserve(llm, workload, MODES[mode])
+    if "vllm" in against:
+        vllm_baseline.merge(result, vllm, engine_key)
+    for key, run in result.items():
+        if not (key.startswith("rlserve") or key.startswith("vllm")) or not isinstance(run, dict) \
+                or "tokens_per_s" not in run:
+            continue
+        if "transformers" in result:  # useful tokens on both sides (see baselines.hf_generate_throughput)
+            run["vs_transformers"] = run["tokens_per_s"] / result["transformers"]["tokens_per_s"]
         if "roofline" in result:
-            result[key]["roofline_fraction"] = result["roofline"]["floor_seconds"] / result[key]["seconds"]
+            run["roofline_fraction"] = result["roofline"]["floor_seconds"] / run["seconds"]
     print_table(result, console)
     path = Path(output or f"bench_results/{workload.name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,18 +150,39 @@ def run_bench(workload_name: str, device: str | None = None, baseline: bool = Tr
 def print_table(result: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"{result['workload']} on {result['device']} (commit {result['commit']})")
-    for column in ("engine", "seconds", "tokens/s", "vs transformers", "roofline fraction"):
-        table.add_column(column, justify="right" if column != "engine" else "left")
-    for key in ("transformers", "rlserve", "rlserve_logprobs0"):
-        if key not in result:
-            continue
-        r = result[key]
-        table.add_row(key.replace("_logprobs0", " (logprobs=0)"), f"{r['seconds']:.2f}",
-                      f"{r['tokens_per_s']:,.0f}",
-                      f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else "",
-                      f"{r['roofline_fraction']:.1%}" if "roofline_fraction" in r else "")
+    table = Table(title=f"{result['workload']} on {result['device']} (commit {result['commit']}), "
+                        f"each run on a cold prefix cache",
+                  caption="tokens/s: useful generated tokens (each prompt's max_tokens x n) per wall second")
+    rows = []
+    if "transformers" in result:
+        rows.append(("transformers", "plain", result["transformers"]))
+    for engine in ("vllm", "rlserve"):
+        for mode in result.get("modes", MODES):
+            if engine_key(engine, mode) in result:
+                rows.append((engine, mode, result[engine_key(engine, mode)]))
+    # The ratio columns that some row has, each with its format.
+    ratios = [(name, key, fmt) for name, key, fmt in (("vs transformers", "vs_transformers", "{:.2f}x"),
+                                                      ("vs vLLM", "vs_vllm", "{:.2f}x"),
+                                                      ("roofline fraction", "roofline_fraction", "{:.1%}"))
+              if any(key in r for _, _, r in rows)]
+    for column in ["engine", "mode", "seconds", "tokens/s"] + [name for name, _, _ in ratios]:
+        table.add_column(column, justify="left" if column in ("engine", "mode") else "right")
+    for engine, mode, r in rows:
+        table.add_row(engine, mode, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                      *[fmt.format(r[key]) if key in r else "" for _, key, fmt in ratios])
     (console or Console()).print(table)
+    hf = result.get("transformers")
+    if hf and hf.get("generated_tokens", 0) > hf.get("useful_tokens", hf.get("generated_tokens", 0)):
+        (console or Console()).print(
+            f"transformers pads every row to the longest max_tokens: it generated {hf['generated_tokens']:,} tokens "
+            f"({hf['generated_tokens_per_s']:,.0f}/s), of which {hf['useful_tokens']:,} were asked for; the table "
+            f"counts those.")
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:

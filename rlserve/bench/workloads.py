@@ -22,6 +22,11 @@ CPU_TINY = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num
                 initializer_range=0.02)
 
 
+class BenchError(Exception):
+    """A benchmark that cannot run as asked (an unknown mode, a baseline engine missing or failing): the command
+    prints the message and exits 2, without a traceback."""
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -51,6 +56,29 @@ class Workload:
 
     def num_generated_tokens(self, seed: int = 0) -> int:
         return sum(self.max_tokens_per_prompt(seed)) * self.n
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the requests of a timed run sample: ``plain`` (no logprobs, no seed), ``logprobs0`` (the sampled
+    token's logprob), ``seeded`` (logprobs=0 and a seed per request: the RL case)."""
+    name: str
+    logprobs: int | None
+    is_seeded: bool
+
+
+MODES = {m.name: m for m in [Mode("plain", None, False), Mode("logprobs0", 0, False), Mode("seeded", 0, True)]}
+
+
+def request_params(workload: Workload, mode: Mode, seed: int = 0) -> list[dict]:
+    """One engine-neutral sampling dict per prompt (rlserve's and vLLM's SamplingParams take these names):
+    temperature 1, top_p 1, the prompt's max_tokens, ``ignore_eos`` so that lengths are fixed."""
+    return [dict(n=workload.n, temperature=1.0, top_p=1.0, max_tokens=m, ignore_eos=True, logprobs=mode.logprobs,
+                 seed=seed + i if mode.is_seeded else None)
+            for i, m in enumerate(workload.max_tokens_per_prompt())]
+
+
+WARM_UP_SEED = 1  # warm-up prompts come from another seed than the timed ones: nothing of them is cached
 
 
 WORKLOADS = {
