@@ -1,0 +1,173 @@
+"""The benchmark code on CPU: cold-prefix-cache runs, the sampling modes and their vLLM mapping, ``--against
+vllm`` through a fake ``vllm`` package (the real subprocess path, table and JSON), the message when vLLM is
+missing, rl-varlen's useful-token accounting, the roofline formula, and the step profiler on the real step."""
+
+from __future__ import annotations
+
+import io
+import json
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from rlserve.bench import bench, vllm_baseline
+from rlserve.bench.roofline import roofline_seconds
+from rlserve.bench.workloads import CPU_TINY, MODES, BenchError, Workload, request_params
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = dict(CPU_TINY, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=512)
+TINY = Workload("test-tiny", ARCH, num_prompts=3, n=2, prompt_len=20, max_tokens=6, device="cpu")
+
+FAKE_VLLM = '''
+import json, os
+__version__ = "0.0-fake"
+
+def _log(event, **fields):
+    with open(os.environ["FAKE_VLLM_LOG"], "a") as f:
+        f.write(json.dumps(dict(fields, event=event)) + "\\n")
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+class _Completion:
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+class _Output:
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+class LLM:
+    def __init__(self, **kwargs):
+        _log("init", kwargs=kwargs, flashinfer_sampler=os.environ.get("VLLM_USE_FLASHINFER_SAMPLER"))
+
+    def reset_prefix_cache(self):
+        _log("reset")
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        _log("generate", prompts=[p["prompt_token_ids"] for p in prompts], params=[s.kwargs for s in sampling_params])
+        return [_Output([_Completion([7] * s.kwargs["max_tokens"]) for _ in range(s.kwargs["n"])])
+                for s in sampling_params]
+'''
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch) -> Path:
+    """A ``vllm`` package that logs its calls and answers with fixed-length outputs, importable here and in
+    the subprocess; returns the log path."""
+    package = tmp_path / "fake" / "vllm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent(FAKE_VLLM))
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'fake'}:{REPO}")
+    log = tmp_path / "vllm-calls.jsonl"
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    return log
+
+
+def test_modes_map_to_the_same_sampling_in_rlserve_and_vllm():
+    plain, lp0, seeded = (request_params(TINY, MODES[m]) for m in ("plain", "logprobs0", "seeded"))
+    assert [p["max_tokens"] for p in plain] == TINY.max_tokens_per_prompt()
+    assert all(p["logprobs"] is None and p["seed"] is None for p in plain)
+    assert all(p["logprobs"] == 0 and p["seed"] is None for p in lp0)
+    assert [p["seed"] for p in seeded] == [0, 1, 2] and all(p["logprobs"] == 0 for p in seeded)
+    for p in plain + lp0 + seeded:
+        assert p["ignore_eos"] and p["temperature"] == 1.0 and p["top_p"] == 1.0 and p["n"] == TINY.n
+        assert vllm_baseline.vllm_sampling_kwargs(p) == dict(p, detokenize=False)
+        bench.sampling_params(TINY, MODES["seeded"])  # every field is one of rlserve's SamplingParams too
+    with pytest.raises(ValueError, match="top_k"):
+        vllm_baseline.vllm_sampling_kwargs(dict(plain[0], top_k=5))
+
+
+def test_against_vllm_puts_it_in_the_same_table_and_json(tmp_path, fake_vllm):
+    console = Console(file=io.StringIO(), width=200)
+    out = tmp_path / "result.json"
+    result = bench.run_bench(TINY, baseline=False, output=str(out), model_root=str(tmp_path / "models"),
+                             console=console, against=("vllm",))
+    assert json.loads(out.read_text()) == result
+    for mode in MODES:
+        ours, theirs = result[bench.engine_key("rlserve", mode)], result[bench.engine_key("vllm", mode)]
+        assert theirs["generated_tokens"] == ours["generated_tokens"] == TINY.num_generated_tokens()
+        assert ours["vs_vllm"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert result["vllm_info"]["version"] == "0.0-fake"
+    table = console.file.getvalue()
+    assert "vs vLLM" in table and table.count("vllm") >= 3 and "cold prefix cache" in table
+    calls = [json.loads(line) for line in fake_vllm.read_text().splitlines()]
+    init = calls[0]
+    assert init["event"] == "init" and init["flashinfer_sampler"] == "0"
+    assert init["kwargs"]["enable_prefix_caching"] is True and init["kwargs"]["dtype"] == "float32"
+    # Per mode: a warm-up on other prompts, a prefix-cache reset, then the timed run on the workload's prompts.
+    assert [c["event"] for c in calls[1:]] == ["generate", "reset", "generate"] * len(MODES)
+    for i, mode in enumerate(MODES):
+        warm, timed = calls[1 + 3 * i], calls[3 + 3 * i]
+        assert timed["prompts"] == TINY.prompts()
+        assert not set(map(tuple, warm["prompts"])) & set(map(tuple, TINY.prompts()))
+        assert timed["params"] == [dict(p, detokenize=False) for p in request_params(TINY, MODES[mode])]
+
+
+def test_against_vllm_without_vllm_says_so_before_measuring(monkeypatch, capsys):
+    from rlserve import cli
+    monkeypatch.setattr(vllm_baseline.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--against", "vllm"]) == 2
+    assert "vLLM is not importable" in capsys.readouterr().err
+    with pytest.raises(BenchError, match="unknown mode"):
+        bench.run_bench(TINY, modes=("greedy",))
+
+
+def test_each_timed_run_starts_on_a_cold_prefix_cache(tmp_path):
+    """The warm-up uses other prompts and the cache is reset: a run's prefix-cache hits are its own (the n
+    samples of a prompt sharing it) and the same whatever ran before."""
+    from rlserve import LLM
+    model_dir, _ = bench.prepare_model(TINY, tmp_path, bench.torch.device("cpu"))
+    llm = LLM(str(model_dir), device="cpu", dtype="float32")
+    first = bench.run_rlserve(llm, TINY, MODES["seeded"])
+    again = bench.run_rlserve(llm, TINY, MODES["seeded"])
+    assert first["prefix_cache_hit_tokens"] == again["prefix_cache_hit_tokens"]
+    fresh = LLM(str(model_dir), device="cpu", dtype="float32")
+    fresh.generate(TINY.prompts(), bench.sampling_params(TINY, MODES["seeded"]), detokenize=False)
+    assert first["prefix_cache_hit_tokens"] == fresh.stats()["prefix_cache_hit_tokens"]
+
+
+def test_varlen_transformers_counts_useful_and_generated_tokens(tmp_path):
+    from rlserve.bench.baselines import hf_generate_throughput, load_hf_model
+    model_dir, _ = bench.prepare_model(TINY, tmp_path, bench.torch.device("cpu"))
+    hf = load_hf_model(model_dir, bench.torch.float32, bench.torch.device("cpu"), False)
+    r = hf_generate_throughput(hf, TINY.prompts(), 2, [2, 5, 3])
+    assert r["useful_tokens"] == (2 + 5 + 3) * 2 and r["generated_tokens"] == 5 * 3 * 2
+    assert r["tokens_per_s"] == pytest.approx(r["useful_tokens"] / r["seconds"])
+    assert r["generated_tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["seconds"])
+
+
+def test_roofline_charges_the_shared_prompt_kv_once_per_step():
+    arch = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=16, vocab_size=10, tie_word_embeddings=True)
+    r = roofline_seconds(arch, prompt_len=4, num_prompts=2, n=3, max_tokens=[2, 1], bytes_per_param=2,
+                         bandwidth=1.0, flops=1e30)
+    params = 8 * (2 + 2) * 4 + 2 * 4 * 8 + 3 * 8 * 16 + 10 * 8
+    kv = 2 * 1 * 1 * 4 * 2  # K and V, one layer, one KV head, head_dim 4, 2 bytes
+    # step 0: both prompts run (3 samples each); step 1: only the first, each sample has one token of its own
+    want = 2 * params * 2 + (2 * 4 + 0) * kv + (1 * 4 + 3 * 1) * kv  # two steps of 2-byte weights
+    assert r["params"] == params and r["bytes"] == want
+    assert r["bytes_if_each_sequence_reads_its_prompt"] == 2 * params * 2 + 6 * 4 * kv + (3 * 4 + 3 * 1) * kv
+    assert r["floor_seconds"] == want
+    untied = roofline_seconds(dict(arch, tie_word_embeddings=False), 4, 2, 3, [2, 1], 2, 1.0, 1e30)
+    assert untied["params"] == params + 80 and untied["matmul_params"] == params  # the input table is gathered
+
+
+def test_profiler_times_the_engines_own_step(tmp_path):
+    from rlserve.bench.profile_step import profile
+    from rlserve.engine.core import EngineCore
+    report = profile(replace(TINY, max_tokens=40), steps=4, mode_name="seeded", output=str(tmp_path / "p.json"),
+                     device="cpu", model_root=str(tmp_path))
+    phases = report["ms_per_step"]
+    for name in ("schedule (host)", "build inputs (host)", "model (eager)", "LM head", "sampler (+logprobs)",
+                 "device->host sync", "apply tokens (host)", "rest of the step (host)"):
+        assert name in phases, phases
+    assert sum(phases.values()) == pytest.approx(report["total_ms_per_step"])
+    assert report["mean_batch"] == TINY.num_sequences
+    assert "step" in vars(EngineCore)  # the hooks went on instances; the classes are untouched
