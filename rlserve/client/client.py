@@ -87,7 +87,8 @@ class Client:
             except Exception:
                 message = response.text
             raise ServerError(response.status_code, message)
-        return orjson.loads(response.content)
+        with binary.gc_paused():  # a generation answer is ~10 MB of small lists
+            return orjson.loads(response.content)
 
     def check_server(self, total_timeout: float = 0.0, retry_interval: float = 2.0) -> None:
         """Wait until /health/ answers 200, up to ``total_timeout`` seconds; ConnectionError after that."""

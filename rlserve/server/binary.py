@@ -20,10 +20,27 @@ The server and ``rlserve.Client`` both use this module, so the two sides cannot 
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 
 import numpy as np
 
 FORMAT = "rlserve-binary-v1"
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Build or parse a large answer without the cyclic garbage collector: its passes over the hundreds of
+    thousands of small lists of an RL batch, not the work itself, were ~80% of encoding and decoding time
+    (512 x 512 tokens with logprobs=0 on CPU: JSON round trip 1.9 s with, 0.29 s without). Lists of numbers
+    form no cycles; the collector runs again after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _b64(array: np.ndarray) -> str:
@@ -79,6 +96,11 @@ def _split(flat: np.ndarray, lengths: list[int]) -> list[list]:
 
 def decode(answer: dict) -> dict:
     """The JSON answer's dict (TRL's layout) from a binary answer."""
+    with gc_paused():
+        return _decode(answer)
+
+
+def _decode(answer: dict) -> dict:
     if answer.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} answer (format {answer.get('format')!r})")
     completion_lengths = answer["completion_lengths"]
@@ -91,12 +113,17 @@ def decode(answer: dict) -> dict:
         return result
     values = _array(answer["logprobs_b64"], answer["logprobs_dtype"]).astype(np.float64)
     finite = bool(np.isfinite(values).all())
-    flat = values.tolist() if finite else [v if np.isfinite(v) else None for v in values.tolist()]
     if answer["logprob_widths_b64"] is None:  # logprobs=0: one entry per token, the sampled one
-        rows = [flat[end - n:end] for n, end in zip(completion_lengths, np.cumsum(completion_lengths).tolist())]
-        result["logprobs"] = [[[v] for v in row] for row in rows]
-        result["logprob_token_ids"] = [[[t] for t in row] for row in completion_ids]
+        # numpy builds the [[v], [v], ...] lists in C: the nested lists are most of the decoding time.
+        entries = values.reshape(-1, 1).tolist()
+        if not finite:
+            entries = [[v if np.isfinite(v) else None] for (v,) in entries]
+        token_entries = _array(answer["completion_ids_b64"], np.int32).reshape(-1, 1).tolist()
+        bounds = list(zip(np.cumsum(completion_lengths).tolist(), completion_lengths))
+        result["logprobs"] = [entries[end - n:end] for end, n in bounds]
+        result["logprob_token_ids"] = [token_entries[end - n:end] for end, n in bounds]
         return result
+    flat = values.tolist() if finite else [v if np.isfinite(v) else None for v in values.tolist()]
     widths = _array(answer["logprob_widths_b64"], np.int32).tolist()
     ids = _array(answer["logprob_token_ids_b64"], np.int32).tolist()
     value_rows, id_rows, entry, token = [], [], 0, 0

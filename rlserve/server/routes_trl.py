@@ -100,7 +100,8 @@ async def run_generation(request: Request, prompts, params: SamplingParams,
     outputs = await engine.generate(prompts, params, detokenize=False, is_disconnected=request.is_disconnected,
                                     request_id=request.headers.get("x-request-id"))
     layout = binary_response if response_format == "binary" else trl_response
-    return json_response(layout(outputs, params))
+    with binary.gc_paused():
+        return json_response(layout(outputs, params))
 
 
 @route(router, "POST", "/generate/")
