@@ -108,6 +108,7 @@ def add_bench_parser(sub) -> None:
     _flag(p, "data_parallel_size", type=int, default=1)
     _flag(p, "tensor_parallel_size", type=int, default=1)
     _flag(p, "enforce_eager", action="store_true")
+    _flag(p, "repeats", type=int, default=3, help="With --through_server: best of this many runs of each path.")
 
 
 def cmd_bench(args) -> int:
@@ -120,7 +121,7 @@ def cmd_bench(args) -> int:
         from rlserve.bench.server_bench import run_server_bench
         run_server_bench(args.workload, device=args.device, output=args.output, concurrency=args.concurrency,
                          data_parallel_size=args.data_parallel_size,
-                         tensor_parallel_size=args.tensor_parallel_size)
+                         tensor_parallel_size=args.tensor_parallel_size, repeats=args.repeats)
         return 0
     if args.tensor_parallel_size > 1:
         engine_kwargs["tensor_parallel_size"] = args.tensor_parallel_size

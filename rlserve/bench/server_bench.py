@@ -1,5 +1,8 @@
-"""``rlserve bench --through_server``: the workload through a real HTTP server beside the offline engine,
-and a load generator (``--concurrency C``) reporting throughput, latency percentiles and failures."""
+"""``rlserve bench --through_server``: the workload through a real HTTP server beside the offline engine, with
+the answer in JSON (TRL's layout) and in the binary layout (rlserve/server/binary.py), both timed up to the
+client holding TRL's dict; a codec measurement of an RL-batch-sized answer without the model; and a load
+generator (``--concurrency C``) reporting throughput, latency percentiles and failures. Every timed run starts
+on a cold prefix cache: the warm-up uses prompts of another seed and the cache is reset before each run."""
 
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import torch
 
 from rlserve.bench.bench import device_name, git_commit, prepare_model, run_rlserve
-from rlserve.bench.workloads import Workload, get_workload
+from rlserve.bench.workloads import MODES, WARM_UP_SEED, Workload, get_workload
+from rlserve.server import binary
 
 
 def _free_port() -> int:
@@ -60,24 +65,79 @@ class _Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def _payloads(workload: Workload, logprobs: int | None) -> list[dict]:
-    """One /generate/ request per distinct max_tokens (one in all for fixed-length workloads)."""
+def _payloads(workload: Workload, logprobs: int | None, response_format: str = "json",
+              seed: int = 0) -> list[dict]:
+    """One /generate/ request per distinct max_tokens (one in all for fixed-length workloads); ``seed`` picks
+    the prompts (the warm-up uses another one than the timed runs)."""
     groups: dict[int, list] = {}
-    for prompt, m in zip(workload.prompts(), workload.max_tokens_per_prompt()):
+    for prompt, m in zip(workload.prompts(seed), workload.max_tokens_per_prompt()):
         groups.setdefault(m, []).append(prompt)
     return [{"prompts": prompts, "n": workload.n, "temperature": 1.0, "top_p": 1.0, "max_tokens": m,
-             "logprobs": logprobs, "generation_kwargs": {"ignore_eos": True}} for m, prompts in groups.items()]
+             "logprobs": logprobs, "generation_kwargs": {"ignore_eos": True}, "response_format": response_format}
+            for m, prompts in groups.items()]
 
 
-async def _post_all(url: str, payloads: list[dict]) -> tuple[float, int]:
+def _decode(content: bytes) -> dict:
+    """TRL's dict from an answer in either layout, as ``rlserve.Client.generate`` returns it."""
+    with binary.gc_paused():
+        answer = orjson.loads(content)
+        return binary.decode(answer) if answer.get("format") == binary.FORMAT else answer
+
+
+async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True) -> tuple[float, int]:
+    """Seconds from sending the requests to holding every answer decoded to TRL's dict, and the tokens."""
     async with httpx.AsyncClient(timeout=3600) as client:
+        if reset_cache:  # outside the timed window
+            (await client.post(url + "/reset_prefix_cache/")).raise_for_status()
         start = time.perf_counter()
-        responses = await asyncio.gather(*(client.post(url + "/generate/", json=p) for p in payloads))
+
+        async def one(payload):
+            r = await client.post(url + "/generate/", json=payload)
+            r.raise_for_status()
+            return _decode(r.content)
+
+        answers = await asyncio.gather(*(one(p) for p in payloads))
         seconds = time.perf_counter() - start
-    for r in responses:
-        r.raise_for_status()
-    tokens = sum(len(ids) for r in responses for ids in r.json()["completion_ids"])
+    tokens = sum(len(ids) for a in answers for ids in a["completion_ids"])
     return seconds, tokens
+
+
+def _float32_values(rng, count: int) -> list[float]:
+    """Logprob-like values that are exact float32s, as the engine's are."""
+    import numpy as np
+    return np.array([-rng.expovariate(1.0) for _ in range(count)], dtype=np.float32).tolist()
+
+
+def codec_bench(num_sequences: int = 512, length: int = 512, repeats: int = 3) -> dict:
+    """Server-side encoding plus client-side decoding of one answer of ``num_sequences`` completions of
+    ``length`` tokens with logprobs=0 (rl-small's batch by default), JSON against binary, no model: the cost
+    the layout itself adds to an RL batch. Best of ``repeats``."""
+    import random
+
+    from rlserve.outputs import CompletionOutput, RequestOutput
+    from rlserve.sampling import SamplingParams
+    from rlserve.server.routes_trl import binary_response, trl_response
+    rng = random.Random(0)
+    n = 8
+    outputs = [RequestOutput(str(i), None, [rng.randrange(32000) for _ in range(128)],
+                             [CompletionOutput(j, [rng.randrange(150000) for _ in range(length)], finish_reason="length",
+                                               sampled_logprobs=_float32_values(rng, length))
+                              for j in range(n)]) for i in range(num_sequences // n)]
+    params = SamplingParams(n=n, max_tokens=length, logprobs=0)
+    result = {"sequences": num_sequences, "tokens_per_sequence": length}
+    for name, layout in (("json", trl_response), ("binary", binary_response)):
+        encode_s, decode_s = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with binary.gc_paused():  # as run_generation does
+                body = orjson.dumps(layout(outputs, params))
+            encode_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            _decode(body)
+            decode_s.append(time.perf_counter() - start)
+        result[name] = {"bytes": len(body), "server_encode_s": min(encode_s), "client_decode_s": min(decode_s),
+                        "total_s": min(encode_s) + min(decode_s)}
+    return result
 
 
 async def load_generator(url: str, workload: Workload, concurrency: int, logprobs: int | None = 0) -> dict:
@@ -121,7 +181,9 @@ async def load_generator(url: str, workload: Workload, concurrency: int, logprob
 
 def run_server_bench(workload_name: str, device: str | None = None, output: str | None = None,
                      concurrency: int | None = None, data_parallel_size: int = 1, tensor_parallel_size: int = 1,
-                     model_root: str | None = None) -> dict:
+                     model_root: str | None = None, repeats: int = 3) -> dict:
+    """Offline, server JSON and server binary, each best of ``repeats`` (runs alternate JSON and binary so that
+    a slow spell of a shared machine does not land on one of them only)."""
     from rlserve import LLM
     workload = get_workload(workload_name)
     dev = torch.device(device or ("cuda" if workload.device == "cuda" and torch.cuda.is_available() else "cpu"))
@@ -129,27 +191,38 @@ def run_server_bench(workload_name: str, device: str | None = None, output: str 
     model_dir, random_weights = prepare_model(workload, root, dev)
     result = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "data_parallel_size": data_parallel_size,
-              "tensor_parallel_size": tensor_parallel_size}
+              "tensor_parallel_size": tensor_parallel_size, "repeats": repeats, "cold_prefix_cache": True,
+              "timed": "request sent to every answer decoded to TRL's dict (orjson, or binary.decode)"}
     if data_parallel_size == 1 and tensor_parallel_size == 1:
         llm = LLM(str(model_dir), device=str(dev), load_format="dummy" if random_weights else "auto",
                   dtype="bfloat16" if dev.type == "cuda" else "float32")
-        # Best of three: run-to-run noise on small shared machines is larger than what is measured here.
-        result["offline"] = min((run_rlserve(llm, workload, 0) for _ in range(3)), key=lambda r: r["seconds"])
+        # Best of N: run-to-run noise on small shared machines is larger than what is measured here.
+        result["offline"] = min((run_rlserve(llm, workload, MODES["logprobs0"]) for _ in range(repeats)),
+                                key=lambda r: r["seconds"])
         del llm
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     server = _Server(model_dir, dev, random_weights, data_parallel_size, tensor_parallel_size)
     try:
-        asyncio.run(_post_all(server.url, [dict(p, max_tokens=8) for p in _payloads(workload, 0)[:1]]))  # warm-up
-        seconds, tokens = min(asyncio.run(_post_all(server.url, _payloads(workload, 0))) for _ in range(3))
-        assert tokens == workload.num_generated_tokens(), (tokens, workload.num_generated_tokens())
-        result["server"] = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds}
-        if "offline" in result:
-            result["server"]["http_overhead"] = 1 - result["server"]["tokens_per_s"] / result["offline"]["tokens_per_s"]
+        for layout in ("json", "binary"):  # warm-up, on other prompts than the timed ones
+            warm = [dict(p, max_tokens=8) for p in _payloads(workload, 0, layout, seed=WARM_UP_SEED)[:1]]
+            asyncio.run(_post_all(server.url, warm))
+        runs: dict[str, list] = {"json": [], "binary": []}
+        for _ in range(repeats):
+            for layout in runs:
+                runs[layout].append(asyncio.run(_post_all(server.url, _payloads(workload, 0, layout))))
+        for layout, key in (("json", "server"), ("binary", "server_binary")):
+            seconds, tokens = min(runs[layout])
+            assert tokens == workload.num_generated_tokens(), (tokens, workload.num_generated_tokens())
+            result[key] = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds,
+                           "response_format": layout}
+            if "offline" in result:
+                result[key]["http_overhead"] = 1 - result[key]["tokens_per_s"] / result["offline"]["tokens_per_s"]
         if concurrency:
             result["load"] = asyncio.run(load_generator(server.url, workload, concurrency))
     finally:
         server.stop()
+    result["codec"] = codec_bench()
     _print(result)
     path = Path(output or f"bench_results/{workload.name}-server.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +239,18 @@ def _print(result: dict) -> None:
     if "offline" in result:
         table.add_row("offline engine", f"{result['offline']['seconds']:.2f}",
                       f"{result['offline']['tokens_per_s']:,.0f}", "logprobs=0")
-    s = result["server"]
-    note = f"HTTP overhead {s['http_overhead']:.1%}" if "http_overhead" in s else ""
-    table.add_row("server /generate/", f"{s['seconds']:.2f}", f"{s['tokens_per_s']:,.0f}", note)
+    for key, label in (("server", "server /generate/, JSON"), ("server_binary", "server /generate/, binary")):
+        s = result[key]
+        note = f"HTTP overhead {s['http_overhead']:.1%}" if "http_overhead" in s else ""
+        table.add_row(label, f"{s['seconds']:.2f}", f"{s['tokens_per_s']:,.0f}", note)
+    codec = result.get("codec")
+    if codec:
+        for layout in ("json", "binary"):
+            c = codec[layout]
+            table.add_row(f"codec only, {layout}", f"{c['total_s']:.3f}", "",
+                          f"{codec['sequences']}x{codec['tokens_per_sequence']} tokens, logprobs=0: "
+                          f"{c['bytes'] / 1e6:.1f} MB, encode {c['server_encode_s'] * 1e3:.0f} ms + "
+                          f"decode {c['client_decode_s'] * 1e3:.0f} ms")
     if "load" in result:
         load = result["load"]
         table.add_row(f"load, {load['concurrency']} clients", f"{load['seconds']:.2f}",

@@ -18,7 +18,7 @@ import torch
 
 from rlserve.bench.bench import device_name, git_commit, prepare_model
 from rlserve.bench.server_bench import _payloads, _post_all, _Server
-from rlserve.bench.workloads import get_workload
+from rlserve.bench.workloads import WARM_UP_SEED, get_workload
 
 
 def allowed_layouts(hf_config, num_devices: int) -> list[tuple[int, int]]:
@@ -64,9 +64,10 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
             progress.update(task, description=f"tp={tp} dp={dp}")
             server = _Server(model_dir, dev, random_weights, dp, tp)
             try:
-                payloads = _payloads(workload, logprobs)
-                asyncio.run(_post_all(server.url, [dict(p, max_tokens=8) for p in payloads[:1]]))  # warm-up
-                seconds, tokens = asyncio.run(_post_all(server.url, payloads))
+                # Warm up on other prompts; _post_all resets the prefix cache before the timed run.
+                warm = _payloads(workload, logprobs, seed=WARM_UP_SEED)[:1]
+                asyncio.run(_post_all(server.url, [dict(p, max_tokens=8) for p in warm]))
+                seconds, tokens = asyncio.run(_post_all(server.url, _payloads(workload, logprobs)))
             finally:
                 server.stop()
             results.append({"tensor_parallel_size": tp, "data_parallel_size": dp, "devices": tp * dp,
