@@ -101,6 +101,8 @@ def test_against_vllm_puts_it_in_the_same_table_and_json(tmp_path, fake_vllm):
     init = calls[0]
     assert init["event"] == "init" and init["flashinfer_sampler"] == "0"
     assert init["kwargs"]["enable_prefix_caching"] is True and init["kwargs"]["dtype"] == "float32"
+    assert init["kwargs"]["tensor_parallel_size"] == 1 and init["kwargs"]["enforce_eager"] is False
+    assert init["kwargs"]["load_format"] == "auto"  # the CPU model has real weights, as rlserve loads them
     # Per mode: a warm-up on other prompts, a prefix-cache reset, then the timed run on the workload's prompts.
     assert [c["event"] for c in calls[1:]] == ["generate", "reset", "generate"] * len(MODES)
     for i, mode in enumerate(MODES):

@@ -118,10 +118,13 @@ def run_bench(workload_name: str | Workload, device: str | None = None, baseline
     if "vllm" in against:  # before rlserve's engine exists: vLLM has the card to itself
         from rlserve.bench import vllm_baseline
         _free_memory(dev)
+        engine = engine_kwargs or {}
         job = vllm_baseline.make_job(
-            model_dir, random_weights, dtype_name, (engine_kwargs or {}).get("gpu_memory_utilization", 0.9),
+            model_dir, random_weights, dtype_name, engine.get("gpu_memory_utilization", 0.9),
             workload.prompts(), workload.prompts(seed=WARM_UP_SEED)[:4],
-            {m: request_params(workload, MODES[m]) for m in modes}, workload.num_generated_tokens())
+            {m: request_params(workload, MODES[m]) for m in modes}, workload.num_generated_tokens(),
+            tensor_parallel_size=engine.get("tensor_parallel_size", 1),
+            enforce_eager=engine.get("enforce_eager", False))
         vllm = vllm_baseline.run_in_subprocess(job, cuda_device=dev.index if dev.type == "cuda" else None)
     t0 = time.perf_counter()
     llm = LLM(str(model_dir), device=str(dev), dtype=dtype_name,

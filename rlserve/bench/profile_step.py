@@ -15,7 +15,6 @@ the top operators), without the synchronizing hooks.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from collections import defaultdict

@@ -88,7 +88,8 @@ def roofline_seconds(arch: dict, prompt_len: int, num_prompts: int, n: int, max_
     tokens = num_prompts * prompt_len + sum(max_tokens) * n
     memory_s = total_bytes / bandwidth
     compute_s = 2 * matmul_params * tokens / flops
-    return {"params": params, "matmul_params": matmul_params, "bytes": total_bytes, "memory_seconds": memory_s, "compute_seconds": compute_s,
+    return {"params": params, "matmul_params": matmul_params, "bytes": total_bytes, "memory_seconds": memory_s,
+            "compute_seconds": compute_s,
             "floor_seconds": max(memory_s, compute_s),
             "bytes_if_each_sequence_reads_its_prompt": per_sequence_bytes,
             "floor_seconds_if_each_sequence_reads_its_prompt": max(per_sequence_bytes / bandwidth, compute_s)}

@@ -120,8 +120,8 @@ def codec_bench(num_sequences: int = 512, length: int = 512, repeats: int = 3) -
     rng = random.Random(0)
     n = 8
     outputs = [RequestOutput(str(i), None, [rng.randrange(32000) for _ in range(128)],
-                             [CompletionOutput(j, [rng.randrange(150000) for _ in range(length)], finish_reason="length",
-                                               sampled_logprobs=_float32_values(rng, length))
+                             [CompletionOutput(j, [rng.randrange(150000) for _ in range(length)],
+                                               finish_reason="length", sampled_logprobs=_float32_values(rng, length))
                               for j in range(n)]) for i in range(num_sequences // n)]
     params = SamplingParams(n=n, max_tokens=length, logprobs=0)
     result = {"sequences": num_sequences, "tokens_per_sequence": length}

@@ -51,9 +51,11 @@ def vllm_sampling_kwargs(params: dict) -> dict:
 
 def make_job(model_dir: Path, random_weights: bool, dtype: str, gpu_memory_utilization: float,
              prompts: list[list[int]], warm_up_prompts: list[list[int]], params_by_mode: dict[str, list[dict]],
-             num_generated_tokens: int) -> dict:
+             num_generated_tokens: int, tensor_parallel_size: int = 1, enforce_eager: bool = False) -> dict:
+    """What the child runs; the engine settings are rlserve's own for the same run (tensor parallelism, eager)."""
     return {"model": str(model_dir), "load_format": "dummy" if random_weights else "auto", "dtype": dtype,
-            "gpu_memory_utilization": gpu_memory_utilization, "prompts": prompts,
+            "gpu_memory_utilization": gpu_memory_utilization, "tensor_parallel_size": tensor_parallel_size,
+            "enforce_eager": enforce_eager, "prompts": prompts,
             "warm_up_prompts": warm_up_prompts, "params": params_by_mode,
             "num_generated_tokens": num_generated_tokens}
 
@@ -97,7 +99,8 @@ def _child(job_path: str, out_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     start = time.perf_counter()
     llm = LLM(model=job["model"], dtype=job["dtype"], enable_prefix_caching=True, load_format=job["load_format"],
-              gpu_memory_utilization=job["gpu_memory_utilization"], seed=0)
+              gpu_memory_utilization=job["gpu_memory_utilization"], seed=0,
+              tensor_parallel_size=job["tensor_parallel_size"], enforce_eager=job["enforce_eager"])
     out = {"version": vllm.__version__, "startup_seconds": time.perf_counter() - start, "modes": {}}
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
     warm = [{"prompt_token_ids": ids} for ids in job["warm_up_prompts"]]
