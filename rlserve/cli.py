@@ -117,6 +117,10 @@ def cmd_bench(args) -> int:
     else:
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     engine_kwargs = {"enforce_eager": True} if args.enforce_eager else {}
+    if args.through_server and args.against:
+        print("rlserve bench: --against vllm runs the offline engines; it does not combine with --through_server",
+              file=sys.stderr)
+        return 2
     if args.through_server:
         from rlserve.bench.server_bench import run_server_bench
         run_server_bench(args.workload, device=args.device, output=args.output, concurrency=args.concurrency,

@@ -117,6 +117,8 @@ def test_against_vllm_without_vllm_says_so_before_measuring(monkeypatch, capsys)
     monkeypatch.setattr(vllm_baseline.importlib.util, "find_spec", lambda name: None)
     assert cli.main(["bench", "--workload", "cpu-tiny", "--against", "vllm"]) == 2
     assert "vLLM is not importable" in capsys.readouterr().err
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--against", "vllm", "--through_server"]) == 2
+    assert "does not combine with --through_server" in capsys.readouterr().err
     with pytest.raises(BenchError, match="unknown mode"):
         bench.run_bench(TINY, modes=("greedy",))
 
