@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rlserve.bench.bench import device_name, git_commit, prepare_model
-from rlserve.bench.server_bench import _payloads, _post_all, _Server
+from rlserve.bench.server_bench import _payloads, _post_all, start_bench_server
 from rlserve.bench.workloads import get_workload
 
 
@@ -62,13 +62,13 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
         task = progress.add_task(f"sweeping {len(layouts)} layouts", total=len(layouts))
         for tp, dp in layouts:
             progress.update(task, description=f"tp={tp} dp={dp}")
-            server = _Server(model_dir, dev, random_weights, dp, tp)
+            server = start_bench_server(model_dir, dev, random_weights, dp, tp)
             try:
                 payloads = _payloads(workload, logprobs)
                 asyncio.run(_post_all(server.url, [dict(p, max_tokens=8) for p in payloads[:1]]))  # warm-up
                 seconds, tokens = asyncio.run(_post_all(server.url, payloads))
             finally:
-                server.stop()
+                server.stop(60)
             results.append({"tensor_parallel_size": tp, "data_parallel_size": dp, "devices": tp * dp,
                             "seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds})
             progress.advance(task)
