@@ -64,9 +64,11 @@ def train(args) -> list[StepRecord]:
     from transformers import AutoModelForCausalLM
 
     from rlserve import Client
+    from rlserve.bench.charts import pyplot
     from rlserve.models.tiny import make_tiny_model
     from rlserve.server.process import ServerProcess, free_port
 
+    pyplot()  # the reward chart: a missing matplotlib fails now, not after training
     console = Console()
     torch.manual_seed(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="rlserve-demo-"))
@@ -135,9 +137,8 @@ def write_outputs(records: list[StepRecord], output: Path, console) -> None:
         return
     output.mkdir(parents=True, exist_ok=True)
     (output / "demo_steps.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rlserve.bench.charts import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r.step for r in records], [r.mean_reward for r in records], marker="o", markersize=3)
     ax.set_xlabel("optimizer step")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rlserve.bench.bench import device_name, git_commit, prepare_model
+from rlserve.bench.charts import pyplot
 from rlserve.bench.server_bench import _payloads, _post_all, start_bench_server
 from rlserve.bench.workloads import get_workload
 
@@ -41,6 +42,7 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
     from rich.table import Table
 
     from rlserve.models.loader import load_config, resolve_model_dir
+    pyplot()  # before the sweep: a missing chart library fails now, not after every layout has run
     workload = get_workload(workload_name)
     if num_prompts or max_tokens:
         workload = replace(workload, num_prompts=num_prompts or workload.num_prompts,
@@ -99,9 +101,7 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     results = report["results"]
     labels = [f"TP={r['tensor_parallel_size']}\nDP={r['data_parallel_size']}" for r in results]
     values = [r["tokens_per_s"] for r in results]
