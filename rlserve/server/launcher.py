@@ -100,7 +100,8 @@ def engine_config_from_args(args) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, seed=args.seed, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_blocks=args.num_kv_blocks, load_format=args.load_format, fail_after_steps=args.fail_after_steps)
+        num_kv_blocks=args.num_kv_blocks, load_format=args.load_format,
+        fused_kernels=args.fused_kernels)
 
 
 def serve(args) -> int:
