@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -70,7 +71,11 @@ def add_serve_parser(sub) -> None:
           help="'dummy' starts from random weights (benchmarks, or a trainer that pushes all weights).")
     _flag(p, "shutdown_timeout", type=float, default=30.0,
           help="Seconds to finish in-flight requests after SIGTERM before aborting them.")
-    _flag(p, "fail_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # test hook
+    # $RLSERVE_FUSED=0 (the benchmarks' before/after switch) sets the default here, at the edge, as in LLM(...);
+    # the engine reads only its config, and the model runner applies the choice once.
+    _flag(p, "fused_kernels", type=_bool, nargs="?", const=True, default=os.environ.get("RLSERVE_FUSED", "1") != "0",
+          help="Use the fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA (default: true, "
+               "unless $RLSERVE_FUSED=0; `false` runs PyTorch's per-layer ops, for comparisons).")
     # Admission (rlserve/server/security.py); README "Security" says what is open by default and why.
     _flag(p, "api_key", default=None,
           help="Require 'Authorization: Bearer <key>' on every route but /health (default: $RLSERVE_API_KEY, "

@@ -39,8 +39,9 @@ class EngineConfig:
     cpu_kv_cache_gb: float = 2.0  # KV cache budget on CPU
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     max_logprobs: int = 20
-    # Test hook: the model forward raises after this many steps (reliability tests).
-    fail_after_steps: int | None = None
+    # The fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA, where they pass their self-check
+    # (layers/fused.py); False: PyTorch's per-layer ops (for comparisons). The model runner applies it once.
+    fused_kernels: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -18,11 +18,7 @@ per-step figures (JSON) go to ``--output``.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -53,29 +49,6 @@ class StepRecord:
     weight_version: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, port: int, device: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rlserve.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--device", device, "--log_level", "warning"]
-    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
     """The trainer's log-probabilities of each completion token (temperature 1, no truncation)."""
     out = []
@@ -91,23 +64,25 @@ def train(args) -> list[StepRecord]:
     from transformers import AutoModelForCausalLM
 
     from rlserve import Client
+    from rlserve.bench.charts import pyplot
     from rlserve.models.tiny import make_tiny_model
+    from rlserve.server.process import ServerProcess, free_port
 
+    pyplot()  # the reward chart: a missing matplotlib fails now, not after training
     console = Console()
     torch.manual_seed(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="rlserve-demo-"))
     model_dir = make_tiny_model(workdir / "model", args.family, seed=args.seed)
-    port = args.port or _free_port()
-    server = start_server(model_dir, port, args.device)
+    server = ServerProcess(str(model_dir), "--device", args.device, port=args.port or None, startup_timeout=180,
+                           stdout=subprocess.DEVNULL)
     records: list[StepRecord] = []
     try:
-        client = Client(base_url=f"http://127.0.0.1:{port}", group_port=_free_port(), connection_timeout=180,
-                        request_timeout=600)
+        client = Client(base_url=server.url, group_port=free_port(), connection_timeout=180, request_timeout=600)
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
         client.init_communicator(device="cpu", timeout_s=60)
         prompt_ids = [list(p.encode()) for p in PROMPTS]
-        console.print(f"[bold]rlserve demo[/]: server on port {port}, {args.steps} steps, "
+        console.print(f"[bold]rlserve demo[/]: server on port {server.port}, {args.steps} steps, "
                       f"{len(PROMPTS)} prompts x {args.n} samples x {args.max_tokens} tokens")
         for step in range(args.steps):
             start = time.perf_counter()
@@ -152,7 +127,7 @@ def train(args) -> list[StepRecord]:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: shutting the server down[/]")
     finally:
-        stop_server(server)
+        server.stop()
     write_outputs(records, Path(args.output), console)
     return records
 
@@ -162,9 +137,8 @@ def write_outputs(records: list[StepRecord], output: Path, console) -> None:
         return
     output.mkdir(parents=True, exist_ok=True)
     (output / "demo_steps.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rlserve.bench.charts import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r.step for r in records], [r.mean_reward for r in records], marker="o", markersize=3)
     ax.set_xlabel("optimizer step")

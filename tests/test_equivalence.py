@@ -13,19 +13,13 @@ from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from rlserve import LLM, SamplingParams
-from rlserve.models.tiny import FAMILIES, IM_END_ID
+from rlserve.models.tiny import FAMILIES
+from hf_utils import hf_greedy
 
 
 def random_prompts(n=8, seed=0, low=1, high=40):
     rng = random.Random(seed)
     return [[rng.randrange(0, 256) for _ in range(rng.randrange(low, high))] for _ in range(n)]
-
-
-def hf_greedy(hf, prompt, max_new_tokens, **kwargs):
-    ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                      pad_token_id=IM_END_ID, **kwargs)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def test_greedy_equals_transformers(family, engines, hf_models):
     # min_tokens = max_tokens masks EOS as transformers' min_new_tokens does: exactly 40 tokens each.
     outs = engines[family].generate(prompts, SamplingParams(temperature=0, max_tokens=40, min_tokens=40))
     for prompt, out in zip(prompts, outs):
-        expected = hf_greedy(hf_models[family], prompt, 40, min_new_tokens=40)
+        expected = hf_greedy(hf_models[family], prompt, 40)
         assert out.outputs[0].token_ids == expected, f"{family}: prompt of {len(prompt)} tokens diverged"
         assert out.prompt_token_ids == prompt
 
@@ -54,7 +48,7 @@ def test_greedy_stops_at_eos_like_transformers(family, engines, hf_models):
     prompts = random_prompts(n=8, seed=2)
     outs = engines[family].generate(prompts, SamplingParams(temperature=0, max_tokens=200))
     for prompt, out in zip(prompts, outs):
-        expected = hf_greedy(hf_models[family], prompt, 200)
+        expected = hf_greedy(hf_models[family], prompt, 200, stop_at_eos=True)
         assert out.outputs[0].token_ids == expected
         assert out.outputs[0].finish_reason == ("stop" if expected[-1] in (256, 258) else "length")
 
@@ -64,8 +58,7 @@ def test_greedy_with_repetition_penalty_equals_transformers(engines, hf_models):
     outs = engines["qwen2"].generate(prompts, SamplingParams(temperature=0, max_tokens=32, min_tokens=32,
                                                             repetition_penalty=1.5))
     for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(hf_models["qwen2"], prompt, 32, min_new_tokens=32,
-                                                     repetition_penalty=1.5)
+        assert out.outputs[0].token_ids == hf_greedy(hf_models["qwen2"], prompt, 32, repetition_penalty=1.5)
 
 
 def hf_processed_logprobs(hf, prompt, completion, warpers):

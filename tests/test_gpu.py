@@ -12,7 +12,8 @@ import torch
 
 from rlserve import LLM, SamplingParams
 from rlserve.bench.workloads import QWEN25_05B
-from rlserve.models.tiny import IM_END_ID, make_tiny_model
+from rlserve.models.tiny import make_tiny_model
+from hf_utils import hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -20,13 +21,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def prompts(n, seed, vocab=256, low=1, high=60):
     rng = random.Random(seed)
     return [[rng.randrange(0, vocab) for _ in range(rng.randrange(low, high))] for _ in range(n)]
-
-
-def hf_greedy(model, prompt, n):
-    ids = torch.tensor([prompt], device="cuda")
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                         min_new_tokens=n, pad_token_id=IM_END_ID)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 
 from rlserve import LLM, Client, SamplingParams
 from rlserve.bench.workloads import QWEN25_05B
-from rlserve.models.tiny import IM_END_ID, make_tiny_model
+from rlserve.models.tiny import make_tiny_model
+from hf_utils import hf_greedy
 from server_utils import free_port, running_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
@@ -46,13 +47,6 @@ def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which):
     assert results[0] == results[1]
 
 
-def hf_greedy(model, prompt, n, device):
-    ids = torch.tensor([prompt], device=device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                         min_new_tokens=n, pad_token_id=IM_END_ID)
-    return out[0, len(prompt):].tolist()
-
-
 def test_nccl_weight_sync_from_gpu0_into_a_server_on_gpu1(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
     other = make_tiny_model(tmp_path / "b", "qwen2", seed=91)
@@ -65,7 +59,7 @@ def test_nccl_weight_sync_from_gpu0_into_a_server_on_gpu1(tiny_models, tmp_path)
         assert client.communicator.backend == "nccl"
         client.update_model_params(model_b)
         out = client.generate(batch, temperature=0, max_tokens=24, generation_kwargs={"min_tokens": 24})
-        assert out["completion_ids"] == [hf_greedy(model_b, p, 24, "cuda:0") for p in batch]
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 24) for p in batch]
         client.close_communicator()
 
 
@@ -82,7 +76,7 @@ def test_weight_sync_into_a_tp2_server_reaches_both_gpus(tiny_models, tmp_path):
         client.init_communicator(device="cpu", timeout_s=60)
         client.update_model_params(model_b)
         out = client.generate(batch, temperature=0, max_tokens=24, generation_kwargs={"min_tokens": 24})
-        assert out["completion_ids"] == [hf_greedy(model_b, p, 24, "cpu") for p in batch]
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 24) for p in batch]
         client.close_communicator()
 
 

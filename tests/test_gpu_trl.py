@@ -23,18 +23,14 @@ def test_trl_client_syncs_weights_into_a_gpu_server(tmp_path):
         from trl.generation.vllm_client import VLLMClient
     except ImportError:
         from trl.extras.vllm_client import VLLMClient
-    from rlserve.models.tiny import IM_END_ID, make_tiny_model
+    from hf_utils import hf_greedy
+    from rlserve.models.tiny import make_tiny_model
     from server_utils import free_port, running_server
 
     a = make_tiny_model(tmp_path / "a", "qwen2", seed=1)
     b = make_tiny_model(tmp_path / "b", "qwen2", seed=2)
     model_b = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).to("cuda:0").eval()
-    expected = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt], device="cuda:0")
-        out = model_b.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                               min_new_tokens=12, pad_token_id=IM_END_ID)
-        expected.append(out[0, len(prompt):].tolist())
+    expected = [hf_greedy(model_b, prompt, 12) for prompt in PROMPTS]
     with running_server(str(a), "--dtype", "float32", "--gpu_memory_utilization", "0.2", device="cuda",
                         env={"CUDA_VISIBLE_DEVICES": "1"}) as server:
         client = VLLMClient(base_url=server.url, group_port=free_port(), connection_timeout=60)

@@ -44,8 +44,8 @@ def tree(server: ServerProcess) -> list[psutil.Process]:
     return [psutil.Process(server.proc.pid)] + server.children()
 
 
-def start_server(model: str, *args: str) -> ServerProcess:
-    server = ServerProcess(model, *args)
+def start_server(model: str, *args: str, **kwargs) -> ServerProcess:
+    server = ServerProcess(model, *args, **kwargs)
     STARTED.extend(tree(server))  # recorded now: an orphan leaves our process tree, not this list
     return server
 
@@ -557,8 +557,28 @@ def test_load_generator_reports_throughput_latency_and_failures(server, http):
 
 
 # -- engine failures: each ends its own server ----------------------------------------------------------
-def test_a_forward_that_raises_fails_in_flight_requests_and_the_server_exits(tiny_model):
-    server = start_server(tiny_model, "--fail_after_steps", "40")
+# Injected at interpreter start through sitecustomize (in the engine processes; no hook in rlserve): the model
+# runner raises once its engine has run 40 forwards.
+FAILING_RUNNER = """
+from rlserve.engine import runner
+
+_execute = runner.ModelRunner.execute
+
+
+def _failing_execute(self, sched):
+    if self.num_steps >= 40:
+        raise RuntimeError(f"injected failure after {self.num_steps} steps")
+    return _execute(self, sched)
+
+
+runner.ModelRunner.execute = _failing_execute
+"""
+
+
+def test_a_forward_that_raises_fails_in_flight_requests_and_the_server_exits(tiny_model, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(FAILING_RUNNER)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    server = start_server(tiny_model, env={"PYTHONPATH": path})
     try:
         children = server.children()
         assert children

@@ -234,3 +234,15 @@ def test_random_workload_never_runs_more_than_max_num_seqs(seed):
     for req in requests:
         assert len(req.seqs) == req.params.n and req.is_finished
     assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("module", ["rlserve.engine.scheduler", "rlserve.engine.kv_cache", "rlserve.engine.messages",
+                                    "rlserve.engine.output_processor"])
+def test_module_imports_no_torch(module):
+    """The scheduler and block manager are pure CPU logic; the messages and the output processor run in the API
+    process, which must not pay for torch because of them."""
+    import subprocess
+    import sys
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

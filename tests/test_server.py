@@ -549,6 +549,20 @@ def test_binary_response_of_an_unknown_format_is_400(http):
     assert_serves(http)
 
 
+def test_fused_kernels_switch_is_decided_at_the_edge_and_carried_by_the_config(monkeypatch, llm):
+    """--fused_kernels (default: on unless $RLSERVE_FUSED=0) goes into EngineConfig; the runner applies it once,
+    and on a CPU never turns the kernels on."""
+    from rlserve.server.launcher import engine_config_from_args
+    monkeypatch.delenv("RLSERVE_FUSED", raising=False)
+    assert engine_config_from_args(serve_parser().parse_args(["serve", "--model", "m"])).fused_kernels is True
+    off = serve_parser().parse_args(["serve", "--model", "m", "--fused-kernels", "false"])
+    assert engine_config_from_args(off).fused_kernels is False
+    monkeypatch.setenv("RLSERVE_FUSED", "0")
+    assert engine_config_from_args(serve_parser().parse_args(["serve", "--model", "m"])).fused_kernels is False
+    assert llm.config.fused_kernels is True and llm.engine.runner.use_fused_kernels is False  # CPU
+    assert not any(getattr(m, "use_fused", False) for m in llm.engine.model.modules())
+
+
 # -- rlserve.Client ---------------------------------------------------------------------------------------
 def test_client_trl_methods(server, llm):
     with Client(base_url=server.url, connection_timeout=10) as client:

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from rlserve import LLM, Client, SamplingParams
 from rlserve.models.loader import iter_safetensors
-from rlserve.models.tiny import FAMILIES, IM_END_ID, make_tiny_model
+from rlserve.models.tiny import FAMILIES, make_tiny_model
+from hf_utils import hf_greedy
 from server_utils import free_port, running_server
 
 
@@ -95,10 +96,7 @@ def test_server_tp2_weight_sync_reaches_every_rank(tiny_models, tmp_path):
         client.init_communicator(device="cpu", timeout_s=30)
         client.update_model_params(model_b)
         out = client.generate(batch, temperature=0, max_tokens=16, generation_kwargs={"min_tokens": 16})
-        for prompt, ids in zip(batch, out["completion_ids"]):
-            ref = model_b.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                   do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=IM_END_ID)
-            assert ids == ref[0, len(prompt):].tolist()
+        assert out["completion_ids"] == [hf_greedy(model_b, prompt, 16) for prompt in batch]
         client.close_communicator()
 
 

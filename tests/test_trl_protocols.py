@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from rlserve.distributed.rendezvous import StoreGroup, UniqueId, dumps_unique_id, loads_restricted
 from rlserve.distributed.weight_sync import plan_vllm_buckets
-from rlserve.models.tiny import IM_END_ID, make_tiny_model
+from rlserve.models.tiny import make_tiny_model
+from hf_utils import hf_greedy
 from server_utils import free_port, running_server
 from vllm_mimic import GlooTrainer, StatelessGroup, install_fake_vllm_unique_id, make_unique_id, packed_chunks
 
@@ -114,13 +115,6 @@ def test_vllm_packed_plan_matches_the_producers_chunks():
 
 
 # -- against a real server --------------------------------------------------------------------------------
-def hf_greedy(model, prompt, n=10):
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                         min_new_tokens=n, pad_token_id=IM_END_ID)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("trlp")
@@ -172,7 +166,7 @@ def test_trl_110_protocol_per_tensor_with_store_barriers(models):
             trainer.group.barrier()
         http.post("/reset_prefix_cache/").raise_for_status()  # TRL's next call: ends the run
         out = _greedy(http)
-        assert out["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 10) for p in PROMPTS]
         assert out["weight_version"] == 1  # one run of per-tensor updates is one version
         http.post("/close_communicator/").raise_for_status()
 
@@ -225,7 +219,7 @@ def test_vllm_weight_transfer_protocol_packed_and_unpacked(models):
         model_b_mixed = AutoModelForCausalLM.from_config(model_b.config).eval()
         model_b_mixed.load_state_dict({n: t.float() for n, t in named_b}, strict=False)
         out = _greedy(http)
-        assert out["completion_ids"] == [hf_greedy(model_b_mixed, p) for p in PROMPTS] != before["completion_ids"]
+        assert out["completion_ids"] == [hf_greedy(model_b_mixed, p, 10) for p in PROMPTS] != before["completion_ids"]
         assert out["weight_version"] == 1
 
         named_a = [(n, p.data) for n, p in model_a.named_parameters()]  # back to A, one broadcast per tensor
@@ -257,7 +251,7 @@ def test_vllm_update_with_wrong_shape_is_400_after_draining_and_nothing_changes(
         http.post("/start_weight_update", json={}).raise_for_status()
         assert _vllm_update(http, trainer, named_b).status_code == 200
         http.post("/finish_weight_update", json={}).raise_for_status()
-        assert _greedy(http)["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        assert _greedy(http)["completion_ids"] == [hf_greedy(model_b, p, 10) for p in PROMPTS]
 
 
 def test_bad_weight_transfer_bodies_are_400s_naming_the_field(models):
@@ -292,7 +286,7 @@ def test_start_freezes_generation_until_finish_and_a_refused_update_ends_the_fre
         assert _vllm_update(http, trainer, named_b).status_code == 200
         http.post("/finish_weight_update", json={}).raise_for_status()
         waiting.join(60)
-        assert answer["r"]["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        assert answer["r"]["completion_ids"] == [hf_greedy(model_b, p, 10) for p in PROMPTS]
         assert answer["r"]["weight_versions"] == [[1]] * len(PROMPTS)  # every token on the new weights
 
         http.post("/start_weight_update", json={}).raise_for_status()
@@ -327,7 +321,7 @@ def test_reinit_replaces_a_group_whose_trainer_never_came_or_died_with_two_repli
         http.post("/start_weight_update", json={}).raise_for_status()
         assert _vllm_update(http, trainer, named_b).status_code == 200
         http.post("/finish_weight_update", json={}).raise_for_status()
-        expected = [hf_greedy(model_b, p) for p in PROMPTS]
+        expected = [hf_greedy(model_b, p, 10) for p in PROMPTS]
         for _ in range(2):  # both replicas serve the new weights (requests are spread by load)
             r = http.post("/generate/", json={"prompts": PROMPTS * 2, "temperature": 0, "max_tokens": 10,
                                               "generation_kwargs": {"min_tokens": 10}}).json()

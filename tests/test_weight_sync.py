@@ -17,17 +17,11 @@ from transformers import AutoModelForCausalLM
 from rlserve import Client
 from rlserve.client.client import ServerError
 from rlserve.distributed.weight_sync import pack_bucket, plan_buckets, unpack_bucket
-from rlserve.models.tiny import FAMILIES, IM_END_ID, make_tiny_model
+from rlserve.models.tiny import FAMILIES, make_tiny_model
+from hf_utils import hf_greedy
 from server_utils import free_port, running_server
 
 PROMPTS = [[1, 2, 3], [40, 41, 42, 43, 44, 45], list(range(100, 130)), [7]]
-
-
-def hf_greedy(model, prompt, n=12):
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                         min_new_tokens=n, pad_token_id=IM_END_ID)
-    return out[0, len(prompt):].tolist()
 
 
 def server_greedy(client, n=12):
@@ -70,7 +64,7 @@ def test_update_model_params_gives_transformers_outputs_of_the_new_model(family,
         client.init_communicator(device="cpu", timeout_s=30)
         version = client.update_model_params(model_b, bucket_size_mb=0.05)  # several buckets
         after = server_greedy(client)
-        assert after["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        assert after["completion_ids"] == [hf_greedy(model_b, p, 12) for p in PROMPTS]
         assert after["completion_ids"] != before["completion_ids"]
         assert before["weight_version"] == 0 and after["weight_version"] == version == 1
         assert client.server_info()["weight_version"] == 1
@@ -86,7 +80,7 @@ def test_data_parallel_replicas_all_receive_the_update(model_pairs):
         client.update_model_params(model_b)
         many = PROMPTS * 4  # spread over both replicas
         out = client.generate(many, temperature=0, max_tokens=12, generation_kwargs={"min_tokens": 12})
-        assert out["completion_ids"] == [hf_greedy(model_b, p) for p in many]
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 12) for p in many]
         replicas = client.server_info()["replicas"]
         assert [r["weight_version"] for r in replicas] == [1, 1]
         assert all(r["num_steps"] > 0 for r in replicas)
@@ -104,7 +98,7 @@ def test_trl_sequence_per_tensor(model_pairs):
             client.update_named_param(name, param.data)
         client.reset_prefix_cache()
         out = server_greedy(client)
-        assert out["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 12) for p in PROMPTS]
         assert out["weight_version"] == 1  # one run of per-tensor updates is one version
         client.close_communicator()
 
@@ -126,7 +120,7 @@ def test_update_named_params_streams_what_the_iterator_yields(model_pairs):
         client = Client(base_url=server.url, group_port=free_port())
         client.init_communicator(device="cpu", timeout_s=30)
         assert client.update_named_params(metadata, yielding_then_spoiling(), bucket_size_mb=0.05) == 1
-        assert server_greedy(client)["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        assert server_greedy(client)["completion_ids"] == [hf_greedy(model_b, p, 12) for p in PROMPTS]
         client.close_communicator()
 
 
@@ -154,7 +148,7 @@ def test_wrong_name_shape_or_dtype_is_400_and_nothing_changes(model_pairs):
         assert server_greedy(client)["completion_ids"] == before  # nothing applied, nothing left waiting
         assert client.server_info()["weight_version"] == 0
         client.update_model_params(model_b)  # the group still works
-        assert server_greedy(client)["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS]
+        assert server_greedy(client)["completion_ids"] == [hf_greedy(model_b, p, 12) for p in PROMPTS]
 
 
 def test_update_without_communicator_is_409(model_pairs):
@@ -208,7 +202,7 @@ def test_reinit_without_close_and_a_trainer_that_dies_mid_update(model_pairs, tm
         client.init_communicator(device="cpu", timeout_s=30)
         client.update_model_params(model_b)
         out = server_greedy(client)
-        assert out["completion_ids"] == [hf_greedy(model_b, p) for p in PROMPTS] != before
+        assert out["completion_ids"] == [hf_greedy(model_b, p, 12) for p in PROMPTS] != before
         info = client.server_info()["replicas"][0]
         assert not info["weights_partial"] and info["weight_sync_error"] is None
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,46 +18,16 @@ import torch
 from rlserve.bench.bench import device_name, git_commit, prepare_model, run_rlserve
 from rlserve.bench.workloads import MODES, WARM_UP_SEED, Workload, get_workload
 from rlserve.server import binary
+from rlserve.server.process import ServerProcess
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, model_dir: Path, device: torch.device, random_weights: bool, dp: int, tp: int,
-                 extra: list[str] | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "rlserve.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", str(device), "--log_level", "warning",
-               "--data_parallel_size", str(dp), "--tensor_parallel_size", str(tp)]
-        if random_weights:
-            cmd += ["--load_format", "dummy", "--dtype", "bfloat16"]
-        cmd += extra or []
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health/", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError("server did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+def start_bench_server(model_dir: Path, device: torch.device, random_weights: bool, dp: int, tp: int,
+                       extra: list[str] | None = None) -> ServerProcess:
+    """A server for a benchmark: its device and parallel sizes, random weights for models not on disk."""
+    args = ["--device", str(device), "--data_parallel_size", str(dp), "--tensor_parallel_size", str(tp)]
+    if random_weights:
+        args += ["--load_format", "dummy", "--dtype", "bfloat16"]
+    return ServerProcess(str(model_dir), *args, *(extra or []), startup_timeout=900, poll_s=0.5)
 
 
 def _payloads(workload: Workload, logprobs: int | None, response_format: str = "json",
@@ -204,7 +169,7 @@ def run_server_bench(workload_name: str, device: str | None = None, output: str 
         del llm
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    server = _Server(model_dir, dev, random_weights, data_parallel_size, tensor_parallel_size)
+    server = start_bench_server(model_dir, dev, random_weights, data_parallel_size, tensor_parallel_size)
     try:
         for layout in ("json", "binary"):  # warm-up, on other prompts than the timed ones
             warm = [dict(p, max_tokens=8) for p in _payloads(workload, 0, layout, seed=WARM_UP_SEED)[:1]]
@@ -223,7 +188,7 @@ def run_server_bench(workload_name: str, device: str | None = None, output: str 
         if concurrency:
             result["load"] = asyncio.run(load_generator(server.url, workload, concurrency))
     finally:
-        server.stop()
+        server.stop(60)
     result["codec"] = codec_bench()
     _print(result)
     path = Path(output or f"bench_results/{workload.name}-server.json")

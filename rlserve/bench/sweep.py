@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from rlserve.bench.bench import device_name, git_commit, prepare_model
-from rlserve.bench.server_bench import _payloads, _post_all, _Server
+from rlserve.bench.charts import pyplot
+from rlserve.bench.server_bench import _payloads, _post_all, start_bench_server
 from rlserve.bench.workloads import WARM_UP_SEED, get_workload
 
 
@@ -41,6 +42,7 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
     from rich.table import Table
 
     from rlserve.models.loader import load_config, resolve_model_dir
+    pyplot()  # before the sweep: a missing chart library fails now, not after every layout has run
     workload = get_workload(workload_name)
     if num_prompts or max_tokens:
         workload = replace(workload, num_prompts=num_prompts or workload.num_prompts,
@@ -62,14 +64,14 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
         task = progress.add_task(f"sweeping {len(layouts)} layouts", total=len(layouts))
         for tp, dp in layouts:
             progress.update(task, description=f"tp={tp} dp={dp}")
-            server = _Server(model_dir, dev, random_weights, dp, tp)
+            server = start_bench_server(model_dir, dev, random_weights, dp, tp)
             try:
                 # Warm up on other prompts; _post_all resets the prefix cache before the timed run.
                 warm = _payloads(workload, logprobs, seed=WARM_UP_SEED)[:1]
                 asyncio.run(_post_all(server.url, [dict(p, max_tokens=8) for p in warm]))
                 seconds, tokens = asyncio.run(_post_all(server.url, _payloads(workload, logprobs)))
             finally:
-                server.stop()
+                server.stop(60)
             results.append({"tensor_parallel_size": tp, "data_parallel_size": dp, "devices": tp * dp,
                             "seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds})
             progress.advance(task)
@@ -100,9 +102,7 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     results = report["results"]
     labels = [f"TP={r['tensor_parallel_size']}\nDP={r['data_parallel_size']}" for r in results]
     values = [r["tokens_per_s"] for r in results]

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from rlserve.bench.bench import device_name, git_commit, prepare_model
-from rlserve.bench.server_bench import _free_port, _Server
+from rlserve.bench.server_bench import start_bench_server
 from rlserve.bench.workloads import get_workload
+from rlserve.server.process import free_port
 
 
 def _raw_rank(rank: int, port: int, device: str, numel: int, repeats: int, queue) -> None:
@@ -59,7 +60,7 @@ def _raw_rank(rank: int, port: int, device: str, numel: int, repeats: int, queue
 def raw_broadcast_seconds(nbytes: int, trainer_device: str, server_device: str, repeats: int = 5) -> float:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_raw_rank, args=(rank, port, device, nbytes // 2, repeats, queue))
              for rank, device in enumerate((trainer_device, server_device))]
     for p in procs:
@@ -84,10 +85,11 @@ def run_sync_bench(device: str = "cuda", trainer_gpu: int = 0, server_gpu: int =
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if on_gpu else torch.float32)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    server = _Server(model_dir, torch.device(f"cuda:{server_gpu}" if on_gpu else "cpu"), random_weights, 1, 1,
-                     extra=["--gpu_memory_utilization", "0.3", "--max_model_len", "4096"])
+    server_device = torch.device(f"cuda:{server_gpu}" if on_gpu else "cpu")
+    server = start_bench_server(model_dir, server_device, random_weights, 1, 1,
+                                extra=["--gpu_memory_utilization", "0.3", "--max_model_len", "4096"])
     try:
-        client = Client(base_url=server.url, group_port=_free_port())
+        client = Client(base_url=server.url, group_port=free_port())
         client.init_communicator(device=dev, timeout_s=300)
         client.update_model_params(model, bucket_size_mb)  # warm-up: communicator set-up, allocator
         times = []
@@ -100,7 +102,7 @@ def run_sync_bench(device: str = "cuda", trainer_gpu: int = 0, server_gpu: int =
         client.close_communicator()
         trl_paths = _time_trl_paths(server.url, model, dev, repeats) if on_gpu else {}
     finally:
-        server.stop()
+        server.stop(60)
     seconds = statistics.median(times)
     raw = raw_broadcast_seconds(nbytes, str(dev), f"cuda:{server_gpu}" if on_gpu else "cpu")
     result = {"name": "sync-medium" if on_gpu else "sync-cpu-tiny", "model": workload.name,
@@ -139,7 +141,7 @@ def _time_trl_paths(url: str, model, dev: torch.device, repeats: int) -> dict[st
     params = [(n, p.data) for n, p in model.named_parameters()]
     times: dict[str, list[float]] = {"trl-per-tensor": [], "vllm-packed": []}
 
-    port = _free_port()  # TRL <= 1.10
+    port = free_port()  # TRL <= 1.10
     http.post("/init_communicator/", json={"host": "0.0.0.0", "port": port, "world_size": world,
                                            "client_device_uuid": "bench"}).raise_for_status()
     comm = PyNcclCommunicator(StatelessProcessGroup.create("127.0.0.1", port, world - 1, world), device=dev)
@@ -155,7 +157,7 @@ def _time_trl_paths(url: str, model, dev: torch.device, repeats: int) -> dict[st
             times["trl-per-tensor"].append(time.perf_counter() - start)
     http.post("/close_communicator/").raise_for_status()
 
-    port = _free_port()  # TRL >= 1.12
+    port = free_port()  # TRL >= 1.12
     init_info = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": world}
     pool = ThreadPoolExecutor(1)  # the server answers these once the trainer's side is done: post them aside
     answer = pool.submit(lambda: http.post("/init_weight_transfer_engine", json={"init_info": init_info}))

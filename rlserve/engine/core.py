@@ -11,18 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, field
 
 import torch
 
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine.kv_cache import BlockManager
+from rlserve.engine.messages import SeqUpdate
 from rlserve.engine.scheduler import Scheduler, check_fits
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus, stream_seed
 from rlserve.engine.structured import GrammarCompiler, check_spec
 from rlserve.engine.worker import load_worker
-from rlserve.outputs import PromptLogprobs
 from rlserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -63,21 +62,6 @@ def request_seed_generator(seed: int | None, data_parallel_rank: int = 0) -> ran
 
 
 _REPLICA_SALT = 0x7265706C696361  # keeps replica streams apart from the sample-index streams of a request
-
-
-@dataclass
-class SeqUpdate:
-    """New output of one sample of a request (all of it for non-streamed requests, sent when finished)."""
-    request_id: str
-    index: int
-    token_ids: list[int]
-    sampled_logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    weight_versions: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0
-    prompt_logprobs: PromptLogprobs | None = None  # the request's, once, with the first update after its prefill
 
 
 class EngineCore:

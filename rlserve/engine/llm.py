@@ -7,6 +7,7 @@ GPU. The server runs the same engine core in other processes.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Sequence
 
 from rlserve.config import EngineConfig
@@ -21,6 +22,8 @@ class LLM:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  gpu_memory_utilization: float = 0.9, device: str | None = None, seed: int | None = 0,
                  enforce_eager: bool = False, **engine_kwargs: Any):
+        # $RLSERVE_FUSED=0 (the benchmarks' before/after switch) is read here, at the edge, as by `rlserve serve`.
+        engine_kwargs.setdefault("fused_kernels", os.environ.get("RLSERVE_FUSED", "1") != "0")
         self.config = EngineConfig(
             model=model, revision=revision, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,

@@ -1,9 +1,13 @@
 """Typed messages between the API server and the engine-core processes (pickled over ZMQ).
 
 API → core: ``AddRequests``, ``AbortRequests``, ``FinishSample``, ``UtilityCall``, ``Shutdown``.
-Core → API: ``EngineReady``, ``StepOutputs``, ``RequestFailed``, ``UtilityResult``, ``EngineDead``.
+Core → API: ``EngineReady``, ``StepOutputs`` (of ``SeqUpdate``s), ``RequestFailed``, ``UtilityResult``,
+``EngineDead``.
 Messages on one socket arrive in the order they were sent, so a request sent after a weight update is
 generated with the new weights.
+
+Plain dataclasses of Python values and numpy arrays, no torch: the API process imports this module, and it
+must not pull torch in (check: `python -c "import sys, rlserve.engine.messages; print('torch' in sys.modules)"`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlserve.engine.core import SeqUpdate
+from rlserve.outputs import PromptLogprobs
 from rlserve.sampling import SamplingParams
 
 
@@ -59,6 +63,21 @@ class EngineReady:
     replica: int
     info: dict
     pid: int
+
+
+@dataclass
+class SeqUpdate:
+    """New output of one sample of a request (all of it for non-streamed requests, sent when finished)."""
+    request_id: str
+    index: int
+    token_ids: list[int]
+    sampled_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    weight_versions: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # the request's, once, with the first update after its prefill
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlserve.engine.core import SeqUpdate
+from rlserve.engine.messages import SeqUpdate
 from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.tokenizer import IncrementalDetokenizer, find_stop_string

@@ -29,6 +29,7 @@ from rlserve.engine.sampler import (SamplerOutput, SamplingBatch, concat_outputs
 from rlserve.engine.sampling_batch import prepare_sampling
 from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
+from rlserve.layers import fused
 from rlserve.sampling import MAX_PROMPT_LOGPROBS
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class ModelRunner:
         self.block_size = info.block_size
         self.backend = get_backend(attention_backend, self.device)
         self.kv_cache = self._allocate_kv_cache(num_kv_blocks)
+        # Kernel choice, made here once (before profiling and graph capture) and applied to the model's layers.
+        self.use_fused_kernels = config.fused_kernels and fused.enabled(self.device, info.dtype)
+        fused.use_fused_kernels(model, self.use_fused_kernels)
         self.num_steps = 0
         self.graphs = None  # DecodeGraphs, once captured
         self.broadcast_step = None  # set under tensor parallelism: sends each step to the other ranks
@@ -206,8 +210,6 @@ class ModelRunner:
     # -- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        if self.config.fail_after_steps is not None and self.num_steps >= self.config.fail_after_steps:
-            raise RuntimeError(f"injected failure after {self.num_steps} steps (fail_after_steps)")
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens != 1)
         items = [sched.scheduled[i] for i in order]
         step = self.build_step(items, sched.block_copies)

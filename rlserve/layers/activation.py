@@ -1,4 +1,4 @@
-"""SiLU-and-multiply on a fused [gate | up] projection (one Triton kernel on CUDA)."""
+"""SiLU-and-multiply on a fused [gate | up] projection (one Triton kernel when the model runner sets ``use_fused``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from rlserve.layers import fused
 
 
 class SiluAndMul(nn.Module):
+    use_fused = False  # the model runner's choice (layers/fused.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 2I] -> [N, I]
-        if fused.enabled(x.device, x.dtype):
+        if self.use_fused:
             return fused.silu_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -9,14 +9,15 @@ do the same arithmetic in three launches:
 - ``rotary_(q, k, cos, sin, positions)``: the "rotate half" embedding of q and k, in place;
 - ``silu_mul(x)``: ``silu(gate) * up`` of a fused [gate | up] projection.
 
-They are used on CUDA only (``enabled(device)``); the CPU path keeps the PyTorch code, whose float32 results
-equal Hugging Face transformers' bit for bit. Each kernel is checked against that code at first use on a
-device, and the PyTorch path is used if it disagrees (or when ``RLSERVE_FUSED=0``, for comparisons).
+They are used on CUDA only (``enabled(device, dtype)``); the CPU path keeps the PyTorch code, whose float32
+results equal Hugging Face transformers' bit for bit. Each kernel is checked against that code at first use on
+a device, and the PyTorch path is used if it disagrees.
+
+The layers do not choose: the model runner decides once per engine, from ``EngineConfig.fused_kernels`` and
+``enabled``, and calls ``use_fused_kernels(model, on)``; a layer with a fused path reads its ``use_fused``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -123,12 +124,19 @@ _checked: dict[tuple, bool] = {}
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Use the fused kernels on this device and dtype? Only on CUDA, and only if they agree with PyTorch."""
-    if triton is None or device.type != "cuda" or os.environ.get("RLSERVE_FUSED", "1") == "0":
+    if triton is None or device.type != "cuda":
         return False
     key = (device.index, dtype)
     if key not in _checked:
         _checked[key] = _self_check(device, dtype)
     return _checked[key]
+
+
+def use_fused_kernels(model: torch.nn.Module, on: bool) -> None:
+    """Switch every layer of ``model`` that has a fused path (a ``use_fused`` attribute) on or off."""
+    for module in model.modules():
+        if hasattr(module, "use_fused"):
+            module.use_fused = on
 
 
 def _self_check(device: torch.device, dtype: torch.dtype) -> bool:

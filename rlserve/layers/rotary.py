@@ -47,6 +47,8 @@ def rope_parameters(config) -> dict:
 
 
 class RotaryEmbedding(nn.Module):
+    use_fused = False  # the model runner's choice (layers/fused.py)
+
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
         rope_type = params["rope_type"]
@@ -64,8 +66,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T]; q [T, H, D]; k [T, KVH, D]. On CUDA the fused kernel rotates them in place."""
-        if fused.enabled(q.device, q.dtype):
+        """positions [T]; q [T, H, D]; k [T, KVH, D]. With ``use_fused`` the fused kernel rotates them in place."""
+        if self.use_fused:
             fused.rotary_(q, k, self.cos, self.sin, positions)
             return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]

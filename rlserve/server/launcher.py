@@ -5,6 +5,9 @@ seconds, abort the rest (they answer with finish_reason "abort"), stop the repli
 stops at once. A dead replica: every in-flight request fails with 503, /health/ answers 503 for
 ``DEAD_LINGER_S`` (so that health checks see why), then exit 1. No child process outlives us: the replicas
 are stopped on the way out, and exit by themselves if this process is killed.
+
+``rlserve.cli`` owns the flags and calls ``serve(args)``; this module imports nothing from it (run
+``python -m rlserve.cli serve ...``).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def engine_config_from_args(args) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, seed=args.seed, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_blocks=args.num_kv_blocks, load_format=args.load_format, fail_after_steps=args.fail_after_steps)
+        num_kv_blocks=args.num_kv_blocks, load_format=args.load_format,
+        fused_kernels=args.fused_kernels)
 
 
 def serve(args) -> int:
@@ -139,7 +143,3 @@ def serve(args) -> int:
         return 1  # could not bind
     return server.exit_code
 
-
-if __name__ == "__main__":
-    from rlserve.cli import main
-    sys.exit(main(["serve"] + sys.argv[1:]))

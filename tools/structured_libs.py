@@ -10,7 +10,8 @@ measures:
 - per token: ``fill the next-token bitmask`` + ``accept the token``, for one sequence, averaged over a valid
   completion (its canonical tokenization), including the final mask where only EOS is allowed.
 
-Run: ``python -m rlserve.bench.structured_libs [--repeat 20]``. Libraries that are not installed are skipped.
+Run: ``python tools/structured_libs.py [--repeat 20]``. Libraries that are not installed are skipped.
+A developer tool, not part of the package: a server never needs xgrammar or outlines-core.
 The results are recorded in notes/structured_outputs.md.
 """
 
