@@ -328,3 +328,17 @@ def test_reinit_replaces_a_group_whose_trainer_never_came_or_died_with_two_repli
             assert r["completion_ids"] == expected * 2
         replicas = http.get("/server_info").json()["replicas"]
         assert [r["weight_version"] for r in replicas] == [1, 1]
+
+
+def test_vllm_protocol_reaches_every_tensor_parallel_rank(models):
+    """TP=2: the workers join at rank_offset + tp rank, each receives every packed chunk and loads its shard."""
+    path, _, model_b = models
+    named_b = [(n, p.data) for n, p in model_b.named_parameters()]
+    with running_server(path, "--tensor_parallel_size", "2") as server, \
+            httpx.Client(base_url=server.url, timeout=120) as http, install_fake_vllm_unique_id() as cls:
+        assert http.get("/get_world_size").json()["world_size"] == 2
+        trainer = _vllm_init(http, cls)
+        http.post("/start_weight_update", json={}).raise_for_status()
+        assert _vllm_update(http, trainer, named_b, buffer_bytes=1 << 16).status_code == 200
+        http.post("/finish_weight_update", json={}).raise_for_status()
+        assert _greedy(http)["completion_ids"] == [hf_greedy(model_b, p, 10) for p in PROMPTS]
