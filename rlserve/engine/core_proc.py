@@ -5,8 +5,8 @@ stop-string finishes, and utility calls (stats, prefix-cache reset, pause/resume
 finished sequences (and the tokens of streamed requests) to the API server after every step. An error in one
 request's own work -- admitting it, its sampling parameters, its grammar, applying its token -- fails only that
 request (finish reason "error"). Any other exception in a step (the forward, the sampler) fails every
-in-flight request, reports the engine dead and exits non-zero: a supervisor restarts it. If the API server dies without telling us (a
-SIGKILL), the loop notices that its parent is gone and exits, so that no engine outlives its server.
+in-flight request, reports the engine dead and exits non-zero: a supervisor restarts it. If the API server
+dies without telling us (a SIGKILL), the loop notices that its parent is gone and exits, so that no engine outlives its server.
 
 Pause modes (between steps): ``abort`` ends every in-flight request now (finish reason "abort", with what it
 generated); ``wait`` lets them finish, then pauses; ``keep`` freezes them, KV cache and all, until ``resume``.

@@ -49,7 +49,6 @@ def create_app(engine, on_ready=None, on_fatal=None, startup_timeout_s: float = 
     app.state.engine = engine
     app.state.draining = False
     app.state.weight_sync_init = None
-    app.state.weight_sync_updates = []
     app.state.metrics = routes_admin.make_metrics_registry(engine)
     app.state.security = security
     app.state.weight_sync_enabled = security.weight_sync_enabled  # False: server_info reports no transfer config

@@ -7,10 +7,8 @@ server's group port bound), and the results go to <out>/results.json plus a prin
 
 Phases
   http            the TRL release's own VLLMClient, called the way its trainer calls it (no weight sync)
-  grpo-unchanged  GRPOTrainer exactly as a TRL user writes it, 3 steps. Expected today: legacy TRL (<= 1.10) blocks in
-                  init_communicator (vLLM's StatelessProcessGroup waits for store key broadcast_from/0/0, which rlserve
-                  never writes; TRL's store timeout is 300 s); TRL >= 1.12 fails at once (no /server_info vllm_config,
-                  no /init_weight_transfer_engine).
+  grpo-unchanged  GRPOTrainer exactly as a TRL user writes it, 3 steps, then the probe below. This is the phase that
+                  must pass (what the runs so far showed: tools/trl_e2e/README.md).
   grpo-control    the same trainer, with trl.generation.vllm_generation.VLLMClient replaced by a thin adapter over
                   rlserve.Client (the README's migration path), to show the rest of the loop works: weight sync over
                   NCCL GPU0 -> GPU1 with rlserve's own protocol, 3 optimizer steps, server weight version advancing.
