@@ -54,6 +54,18 @@ def _init_group(config: EngineConfig, rank: int, store: dist.Store) -> TensorPar
     return TensorParallel(rank, size, dist.group.WORLD)
 
 
+def _teardown_default_group(abort: bool, timeout_s: float = 30.0) -> None:
+    """Destroy (or, with a dead peer, abort) this process's default group, waiting at most ``timeout_s``: a
+    teardown that cannot finish is logged and left to process exit instead of hanging the caller."""
+    from torch.distributed import distributed_c10d
+    teardown = distributed_c10d._abort_process_group if abort else dist.destroy_process_group
+    done = threading.Thread(target=teardown, name="tp-group-teardown", daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        logger.warning("tensor-parallel group teardown did not finish within %.0fs; left to process exit", timeout_s)
+
+
 class TensorParallelEngine(EngineCore):
     def __init__(self, config: EngineConfig, attention_backend: str = "auto"):
         from rlserve.engine.worker import check_tensor_parallel
@@ -128,7 +140,11 @@ class TensorParallelEngine(EngineCore):
     def shutdown(self) -> None:
         """Stop the workers and destroy this engine's process group -- only its own: the default group of
         this process may belong to a newer engine by now (``__del__`` runs whenever the garbage collector
-        gets to an old engine, which used to destroy the group of the one starting or running then)."""
+        gets to an old engine, which used to destroy the group of the one starting or running then).
+
+        The ranks tear the group down together: each worker destroys its side when told to stop, while rank 0
+        destroys its own. NCCL's teardown waits for the peers' side, so rank 0 destroying after the workers
+        had exited hung for good on 2 x H200; a worker that is already dead gets an abort instead."""
         if self._is_shut_down:
             return
         self._is_shut_down = True
@@ -137,13 +153,14 @@ class TensorParallelEngine(EngineCore):
                 pipe.send(("shutdown", None))
             except (BrokenPipeError, OSError):
                 pass
+        if self._group is not None and dist.is_initialized() and dist.group.WORLD is self._group:
+            peers_alive = all(proc.is_alive() for proc in self.workers)
+            _teardown_default_group(abort=not peers_alive)
+        self._group = None
         for proc in self.workers:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
-        if self._group is not None and dist.is_initialized() and dist.group.WORLD is self._group:
-            dist.destroy_process_group()
-        self._group = None
         torch.set_num_threads(self._num_threads)
 
     def __del__(self):
@@ -204,6 +221,9 @@ class TensorParallelWorker:
             elif kind == "close_weight_sync":
                 self._close()
             elif kind == "shutdown":
+                self._close()
+                if dist.is_initialized():
+                    _teardown_default_group(abort=False)  # together with rank 0 (see TensorParallelEngine.shutdown)
                 return
 
     def _join(self, spec: dict, rank: int, generation: int) -> None:
