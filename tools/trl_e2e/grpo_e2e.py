@@ -13,8 +13,9 @@ Phases
                   rlserve.Client (the README's migration path), to show the rest of the loop works: weight sync over
                   NCCL GPU0 -> GPU1 with rlserve's own protocol, 3 optimizer steps, server weight version advancing.
 
-Each grpo phase ends with a probe: after the last weight sync, the server's greedy tokens on a fixed prompt must
-equal the trained model's (transformers, same weights); the phase is ok only then.
+Each grpo phase ends with a probe (_probe): after the last weight sync, the server's greedy tokens on a fixed prompt must
+equal the trained model's (transformers, same weights), the server's logprobs of them must match the trained model's
+and differ from the initial model's; the phase is ok only then.
 
 Usage (see RUNBOOK.md):
   python grpo_e2e.py --trl-path site-trl-1.10.0 --out e2e-1.10
@@ -182,9 +183,11 @@ def _dataset():
     return Dataset.from_dict({"prompt": prompts * 4})
 
 
-def reward_len(completions, **kwargs):
-    """Trivial reward: prefer completions of about 12 characters."""
-    return [-abs(12 - len(c)) / 12.0 for c in completions]
+def reward_lowercase(completions, **kwargs):
+    """The share of lowercase letters in a completion (the demo's reward). It differs between the samples of a
+    random model, so every group has non-zero advantages and each step really moves the weights; a reward that
+    was constant within groups (all completions at max length) made the earlier runs' gradients zero."""
+    return [sum(ch.islower() for ch in c) / max(1, len(c)) for c in completions]
 
 
 def _grpo_config(a):
@@ -192,7 +195,7 @@ def _grpo_config(a):
 
     return GRPOConfig(
         output_dir=str(Path(a.out) / f"trainer-{a.phase}"), max_steps=3, per_device_train_batch_size=4,
-        gradient_accumulation_steps=1, num_generations=4, max_completion_length=16, learning_rate=1e-4,
+        gradient_accumulation_steps=1, num_generations=4, max_completion_length=16, learning_rate=1e-3,
         logging_steps=1, report_to="none", save_strategy="no", bf16=False, seed=0, temperature=1.0,
         use_cpu=(a.device == "cpu"), dataloader_num_workers=0,
         use_vllm=True, vllm_mode="server", vllm_server_base_url=a.url, vllm_server_timeout=60,
@@ -204,10 +207,10 @@ def _train(a) -> dict:
     import torch
     from trl import GRPOTrainer
 
-    trainer = GRPOTrainer(model=a.model, reward_funcs=reward_len, args=_grpo_config(a), train_dataset=_dataset())
+    trainer = GRPOTrainer(model=a.model, reward_funcs=reward_lowercase, args=_grpo_config(a), train_dataset=_dataset())
     t = time.monotonic()
     out = trainer.train()
-    logs = [{k: v for k, v in h.items() if k in ("step", "loss", "reward", "rewards/reward_len/mean",
+    logs = [{k: v for k, v in h.items() if k in ("step", "loss", "reward", "rewards/reward_lowercase/mean",
                                                    "completions/mean_length")}
             for h in trainer.state.log_history]
     probe = _probe(a, trainer)
@@ -216,25 +219,60 @@ def _train(a) -> dict:
             "probe": probe}
 
 
+PROBE_LOGPROB_TOL = 2e-3  # float32 on both sides, different kernels
+
+
 def _probe(a, trainer) -> dict:
-    """After the last sync, the server's greedy tokens on a probe prompt must be the trained model's."""
+    """After the last sync the server must hold the trained weights, which must differ from the initial ones.
+
+    Greedy tokens alone cannot tell (a random tiny model repeats one token whatever small step it took), so the
+    probe also compares the server's logprobs of its greedy tokens with log-softmax under the trained model
+    (must agree within PROBE_LOGPROB_TOL) and under the initial model from disk (must differ by more than ten
+    times what server and trainer differ by). ok = tokens equal, logprobs close, weights moved."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     probe = [72, 101, 108, 108, 111, 44, 32, 119]  # byte tokenizer: "Hello, w"
     n = 24
-    body = json.dumps({"prompts": [probe], "temperature": 0.0, "max_tokens": n,
+    body = json.dumps({"prompts": [probe], "temperature": 0.0, "max_tokens": n, "logprobs": 0,
                        "generation_kwargs": {"min_tokens": n}}).encode()
     request = urllib.request.Request(a.url + "/generate/", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as r:
         server = json.loads(r.read())
+    tokens = server["completion_ids"][0]
+    server_lp = torch.tensor([row[0] for row in server["logprobs"][0]], dtype=torch.float64)
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     ids = torch.tensor([probe], device=model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, pad_token_id=trainer.processing_class.pad_token_id)
     theirs = out[0, len(probe):].tolist()
-    return {"equal": server["completion_ids"][0] == theirs, "server": server["completion_ids"][0],
-            "trainer": theirs, "server_weight_version": server.get("weight_version")}
+    initial = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(model.device).eval()
+    eos = model.generation_config.eos_token_id
+    banned = [eos] if isinstance(eos, int) else list(eos or [])  # min_tokens bans them: processed logprobs
+    trained_lp = _token_logprobs(model, probe, tokens, banned)
+    initial_lp = _token_logprobs(initial, probe, tokens, banned)
+    server_vs_trained = float((server_lp - trained_lp).abs().max())
+    trained_vs_initial = float((trained_lp - initial_lp).abs().max())
+    close = server_vs_trained <= PROBE_LOGPROB_TOL
+    moved = trained_vs_initial > 10 * max(server_vs_trained, 1e-6)
+    return {"equal": tokens == theirs and close and moved, "tokens_equal": tokens == theirs,
+            "server_vs_trained_logprob_max_abs": server_vs_trained,
+            "trained_vs_initial_logprob_max_abs": trained_vs_initial, "logprobs_close": close, "weights_moved": moved,
+            "server": tokens, "trainer": theirs, "server_weight_version": server.get("weight_version")}
+
+
+def _token_logprobs(model, prompt: list[int], tokens: list[int], banned: list[int]):
+    """log p(tokens[i] | prompt + tokens[:i]) under ``model`` with the ``banned`` ids masked out (what the server's
+    processed logprobs are under min_tokens), float32 forward, float64 result on the CPU."""
+    import torch
+
+    ids = torch.tensor([prompt + tokens], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    logits[:, banned] = float("-inf")
+    picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens, device=model.device)[:, None])
+    return picked.squeeze(1).double().cpu()
 
 
 def phase_grpo_unchanged(a) -> dict:

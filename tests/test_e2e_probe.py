@@ -1,0 +1,45 @@
+"""The GPU end-to-end harness (tools/trl_e2e/grpo_e2e.py) decides pass/fail with a probe after TRL's last weight
+sync. The probe must be able to fail: here it runs against a CPU server for the three cases it tells apart."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from rlserve import Client
+from server_utils import running_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "trl_e2e"))
+import grpo_e2e  # noqa: E402
+
+
+def test_probe_passes_only_when_the_server_holds_moved_trained_weights(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    trainer = types.SimpleNamespace(model=model, processing_class=types.SimpleNamespace(pad_token_id=0),
+                                    accelerator=types.SimpleNamespace(unwrap_model=lambda m: m))
+    with running_server(tiny_model, "--dtype", "float32") as server:
+        args = argparse.Namespace(url=server.url, model=tiny_model)
+        untrained = grpo_e2e._probe(args, trainer)
+        assert untrained["logprobs_close"] and not untrained["weights_moved"] and not untrained["equal"]
+
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 1e-3)
+        not_synced = grpo_e2e._probe(args, trainer)
+        assert not not_synced["logprobs_close"] and not not_synced["equal"]
+
+        client = Client(base_url=server.url)
+        client.init_communicator(device="cpu")
+        client.update_model_params(model)
+        synced = grpo_e2e._probe(args, trainer)
+        client.close_communicator()
+        assert synced["equal"], synced
+        assert synced["server_vs_trained_logprob_max_abs"] < 1e-4
+        assert synced["server_weight_version"] == 1
