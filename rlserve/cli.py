@@ -31,7 +31,9 @@ def add_serve_parser(sub) -> None:
         "serve", help="Start the generation server (the flags of `trl vllm-serve`).",
         description="Start an rlserve generation server: TRL's HTTP protocol, an OpenAI-compatible subset and "
                     "weight sync from a trainer.")
-    _flag(p, "model", required=True, help="Model name or path to load the model from.")
+    p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                   help="The model, as `vllm serve MODEL` takes it (or --model).")
+    _flag(p, "model", default=None, help="Model name or path to load the model from.")
     _flag(p, "revision", default=None,
           help="Revision to use for the model. If not specified, the default branch will be used.")
     _flag(p, "tensor_parallel_size", type=int, default=1, help="Number of tensor parallel workers to use.")
@@ -55,9 +57,10 @@ def add_serve_parser(sub) -> None:
     _flag(p, "enforce_eager", type=_bool, nargs="?", const=True, default=False,
           help="Whether to enforce eager execution. If set to True, CUDA graphs are disabled and the model "
                "always runs eagerly. If False (default), decode steps replay CUDA graphs.")
-    _flag(p, "log_level", default="info",
-          choices=["critical", "error", "warning", "info", "debug", "trace"],
-          help="Log level for uvicorn. Possible choices: critical, error, warning, info, debug, trace.")
+    p.add_argument("--log_level", "--log-level", "--uvicorn-log-level", "--uvicorn_log_level", dest="log_level",
+                   default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="Log level for uvicorn. Possible choices: critical, error, warning, info, debug, trace.")
+    _add_compat_flags(p)
     _flag(p, "device", default=None, help="Device to run on: cuda or cpu (default: cuda when available).")
     _flag(p, "max_num_seqs", type=int, default=None, help="Most sequences running at once in one replica.")
     _flag(p, "max_num_batched_tokens", type=int, default=None, help="Token budget of one engine step.")
@@ -91,6 +94,62 @@ def add_serve_parser(sub) -> None:
     _flag(p, "max_prompts_per_request", type=int, default=16384,
           help="Most prompts in one /generate/, /chat/ or /v1/completions request; more get 400 "
                "(default: 16384).")
+
+
+def _add_compat_flags(p) -> None:
+    """The rest of `trl vllm-serve`'s flags, and those TRL >= 1.12 passes to `vllm serve`, so that a command line
+    written for either starts rlserve unchanged. What rlserve cannot honour is refused at start, naming the flag
+    (check_compat_flags); what does not apply to rlserve is accepted and logged."""
+    p.add_argument("--no-enable-prefix-caching", "--no_enable_prefix_caching", dest="enable_prefix_caching",
+                   action="store_false", help="vLLM's spelling of --enable_prefix_caching false.")
+    p.add_argument("--enable-scale-out", "--enable_scale_out", action="store_true",
+                   help="Accepted for compatibility (TRL >= 1.16 passes it to vLLM >= 0.30); no effect.")
+    _flag(p, "trust_remote_code", type=_bool, nargs="?", const=True, default=False,
+          help="Let transformers run the model repository's code to load its config and tokenizer (rlserve runs "
+               "its own model implementation either way).")
+    _flag(p, "kv_cache_dtype", default="auto",
+          help="KV cache dtype: only 'auto' (the model's dtype); fp8 caches are not supported and refused.")
+    p.add_argument("--vllm_model_impl", "--vllm-model-impl", "--model_impl", "--model-impl", dest="vllm_model_impl",
+                   default="auto", help="Accepted for compatibility: rlserve always runs its own model code.")
+    _flag(p, "distributed_executor_backend", default=None, choices=["mp", "uni"],
+          help="Accepted for compatibility: replicas and tensor-parallel workers are local processes ('mp').")
+    _flag(p, "speculative_config", default=None, help="Not supported (refused when given).")
+    _flag(p, "max_logprobs", type=int, default=20,
+          help="Most top logprobs a request may ask for per token (vLLM's default 20; -1: no cap, what TRL >= 1.12 "
+               "starts vLLM with for distillation's top-k teacher logprobs).")
+    _flag(p, "logprobs_mode", default="processed_logprobs", choices=["processed_logprobs"],
+          help="Logprobs after temperature and logit processing: the only mode (the one TRL requires).")
+    _flag(p, "weight_transfer_config", default=None,
+          help="vLLM's JSON, e.g. '{\"backend\": \"nccl\"}': accepted for compatibility (rlserve picks NCCL on CUDA "
+               "and gloo on CPUs); a backend other than nccl or gloo is refused.")
+
+
+def check_compat_flags(args) -> list[str]:
+    """Errors for compatibility flags rlserve cannot honour (empty when all is well)."""
+    import json
+    errors = []
+    if args.model is None:
+        args.model = args.model_positional
+    elif args.model_positional is not None and args.model_positional != args.model:
+        errors.append(f"two models given: {args.model_positional!r} and --model {args.model!r}")
+    if args.model is None:
+        errors.append("the model is required: rlserve serve --model MODEL (or rlserve serve MODEL)")
+    if args.kv_cache_dtype not in ("auto", args.dtype):
+        errors.append(f"--kv_cache_dtype {args.kv_cache_dtype}: not supported (rlserve keeps the KV cache in the "
+                      "model's dtype; use auto)")
+    if args.speculative_config:
+        errors.append("--speculative_config: speculative decoding is not supported")
+    if args.max_logprobs < -1:
+        errors.append(f"--max_logprobs must be -1 (no cap) or >= 0, got {args.max_logprobs}")
+    if args.weight_transfer_config:
+        try:
+            backend = json.loads(args.weight_transfer_config).get("backend", "nccl")
+        except (ValueError, AttributeError):
+            backend = None
+            errors.append(f"--weight_transfer_config must be a JSON object, got {args.weight_transfer_config!r}")
+        if backend is not None and backend not in ("nccl", "gloo"):
+            errors.append(f"--weight_transfer_config backend {backend!r}: only nccl and gloo are supported")
+    return errors
 
 
 def add_bench_parser(sub) -> None:
@@ -154,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         adder(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
+        errors = check_compat_flags(args)
+        if errors:
+            for error in errors:
+                print(f"rlserve serve: error: {error}", file=sys.stderr)
+            return 2
         from rlserve.server.launcher import serve
         return serve(args)
     if args.command == "bench":

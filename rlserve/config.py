@@ -38,11 +38,16 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # force the KV capacity (tests); None: sized from memory
     cpu_kv_cache_gb: float = 2.0  # KV cache budget on CPU
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
-    max_logprobs: int = 20
+    max_logprobs: int = 20  # -1: no cap (what TRL >= 1.12 starts vLLM with, for distillation's top-k)
+    trust_remote_code: bool = False  # for AutoConfig / AutoTokenizer only: rlserve runs its own model code
     # The fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA, where they pass their self-check
     # (layers/fused.py); False: PyTorch's per-layer ops (for comparisons). The model runner applies it once.
     fused_kernels: bool = True
     extra: dict = field(default_factory=dict)
+
+    def logprobs_limit(self, vocab_size: int) -> int:
+        """The most top logprobs a request may ask for: max_logprobs, or the vocabulary when it is -1."""
+        return vocab_size if self.max_logprobs < 0 else self.max_logprobs
 
     def __post_init__(self):
         if not self.model:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 MAX_N = 1024
-MAX_LOGPROBS = 20
 # Prompt logprobs serve teacher scoring (TRL's distillation asks for the top 100 per position). The bound keeps a
 # request's host-side result (positions x K x 8 bytes) sane; the engine also caps it at the vocabulary size.
 MAX_PROMPT_LOGPROBS = 1000
@@ -76,7 +75,7 @@ class SamplingParams:
                        hint="" if scoring else " (0 only with prompt_logprobs)")
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+            _check_int("logprobs", self.logprobs, 0, None)  # the cap is the server's (--max_logprobs)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -10,9 +10,9 @@ from pathlib import Path
 REPLACEMENT_CHAR = "\ufffd"
 
 
-def load_tokenizer(model_dir: str | Path, revision: str | None = None):
+def load_tokenizer(model_dir: str | Path, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir, revision=revision)
+    return AutoTokenizer.from_pretrained(model_dir, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def render_chat(tokenizer, conversation: list[dict], chat_template_kwargs: dict | None = None,

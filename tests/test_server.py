@@ -476,7 +476,8 @@ def test_data_parallel_2_same_outputs_in_order_on_both_replicas(dp_http, llm):
 # -- the command line -------------------------------------------------------------------------------------
 TRL_FLAGS = ["model", "revision", "tensor_parallel_size", "data_parallel_size", "host", "port",
              "gpu_memory_utilization", "dtype", "max_model_len", "enable_prefix_caching", "enforce_eager",
-             "log_level"]
+             "log_level", "kv_cache_dtype", "trust_remote_code", "vllm_model_impl", "distributed_executor_backend",
+             "speculative_config"]  # every field of trl vllm-serve's ScriptArguments, TRL 1.10 and 1.16
 
 
 def test_serve_help_lists_every_trl_vllm_serve_flag():
@@ -516,6 +517,64 @@ def test_serve_accepts_both_flag_spellings(sep):
     defaults = serve_parser().parse_args(["serve", "--model", "m"])
     assert (defaults.host, defaults.port, defaults.tensor_parallel_size, defaults.data_parallel_size) == \
         ("0.0.0.0", 8000, 1, 1)
+
+
+def parse_serve(argv: list[str]):
+    from rlserve.cli import check_compat_flags
+    args = serve_parser().parse_args(argv)
+    return args, check_compat_flags(args)
+
+
+def test_a_trl_vllm_serve_command_line_with_every_flag_starts_rlserve_unchanged():
+    args, errors = parse_serve(
+        ["serve", "--model", "m", "--kv_cache_dtype", "auto", "--trust_remote_code", "--vllm_model_impl", "vllm",
+         "--distributed_executor_backend", "mp", "--log_level", "warning"])
+    assert errors == [] and args.trust_remote_code is True and args.log_level == "warning"
+
+
+def test_the_vllm_serve_command_line_trl_116_builds_starts_rlserve_unchanged():
+    """What trl.scripts.vllm_serve.build_command (TRL 1.16) passes to `vllm serve`, with `rlserve` in front."""
+    args, errors = parse_serve(
+        ["serve", "Qwen/Qwen3-0.6B", "--host", "127.0.0.1", "--port", "8001", "--tensor-parallel-size", "1",
+         "--data-parallel-size", "2", "--gpu-memory-utilization", "0.9", "--dtype", "auto", "--kv-cache-dtype",
+         "auto", "--model-impl", "vllm", "--uvicorn-log-level", "info", "--max-model-len", "4096",
+         "--no-enable-prefix-caching", "--enforce-eager", "--trust-remote-code", "--enable-scale-out",
+         "--weight-transfer-config", '{"backend": "nccl"}', "--logprobs-mode", "processed_logprobs",
+         "--max-logprobs", "-1"])
+    assert errors == []
+    assert (args.model, args.port, args.data_parallel_size, args.max_model_len, args.enable_prefix_caching,
+            args.enforce_eager, args.max_logprobs) == ("Qwen/Qwen3-0.6B", 8001, 2, 4096, False, True, -1)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--kv_cache_dtype", "fp8"], "--kv_cache_dtype fp8"),
+    (["--speculative_config", '{"method": "ngram"}'], "--speculative_config"),
+    (["--weight-transfer-config", '{"backend": "ipc"}'], "'ipc'"),
+    (["--weight-transfer-config", "nccl"], "--weight_transfer_config must be a JSON object"),
+    (["--max_logprobs", "-2"], "--max_logprobs"),
+])
+def test_compat_flags_rlserve_cannot_honour_are_refused_naming_the_flag(argv, names):
+    _, errors = parse_serve(["serve", "--model", "m", *argv])
+    assert len(errors) == 1 and names in errors[0], errors
+    _, errors = parse_serve(["serve", "--model", "m"])  # and the same command without it is fine
+    assert errors == []
+
+
+def test_max_logprobs_minus_one_lifts_the_cap_as_trl_116_asks_vllm_to(tiny_model, http):
+    body = dict(prompts=[TOKEN_PROMPTS[1]], max_tokens=3, temperature=1.0, logprobs=40)
+    r = http.post("/generate/", json=body)  # the module's server: vLLM's default cap of 20
+    assert r.status_code == 400 and "--max_logprobs" in r.text and r.json()["error"]["param"] == "logprobs"
+    with running_server(tiny_model, "--max-logprobs", "-1") as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        out = c.post("/generate/", json=body)
+        assert out.status_code == 200, out.text
+        assert all(len(token) == 40 for token in out.json()["logprobs"][0])
+    assert http.post("/generate/", json=dict(body, logprobs=2)).status_code == 200
+
+
+def test_serve_without_a_model_exits_2_naming_it():
+    r = subprocess.run([sys.executable, "-m", "rlserve.cli", "serve", "--kv_cache_dtype", "fp8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "the model is required" in r.stderr and "--kv_cache_dtype fp8" in r.stderr
 
 
 # -- the binary response layout ----------------------------------------------------------------------------

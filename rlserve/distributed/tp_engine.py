@@ -69,7 +69,7 @@ def _teardown_default_group(abort: bool, timeout_s: float = 30.0) -> None:
 class TensorParallelEngine(EngineCore):
     def __init__(self, config: EngineConfig, attention_backend: str = "auto"):
         from rlserve.engine.worker import check_tensor_parallel
-        check_tensor_parallel(load_config(resolve_model_dir(config.model, config.revision)),
+        check_tensor_parallel(load_config(resolve_model_dir(config.model, config.revision), config.trust_remote_code),
                               config.tensor_parallel_size)
         store = dist.TCPStore("127.0.0.1", 0, config.tensor_parallel_size, is_master=True, timeout=TP_TIMEOUT,
                               wait_for_workers=False)

@@ -41,7 +41,7 @@ def validate_request(info: RuntimeInfo, prompt_token_ids: list[int], params: Sam
         if t >= vocab:
             raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
     if params.logprobs is not None and params.logprobs > max_logprobs:
-        raise ValueError(f"logprobs must be <= {max_logprobs}, got {params.logprobs}")
+        raise ValueError(f"logprobs must be <= {max_logprobs} (server flag --max_logprobs), got {params.logprobs}")
     if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
         raise ValueError(f"prompt_logprobs must be <= {vocab} (the vocabulary size), got {params.prompt_logprobs}")
     if params.structured_outputs is not None:
@@ -100,7 +100,8 @@ class EngineCore:
         self.scheduler.add_request(request)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        return validate_request(self.info, prompt_token_ids, params, self.config.max_logprobs)
+        limit = self.config.logprobs_limit(self.info.vocab_size)
+        return validate_request(self.info, prompt_token_ids, params, limit)
 
     def abort_request(self, request_id: str) -> list[SeqUpdate]:
         """End a request; its samples report finish_reason "abort" with what they generated so far."""

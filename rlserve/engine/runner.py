@@ -123,8 +123,8 @@ class ModelRunner:
         scoring = prompt_logprobs.PromptLogprobsInput(list(range(rows)), [0] * rows, [rows], [1.0], [k])
         prompt_logprobs.score(self.model, hidden, prompt_logprobs.to_device(scoring, self.device))
         del hidden
-        batch = worst_case_batch(self.info.max_num_seqs, num_seqs, logits.shape[-1], self.config.max_logprobs,
-                                 self.device)
+        batch = worst_case_batch(self.info.max_num_seqs, num_seqs, logits.shape[-1],
+                                 self.config.logprobs_limit(logits.shape[-1]), self.device)
         out = self._sample(logits, batch)
         torch.cuda.synchronize()
         kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()

@@ -70,7 +70,7 @@ def check_tensor_parallel(hf_config, tp_size: int) -> None:
 def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str = "auto") -> LoadedModel:
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(config.model, config.revision)
-    hf_config = load_config(model_dir)
+    hf_config = load_config(model_dir, config.trust_remote_code)
     check_tensor_parallel(hf_config, tp.size)
     device = config.resolved_device()
     if device.type == "cuda":

@@ -27,9 +27,9 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     return Path(snapshot_download(model, revision=revision, allow_patterns=WEIGHT_PATTERNS))
 
 
-def load_config(model_dir: Path):
+def load_config(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(model_dir)
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
 def resolve_dtype(dtype: str, config, device: torch.device) -> torch.dtype:

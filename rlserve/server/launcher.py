@@ -101,20 +101,23 @@ def engine_config_from_args(args) -> EngineConfig:
         enforce_eager=args.enforce_eager, seed=args.seed, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks, load_format=args.load_format,
-        fused_kernels=args.fused_kernels)
+        fused_kernels=args.fused_kernels, max_logprobs=args.max_logprobs,
+        trust_remote_code=args.trust_remote_code)
 
 
 def serve(args) -> int:
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = engine_config_from_args(args)
+    if args.vllm_model_impl not in ("auto", "vllm"):
+        logger.info("--vllm_model_impl %s: rlserve runs its own model implementation", args.vllm_model_impl)
     try:
         security = security_config_from_args(args)
     except ValueError as e:
         print(f"rlserve serve: error: {e}", file=sys.stderr)
         return 2
     model_dir = resolve_model_dir(config.model, config.revision)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code)
     engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level)
     server: Server | None = None
 

@@ -179,7 +179,8 @@ class EngineClient:
 
     # -- generation --------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        validate_request(self.view, prompt_token_ids, params, self.config.max_logprobs)
+        limit = self.config.logprobs_limit(self.view.vocab_size)
+        validate_request(self.view, prompt_token_ids, params, limit)
 
     async def generate(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
                        detokenize: bool = False, is_disconnected=None,

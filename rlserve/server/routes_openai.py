@@ -242,8 +242,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     model = check_model(engine, body.model)
     if not body.messages:
         raise BadRequest("messages must not be empty", param="messages")
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= engine.config.max_logprobs:
-        raise BadRequest(f"top_logprobs must be between 0 and {engine.config.max_logprobs}, got "
+    limit = engine.config.logprobs_limit(engine.view.vocab_size if engine.view else 0)
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limit:
+        raise BadRequest(f"top_logprobs must be between 0 and {limit} (server flag --max_logprobs), got "
                          f"{body.top_logprobs}", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
