@@ -205,3 +205,18 @@ def test_penalties_apply_to_their_rows_only_and_equal_the_dense_rule():
 
 def test_counts_dtype_holds_any_count():
     assert counts_dtype(32767) == torch.int16 and counts_dtype(32768) == torch.int32
+
+
+def test_a_penalised_fork_beyond_max_num_seqs_is_drawn_in_parts_from_one_slot(tiny_model, llm):
+    """n = 10 on an engine running 3 sequences: the parent's 10 first draws read its one slot and are sampled
+    in parts of 3 rows (slice_rows); every sample's tokens equal those of an engine drawing them at once. (Not
+    the logprobs: the model's logits differ in the last bits between batch shapes, penalties or not.)"""
+    params = SamplingParams(n=10, temperature=1.0, seed=4, max_tokens=8, min_tokens=8, repetition_penalty=1.6,
+                            frequency_penalty=0.8, logprobs=1)
+    prompts = [[5, 5, 6, 7, 5], list(range(30, 50))]
+    small = LLM(tiny_model, device="cpu", max_num_seqs=3)
+    got = small.generate(prompts, params)
+    want = llm.generate(prompts, params)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    assert_no_leak(small)
+    assert_no_leak(llm)
