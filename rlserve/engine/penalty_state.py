@@ -30,11 +30,6 @@ def counts_dtype(max_model_len: int) -> torch.dtype:
     return torch.int16 if max_model_len <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def state_bytes(num_slots: int, vocab_size: int, max_model_len: int) -> int:
-    element = torch.tensor([], dtype=counts_dtype(max_model_len)).element_size()
-    return num_slots * vocab_size * (element + 1)
-
-
 class PenaltyState:
     def __init__(self, num_slots: int, max_model_len: int, device: torch.device):
         self.num_slots = num_slots
