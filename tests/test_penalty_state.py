@@ -71,7 +71,8 @@ def drive(llm, rng: random.Random, num_requests: int, on_step=None) -> dict:
                 base = PARAMS[i % len(PARAMS)]
                 prompt = [rng.randrange(1, 250) for _ in range(rng.randint(1, 40))]
                 prompt += prompt[:rng.randint(0, len(prompt))]  # repeated prompt ids
-                params = base.clone(seed=1000 + i, max_tokens=rng.randint(base.min_tokens or 1, 30), ignore_eos=rng.random() < 0.8)
+                params = base.clone(seed=1000 + i, max_tokens=rng.randint(base.min_tokens or 1, 30),
+                                    ignore_eos=rng.random() < 0.8)
                 engine.add_request(f"r{i}", prompt, params)
         if rng.random() < 0.05 and engine.requests:
             engine.abort_request(rng.choice(sorted(engine.requests)))

@@ -45,6 +45,7 @@ class SamplingBatch:
     # penalty state (penalty_state.py): counts of each token in the output so far, tokens seen in prompt or output.
     penalty_rows: torch.Tensor | None = None  # [P] int64: sample rows
     penalty_slots: torch.Tensor | None = None  # [P] int64: their rows of output_counts and seen
+    # Each None when no row uses it (1.0, +0.0, +0.0 on every row): a no-op on the logits, bit for bit.
     repetition_penalty: torch.Tensor | None = None  # [P] fp32
     presence_penalty: torch.Tensor | None = None  # [P] fp32
     frequency_penalty: torch.Tensor | None = None  # [P] fp32
@@ -77,7 +78,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, gumbel_sample=None) -> Sa
         logits.masked_fill_(~batch.allowed_mask, NEG_INF)
     if batch.banned is not None:
         _ban(logits, batch.banned, keep_if_nothing_else=batch.allowed_mask is not None)
-    if batch.repetition_penalty is not None:
+    if batch.penalty_rows is not None:
         _apply_penalties(logits, batch)
     if gumbel_sample is not None:
         return _sample_gumbel(logits, batch, raw_logprobs, gumbel_sample)
@@ -152,13 +153,17 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     rows = batch.penalty_rows
     every_row = rows.numel() == logits.shape[0]  # the rows are distinct and ascending: then 0..S-1
     x = logits if every_row else logits[rows]  # [P, V]
-    counts = batch.output_counts[batch.penalty_slots]  # [P, V] int: exact in fp32 below
-    seen = batch.seen[batch.penalty_slots]  # [P, V] bool
-    rep = batch.repetition_penalty.unsqueeze(1)
-    penalized = torch.where(x > 0, x / rep, x * rep)
-    x.copy_(torch.where(seen, penalized, x))
-    x.sub_(batch.frequency_penalty.unsqueeze(1) * counts)
-    x.sub_(batch.presence_penalty.unsqueeze(1) * (counts > 0).to(x.dtype))
+    slots = batch.penalty_slots
+    if batch.repetition_penalty is not None:
+        rep = batch.repetition_penalty.unsqueeze(1)
+        penalized = torch.where(x > 0, x / rep, x * rep)
+        x.copy_(torch.where(batch.seen[slots], penalized, x))
+    if batch.frequency_penalty is not None or batch.presence_penalty is not None:
+        counts = batch.output_counts[slots]  # [P, V] int: exact in fp32 below
+        if batch.frequency_penalty is not None:
+            x.sub_(batch.frequency_penalty.unsqueeze(1) * counts)
+        if batch.presence_penalty is not None:
+            x.sub_(batch.presence_penalty.unsqueeze(1) * (counts > 0).to(x.dtype))
     if not every_row:
         logits[rows] = x
 
@@ -183,7 +188,7 @@ def is_simple(batch: SamplingBatch) -> bool:
     """Temperature (or greedy) only, at most the sampled token's processed logprob: the draw kernel alone,
     on the logits as the model returned them."""
     return (batch.top_k is None and batch.top_p is None and batch.min_p is None
-            and batch.repetition_penalty is None and batch.banned is None and batch.allowed_mask is None
+            and batch.penalty_rows is None and batch.banned is None and batch.allowed_mask is None
             and batch.raw_logprob_rows is None and batch.max_num_logprobs <= 0)
 
 
@@ -224,10 +229,13 @@ def slice_rows(batch: SamplingBatch, start: int, stop: int) -> SamplingBatch:
     if batch.penalty_rows is not None:
         inside = (batch.penalty_rows >= start) & (batch.penalty_rows < stop)
         if bool(inside.any()):
+            def pick(t):
+                return None if t is None else t[inside]
+
             penalties = dict(
                 penalty_rows=batch.penalty_rows[inside] - start, penalty_slots=batch.penalty_slots[inside],
-                repetition_penalty=batch.repetition_penalty[inside], presence_penalty=batch.presence_penalty[inside],
-                frequency_penalty=batch.frequency_penalty[inside], output_counts=batch.output_counts,
+                repetition_penalty=pick(batch.repetition_penalty), presence_penalty=pick(batch.presence_penalty),
+                frequency_penalty=pick(batch.frequency_penalty), output_counts=batch.output_counts,
                 seen=batch.seen)
     banned = None
     if batch.banned is not None:

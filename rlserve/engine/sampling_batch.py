@@ -152,7 +152,12 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
         batch.penalty_rows, batch.penalty_slots = penalties.update(penalty_rows, vocab_size)
         batch.output_counts, batch.seen = penalties.counts, penalties.seen
         index = [r for r, _ in penalty_rows]
-        batch.repetition_penalty = torch.tensor([rep[r] for r in index], dtype=torch.float32, device=dev)
-        batch.presence_penalty = torch.tensor([pres[r] for r in index], dtype=torch.float32, device=dev)
-        batch.frequency_penalty = torch.tensor([freq[r] for r in index], dtype=torch.float32, device=dev)
+        # A penalty no row uses is left out: 1.0 divides and multiplies exactly, x - (+0.0) is x.
+        rep_p, pres_p, freq_p = (np.array([column[r] for r in index], dtype=np.float32) for column in (rep, pres, freq))
+        if (rep_p != 1.0).any():
+            batch.repetition_penalty = torch.from_numpy(rep_p).to(dev)
+        if ((pres_p != 0.0) | np.signbit(pres_p)).any():
+            batch.presence_penalty = torch.from_numpy(pres_p).to(dev)
+        if ((freq_p != 0.0) | np.signbit(freq_p)).any():
+            batch.frequency_penalty = torch.from_numpy(freq_p).to(dev)
     return batch
