@@ -27,8 +27,10 @@ from rlserve.engine.sequence import Request, Sequence
 from rlserve.sampling import SamplingParams
 
 
-def make_items(rows: int, vocab: int, prompt_len: int, output_len: int, rng: random.Random) -> list[ScheduledSeq]:
-    params = SamplingParams(temperature=1.0, repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.1)
+def make_items(rows: int, vocab: int, prompt_len: int, output_len: int, rng: random.Random,
+               repetition_only: bool = False) -> list[ScheduledSeq]:
+    others = {} if repetition_only else dict(presence_penalty=0.2, frequency_penalty=0.1)
+    params = SamplingParams(temperature=1.0, repetition_penalty=1.1, **others)
     items = []
     for i in range(rows):
         prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
@@ -41,10 +43,11 @@ def make_items(rows: int, vocab: int, prompt_len: int, output_len: int, rng: ran
     return items
 
 
-def run(rows: int, vocab: int, prompt_len: int, output_len: int, steps: int, device: str) -> dict:
+def run(rows: int, vocab: int, prompt_len: int, output_len: int, steps: int, device: str,
+        repetition_only: bool = False) -> dict:
     rng = random.Random(0)
     dev = torch.device(device)
-    items = make_items(rows, vocab, prompt_len, output_len, rng)
+    items = make_items(rows, vocab, prompt_len, output_len, rng, repetition_only)
     incremental = "penalties" in inspect.signature(prepare_sampling).parameters
     state = None
     if incremental:
@@ -72,6 +75,7 @@ def run(rows: int, vocab: int, prompt_len: int, output_len: int, steps: int, dev
     steady = slice(1, None)  # the first step fills the persistent rows (or is the same as any other)
     return {"implementation": "incremental" if incremental else "rebuilt every step", "rows": rows,
             "vocab": vocab, "prompt_len": prompt_len, "output_len": output_len, "steps": steps, "device": device,
+            "penalties": "repetition" if repetition_only else "repetition, presence, frequency",
             "first_step_prepare_ms": prepare_ms[0], "prepare_ms_median": statistics.median(prepare_ms[steady]),
             "apply_ms_median": statistics.median(apply_ms[steady]),
             "state_bytes": 0 if state is None else state.counts.numel() * state.counts.element_size()
@@ -86,13 +90,15 @@ def main() -> None:
     parser.add_argument("--output_len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repetition_only", action="store_true", help="repetition_penalty alone (TRL's knob)")
     parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args()
     with torch.inference_mode():
-        result = run(args.rows, args.vocab, args.prompt_len, args.output_len, args.steps, args.device)
-    print(f"| implementation | rows x vocab | prompt + output | first step prepare | prepare (median) "
-          f"| apply (median) |\n| --- | --- | --- | ---: | ---: | ---: |\n"
-          f"| {result['implementation']} | {args.rows} x {args.vocab} | {args.prompt_len} + {args.output_len} "
+        result = run(args.rows, args.vocab, args.prompt_len, args.output_len, args.steps, args.device,
+                     args.repetition_only)
+    print(f"| implementation | penalties | rows x vocab | prompt + output | first step prepare | prepare (median) "
+          f"| apply (median) |\n| --- | --- | --- | --- | ---: | ---: | ---: |\n"
+          f"| {result['implementation']} | {result['penalties']} | {args.rows} x {args.vocab} | {args.prompt_len} + {args.output_len} "
           f"| {result['first_step_prepare_ms']:.2f} ms | {result['prepare_ms_median']:.2f} ms "
           f"| {result['apply_ms_median']:.2f} ms |")
     if args.output:
