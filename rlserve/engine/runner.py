@@ -79,9 +79,9 @@ class ModelRunner:
         self.free_rows = list(range(self.num_rows - 1, -1, -1))
         self.synced: dict[int, tuple[list[int], int, int]] = {}  # seq_id -> (table object, length, last)
         self._staging: torch.Tensor | None = None  # pinned host buffer for the step's inputs
+        self._staging_event = None
         # Penalised sequences' token counts, kept on the device across steps (slots live as long as the rows).
         self.penalties = PenaltyState(info.max_num_seqs, info.max_model_len, self.device)
-        self._staging_event = None
 
     # -- KV cache ----------------------------------------------------------------------------------
     @staticmethod
