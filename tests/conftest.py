@@ -66,3 +66,5 @@ def assert_no_leak(llm) -> None:
     bm.check_invariants()
     assert not llm.engine.has_unfinished()
     assert bm.num_free_blocks == bm.num_blocks, (bm.num_free_blocks, bm.num_blocks)
+    penalties = llm.engine.runner.penalties
+    assert not penalties.slot_of and len(penalties.free_slots) == penalties.num_slots, penalties.slot_of

@@ -335,7 +335,7 @@ def test_the_memory_profiles_sampler_batch_runs_every_stage():
     from rlserve.engine.sampler import sample, worst_case_batch
     batch = worst_case_batch(6, 2, 300, 20, torch.device("cpu"))
     assert all(getattr(batch, name) is not None for name in (
-        "top_k", "top_p", "min_p", "repetition_penalty", "output_counts", "prompt_mask", "banned",
+        "top_k", "top_p", "min_p", "repetition_penalty", "output_counts", "seen", "banned",
         "allowed_mask", "raw_logprob_rows"))
     out = sample(torch.randn(2, 300), batch)
     assert out.token_ids.shape == (6,) and out.top_ids.shape == (6, 20)
@@ -397,15 +397,16 @@ def test_the_memory_profile_covers_the_samplers_peak(tmp_path):
 
 
 # -- item 6 of the review: penalty state built on the device from token ids ----------------------------------
-def test_penalty_counts_and_prompt_mask_are_built_from_token_ids():
-    """The penalised rows' [S, V] counts and prompt mask, built where the logits are from the ids alone (no
-    dense host tensor), equal the dense reference; rows without penalties stay zero."""
+def test_penalty_counts_and_seen_mask_are_built_from_token_ids():
+    """The penalised rows' counts and seen mask, built where the logits are from the ids alone (no dense host
+    tensor), equal the dense reference; rows without penalties get no slot."""
     params = [SamplingParams(repetition_penalty=1.3), SamplingParams(), SamplingParams(frequency_penalty=0.5)]
     batch = sampling_batch_of(params, 50, "cpu")  # prompt [1, 2, 3], outputs [10, 11, 10, 12]
-    counts = torch.zeros(3, 50)
-    mask = torch.zeros(3, 50, dtype=torch.bool)
-    for row in (0, 2):
-        for t in (10, 11, 10, 12):
-            counts[row, t] += 1
-        mask[row, [1, 2, 3]] = True
-    assert torch.equal(batch.output_counts, counts) and torch.equal(batch.prompt_mask, mask)
+    assert batch.penalty_rows.tolist() == [0, 2]
+    counts = torch.zeros(2, 50, dtype=torch.int32)
+    for t in (10, 11, 10, 12):
+        counts[:, t] += 1
+    seen = counts > 0
+    seen[:, [1, 2, 3]] = True
+    slots = batch.penalty_slots
+    assert torch.equal(batch.output_counts[slots], counts) and torch.equal(batch.seen[slots], seen)

@@ -24,6 +24,7 @@ import torch
 from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.engine import prompt_logprobs
+from rlserve.engine.penalty_state import PenaltyState
 from rlserve.engine.sampler import (SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows,
                                     worst_case_batch)
 from rlserve.engine.sampling_batch import prepare_sampling
@@ -79,6 +80,8 @@ class ModelRunner:
         self.synced: dict[int, tuple[list[int], int, int]] = {}  # seq_id -> (table object, length, last)
         self._staging: torch.Tensor | None = None  # pinned host buffer for the step's inputs
         self._staging_event = None
+        # Penalised sequences' token counts, kept on the device across steps (slots live as long as the rows).
+        self.penalties = PenaltyState(info.max_num_seqs, info.max_model_len, self.device)
 
     # -- KV cache ----------------------------------------------------------------------------------
     @staticmethod
@@ -114,6 +117,8 @@ class ModelRunner:
         num_blocks = num_seqs * -(-per_seq // self.block_size)
         self.reallocate_kv_cache(num_blocks)
         torch.cuda.reset_peak_memory_stats()
+        # The penalty state lives across steps, through the forward too: it is held from the start.
+        self.penalties.allocate(self.info.vocab_size)
         input_ids, positions, meta = self._dummy_batch(num_seqs, per_seq)
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])  # [num_seqs, V]
@@ -123,14 +128,18 @@ class ModelRunner:
         scoring = prompt_logprobs.PromptLogprobsInput(list(range(rows)), [0] * rows, [rows], [1.0], [k])
         prompt_logprobs.score(self.model, hidden, prompt_logprobs.to_device(scoring, self.device))
         del hidden
+        if logits.shape[-1] != self.info.vocab_size:
+            self.penalties.allocate(logits.shape[-1])
         batch = worst_case_batch(self.info.max_num_seqs, num_seqs, logits.shape[-1],
-                                 self.config.logprobs_limit(logits.shape[-1]), self.device)
+                                 self.config.logprobs_limit(logits.shape[-1]), self.device,
+                                 (self.penalties.counts, self.penalties.seen))
         out = self._sample(logits, batch)
         torch.cuda.synchronize()
         kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         peak_without_kv = torch.cuda.max_memory_allocated() - kv_bytes
         self.profiled_peak_bytes = peak_without_kv
         del logits, batch, out
+        self.penalties.free_buffers()  # allocated again by the first penalised sequence, in the room kept here
         self.kv_cache = None
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
@@ -200,7 +209,8 @@ class ModelRunner:
         return self.free_rows.pop()
 
     def release(self, seqs) -> None:
-        """Forget finished or preempted sequences' rows."""
+        """Forget finished or preempted sequences' rows (and penalty slots)."""
+        self.penalties.release(seqs)
         for seq in seqs:
             row = self.row_of.pop(seq.seq_id, None)
             self.synced.pop(seq.seq_id, None)
@@ -225,7 +235,8 @@ class ModelRunner:
             result = StepResult([], first_row)
         else:
             sampling_items = [item for item in items if item.samples]
-            batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device)
+            batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device,
+                                     self.penalties)
             result = self._to_host(self._sample(logits, batch))
             row = k = 0
             for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original

@@ -41,12 +41,16 @@ class SamplingBatch:
     top_k: torch.Tensor | None = None  # [S] int64, vocab size where off
     top_p: torch.Tensor | None = None  # [S] fp32, 1.0 where off
     min_p: torch.Tensor | None = None  # [S] fp32, 0.0 where off
-    # Penalties: counts of each token in the output so far, and which tokens the prompt holds.
-    repetition_penalty: torch.Tensor | None = None  # [S] fp32
-    presence_penalty: torch.Tensor | None = None  # [S] fp32
-    frequency_penalty: torch.Tensor | None = None  # [S] fp32
-    output_counts: torch.Tensor | None = None  # [S, V] fp32
-    prompt_mask: torch.Tensor | None = None  # [S, V] bool
+    # Penalties, on the P rows that use them (ascending): their parameters, and their rows of the persistent
+    # penalty state (penalty_state.py): counts of each token in the output so far, tokens seen in prompt or output.
+    penalty_rows: torch.Tensor | None = None  # [P] int64: sample rows
+    penalty_slots: torch.Tensor | None = None  # [P] int64: their rows of output_counts and seen
+    # Each None when no row uses it (1.0, +0.0, +0.0 on every row): a no-op on the logits, bit for bit.
+    repetition_penalty: torch.Tensor | None = None  # [P] fp32
+    presence_penalty: torch.Tensor | None = None  # [P] fp32
+    frequency_penalty: torch.Tensor | None = None  # [P] fp32
+    output_counts: torch.Tensor | None = None  # [slots, V] int16 or int32
+    seen: torch.Tensor | None = None  # [slots, V] bool
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf (min_tokens)
     allowed_mask: torch.Tensor | None = None  # [S, V] bool (structured outputs); None = all allowed
     max_num_logprobs: int = -1  # -1: no row wants logprobs; 0: sampled only; N: plus the top N
@@ -74,7 +78,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, gumbel_sample=None) -> Sa
         logits.masked_fill_(~batch.allowed_mask, NEG_INF)
     if batch.banned is not None:
         _ban(logits, batch.banned, keep_if_nothing_else=batch.allowed_mask is not None)
-    if batch.repetition_penalty is not None:
+    if batch.penalty_rows is not None:
         _apply_penalties(logits, batch)
     if gumbel_sample is not None:
         return _sample_gumbel(logits, batch, raw_logprobs, gumbel_sample)
@@ -144,14 +148,24 @@ def _truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
-    """vLLM's semantics: repetition over prompt and output tokens; presence/frequency over output tokens."""
-    counts = batch.output_counts
-    seen = batch.prompt_mask | (counts > 0)
-    rep = batch.repetition_penalty.unsqueeze(1)
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits.copy_(torch.where(seen, penalized, logits))
-    logits.sub_(batch.frequency_penalty.unsqueeze(1) * counts)
-    logits.sub_(batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype))
+    """vLLM's semantics: repetition over prompt and output tokens; presence/frequency over output tokens. Only
+    the penalised rows are read and written (elementwise: a row's result does not depend on the others)."""
+    rows = batch.penalty_rows
+    every_row = rows.numel() == logits.shape[0]  # the rows are distinct and ascending: then 0..S-1
+    x = logits if every_row else logits[rows]  # [P, V]
+    slots = batch.penalty_slots
+    if batch.repetition_penalty is not None:
+        rep = batch.repetition_penalty.unsqueeze(1)
+        penalized = torch.where(x > 0, x / rep, x * rep)
+        x.copy_(torch.where(batch.seen[slots], penalized, x))
+    if batch.frequency_penalty is not None or batch.presence_penalty is not None:
+        counts = batch.output_counts[slots]  # [P, V] int: exact in fp32 below
+        if batch.frequency_penalty is not None:
+            x.sub_(batch.frequency_penalty.unsqueeze(1) * counts)
+        if batch.presence_penalty is not None:
+            x.sub_(batch.presence_penalty.unsqueeze(1) * (counts > 0).to(x.dtype))
+    if not every_row:
+        logits[rows] = x
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -174,15 +188,21 @@ def is_simple(batch: SamplingBatch) -> bool:
     """Temperature (or greedy) only, at most the sampled token's processed logprob: the draw kernel alone,
     on the logits as the model returned them."""
     return (batch.top_k is None and batch.top_p is None and batch.min_p is None
-            and batch.repetition_penalty is None and batch.banned is None and batch.allowed_mask is None
+            and batch.penalty_rows is None and batch.banned is None and batch.allowed_mask is None
             and batch.raw_logprob_rows is None and batch.max_num_logprobs <= 0)
 
 
 def worst_case_batch(num_rows: int, num_logits_rows: int, vocab_size: int, max_logprobs: int,
-                     device: torch.device) -> SamplingBatch:
+                     device: torch.device, penalty_state: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> SamplingBatch:
     """A batch that runs every stage on every row (mask, min_tokens, penalties, min-p, top-k, top-p, raw and
     top-N logprobs): what the memory profile samples, so that the KV cache leaves room for the sampler's
-    peak (top-p sorts [rows, vocab] with int64 indices)."""
+    peak (top-p sorts [rows, vocab] with int64 indices). ``penalty_state``: the (counts, seen) buffers, at
+    least ``num_rows`` slots, the rows read (None: int32 and bool zeros allocated here)."""
+    if penalty_state is None:
+        penalty_state = (torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device),
+                         torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device))
+
     def full(value, dtype=torch.float32):
         return torch.full((num_rows,), value, dtype=dtype, device=device)
 
@@ -191,9 +211,9 @@ def worst_case_batch(num_rows: int, num_logits_rows: int, vocab_size: int, max_l
         logits_index=rows % num_logits_rows, temperature=full(0.7), is_greedy=full(False, torch.bool),
         seeds=rows * 7919 + 1, all_greedy=False, any_greedy=False, needs_gather=True,
         top_k=full(max(vocab_size // 2, 1), torch.int64), top_p=full(0.9), min_p=full(0.01),
+        penalty_rows=rows, penalty_slots=rows,
         repetition_penalty=full(1.1), presence_penalty=full(0.1), frequency_penalty=full(0.1),
-        output_counts=torch.zeros(num_rows, vocab_size, device=device),
-        prompt_mask=torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device),
+        output_counts=penalty_state[0], seen=penalty_state[1],
         banned=(rows, torch.zeros(num_rows, dtype=torch.int64, device=device)),
         allowed_mask=torch.ones(num_rows, vocab_size, dtype=torch.bool, device=device),
         max_num_logprobs=max_logprobs, raw_logprob_rows=full(True, torch.bool))
@@ -205,6 +225,18 @@ def slice_rows(batch: SamplingBatch, start: int, stop: int) -> SamplingBatch:
     def part(t):
         return None if t is None else t[start:stop]
 
+    penalties = {}
+    if batch.penalty_rows is not None:
+        inside = (batch.penalty_rows >= start) & (batch.penalty_rows < stop)
+        if bool(inside.any()):
+            def pick(t):
+                return None if t is None else t[inside]
+
+            penalties = dict(
+                penalty_rows=batch.penalty_rows[inside] - start, penalty_slots=batch.penalty_slots[inside],
+                repetition_penalty=pick(batch.repetition_penalty), presence_penalty=pick(batch.presence_penalty),
+                frequency_penalty=pick(batch.frequency_penalty), output_counts=batch.output_counts,
+                seen=batch.seen)
     banned = None
     if batch.banned is not None:
         rows, ids = batch.banned
@@ -215,11 +247,9 @@ def slice_rows(batch: SamplingBatch, start: int, stop: int) -> SamplingBatch:
         logits_index=batch.logits_index[start:stop], temperature=part(batch.temperature),
         is_greedy=part(batch.is_greedy), seeds=part(batch.seeds), all_greedy=batch.all_greedy,
         any_greedy=batch.any_greedy, needs_gather=True, top_k=part(batch.top_k), top_p=part(batch.top_p),
-        min_p=part(batch.min_p), repetition_penalty=part(batch.repetition_penalty),
-        presence_penalty=part(batch.presence_penalty), frequency_penalty=part(batch.frequency_penalty),
-        output_counts=part(batch.output_counts), prompt_mask=part(batch.prompt_mask), banned=banned,
+        min_p=part(batch.min_p), banned=banned,
         allowed_mask=part(batch.allowed_mask), max_num_logprobs=batch.max_num_logprobs,
-        raw_logprob_rows=part(batch.raw_logprob_rows))
+        raw_logprob_rows=part(batch.raw_logprob_rows), **penalties)
 
 
 def concat_outputs(parts: list[SamplerOutput]) -> SamplerOutput:

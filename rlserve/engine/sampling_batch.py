@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rlserve.engine.penalty_state import PenaltyState
 from rlserve.engine.sampler import SamplingBatch
 from rlserve.sampling import SamplingParams
 from rlserve.engine.scheduler import ScheduledSeq
@@ -63,42 +64,14 @@ class _RequestRow:
         self.prompt_ids: list[int] | None = None  # the prompt's distinct ids (penalties), once needed
 
 
-def _penalty_state(penalty_rows: list[tuple[int, Sequence]], num_rows: int, vocab_size: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output-token counts [S, V] fp32 and prompt-token mask [S, V] bool of the penalised rows, built on the
-    device from the token ids: only the ids cross to it (one copy), never a dense [S, V] host tensor (311 MB a
-    step at 512 rows x 152k). A request's distinct prompt ids are computed once."""
-    rows: list[int] = []
-    ids: list[int] = []
-    prompt_rows: list[int] = []
-    prompt_ids: list[int] = []
-    for row, seq in penalty_rows:
-        out = seq.token_ids[seq.num_prompt_tokens:]
-        rows += [row] * len(out)
-        ids += out
-        request = seq.request
-        distinct = request.sampling_row.prompt_ids
-        if distinct is None:
-            distinct = request.sampling_row.prompt_ids = sorted(set(request.prompt_token_ids))
-        prompt_rows += [row] * len(distinct)
-        prompt_ids += distinct
-    num_out = len(rows)
-    packed = torch.tensor(rows + ids + prompt_rows + prompt_ids, dtype=torch.int64).to(device, non_blocking=True)
-    counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
-    if num_out:
-        counts.index_put_((packed[:num_out], packed[num_out:2 * num_out]),
-                          torch.ones(num_out, dtype=torch.float32, device=device), accumulate=True)
-    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
-    num_prompt = len(prompt_rows)
-    prompt_mask[packed[2 * num_out:2 * num_out + num_prompt], packed[2 * num_out + num_prompt:]] = True
-    return counts, prompt_mask
-
-
 def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: tuple[int, ...],
-                     device: torch.device) -> SamplingBatch:
+                     device: torch.device, penalties: PenaltyState | None = None) -> SamplingBatch:
     """Per-row sampling tensors for the sequences that sample this step (a forking parent: one row per
     sample). Stages no row uses are left out, so the sampler skips them. An item whose rows cannot be made
-    gets greedy placeholder rows and is listed in ``failed_items``: it fails alone."""
+    gets greedy placeholder rows and is listed in ``failed_items``: it fails alone.
+
+    ``penalties``: the runner's persistent penalty state, whose penalised rows this brings up to date (None: a
+    state built from scratch for this batch alone, as a test or a one-off batch wants)."""
     logits_index, values, streams, positions = [], [], [], []
     banned_rows, banned_ids, penalty_rows, grammar_states = [], [], [], []
     max_logprobs = -1
@@ -174,8 +147,17 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
     if banned_rows:
         batch.banned = (torch.tensor(banned_rows, device=dev), torch.tensor(banned_ids, device=dev))
     if penalty_rows:
-        batch.output_counts, batch.prompt_mask = _penalty_state(penalty_rows, num_rows, vocab_size, dev)
-        batch.repetition_penalty = torch.tensor(rep, dtype=torch.float32, device=dev)
-        batch.presence_penalty = torch.tensor(pres, dtype=torch.float32, device=dev)
-        batch.frequency_penalty = torch.tensor(freq, dtype=torch.float32, device=dev)
+        if penalties is None:
+            penalties = PenaltyState(len(penalty_rows), 2 ** 31 - 1, dev)
+        batch.penalty_rows, batch.penalty_slots = penalties.update(penalty_rows, vocab_size)
+        batch.output_counts, batch.seen = penalties.counts, penalties.seen
+        index = [r for r, _ in penalty_rows]
+        # A penalty no row uses is left out: 1.0 divides and multiplies exactly, x - (+0.0) is x.
+        rep_p, pres_p, freq_p = (np.array([column[r] for r in index], dtype=np.float32) for column in (rep, pres, freq))
+        if (rep_p != 1.0).any():
+            batch.repetition_penalty = torch.from_numpy(rep_p).to(dev)
+        if ((pres_p != 0.0) | np.signbit(pres_p)).any():
+            batch.presence_penalty = torch.from_numpy(pres_p).to(dev)
+        if ((freq_p != 0.0) | np.signbit(freq_p)).any():
+            batch.frequency_penalty = torch.from_numpy(freq_p).to(dev)
     return batch
