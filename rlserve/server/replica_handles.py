@@ -151,6 +151,7 @@ class RayReplica:
         if placement.on_cuda:  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs: they are cuda:0..tp-1
             config = replace(config, device="cuda:0")
         self.name = f"rlserve-{placement.server_id}-replica{index}-{generation}"
+        self.group, self.index = placement.group, index
         actor_cls = ray.remote(EngineActor)
         self.actor = actor_cls.options(
             name=self.name, namespace=RAY_NAMESPACE, max_restarts=0, max_concurrency=1,
@@ -162,7 +163,16 @@ class RayReplica:
         self._reason: str | None = None
 
     def describe(self) -> dict:
-        return {"ray_actor": self.name, "ray_namespace": RAY_NAMESPACE, "alive": self.is_alive()}
+        return {"ray_actor": self.name, "ray_namespace": RAY_NAMESPACE, "ray_node_id": self.node_id(),
+                "alive": self.is_alive()}
+
+    def node_id(self) -> str | None:
+        """The node its bundle is on (Ray moves a bundle whose node died)."""
+        try:
+            table = self.ray.util.placement_group_table(self.group)
+            return table["bundles_to_node_id"].get(self.index)
+        except Exception:
+            return None
 
     def is_alive(self) -> bool:
         ready, _ = self.ray.wait([self.done], timeout=0)
