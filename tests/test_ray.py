@@ -134,6 +134,7 @@ def test_a_killed_replica_fails_its_requests_and_comes_back_on_restart(server, h
     health = http.get("/health/")
     assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
     assert "1" in health.json()["dead_replicas"]
+    assert http.get("/server_info/").json()["status"] == "degraded"
     assert greedy(http) == [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]  # all on replica 0
     refused = http.post("/init_communicator/", json={"host": "127.0.0.1", "port": free_port(), "world_size": 3})
     assert refused.status_code == 503 and "restart_replica/1" in refused.text

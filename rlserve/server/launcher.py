@@ -132,6 +132,10 @@ def serve(args) -> int:
                                                  else placement.node_ip)
         logger.info("Ray cluster at %s: %d replica(s), ZMQ on %s (advertised to the replicas)", args.ray_address,
                     args.data_parallel_size, advertise_host)
+        node_ips = {n["NodeManagerAddress"] for n in placement.ray.nodes() if n.get("Alive")}
+        if _is_loopback(advertise_host) and node_ips - {placement.node_ip}:
+            logger.warning("replicas on other nodes (%s) cannot reach %s: pass --advertise_host <this node's IP> "
+                           "(or --host 0.0.0.0)", ", ".join(sorted(node_ips)), advertise_host)
     engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level, placement=placement,
                           advertise_host=advertise_host)
     server: Server | None = None

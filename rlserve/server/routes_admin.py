@@ -68,6 +68,8 @@ def _status(request: Request) -> str:
         return "draining"
     if not engine.ready.is_set():
         return "starting"
+    if engine.dead_replicas():  # Ray: some replicas dead or restarting, the others serving
+        return "degraded" if engine.live_replicas() else "dead"
     return "serving"
 
 
