@@ -142,13 +142,20 @@ def test_a_killed_replica_fails_its_requests_and_comes_back_on_restart(server, h
     restarted = http.post("/restart_replica/1", timeout=90)
     assert restarted.status_code == 200, restarted.text
     assert restarted.json()["generation"] == 1
-    assert http.get("/health/").json() == {"status": "ok"}
-    assert [r["weight_version"] for r in replicas(http)] == [1, 0]  # back on the weights on disk
-    greedy(http)  # serves again, on both replicas
-    with Client(base_url=server.url, group_port=free_port()) as client:  # rejoins at the next init
+    # Back on the weights on disk: it takes no request until the trainer pushes again.
+    assert restarted.json()["awaiting_weights"] is True
+    assert http.get("/health/").json()["awaiting_weights"] == [1]
+    assert [r["weight_version"] for r in replicas(http)] == [1, 0]
+    steps = replicas(http)[1]["num_steps"]
+    assert greedy(http) == [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]  # all on replica 0
+    assert replicas(http)[1]["num_steps"] == steps
+    with Client(base_url=server.url, group_port=free_port()) as client:  # it rejoins at the next init
         client.init_communicator(device="cpu", timeout_s=30)
         client.update_model_params(model_b)
+        greedy(http)  # ends the per-tensor run: every replica now holds version 2
+        wait_for(lambda: http.get("/health/").json() == {"status": "ok"}, 10, "replica 1 serving again")
         assert greedy(http) == [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]
         client.close_communicator()
     info = replicas(http)
     assert info[1]["generation"] == 1 and info[0]["weight_version"] == info[1]["weight_version"] == 2
+    assert info[1]["num_steps"] > steps  # served part of the last batch

@@ -65,6 +65,9 @@ class Replica:
     died: asyncio.Event = field(default_factory=asyncio.Event)  # set with ``dead``
     request_ids: set[str] = field(default_factory=set)
     started: asyncio.Event = field(default_factory=asyncio.Event)  # its EngineReady came
+    # Restarted after the trainer pushed weights: it serves the weights on disk, so it takes no requests until it
+    # reports this version or a later one (the trainer's next push after re-initing the group).
+    awaiting_weights: int | None = None
 
 
 class RuntimeView:
@@ -195,6 +198,10 @@ class EngineClient:
     def live_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.dead is None]
 
+    def routable_replicas(self) -> list[Replica]:
+        """Live replicas on the trainer's weights: the ones requests go to."""
+        return [r for r in self.replicas if r.dead is None and r.awaiting_weights is None]
+
     def dead_replicas(self) -> dict[int, str]:
         """index -> why, for every replica that is not serving (dead, or restarting)."""
         return {r.index: r.dead for r in self.replicas if r.dead is not None}
@@ -207,6 +214,9 @@ class EngineClient:
         if not self.live_replicas():
             raise EngineUnavailable("every engine replica is dead: " + "; ".join(
                 f"replica {i}: {why}" for i, why in self.dead_replicas().items()))
+        if not self.routable_replicas():
+            raise EngineUnavailable("no replica serves the trainer's weights: the live ones were restarted and "
+                                    "wait for the trainer to init the weight-sync group again and push its weights")
 
     def check_all_replicas(self) -> None:
         """Weight sync needs every worker of every replica in the group: 503 while one is missing."""
@@ -247,10 +257,10 @@ class EngineClient:
         try:
             batches: dict[int, list[msg.AddRequest]] = {}
             for rid, (text, ids) in zip(request_ids, prompts):
-                live = self.live_replicas()
-                if not live:
-                    raise EngineUnavailable("every engine replica is dead")
-                replica = min(live, key=lambda r: r.outstanding_tokens)
+                routable = self.routable_replicas()
+                if not routable:
+                    raise EngineUnavailable("no engine replica is serving")
+                replica = min(routable, key=lambda r: r.outstanding_tokens)
                 cost = (len(ids) + (params.max_tokens or 0)) * params.n
                 replica.outstanding_tokens += cost
                 replica.request_ids.add(rid)
@@ -405,7 +415,12 @@ class EngineClient:
     def _dispatch(self, m) -> None:
         if isinstance(m, msg.StepOutputs):
             if m.stats is not None:
-                self.replicas[m.replica].stats = m.stats
+                r = self.replicas[m.replica]
+                r.stats = m.stats
+                if r.awaiting_weights is not None and m.stats.get("weight_version", 0) >= r.awaiting_weights:
+                    logger.info("replica %d has the trainer's weights (version %d): serving again", r.index,
+                                m.stats["weight_version"])
+                    r.awaiting_weights = None
             for update in m.updates:
                 if update.finish_reason == "error" and update.request_id in self.pending:
                     # A sample failed inside the engine (a grammar error, say): the request fails now with
@@ -536,7 +551,8 @@ class EngineClient:
     async def restart_replica(self, index: int, timeout_s: float = 600.0) -> dict:
         """Replace a dead replica by a new one in the same bundle (Ray places it anew if its node is gone), on
         a fresh input socket; returns once it is ready, and routing uses it again. It starts from the model's
-        weights on disk, outside any weight-sync group: the trainer must init the group again."""
+        weights on disk, outside any weight-sync group: the trainer must init the group again. If the trainer has
+        pushed weights before, it takes no requests until the trainer pushes again (``awaiting_weights``)."""
         if not 0 <= index < len(self.replicas):
             raise NotFound(f"no replica {index}: the server has {len(self.replicas)} (0..{len(self.replicas) - 1})")
         if self.placement is None:
@@ -562,9 +578,13 @@ class EngineClient:
                 await asyncio.wait_for(new.started.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
+        if self.weight_version > 0:  # any version the trainer pushes from now on is newer than this
+            new.awaiting_weights = self.weight_version + 1
         new.dead = None
-        logger.warning("replica %d restarted (generation %d)", index, new.generation)
-        return {"replica": index, "generation": new.generation, **new.handle.describe()}
+        logger.warning("replica %d restarted (generation %d)%s", index, new.generation,
+                       "; it takes requests once the trainer pushes its weights" if new.awaiting_weights else "")
+        return {"replica": index, "generation": new.generation, "awaiting_weights": new.awaiting_weights is not None,
+                **new.handle.describe()}
 
     # -- introspection -----------------------------------------------------------------------------
     def aggregate_stats(self) -> dict:

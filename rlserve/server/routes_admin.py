@@ -27,8 +27,8 @@ async def server_info(request: Request):
                 r.stats = stats
         except Exception:  # a busy or dead replica: report what we last heard
             pass
-    replicas = [{"replica": r.index, **r.handle.describe(), "dead": r.dead, "generation": r.generation, **r.stats}
-                for r in engine.replicas]
+    replicas = [{"replica": r.index, **r.handle.describe(), "dead": r.dead, "generation": r.generation,
+                 "awaiting_weights": r.awaiting_weights is not None, **r.stats} for r in engine.replicas]
     return {
         "model": engine.config.model, "status": _status(request),
         "tensor_parallel_size": engine.config.tensor_parallel_size,
@@ -68,8 +68,8 @@ def _status(request: Request) -> str:
         return "draining"
     if not engine.ready.is_set():
         return "starting"
-    if engine.dead_replicas():  # Ray: some replicas dead or restarting, the others serving
-        return "degraded" if engine.live_replicas() else "dead"
+    if len(engine.routable_replicas()) < len(engine.replicas):  # Ray: dead, restarting or awaiting weights
+        return "degraded" if engine.routable_replicas() else "dead"
     return "serving"
 
 

@@ -27,8 +27,10 @@ async def health(request: Request):
     engine.check_serving()
     await engine.call_all("ping", timeout_s=10.0)
     dead = engine.dead_replicas()
-    if dead:
-        return {"status": "degraded", "dead_replicas": {str(i): why for i, why in dead.items()}}
+    awaiting = [r.index for r in engine.replicas if r.dead is None and r.awaiting_weights is not None]
+    if dead or awaiting:
+        return {"status": "degraded", "dead_replicas": {str(i): why for i, why in dead.items()},
+                "awaiting_weights": awaiting}
     return {"status": "ok"}
 
 
