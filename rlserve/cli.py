@@ -79,6 +79,21 @@ def add_serve_parser(sub) -> None:
     _flag(p, "fused_kernels", type=_bool, nargs="?", const=True, default=os.environ.get("RLSERVE_FUSED", "1") != "0",
           help="Use the fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA (default: true, "
                "unless $RLSERVE_FUSED=0; `false` runs PyTorch's per-layer ops, for comparisons).")
+    # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
+    _flag(p, "ray_address", default=None,
+          help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "
+               "joined with `ray start`), 'ray://host:10001' or 'host:6379'. Needs `pip install rlserve[ray]` on "
+               "every node. A dead replica then fails only its own requests; POST /restart_replica/{i} restarts it.")
+    _flag(p, "advertise_host", default=None,
+          help="With --ray_address: the address of this node the replicas connect back to (ZMQ over tcp://; "
+               "default: --host when it is a specific address, else the node IP Ray reports for this node).")
+    _flag(p, "ray_placement_strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+          help="With --ray_address: how replicas spread over nodes (one replica never spans nodes). PACK "
+               "(default) fills a node before the next; SPREAD prefers different nodes.")
+    _flag(p, "ray_pin_first_replica", type=_bool, nargs="?", const=True, default=True,
+          help="With --ray_address: place replica 0 on this node (default: true). TRL <= 1.10's weight sync "
+               "(init_communicator) has the server's rank 0 host the group's store, which the trainer dials at "
+               "the server's host; `false` when the trainer speaks vLLM's protocol (it hosts the store).")
     # Admission (rlserve/server/security.py); README "Security" says what is open by default and why.
     _flag(p, "api_key", default=None,
           help="Require 'Authorization: Bearer <key>' on every route but /health (default: $RLSERVE_API_KEY, "
@@ -111,8 +126,9 @@ def _add_compat_flags(p) -> None:
           help="KV cache dtype: only 'auto' (the model's dtype); fp8 caches are not supported and refused.")
     p.add_argument("--vllm_model_impl", "--vllm-model-impl", "--model_impl", "--model-impl", dest="vllm_model_impl",
                    default="auto", help="Accepted for compatibility: rlserve always runs its own model code.")
-    _flag(p, "distributed_executor_backend", default=None, choices=["mp", "uni"],
-          help="Accepted for compatibility: replicas and tensor-parallel workers are local processes ('mp').")
+    _flag(p, "distributed_executor_backend", default=None, choices=["mp", "uni", "ray"],
+          help="mp / uni: local processes (the default); ray: replicas as actors on a Ray cluster, as with "
+               "--ray_address auto.")
     _flag(p, "speculative_config", default=None, help="Not supported (refused when given).")
     _flag(p, "max_logprobs", type=int, default=20,
           help="Most top logprobs a request may ask for per token (vLLM's default 20; -1: no cap, what TRL >= 1.12 "
@@ -134,6 +150,8 @@ def check_compat_flags(args) -> list[str]:
         errors.append(f"two models given: {args.model_positional!r} and --model {args.model!r}")
     if args.model is None:
         errors.append("the model is required: rlserve serve --model MODEL (or rlserve serve MODEL)")
+    if args.distributed_executor_backend == "ray" and not getattr(args, "ray_address", None):
+        args.ray_address = "auto"
     if args.kv_cache_dtype not in ("auto", args.dtype):
         errors.append(f"--kv_cache_dtype {args.kv_cache_dtype}: not supported (rlserve keeps the KV cache in the "
                       "model's dtype; use auto)")

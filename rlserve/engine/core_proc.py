@@ -368,21 +368,25 @@ DEFERRED = object()
 
 
 def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input_addr: str, output_addr: str,
-                    tp_rank_base: int, log_level: str = "INFO", parent_pid: int | None = None) -> None:
-    """Process entry point. ``parent_pid``: the API server's pid (default: our parent's now)."""
+                    tp_rank_base: int, log_level: str = "INFO", parent_pid: int | None = None,
+                    hosted: bool = False) -> None:
+    """Process entry point. ``parent_pid``: the API server's pid (default: our parent's now). ``hosted``: we
+    run inside a process someone else owns (a Ray actor): it keeps its signals and its thread count, and
+    there is no parent to watch (Ray ends the actor when the API server, its owner, is gone)."""
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s replica{replica} %(levelname)s %(message)s")
-    # Ctrl-C in a terminal, or a supervisor that signals the whole process group, must not kill the engine
-    # under the API server while it drains: the server stops us (a Shutdown message, then SIGKILL), and we
-    # exit on our own if it dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if config.resolved_device().type == "cpu" and num_replicas > 1:
-        import torch  # replicas share the cores: oversubscribed threads spin against each other
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_replicas))
+    if not hosted:
+        # Ctrl-C in a terminal, or a supervisor that signals the whole process group, must not kill the engine
+        # under the API server while it drains: the server stops us (a Shutdown message, then SIGKILL), and we
+        # exit on our own if it dies.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if config.resolved_device().type == "cpu" and num_replicas > 1:
+            import torch  # replicas share the cores: oversubscribed threads spin against each other
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_replicas))
     proc = None
     try:
         proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base,
-                              parent_pid=parent_pid or os.getppid())
+                              parent_pid=None if hosted else parent_pid or os.getppid())
         proc.run()
     except Exception as e:
         message = f"engine replica {replica} died: {type(e).__name__}: {e}"

@@ -6,6 +6,10 @@ stops at once. A dead replica: every in-flight request fails with 503, /health/ 
 ``DEAD_LINGER_S`` (so that health checks see why), then exit 1. No child process outlives us: the replicas
 are stopped on the way out, and exit by themselves if this process is killed.
 
+With ``--ray_address`` the replicas are Ray actors (Ray ends them with this process): a dead one fails its own
+requests with 503 and the server serves on with the others ("degraded" in /health/) until an operator
+restarts it (``POST /restart_replica/{i}``).
+
 ``rlserve.cli`` owns the flags and calls ``serve(args)``; this module imports nothing from it (run
 ``python -m rlserve.cli serve ...``).
 """
@@ -118,7 +122,25 @@ def serve(args) -> int:
         return 2
     model_dir = resolve_model_dir(config.model, config.revision)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code)
-    engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level)
+    placement, advertise_host = None, "127.0.0.1"
+    if getattr(args, "ray_address", None):
+        from rlserve.server.replica_handles import RayPlacement
+        try:
+            placement = RayPlacement(args.ray_address, config, args.data_parallel_size,
+                                     strategy=args.ray_placement_strategy, pin_first=args.ray_pin_first_replica)
+        except Exception as e:  # Ray missing, or no cluster at that address
+            print(f"rlserve serve: error: {e}", file=sys.stderr)
+            return 2
+        advertise_host = args.advertise_host or (args.host if args.host not in ("0.0.0.0", "::", "")
+                                                 else placement.node_ip)
+        logger.info("Ray cluster at %s: %d replica(s), ZMQ on %s (advertised to the replicas)", args.ray_address,
+                    args.data_parallel_size, advertise_host)
+        node_ips = {n["NodeManagerAddress"] for n in placement.ray.nodes() if n.get("Alive")}
+        if _is_loopback(advertise_host) and node_ips - {placement.node_ip}:
+            logger.warning("replicas on other nodes (%s) cannot reach %s: pass --advertise_host <this node's IP> "
+                           "(or --host 0.0.0.0)", ", ".join(sorted(node_ips)), advertise_host)
+    engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level, placement=placement,
+                          advertise_host=advertise_host)
     server: Server | None = None
 
     def on_ready():

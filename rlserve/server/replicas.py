@@ -1,13 +1,17 @@
-"""The API server's handle on its engine cores: one process per data-parallel replica, reached over ZMQ.
+"""The API server's handle on its engine cores: one per data-parallel replica, reached over ZMQ.
 
-It spawns the replicas, sends each request to the least-loaded one (outstanding tokens), gathers their
-outputs through one ``OutputProcessor`` and resolves the awaiting HTTP handlers. It never blocks the event
-loop: sockets are asyncio ZMQ sockets, and every wait has a timeout.
+It starts the replicas (where they run is ``replica_handles``' business: local child processes over ipc://,
+or Ray actors anywhere on a cluster over tcp://), sends each request to the least-loaded live one
+(outstanding tokens), gathers their outputs through one ``OutputProcessor`` and resolves the awaiting HTTP
+handlers. It never blocks the event loop: sockets are asyncio ZMQ sockets, and every wait has a timeout.
 
-Failures: a replica that reports itself dead, or whose process exits, fails every in-flight request with a
-503 that names the cause and marks the whole client dead (``on_dead`` stops the server, a supervisor restarts
-it). A request that fails alone -- refused by its replica, a sample that ends with finish reason "error" in
-the engine, or an output that cannot be processed -- fails alone (400 or 500, naming the cause).
+Failures: a replica that reports itself dead, or whose process (actor) is gone, fails its in-flight requests
+with a 503 that names it and the cause. Locally that marks the whole client dead (``on_dead`` stops the
+server, a supervisor restarts it), and the other replicas' requests fail too. On Ray
+(``tolerate_replica_death``) the other replicas keep serving, routing skips the dead one, and
+``restart_replica`` brings it back. A request that fails alone -- refused by its replica, a sample that ends
+with finish reason "error" in the engine, or an output that cannot be processed -- fails alone (400 or 500,
+naming the cause).
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -28,11 +32,11 @@ import zmq.asyncio
 from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
 from rlserve.engine.core import validate_request
-from rlserve.engine.core_proc import run_engine_core
 from rlserve.engine.output_processor import OutputProcessor, RequestState, needs_streaming
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
-from rlserve.server.errors import BadRequest, Conflict, EngineUnavailable, ServerError
+from rlserve.server.errors import BadRequest, Conflict, EngineUnavailable, NotFound, ServerError
+from rlserve.server.replica_handles import LocalReplica, RayPlacement, RayReplica
 from rlserve.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
@@ -51,14 +55,19 @@ class ClientDisconnected(ServerError):
 @dataclass
 class Replica:
     index: int
-    process: multiprocessing.Process
+    handle: LocalReplica | RayReplica
     socket: zmq.asyncio.Socket
+    generation: int = 0  # restarts so far
     info: dict | None = None
     stats: dict = field(default_factory=dict)
     outstanding_tokens: int = 0
     dead: str | None = None
     died: asyncio.Event = field(default_factory=asyncio.Event)  # set with ``dead``
     request_ids: set[str] = field(default_factory=set)
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # its EngineReady came
+    # Restarted after the trainer pushed weights: it serves the weights on disk, so it takes no requests until it
+    # reports this version or a later one (the trainer's next push after re-initing the group).
+    awaiting_weights: int | None = None
 
 
 class RuntimeView:
@@ -71,7 +80,10 @@ class RuntimeView:
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, data_parallel_size: int, tokenizer, log_level: str = "info"):
+    def __init__(self, config: EngineConfig, data_parallel_size: int, tokenizer, log_level: str = "info",
+                 placement: RayPlacement | None = None, advertise_host: str = "127.0.0.1"):
+        """``placement``: run the replicas as Ray actors in its placement group, reached over tcp:// at
+        ``advertise_host`` (an address of this host that every node of the cluster can reach)."""
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         self.config = config
@@ -80,12 +92,16 @@ class EngineClient:
         self.log_level = log_level
         self.processor = OutputProcessor(tokenizer)
         self.ctx = zmq.asyncio.Context()
+        self.placement = placement
+        self.tolerate_replica_death = placement is not None
+        self.advertise_host = advertise_host
         self.ipc_dir = tempfile.mkdtemp(prefix="rlserve-")
-        self.output_addr = f"ipc://{self.ipc_dir}/out"
+        self.output_addr = ""
         self.replicas: list[Replica] = []
         self.pending: dict[str, asyncio.Future] = {}  # request id -> future of its RequestOutput
         self.request_replica: dict[str, int] = {}
         self.calls: dict[int, asyncio.Future] = {}
+        self.call_replica: dict[int, int] = {}  # call id -> the replica that answers it
         self.call_ids = itertools.count()
         self.ready = asyncio.Event()
         self.startup_error: str | None = None
@@ -107,22 +123,11 @@ class EngineClient:
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self, timeout_s: float = 600.0) -> None:
         self.output = self.ctx.socket(zmq.PULL)
-        self.output.bind(self.output_addr)
-        spawn = multiprocessing.get_context("spawn")
-        for r in range(self.data_parallel_size):
-            addr = f"ipc://{self.ipc_dir}/in{r}"
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.bind(addr)
-            sock.setsockopt(zmq.LINGER, 0)
-            config = self._replica_config(r)
-            proc = spawn.Process(target=run_engine_core, name=f"rlserve-replica{r}", daemon=False,
-                                 args=(config, r, self.data_parallel_size, addr, self.output_addr,
-                                       r * self.config.tensor_parallel_size,
-                                       self.log_level),
-                                 kwargs={"parent_pid": os.getpid()})
-            proc.start()
-            self.replicas.append(Replica(r, proc, sock))
-        self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_processes())]
+        self.output_addr = self._bind(self.output, "out")
+        if self.placement is not None:  # blocks until the cluster has room for every replica (bounded)
+            await asyncio.to_thread(self.placement.reserve)
+        self.replicas = [self._launch(r) for r in range(self.data_parallel_size)]
+        self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_replicas())]
         try:
             await asyncio.wait_for(self.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
@@ -131,31 +136,49 @@ class EngineClient:
         if self.startup_error:
             raise EngineUnavailable(self.startup_error)
 
-    def _replica_config(self, r: int) -> EngineConfig:
-        """Replica r knows its index (its own request seeds) and runs on devices [r*tp, (r+1)*tp) of the
-        visible ones."""
-        from dataclasses import replace
-        device = self.config.resolved_device()
-        if device.type != "cuda":
-            return replace(self.config, data_parallel_rank=r)
-        base = (device.index or 0) + r * self.config.tensor_parallel_size
-        return replace(self.config, data_parallel_rank=r, device=f"cuda:{base}")
+    def _bind(self, sock: zmq.asyncio.Socket, name: str) -> str:
+        """ipc:// for local replicas; for Ray ones, tcp:// on the advertised address, on a port the OS picks."""
+        if self.placement is None:
+            addr = f"ipc://{self.ipc_dir}/{name}"
+            sock.bind(addr)
+            return addr
+        host = socket.gethostbyname(self.advertise_host)
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
+
+    def _launch(self, index: int, generation: int = 0) -> Replica:
+        """Start replica ``index`` on a fresh input socket (a restarted replica never shares a socket with the
+        peer it replaces: a half-open connection to a lost node would take its share of the messages)."""
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        addr = self._bind(sock, f"in{index}-{generation}")
+        if self.placement is None:
+            handle = LocalReplica(self.config, index, self.data_parallel_size, addr, self.output_addr,
+                                  self.log_level)
+        else:
+            handle = RayReplica(self.placement, index, self.data_parallel_size, addr, self.output_addr,
+                                self.log_level, generation)
+        return Replica(index, handle, sock, generation=generation)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         for replica in self.replicas:
-            if replica.process.is_alive():
+            if replica.dead is None and replica.handle.is_alive():
                 try:
                     await self.send(replica, msg.Shutdown(), timeout_s=1.0)
                 except (zmq.ZMQError, EngineUnavailable):
                     pass
         deadline = time.monotonic() + timeout_s
         for replica in self.replicas:
-            while replica.process.is_alive() and time.monotonic() < deadline:
+            while replica.handle.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if replica.process.is_alive():  # replicas ignore SIGTERM (see run_engine_core): kill
+            if replica.handle.is_alive():  # local replicas ignore SIGTERM (see run_engine_core): kill
                 logger.warning("replica %d did not stop within %.0fs: killing it", replica.index, timeout_s)
-                replica.process.kill()
-                replica.process.join(5)
+                replica.handle.kill()
+                replica.handle.join(5)
+            elif replica.handle.remote:
+                replica.handle.kill()  # its task ended; the idle actor would hold its bundle until we exit
+        if self.placement is not None:
+            self.placement.close()
         for task in self._tasks:
             task.cancel()
         self._fail_all(EngineUnavailable("server is shutting down"))
@@ -169,13 +192,40 @@ class EngineClient:
 
     @property
     def is_serving(self) -> bool:
-        return self.ready.is_set() and self.dead is None and self.startup_error is None
+        return (self.ready.is_set() and self.dead is None and self.startup_error is None
+                and bool(self.live_replicas()))
+
+    def live_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.dead is None]
+
+    def routable_replicas(self) -> list[Replica]:
+        """Live replicas on the trainer's weights: the ones requests go to."""
+        return [r for r in self.replicas if r.dead is None and r.awaiting_weights is None]
+
+    def dead_replicas(self) -> dict[int, str]:
+        """index -> why, for every replica that is not serving (dead, or restarting)."""
+        return {r.index: r.dead for r in self.replicas if r.dead is not None}
 
     def check_serving(self) -> None:
         if self.dead is not None:
             raise EngineUnavailable(f"engine is dead: {self.dead}")
         if not self.ready.is_set():
             raise EngineUnavailable("engine is starting")
+        if not self.live_replicas():
+            raise EngineUnavailable("every engine replica is dead: " + "; ".join(
+                f"replica {i}: {why}" for i, why in self.dead_replicas().items()))
+        if not self.routable_replicas():
+            raise EngineUnavailable("no replica serves the trainer's weights: the live ones were restarted and "
+                                    "wait for the trainer to init the weight-sync group again and push its weights")
+
+    def check_all_replicas(self) -> None:
+        """Weight sync needs every worker of every replica in the group: 503 while one is missing."""
+        self.check_serving()
+        dead = self.dead_replicas()
+        if dead:
+            i, why = next(iter(dead.items()))
+            raise EngineUnavailable(f"replica {i} is not serving ({why}): weight sync needs every replica; restart "
+                                    f"it (POST /restart_replica/{i}), then init the weight-sync group again")
 
     # -- generation --------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -208,7 +258,10 @@ class EngineClient:
         try:
             batches: dict[int, list[msg.AddRequest]] = {}
             for rid, (text, ids) in zip(request_ids, prompts):
-                replica = min((r for r in self.replicas if r.dead is None), key=lambda r: r.outstanding_tokens)
+                routable = self.routable_replicas()
+                if not routable:
+                    raise EngineUnavailable("no engine replica is serving")
+                replica = min(routable, key=lambda r: r.outstanding_tokens)
                 cost = (len(ids) + (params.max_tokens or 0)) * params.n
                 replica.outstanding_tokens += cost
                 replica.request_ids.add(rid)
@@ -299,6 +352,7 @@ class EngineClient:
         call_id = next(self.call_ids)
         future = asyncio.get_running_loop().create_future()
         self.calls[call_id] = future
+        self.call_replica[call_id] = replica
         try:
             await self.send(r, msg.UtilityCall(call_id, method, kwargs))
             return await asyncio.wait_for(future, timeout_s)
@@ -306,13 +360,17 @@ class EngineClient:
             raise EngineUnavailable(f"replica {replica} did not answer {method} within {timeout_s:.0f}s") from None
         finally:
             self.calls.pop(call_id, None)
+            self.call_replica.pop(call_id, None)
 
     async def call_all(self, method: str, timeout_s: float = 30.0, **kwargs) -> list:
-        return await asyncio.gather(*(self.call(r.index, method, timeout_s, **kwargs) for r in self.replicas))
+        """Call every live replica (every replica, unless replica deaths are tolerated: then a dead one has
+        stopped the server already)."""
+        return await asyncio.gather(*(self.call(r.index, method, timeout_s, **kwargs)
+                                      for r in self.live_replicas()))
 
     def send_all_nowait(self, method: str, **kwargs) -> list[asyncio.Future]:
-        """Start a call on every replica without waiting for the answers (returned as futures)."""
-        return [asyncio.ensure_future(self.call(r.index, method, 3600.0, **kwargs)) for r in self.replicas]
+        """Start a call on every live replica without waiting for the answers (returned as futures)."""
+        return [asyncio.ensure_future(self.call(r.index, method, 3600.0, **kwargs)) for r in self.live_replicas()]
 
     # -- sending -----------------------------------------------------------------------------------
     async def send(self, r: Replica, message, timeout_s: float = SEND_TIMEOUT_S) -> None:
@@ -358,7 +416,12 @@ class EngineClient:
     def _dispatch(self, m) -> None:
         if isinstance(m, msg.StepOutputs):
             if m.stats is not None:
-                self.replicas[m.replica].stats = m.stats
+                r = self.replicas[m.replica]
+                r.stats = m.stats
+                if r.awaiting_weights is not None and m.stats.get("weight_version", 0) >= r.awaiting_weights:
+                    logger.info("replica %d has the trainer's weights (version %d): serving again", r.index,
+                                m.stats["weight_version"])
+                    r.awaiting_weights = None
             for update in m.updates:
                 if update.finish_reason == "error" and update.request_id in self.pending:
                     # A sample failed inside the engine (a grammar error, say): the request fails now with
@@ -393,7 +456,8 @@ class EngineClient:
             self._finish(m.request_id, exception=error)
         elif isinstance(m, msg.EngineReady):
             self.replicas[m.replica].info = m.info
-            if all(r.info is not None for r in self.replicas):
+            self.replicas[m.replica].started.set()
+            if not self.ready.is_set() and all(r.info is not None for r in self.replicas):
                 first = self.replicas[0].info
                 self.info = {k: v for k, v in first.items() if k != "hf_weight_shapes"}
                 self.info["kv_capacity_tokens"] = min(r.info["kv_capacity_tokens"] for r in self.replicas)
@@ -441,8 +505,11 @@ class EngineClient:
             return
         r.dead = message
         r.died.set()
-        self.dead = message
         logger.error("%s", message)
+        if self.tolerate_replica_death and self.ready.is_set():
+            self._fail_replica(r, EngineUnavailable(message))
+            return
+        self.dead = message
         if not self.ready.is_set():
             self.startup_error = message
             self.ready.set()
@@ -457,18 +524,68 @@ class EngineClient:
         if self.on_dead is not None:
             self.on_dead(message)
 
+    def _fail_replica(self, r: Replica, exception: Exception) -> None:
+        """Fail what one replica holds -- its requests and its utility calls -- and nothing else."""
+        for request_id in list(r.request_ids):
+            self.processor.states.pop(request_id, None)
+            self._finish(request_id, exception=exception)
+        for call_id, index in list(self.call_replica.items()):
+            future = self.calls.get(call_id)
+            if index == r.index and future is not None and not future.done():
+                future.set_exception(exception)
+
     def _fail_all(self, exception: Exception) -> None:
         for request_id in list(self.pending):
             self.processor.states.pop(request_id, None)
             self._finish(request_id, exception=exception)
 
-    async def _watch_processes(self) -> None:
+    async def _watch_replicas(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            for r in self.replicas:
-                if r.dead is None and not r.process.is_alive():
+            for r in list(self.replicas):
+                if r.dead is None and not r.handle.is_alive():
                     await asyncio.sleep(0.5)  # let a last EngineDead message arrive first
-                    self._mark_dead(r.index, f"engine replica {r.index} exited with code {r.process.exitcode}")
+                    if self.replicas[r.index] is r:  # not restarted meanwhile
+                        self._mark_dead(r.index, f"engine replica {r.index} {r.handle.exit_reason()}")
+
+    # -- restarting (Ray) ----------------------------------------------------------------------------
+    async def restart_replica(self, index: int, timeout_s: float = 600.0) -> dict:
+        """Replace a dead replica by a new one in the same bundle (Ray places it anew if its node is gone), on
+        a fresh input socket; returns once it is ready, and routing uses it again. It starts from the model's
+        weights on disk, outside any weight-sync group: the trainer must init the group again. If the trainer has
+        pushed weights before, it takes no requests until the trainer pushes again (``awaiting_weights``)."""
+        if not 0 <= index < len(self.replicas):
+            raise NotFound(f"no replica {index}: the server has {len(self.replicas)} (0..{len(self.replicas) - 1})")
+        if self.placement is None:
+            raise Conflict("restarting a replica needs Ray (--ray_address); a local replica's death stops the server")
+        old = self.replicas[index]
+        if old.dead is None:
+            raise Conflict(f"replica {index} is serving; only a dead replica is restarted")
+        if old.dead.startswith("restarting"):
+            raise Conflict(f"replica {index} is already restarting")
+        old.handle.kill()
+        old.socket.close(linger=0)
+        new = self._launch(index, old.generation + 1)
+        new.dead = f"restarting (was: {old.dead})"  # skipped by routing and the watcher until it is ready
+        self.replicas[index] = new
+        deadline = time.monotonic() + timeout_s
+        while not new.started.is_set():
+            if not new.handle.is_alive() or time.monotonic() > deadline:
+                why = new.handle.exit_reason() if not new.handle.is_alive() else f"not ready after {timeout_s:.0f}s"
+                new.handle.kill()
+                new.dead = f"engine replica {index} failed to restart: {why}"
+                raise EngineUnavailable(new.dead)
+            try:
+                await asyncio.wait_for(new.started.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        if self.weight_version > 0:  # any version the trainer pushes from now on is newer than this
+            new.awaiting_weights = self.weight_version + 1
+        new.dead = None
+        logger.warning("replica %d restarted (generation %d)%s", index, new.generation,
+                       "; it takes requests once the trainer pushes its weights" if new.awaiting_weights else "")
+        return {"replica": index, "generation": new.generation, "awaiting_weights": new.awaiting_weights is not None,
+                **new.handle.describe()}
 
     # -- introspection -----------------------------------------------------------------------------
     def aggregate_stats(self) -> dict:

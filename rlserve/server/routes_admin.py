@@ -1,7 +1,8 @@
-"""rlserve's own endpoints: server info, Prometheus metrics, pause/resume, abort."""
+"""rlserve's own endpoints: server info, Prometheus metrics, pause/resume, abort, restart a replica."""
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -9,9 +10,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from rlserve.server.errors import EngineUnavailable
 from rlserve.server.routing import engine_of, route
 from rlserve.server.schemas import AbortRequest, PauseRequest
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -24,8 +27,8 @@ async def server_info(request: Request):
                 r.stats = stats
         except Exception:  # a busy or dead replica: report what we last heard
             pass
-    replicas = [{"replica": r.index, "pid": r.process.pid, "alive": r.process.is_alive(), "dead": r.dead,
-                 **r.stats} for r in engine.replicas]
+    replicas = [{"replica": r.index, **r.handle.describe(), "dead": r.dead, "generation": r.generation,
+                 "awaiting_weights": r.awaiting_weights is not None, **r.stats} for r in engine.replicas]
     return {
         "model": engine.config.model, "status": _status(request),
         "tensor_parallel_size": engine.config.tensor_parallel_size,
@@ -65,6 +68,8 @@ def _status(request: Request) -> str:
         return "draining"
     if not engine.ready.is_set():
         return "starting"
+    if len(engine.routable_replicas()) < len(engine.replicas):  # Ray: dead, restarting or awaiting weights
+        return "degraded" if engine.routable_replicas() else "dead"
     return "serving"
 
 
@@ -100,6 +105,25 @@ async def abort(request: Request, body: AbortRequest | None = None):
     found = list(engine.pending) if ids is None else engine.find_requests(ids)
     await engine.abort(found)
     return {"message": f"aborted {len(found)} request(s)", "request_ids": ids, "aborted": found}
+
+
+@route(router, "POST", "/restart_replica/{index}/")
+async def restart_replica(request: Request, index: int):
+    """Ray only (--ray_address): start a dead replica again, in its bundle of the placement group (anywhere Ray
+    finds room when its node is gone); answered once it serves. It starts from the model's weights on disk and
+    outside the weight-sync group, which is closed on the other replicas too: the trainer inits the group
+    again (``init_communicator``) and pushes its weights."""
+    engine = engine_of(request)
+    if request.app.state.draining:
+        raise EngineUnavailable("server is shutting down")
+    result = await engine.restart_replica(index)
+    request.app.state.weight_sync_init = None  # the group lacks the new replica's ranks: updates get 409
+    try:
+        await engine.call_all("close_weight_sync")
+    except Exception as e:  # a group that cannot be closed cleanly is replaced at the next init anyway
+        logger.warning("closing the weight-sync group after restarting replica %d: %s", index, e)
+    return {"message": f"replica {index} restarted; init the weight-sync group again before the next update",
+            **result}
 
 
 class EngineCollector:

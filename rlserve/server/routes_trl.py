@@ -19,12 +19,18 @@ router = APIRouter()
 
 @route(router, "GET", "/health/")
 async def health(request: Request):
-    """Asks every engine replica; 503 unless all answer."""
+    """Asks every live engine replica; 503 unless all answer. On Ray, a server whose other replicas serve is
+    "degraded" (200: it still serves) and names its dead ones (restart: ``POST /restart_replica/{i}``)."""
     engine = engine_of(request)
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
     engine.check_serving()
     await engine.call_all("ping", timeout_s=10.0)
+    dead = engine.dead_replicas()
+    awaiting = [r.index for r in engine.replicas if r.dead is None and r.awaiting_weights is not None]
+    if dead or awaiting:
+        return {"status": "degraded", "dead_replicas": {str(i): why for i, why in dead.items()},
+                "awaiting_weights": awaiting}
     return {"status": "ok"}
 
 

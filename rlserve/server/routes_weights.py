@@ -49,6 +49,7 @@ async def _join(request: Request, spec: GroupSpec) -> list[asyncio.Future]:
     replaces any other, established or half-made (a trainer that crashed and came back): the old one is gone
     before this returns, so that the trainer cannot meet it."""
     engine, state = engine_of(request), request.app.state
+    engine.check_all_replicas()
     state.weight_sync_init = None
     await engine.end_named_param_run()
     await engine.call_all("close_weight_sync", timeout_s=spec.timeout_s + 30.0)
@@ -91,6 +92,7 @@ async def init_weight_transfer_engine(request: Request, body: InitWeightTransfer
 
 
 async def _require_group(request: Request, timeout_s: float = 60.0) -> GroupSpec:
+    engine_of(request).check_all_replicas()  # a broadcast to a group with a dead member fails or hangs
     init = getattr(request.app.state, "weight_sync_init", None)
     if not init:
         raise Conflict("no weight-sync group: call /init_communicator/ or /init_weight_transfer_engine first")

@@ -1,0 +1,212 @@
+"""Where an engine replica runs, and the little the API server needs from it: start, is it alive, why did it
+stop, kill it, wait for it. ``EngineClient`` (replicas.py) routes and gathers over ZMQ; it never knows which
+kind of handle it holds.
+
+- ``LocalReplica``: a child process of the API server (multiprocessing, spawn), reached over ipc://. It exits
+  by itself when the API server dies (``run_engine_core`` watches its parent).
+- ``RayReplica``: a Ray actor on any node of a Ray cluster, placed in one bundle of the server's placement
+  group (``RayPlacement``), reached over tcp:// at the API server's advertised address. The actor runs
+  ``run_engine_core`` in its own process (its TP workers are that process's children); Ray ties its life to
+  the API server's (the driver that owns it).
+
+Ray is imported only here, and only when a ``RayPlacement`` is made: without ``--ray_address`` nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import uuid
+from dataclasses import replace
+
+from rlserve.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+RAY_NAMESPACE = "rlserve"
+PLACEMENT_TIMEOUT_S = 300.0  # a cluster without room for every replica fails the start, saying what it lacks
+
+
+class LocalReplica:
+    """Replica ``index`` as a child process on this host's devices [index*tp, (index+1)*tp)."""
+
+    remote = False
+
+    def __init__(self, config: EngineConfig, index: int, num_replicas: int, input_addr: str, output_addr: str,
+                 log_level: str):
+        from rlserve.engine.core_proc import run_engine_core
+        spawn = multiprocessing.get_context("spawn")
+        self.process = spawn.Process(
+            target=run_engine_core, name=f"rlserve-replica{index}", daemon=False,
+            args=(local_replica_config(config, index), index, num_replicas, input_addr, output_addr,
+                  index * config.tensor_parallel_size, log_level),
+            kwargs={"parent_pid": os.getpid()})
+        self.process.start()
+
+    def describe(self) -> dict:
+        return {"pid": self.process.pid, "alive": self.is_alive()}
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def exit_reason(self) -> str:
+        return f"exited with code {self.process.exitcode}"
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def join(self, timeout_s: float) -> None:
+        self.process.join(timeout_s)
+
+
+def local_replica_config(config: EngineConfig, index: int) -> EngineConfig:
+    """Replica ``index`` knows its index (its own request seeds) and runs on devices [index*tp, (index+1)*tp)
+    of the visible ones."""
+    device = config.resolved_device()
+    if device.type != "cuda":
+        return replace(config, data_parallel_rank=index)
+    base = (device.index or 0) + index * config.tensor_parallel_size
+    return replace(config, data_parallel_rank=index, device=f"cuda:{base}")
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--ray_address needs Ray: pip install 'rlserve[ray]' (ray>=2.40) on every node") from None
+    return ray
+
+
+class RayPlacement:
+    """The server's connection to a Ray cluster and its placement group: one bundle per replica.
+
+    A bundle always lands on one node, so a replica's TP workers share a node (and its NVLink): that is the
+    STRICT_PACK of a replica. Across replicas the group is PACK by default (``strategy``): replicas fill a
+    node before the next, which leaves whole nodes free for a trainer sharing the cluster; SPREAD puts them
+    on different nodes (one node's loss costs fewer replicas). Bundle 0 is pinned to the API server's node
+    (``pin_first``): under TRL <= 1.10's protocol the server's rank 0 hosts the weight-sync store and the
+    trainer dials it at the server's HTTP host."""
+
+    def __init__(self, address: str, config: EngineConfig, num_replicas: int, strategy: str = "PACK",
+                 pin_first: bool = True):
+        """Connects to the cluster now (at the edge: a wrong address or a missing Ray fails the start);
+        ``reserve`` makes the placement group."""
+        ray = import_ray()
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=RAY_NAMESPACE, logging_level=logging.WARNING)
+        self.node_ip = ray.util.get_node_ip_address()
+        self.config = config
+        self.num_replicas = num_replicas
+        self.strategy = strategy
+        self.pin_first = pin_first
+        self.server_id = uuid.uuid4().hex[:8]  # actor names of two servers on one cluster do not collide
+        tp = config.tensor_parallel_size
+        self.on_cuda = config.resolved_device().type == "cuda"
+        self.bundle = {"GPU": float(tp), "CPU": 1.0} if self.on_cuda else {"CPU": float(tp)}
+        self.group = None
+
+    def reserve(self, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+        """Blocks until every bundle is placed (call it off the event loop)."""
+        from ray.util.placement_group import placement_group
+        ray = self.ray
+        bundles = [dict(self.bundle) for _ in range(self.num_replicas)]
+        if self.pin_first:
+            bundles[0][f"node:{self.node_ip}"] = 0.001
+        self.group = placement_group(bundles, strategy=self.strategy, name=f"rlserve-{self.server_id}")
+        try:
+            ray.get(self.group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RuntimeError(
+                f"the Ray cluster has no room for {self.num_replicas} replica(s) of {self.bundle} each "
+                f"({self.strategy}{', the first on this node, ' + self.node_ip if self.pin_first else ''}) after "
+                f"{timeout_s:.0f}s; available: {ray.available_resources()}") from None
+        logger.info("placement group %s ready: %d bundle(s) of %s (%s)", self.group.id.hex(), self.num_replicas,
+                    self.bundle, self.strategy)
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            self.ray.util.remove_placement_group(self.group)
+        except Exception:  # the cluster may be gone already
+            pass
+
+
+class RayReplica:
+    """Replica ``index`` as a Ray actor in bundle ``index`` of the placement group. The actor's one task,
+    ``run``, is ``run_engine_core``: it ends when the engine stops (a Shutdown message), and fails when the
+    actor dies (killed, its node gone, or the engine's fatal-error exit)."""
+
+    remote = True
+
+    def __init__(self, placement: RayPlacement, index: int, num_replicas: int, input_addr: str, output_addr: str,
+                 log_level: str, generation: int = 0):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        ray = self.ray = placement.ray
+        tp = placement.config.tensor_parallel_size
+        config = replace(placement.config, data_parallel_rank=index)
+        if placement.on_cuda:  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs: they are cuda:0..tp-1
+            config = replace(config, device="cuda:0")
+        self.name = f"rlserve-{placement.server_id}-replica{index}-{generation}"
+        self.group, self.index = placement.group, index
+        actor_cls = ray.remote(EngineActor)
+        self.actor = actor_cls.options(
+            name=self.name, namespace=RAY_NAMESPACE, max_restarts=0, max_concurrency=1,
+            num_cpus=1 if placement.on_cuda else tp, num_gpus=tp if placement.on_cuda else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement.group, placement_group_bundle_index=index),
+        ).remote()
+        self.done = self.actor.run.remote(config, index, num_replicas, input_addr, output_addr,
+                                          index * tp, log_level)
+        self._reason: str | None = None
+
+    def describe(self) -> dict:
+        return {"ray_actor": self.name, "ray_namespace": RAY_NAMESPACE, "ray_node_id": self.node_id(),
+                "alive": self.is_alive()}
+
+    def node_id(self) -> str | None:
+        """The node its bundle is on (Ray moves a bundle whose node died)."""
+        try:
+            table = self.ray.util.placement_group_table(self.group)
+            return table["bundles_to_node_id"].get(self.index)
+        except Exception:
+            return None
+
+    def is_alive(self) -> bool:
+        ready, _ = self.ray.wait([self.done], timeout=0)
+        return not ready
+
+    def exit_reason(self) -> str:
+        if self._reason is None:
+            try:
+                self.ray.get(self.done, timeout=0)
+                self._reason = "stopped"
+            except self.ray.exceptions.GetTimeoutError:
+                return "still running"
+            except Exception as e:  # RayActorError: killed, node lost, or the engine's os._exit
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self._reason = f"Ray actor {self.name} died ({type(e).__name__}: {first_line[:300]})"
+        return self._reason
+
+    def kill(self) -> None:
+        try:
+            self.ray.kill(self.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+    def join(self, timeout_s: float) -> None:
+        self.ray.wait([self.done], timeout=timeout_s)
+
+
+class EngineActor:
+    """The Ray actor (made with ``ray.remote`` in ``RayReplica``, so that this module imports without Ray)."""
+
+    def run(self, config: EngineConfig, index: int, num_replicas: int, input_addr: str, output_addr: str,
+            tp_rank_base: int, log_level: str) -> None:
+        from rlserve.engine.core_proc import run_engine_core
+        # Ray owns this process's signals and its life (it dies with the API server that owns the actor), and
+        # gives it OMP_NUM_THREADS = its CPUs: no parent to watch, no thread count to guess.
+        run_engine_core(config, index, num_replicas, input_addr, output_addr, tp_rank_base, log_level,
+                        hosted=True)
