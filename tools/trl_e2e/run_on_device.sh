@@ -4,7 +4,8 @@
 #   e2e-1.10 | e2e-1.16   TRL's own GRPOTrainer, unchanged, against rlserve serve (http, grpo-unchanged)
 #   pytest-trl            tests/test_gpu_trl.py with TRL 1.10's client, then 1.16's
 #   sync                  sync-medium: rlserve's bucketed path beside TRL's two wire protocols
-#   pytest-gpu            the other GPU tests
+#   pytest-kernels        sampler / fused-kernel / correctness GPU tests (~25 s)
+#   pytest-gpu            tests/test_gpu.py and tests/test_gpu_distributed.py (full log in $OUT/pytest-gpu.txt)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,9 +37,13 @@ run_step() {
       done ;;
     sync)
       timeout 280 python3 -m rlserve.bench.sync_bench --output "$OUT/sync-medium.json" 2>&1 | grep -v Warning | tail -n 8 ;;
+    pytest-kernels)
+      timeout 200 python3 -m pytest -q -m gpu tests/test_sampler_triton.py tests/test_fused.py tests/test_correctness.py \
+        -p no:cacheprovider > "$OUT/pytest-kernels.txt" 2>&1; tail -n 15 "$OUT/pytest-kernels.txt" ;;
     pytest-gpu)
-      timeout 400 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_distributed.py -x -p no:cacheprovider \
-        2>&1 | tail -n 25 ;;
+      # faulthandler: a test stuck in a collective prints where, instead of a silent cut at the call's limit
+      timeout -s INT 400 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_distributed.py -p no:cacheprovider \
+        -o faulthandler_timeout=150 --durations=0 > "$OUT/pytest-gpu.txt" 2>&1; tail -n 25 "$OUT/pytest-gpu.txt" ;;
   esac
 }
 # One step at a time: each starts a server that sizes its KV cache from the GPU's free memory, so two servers
