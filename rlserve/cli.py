@@ -127,12 +127,12 @@ def _add_compat_flags(p) -> None:
     p.add_argument("--vllm_model_impl", "--vllm-model-impl", "--model_impl", "--model-impl", dest="vllm_model_impl",
                    default="auto", help="Accepted for compatibility: rlserve always runs its own model code.")
     _flag(p, "distributed_executor_backend", default=None, choices=["mp", "uni", "ray"],
-          help="mp / uni: local processes (the default); ray: replicas as actors on a Ray cluster, as with "
-               "--ray_address auto.")
+          help="Accepted for compatibility: tensor-parallel workers are local processes. Replicas go on a Ray "
+               "cluster only with --ray_address (which opens control sockets to the cluster's network).")
     _flag(p, "speculative_config", default=None, help="Not supported (refused when given).")
     _flag(p, "max_logprobs", type=int, default=20,
-          help="Most top logprobs a request may ask for per token (vLLM's default 20; -1: no cap, what TRL >= 1.12 "
-               "starts vLLM with for distillation's top-k teacher logprobs).")
+          help="Most top logprobs a request may ask for per token (vLLM's default 20; -1, what TRL >= 1.12 starts "
+               "vLLM with for distillation's top-k teacher logprobs: up to 1000, as for prompt logprobs).")
     _flag(p, "logprobs_mode", default="processed_logprobs", choices=["processed_logprobs"],
           help="Logprobs after temperature and logit processing: the only mode (the one TRL requires).")
     _flag(p, "weight_transfer_config", default=None,
@@ -150,9 +150,7 @@ def check_compat_flags(args) -> list[str]:
         errors.append(f"two models given: {args.model_positional!r} and --model {args.model!r}")
     if args.model is None:
         errors.append("the model is required: rlserve serve --model MODEL (or rlserve serve MODEL)")
-    if args.distributed_executor_backend == "ray" and not getattr(args, "ray_address", None):
-        args.ray_address = "auto"
-    if args.kv_cache_dtype not in ("auto", args.dtype):
+    if args.kv_cache_dtype.startswith("fp8"):
         errors.append(f"--kv_cache_dtype {args.kv_cache_dtype}: not supported (rlserve keeps the KV cache in the "
                       "model's dtype; use auto)")
     if args.speculative_config:

@@ -46,8 +46,12 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)
 
     def logprobs_limit(self, vocab_size: int) -> int:
-        """The most top logprobs a request may ask for: max_logprobs, or the vocabulary when it is -1."""
-        return vocab_size if self.max_logprobs < 0 else self.max_logprobs
+        """The most top logprobs a request may ask for: max_logprobs; with -1 ("no cap", vLLM's spelling), the
+        same bound as prompt logprobs (1000, or the vocabulary if smaller) -- a top-k over the whole vocabulary
+        on every row of a step would take ~1 GB of KV room in the memory profile and millions of host tuples a
+        step, for a distribution TRL's distillation reads the top 100 of."""
+        from rlserve.sampling import MAX_PROMPT_LOGPROBS
+        return min(vocab_size, MAX_PROMPT_LOGPROBS) if self.max_logprobs < 0 else self.max_logprobs
 
     def __post_init__(self):
         if not self.model:

@@ -62,13 +62,19 @@ def _teardown_default_group(abort: bool, timeout_s: float = 30.0) -> None:
     done = threading.Thread(target=teardown, name="tp-group-teardown", daemon=True)
     done.start()
     done.join(timeout_s)
-    if done.is_alive():
-        logger.warning("tensor-parallel group teardown did not finish within %.0fs; left to process exit", timeout_s)
+    if done.is_alive() and not abort:  # an abort does not wait for peers: it unblocks the stuck destroy too
+        logger.warning("tensor-parallel group teardown did not finish within %.0fs: aborting it", timeout_s)
+        _teardown_default_group(abort=True, timeout_s=timeout_s)
+    elif done.is_alive():
+        logger.warning("tensor-parallel group abort did not finish within %.0fs; left to process exit", timeout_s)
 
 
 class TensorParallelEngine(EngineCore):
     def __init__(self, config: EngineConfig, attention_backend: str = "auto"):
         from rlserve.engine.worker import check_tensor_parallel
+        if dist.is_initialized():  # an earlier engine's group whose teardown never finished: fail before spawning
+            raise RuntimeError("a tensor-parallel process group is still initialised in this process (an earlier "
+                               "engine's teardown did not finish); start the engine in a new process")
         check_tensor_parallel(load_config(resolve_model_dir(config.model, config.revision), config.trust_remote_code),
                               config.tensor_parallel_size)
         store = dist.TCPStore("127.0.0.1", 0, config.tensor_parallel_size, is_master=True, timeout=TP_TIMEOUT,

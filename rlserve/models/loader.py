@@ -14,7 +14,8 @@ import torch
 from rlserve.config import DTYPES
 from rlserve.models.registry import model_class
 
-WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+# *.py: a repository's config / tokenizer code, run only with --trust_remote_code (small; never executed otherwise)
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.py"]
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:

@@ -115,6 +115,11 @@ def serve(args) -> int:
     config = engine_config_from_args(args)
     if args.vllm_model_impl not in ("auto", "vllm"):
         logger.info("--vllm_model_impl %s: rlserve runs its own model implementation", args.vllm_model_impl)
+    if args.kv_cache_dtype != "auto":
+        logger.info("--kv_cache_dtype %s: the KV cache is kept in the model's dtype", args.kv_cache_dtype)
+    if args.distributed_executor_backend == "ray" and not getattr(args, "ray_address", None):
+        logger.warning("--distributed_executor_backend ray: tensor-parallel workers stay local processes; "
+                       "replicas go on a Ray cluster only with --ray_address")
     try:
         security = security_config_from_args(args)
     except ValueError as e:
