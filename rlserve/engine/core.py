@@ -14,39 +14,18 @@ import random
 
 import torch
 
-from rlserve.config import EngineConfig, RuntimeInfo
+from rlserve.config import EngineConfig
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.messages import SeqUpdate
-from rlserve.engine.scheduler import Scheduler, check_fits
+from rlserve.engine.scheduler import Scheduler
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus, stream_seed
-from rlserve.engine.structured import GrammarCompiler, check_spec
+from rlserve.engine.structured import GrammarCompiler
+from rlserve.engine.validation import Limits
 from rlserve.engine.worker import load_worker
 from rlserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-def validate_request(info: RuntimeInfo, prompt_token_ids: list[int], params: SamplingParams,
-                     max_logprobs: int) -> int:
-    """Everything about a request that can be checked before it is queued; raises ValueError naming the
-    field and the limit. Returns the effective max_tokens. The API server runs it too, to answer 400s."""
-    vocab = info.vocab_size
-    if not prompt_token_ids:
-        raise ValueError("prompt must not be empty")
-    for t in prompt_token_ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-            raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-    for t in params.stop_token_ids:
-        if t >= vocab:
-            raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
-    if params.logprobs is not None and params.logprobs > max_logprobs:
-        raise ValueError(f"logprobs must be <= {max_logprobs}, got {params.logprobs}")
-    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
-        raise ValueError(f"prompt_logprobs must be <= {vocab} (the vocabulary size), got {params.prompt_logprobs}")
-    if params.structured_outputs is not None:
-        check_spec(params.structured_outputs)
-    return check_fits(len(prompt_token_ids), params.max_tokens, info.max_model_len, info.kv_capacity_tokens)
 
 
 def request_seed_generator(seed: int | None, data_parallel_rank: int = 0) -> random.Random:
@@ -87,20 +66,21 @@ class EngineCore:
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     stream: bool = False) -> None:
-        """Validate and queue a request; raises ValueError naming the field at fault."""
+        """Queue a request that ``validation.admit`` let in (the API server's admission, or ``LLM.generate``):
+        the engine does not check it again."""
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        max_tokens = self.validate(prompt_token_ids, params)
-        if max_tokens != params.max_tokens:
-            params = params.clone(max_tokens=max_tokens)
+            raise RuntimeError(f"request_id {request_id!r} is already in use")  # the front end's ids are unique
+        if params.max_tokens is None:
+            raise RuntimeError(f"request {request_id} was not admitted (validation.admit resolves max_tokens)")
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         request = Request(request_id, list(prompt_token_ids), params, seed, stream, grammar=grammar)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        return validate_request(self.info, prompt_token_ids, params, self.config.max_logprobs)
+    @property
+    def limits(self) -> Limits:
+        return Limits.of(self.info, self.config.max_logprobs)
 
     def abort_request(self, request_id: str) -> list[SeqUpdate]:
         """End a request; its samples report finish_reason "abort" with what they generated so far."""

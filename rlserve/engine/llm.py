@@ -11,6 +11,7 @@ import os
 from typing import Any, Sequence
 
 from rlserve.config import EngineConfig
+from rlserve.engine.validation import InvalidRequest, admit
 from rlserve.engine.output_processor import OutputProcessor, needs_streaming
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
@@ -56,13 +57,15 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(items):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(items)} prompts")
+        limits = self.engine.limits
+        admitted = []
         for i, ((_, ids), params) in enumerate(zip(items, params_list)):
             try:
-                self.engine.validate(ids, params)
-            except ValueError as e:
-                raise ValueError(f"prompts[{i}]: {e}") from None
+                admitted.append(admit(limits, ids, params))
+            except InvalidRequest as e:  # the same error, its message naming the prompt
+                raise InvalidRequest(e.field, f"prompts[{i}]: {e.message}", e.value, e.limit) from None
         order = []
-        for (text, ids), params in zip(items, params_list):
+        for (text, ids), params in zip(items, admitted):
             request_id = str(next(self._ids))
             self.engine.add_request(request_id, ids, params, stream=needs_streaming(params))
             self.processor.add_request(request_id, text, ids, params, detokenize)

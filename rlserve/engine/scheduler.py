@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
+from rlserve.engine.validation import check_fits
 
 
 class ScheduledSeq:
@@ -68,31 +69,6 @@ class StepResult:
     # One outputs.PromptLogprobs per SchedulerOutput.prompt_logprobs item: the positions its chunk scored.
     prompt_logprobs: list | None = None
     failed: dict[int, str] = field(default_factory=dict)  # scheduled item -> why its draw failed
-
-
-def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity: int) -> int:
-    """Refuse what could never run (longer than the context or the whole KV cache); returns the effective
-    max_tokens (None: as long as the context and the cache allow)."""
-    if max_tokens == 0:  # score the prompt only: it may fill the whole context
-        if num_prompt_tokens > min(max_model_len, capacity):
-            raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {max_model_len} and the "
-                             f"KV cache holds {capacity}: the prompt must fit in both")
-        return 0
-    if num_prompt_tokens >= max_model_len:
-        raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {max_model_len}: "
-                         f"the prompt must be shorter than max_model_len")
-    if max_tokens is None:
-        max_tokens = min(max_model_len, capacity) - num_prompt_tokens
-        if max_tokens < 1:
-            raise ValueError(f"prompt is {num_prompt_tokens} tokens, the KV cache holds {capacity}")
-    total = num_prompt_tokens + max_tokens
-    if total > max_model_len:
-        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                         f"exceeds max_model_len ({max_model_len})")
-    if total > capacity:
-        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                         f"exceeds the KV cache capacity ({capacity} tokens)")
-    return max_tokens
 
 
 class Scheduler:

@@ -27,9 +27,9 @@ import zmq.asyncio
 
 from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
-from rlserve.engine.core import validate_request
 from rlserve.engine.core_proc import run_engine_core
 from rlserve.engine.output_processor import OutputProcessor, RequestState, needs_streaming
+from rlserve.engine.validation import PROMPT, InvalidRequest, Limits, admit
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, Conflict, EngineUnavailable, ServerError
@@ -37,8 +37,6 @@ from rlserve.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
 
-# validate_request's errors that name a sampling field (the rest concern the prompt and its length).
-SAMPLING_FIELDS_CHECKED_WITH_PROMPTS = ("stop_token_ids", "logprobs", "prompt_logprobs")
 SEND_TIMEOUT_S = 30.0  # a live replica reads its input between steps; a full pipe this long means a hung one
 
 
@@ -61,15 +59,6 @@ class Replica:
     request_ids: set[str] = field(default_factory=set)
 
 
-class RuntimeView:
-    """The bits of RuntimeInfo the API needs to validate requests, rebuilt from a replica's summary."""
-
-    def __init__(self, info: dict):
-        self.vocab_size = info["vocab_size"]
-        self.max_model_len = info["max_model_len"]
-        self.kv_capacity_tokens = info["kv_capacity_tokens"]
-
-
 class EngineClient:
     def __init__(self, config: EngineConfig, data_parallel_size: int, tokenizer, log_level: str = "info"):
         if data_parallel_size < 1:
@@ -90,7 +79,7 @@ class EngineClient:
         self.ready = asyncio.Event()
         self.startup_error: str | None = None
         self.dead: str | None = None
-        self.view: RuntimeView | None = None
+        self.limits: Limits | None = None  # admission's view of the replicas, once all are ready
         self.info: dict = {}
         self.weight_version = 0
         self.named_param_run: int | None = None  # the version an open run of per-tensor updates will hold
@@ -178,8 +167,20 @@ class EngineClient:
             raise EngineUnavailable("engine is starting")
 
     # -- generation --------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        validate_request(self.view, prompt_token_ids, params, self.config.max_logprobs)
+    def admit(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
+              field: str = "prompts") -> list[SamplingParams]:
+        """Admission, the only validation a request gets (the engine trusts it): every prompt's parameters as
+        the engine will run them, or a 400 naming ``field[i]`` (an error about that prompt) or the sampling
+        field at fault."""
+        admitted = []
+        for i, (_, ids) in enumerate(prompts):
+            try:
+                admitted.append(admit(self.limits, ids, params))
+            except InvalidRequest as e:
+                if e.field == PROMPT:
+                    raise BadRequest(f"{field}[{i}]: {e.message}", param=field) from None
+                raise BadRequest(e.message, param=e.field) from None
+        return admitted
 
     async def generate(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
                        detokenize: bool = False, is_disconnected=None,
@@ -190,14 +191,7 @@ class EngineClient:
         engine requests are ``{request_id}-{i}``, one per prompt, so that ``abort([request_id])`` finds them.
         ``field``: the request field the prompts came from, named in 400s about one of them."""
         self.check_serving()
-        for i, (_, ids) in enumerate(prompts):
-            try:
-                self.validate(ids, params)
-            except ValueError as e:
-                named = str(e).split(" ", 1)[0].rstrip(":")
-                if named in SAMPLING_FIELDS_CHECKED_WITH_PROMPTS:  # about the sampling field, not this prompt
-                    raise BadRequest(str(e), param=named) from None
-                raise BadRequest(f"{field}[{i}]: {e}", param=field) from None
+        admitted = self.admit(prompts, params, field)
         group = request_id if request_id else uuid.uuid4().hex[:12]
         request_ids = [f"{group}-{i}" for i in range(len(prompts))]
         if request_id and any(r in self.pending for r in request_ids):
@@ -206,9 +200,9 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         try:
             batches: dict[int, list[msg.AddRequest]] = {}
-            for rid, (text, ids) in zip(request_ids, prompts):
+            for rid, (text, ids), run_params in zip(request_ids, prompts, admitted):
                 replica = min((r for r in self.replicas if r.dead is None), key=lambda r: r.outstanding_tokens)
-                cost = (len(ids) + (params.max_tokens or 0)) * params.n
+                cost = (len(ids) + run_params.max_tokens) * params.n
                 replica.outstanding_tokens += cost
                 replica.request_ids.add(rid)
                 self.request_replica[rid] = replica.index
@@ -217,7 +211,7 @@ class EngineClient:
                 self.pending[rid] = future
                 futures.append(future)
                 self.processor.add_request(rid, text, ids, params, detokenize)
-                add = msg.AddRequest(rid, ids, params, needs_streaming(params))
+                add = msg.AddRequest(rid, ids, run_params, needs_streaming(params))
                 batches.setdefault(replica.index, []).append(add)
             for index, batch in batches.items():  # one message per replica: its prompts start together
                 await self.send(self.replicas[index], msg.AddRequests(batch))
@@ -286,12 +280,13 @@ class EngineClient:
         version, self.named_param_run = self.named_param_run, None
         if version is not None:
             try:
-                await self.call_all("finish_weight_update", timeout_s=timeout_s, version=version)
+                await self.call_all(msg.FinishWeightUpdate(version), timeout_s=timeout_s)
             except Exception as e:  # the run failed or already ended (its quiet time passed): status says
                 logger.warning("weights version %d not applied by every replica: %s", version, e)
 
     # -- utility calls -----------------------------------------------------------------------------
-    async def call(self, replica: int, method: str, timeout_s: float = 30.0, **kwargs):
+    async def call(self, replica: int, op: msg.Utility, timeout_s: float = 30.0):
+        """Run one utility operation (a typed message of ``engine/messages.py``) on a replica; its result."""
         r = self.replicas[replica]
         if r.dead is not None:
             raise EngineUnavailable(f"replica {replica} is dead: {r.dead}")
@@ -299,19 +294,20 @@ class EngineClient:
         future = asyncio.get_running_loop().create_future()
         self.calls[call_id] = future
         try:
-            await self.send(r, msg.UtilityCall(call_id, method, kwargs))
+            await self.send(r, msg.UtilityCall(call_id, op))
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
-            raise EngineUnavailable(f"replica {replica} did not answer {method} within {timeout_s:.0f}s") from None
+            raise EngineUnavailable(f"replica {replica} did not answer {type(op).__name__} within "
+                                    f"{timeout_s:.0f}s") from None
         finally:
             self.calls.pop(call_id, None)
 
-    async def call_all(self, method: str, timeout_s: float = 30.0, **kwargs) -> list:
-        return await asyncio.gather(*(self.call(r.index, method, timeout_s, **kwargs) for r in self.replicas))
+    async def call_all(self, op: msg.Utility, timeout_s: float = 30.0) -> list:
+        return await asyncio.gather(*(self.call(r.index, op, timeout_s) for r in self.replicas))
 
-    def send_all_nowait(self, method: str, **kwargs) -> list[asyncio.Future]:
-        """Start a call on every replica without waiting for the answers (returned as futures)."""
-        return [asyncio.ensure_future(self.call(r.index, method, 3600.0, **kwargs)) for r in self.replicas]
+    def send_all_nowait(self, op: msg.Utility) -> list[asyncio.Future]:
+        """Start an operation on every replica without waiting for the answers (returned as futures)."""
+        return [asyncio.ensure_future(self.call(r.index, op, 3600.0)) for r in self.replicas]
 
     # -- sending -----------------------------------------------------------------------------------
     async def send(self, r: Replica, message, timeout_s: float = SEND_TIMEOUT_S) -> None:
@@ -387,7 +383,7 @@ class EngineClient:
                     error = {400: BadRequest, 409: Conflict}.get(m.status)
                     future.set_exception(error(m.error) if error else RuntimeError(m.error))
         elif isinstance(m, msg.RequestFailed):
-            error = BadRequest(m.message, param="prompts") if m.status == 400 else ServerError(m.message)
+            error = BadRequest(m.message, param=m.field) if m.status == 400 else ServerError(m.message)
             self.processor.states.pop(m.request_id, None)
             self._finish(m.request_id, exception=error)
         elif isinstance(m, msg.EngineReady):
@@ -396,7 +392,7 @@ class EngineClient:
                 first = self.replicas[0].info
                 self.info = {k: v for k, v in first.items() if k != "hf_weight_shapes"}
                 self.info["kv_capacity_tokens"] = min(r.info["kv_capacity_tokens"] for r in self.replicas)
-                self.view = RuntimeView(self.info)
+                self.limits = Limits.of(self.info, self.config.max_logprobs)
                 self.weight_shapes = {k: tuple(v) for k, v in first["hf_weight_shapes"].items()}
                 self.ready.set()
         elif isinstance(m, msg.EngineDead):

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from rlserve.engine import messages as msg
 from rlserve.server.routing import engine_of, route
 from rlserve.server.schemas import AbortRequest, PauseRequest
 
@@ -20,7 +21,7 @@ async def server_info(request: Request):
     engine = engine_of(request)
     if engine.is_serving:
         try:
-            for r, stats in zip(engine.replicas, await engine.call_all("stats", timeout_s=10.0)):
+            for r, stats in zip(engine.replicas, await engine.call_all(msg.GetStats(), timeout_s=10.0)):
                 r.stats = stats
         except Exception:  # a busy or dead replica: report what we last heard
             pass
@@ -77,7 +78,7 @@ async def pause(request: Request, body: PauseRequest | None = None,
     engine = engine_of(request)
     engine.check_serving()
     mode = mode or (body or PauseRequest()).mode
-    await engine.call_all("pause", timeout_s=3600.0 if mode == "wait" else 30.0, mode=mode)
+    await engine.call_all(msg.Pause(mode), timeout_s=3600.0 if mode == "wait" else 30.0)
     return {"message": f"paused ({mode})", "mode": mode}
 
 
@@ -85,7 +86,7 @@ async def pause(request: Request, body: PauseRequest | None = None,
 async def resume(request: Request):
     engine = engine_of(request)
     engine.check_serving()
-    await engine.call_all("resume")
+    await engine.call_all(msg.Resume())
     return {"message": "resumed"}
 
 
