@@ -2,8 +2,9 @@
 
 ``step()`` is schedule → run the model → sample → update the sequences. Everything that changes the engine
 from outside -- new requests, aborts, weight loads, prefix-cache resets -- is a method called between steps,
-never during one. The core knows nothing about HTTP or text: token ids in, token ids out. It reports a
-sequence to the front end when it finishes, or every step for streamed requests.
+never during one. The core knows nothing about HTTP; text only for stop strings, which it finds itself
+(``stop_strings.py``) so that a sample ends in the step that completed one. Token ids in, token ids out. It
+reports a sequence to the front end when it finishes, or every step for streamed requests.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.messages import SeqUpdate
 from rlserve.engine.scheduler import Scheduler
-from rlserve.engine.sequence import Request, Sequence, SequenceStatus, stream_seed
+from rlserve.engine.sequence import Request, Sequence, stream_seed
+from rlserve.engine.stop_strings import StopStrings
 from rlserve.engine.structured import GrammarCompiler
 from rlserve.engine.validation import Limits
 from rlserve.engine.worker import load_worker
+from rlserve.tokenizer import load_tokenizer
 from rlserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class EngineCore:
                     "(max_model_len %d)", info.num_kv_blocks, config.block_size, info.kv_capacity_tokens,
                     min(info.max_model_len, info.kv_capacity_tokens), info.max_model_len)
         self.grammars = GrammarCompiler(config.tokenizer or self.model_dir, info.eos_token_ids)
+        self._tokenizer = None  # for stop strings (see ``tokenizer``)
         self.requests: dict[str, Request] = {}
         self.rng = request_seed_generator(config.seed, config.data_parallel_rank)
         self.weight_version = 0
@@ -73,10 +77,19 @@ class EngineCore:
         if params.max_tokens is None:
             raise RuntimeError(f"request {request_id} was not admitted (validation.admit resolves max_tokens)")
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        stop_strings = StopStrings(self.tokenizer, prompt_token_ids, params) if params.stop else None
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
-        request = Request(request_id, list(prompt_token_ids), params, seed, stream, grammar=grammar)
+        request = Request(request_id, list(prompt_token_ids), params, seed, stream, grammar=grammar,
+                          stop_strings=stop_strings)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
+
+    @property
+    def tokenizer(self):
+        """Loaded at the first request with stop strings: an engine that never gets one never pays for it."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer or self.model_dir)  # as the grammars
+        return self._tokenizer
 
     @property
     def limits(self) -> Limits:
@@ -96,16 +109,6 @@ class EngineCore:
         for request_id in list(self.requests):
             updates += self.abort_request(request_id)
         return updates
-
-    def finish_sample(self, request_id: str, index: int, stop_reason: int | str | None = None) -> None:
-        """The front end found a stop string: free that sample without reporting it again."""
-        request = self.requests.get(request_id)
-        if request is None or not request.is_forked or index >= len(request.seqs):
-            return
-        self.scheduler.finish_seq(request.seqs[index], SequenceStatus.FINISHED_STOPPED, stop_reason)
-        self.runner.release([request.seqs[index]])
-        if request.is_finished:
-            del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -142,7 +145,8 @@ class EngineCore:
             top_logprobs=seq.top_logprobs[start:] if p.logprobs else None,
             finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason,
             weight_versions=list(seq.weight_versions), num_cached_tokens=request.num_cached_tokens,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs,
+            text=seq.stop_state.text if seq.stop_state is not None and seq.status.is_finished else None)
 
     # -- weights and cache -------------------------------------------------------------------------
     def validate_weights(self, metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:

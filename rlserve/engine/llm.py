@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from rlserve.config import EngineConfig
 from rlserve.engine.validation import InvalidRequest, admit
-from rlserve.engine.output_processor import OutputProcessor, needs_streaming
+from rlserve.engine.output_processor import OutputProcessor
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.tokenizer import load_tokenizer, render_chat
@@ -67,7 +67,7 @@ class LLM:
         order = []
         for (text, ids), params in zip(items, admitted):
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params, stream=needs_streaming(params))
+            self.engine.add_request(request_id, ids, params)
             self.processor.add_request(request_id, text, ids, params, detokenize)
             order.append(request_id)
         return self._run(order)
@@ -107,11 +107,9 @@ class LLM:
             while self.engine.has_unfinished():
                 for update in self.engine.step():
                     try:
-                        done, finish = self.processor.process(update)
+                        done = self.processor.process(update)
                     except Exception as e:  # e.g. detokenizing: this request fails alone
-                        done, finish = self._fail(update.request_id, f"{type(e).__name__}: {e}"), None
-                    if finish is not None:
-                        self.engine.finish_sample(*finish)
+                        done = self._fail(update.request_id, f"{type(e).__name__}: {e}")
                     if done is not None:
                         results[done.request_id] = done.to_output()
         except BaseException:

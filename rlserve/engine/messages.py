@@ -133,6 +133,7 @@ class SeqUpdate:
     weight_versions: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None  # the request's, once, with the first update after its prefill
+    text: str | None = None  # a finished sample with stop strings: its text as the engine cut it
 
 
 @dataclass

@@ -93,6 +93,8 @@ class Scheduler:
         parent = Sequence(request, 0, list(request.prompt_token_ids))
         if request.grammar is not None:
             parent.grammar_state = request.grammar.new_state()
+        if request.stop_strings is not None:
+            parent.stop_state = request.stop_strings.new_state()
         request.seqs = [parent]
         self.waiting.append(parent)
 
@@ -262,6 +264,8 @@ class Scheduler:
             child = Sequence(request, index, list(parent.token_ids))
             if parent.grammar_state is not None:
                 child.grammar_state = parent.grammar_state.copy()  # still at the start: no token accepted
+            if request.stop_strings is not None:
+                child.stop_state = request.stop_strings.new_state()
             self.block_manager.fork(parent, child)
             children.append(child)
         request.seqs = [parent] + children
@@ -286,6 +290,11 @@ class Scheduler:
             if params.stop_token_ids and token in params.stop_token_ids:
                 seq.finish(SequenceStatus.FINISHED_STOPPED, token)
                 return
+        if seq.stop_state is not None:  # in this step: the sample holds no KV block past its stop string
+            stop = seq.stop_state.add(token, can_stop=num_out > params.min_tokens)
+            if stop is not None:
+                seq.finish(SequenceStatus.FINISHED_STOPPED, stop)
+                return
         if seq.grammar_state is not None and seq.grammar_state.is_terminated():
             seq.finish(SequenceStatus.FINISHED_STOPPED)  # the grammar is complete: only EOS could follow
             return
@@ -305,7 +314,7 @@ class Scheduler:
         self.block_manager.free(seq)
 
     def finish_seq(self, seq: Sequence, status: SequenceStatus, stop_reason=None) -> None:
-        """End a live sequence from outside a step (abort, stop string found by the front end)."""
+        """End a live sequence from outside a step (an abort)."""
         if seq.status.is_finished:
             return
         seq.finish(status, stop_reason)

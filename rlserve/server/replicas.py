@@ -28,7 +28,7 @@ import zmq.asyncio
 from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
 from rlserve.engine.core_proc import run_engine_core
-from rlserve.engine.output_processor import OutputProcessor, RequestState, needs_streaming
+from rlserve.engine.output_processor import OutputProcessor, RequestState
 from rlserve.engine.validation import PROMPT, InvalidRequest, Limits, admit
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
@@ -211,7 +211,7 @@ class EngineClient:
                 self.pending[rid] = future
                 futures.append(future)
                 self.processor.add_request(rid, text, ids, params, detokenize)
-                add = msg.AddRequest(rid, ids, run_params, needs_streaming(params))
+                add = msg.AddRequest(rid, ids, run_params)
                 batches.setdefault(replica.index, []).append(add)
             for index, batch in batches.items():  # one message per replica: its prompts start together
                 await self.send(self.replicas[index], msg.AddRequests(batch))
@@ -363,15 +363,12 @@ class EngineClient:
                         f"{update.stop_reason}"))
                     continue
                 try:
-                    done, finish = self.processor.process(update)
+                    done = self.processor.process(update)
                 except Exception as e:  # fails this request only; the others of the step go on
                     logger.exception("could not process the output of request %s", update.request_id)
                     self._fail_request(update.request_id, ServerError(
                         f"could not process the output of request {update.request_id}: {type(e).__name__}: {e}"))
                     continue
-                if finish is not None:
-                    replica = self.replicas[m.replica]
-                    self.send_soon(replica, msg.FinishSample(*finish))
                 if done is not None:
                     self._resolve(done)
         elif isinstance(m, msg.UtilityResult):
