@@ -1,7 +1,7 @@
 """An engine core in its own process: one data-parallel replica of the server.
 
 A busy loop around ``EngineCore.step()``. Between steps it drains its input socket: new requests, aborts,
-stop-string finishes, and utility calls (stats, prefix-cache reset, pause/resume, weight sync). It sends
+and utility calls, one typed message each (stats, prefix-cache reset, pause/resume, weight sync). It sends
 finished sequences (and the tokens of streamed requests) to the API server after every step. An error in one
 request's own work -- admitting it, its sampling parameters, its grammar, applying its token -- fails only that
 request (finish reason "error"). Any other exception in a step (the forward, the sampler) fails every
