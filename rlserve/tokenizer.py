@@ -1,6 +1,6 @@
 """Tokenizer loading, incremental detokenization and stop-string search.
 
-Text lives here and in the front ends; the engine core sees token ids only.
+Text lives here, in the front ends, and in the engine core for stop strings only (engine/stop_strings.py).
 """
 
 from __future__ import annotations

@@ -121,12 +121,12 @@ def test_grammar_allowing_only_eos_wins_over_min_tokens(llm, spec):
 
 
 # -- item 8 (the engine's part): an error in one request's step fails that request only ------------------------
-FAULTS = ["grammar_accept", "grammar_mask", "sampling_params", "output_processing"]
+FAULTS = ["grammar_accept", "grammar_mask", "sampling_params", "stop_strings"]
 
 
 def inject(monkeypatch, fault: str):
     """Make the engine fail for requests marked as ``bad_params`` below, and nowhere else."""
-    from rlserve.engine import output_processor, sampling_batch, structured
+    from rlserve.engine import sampling_batch, stop_strings, structured
 
     if fault == "grammar_accept":
         accept = structured.GrammarState.accept
@@ -166,13 +166,13 @@ def inject(monkeypatch, fault: str):
                 super().__init__(params, *args)
         monkeypatch.setattr(sampling_batch, "_RequestRow", FailingRow)
     else:
-        find = output_processor.find_stop_string
+        add = stop_strings.StopState.add
 
-        def failing_find(text, delta, stops):
-            if "\x01" in stops:
-                raise RuntimeError("injected output fault")
-            return find(text, delta, stops)
-        monkeypatch.setattr(output_processor, "find_stop_string", failing_find)
+        def failing_add(self, token_id, can_stop):  # detokenizing a sample in the engine fails
+            if "\x01" in self.stops:
+                raise RuntimeError("injected stop-string fault")
+            return add(self, token_id, can_stop)
+        monkeypatch.setattr(stop_strings.StopState, "add", failing_add)
 
 
 def bad_params(fault: str) -> SamplingParams:

@@ -168,6 +168,34 @@ def test_completions_stream(client, tiny_model):
     assert texts == {c.index: c.text for c in whole.choices}
 
 
+def test_stop_strings_end_samples_in_the_engine_streamed_or_not(client, http, llm, tiny_model):
+    """n samples stop at their own points; the SSE stream carries the same cut text; the engine drew no token
+    past the last stop (it finds stop strings itself, in the step that completed them)."""
+    kwargs = dict(model=tiny_model, prompt=TOKEN_PROMPTS[1], max_tokens=40, temperature=1.0, seed=5, n=3,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    full = client.completions.create(**kwargs).choices
+    # One printable byte of each sample's: every sample stops, before max_tokens.
+    stops = sorted({next(chr(t) for t in c.token_ids[3:] if 33 <= t < 127) for c in full})
+    wait_idle(http)
+    steps_before = sum(r["num_steps"] for r in http.get("/server_info/").json()["replicas"])
+    cut = client.completions.create(**kwargs, stop=stops).choices
+    steps = sum(r["num_steps"] for r in http.get("/server_info/").json()["replicas"]) - steps_before
+    for whole, c in zip(full, cut):
+        end = next((i + 1 for i, t in enumerate(whole.token_ids) if chr(t) in stops), None)
+        if end is None:
+            assert c.finish_reason == "length" and c.token_ids == whole.token_ids
+            continue
+        assert c.finish_reason == "stop" and c.stop_reason == chr(whole.token_ids[end - 1])
+        assert c.token_ids == whole.token_ids[:end] and c.stop_reason not in c.text
+    assert all(c.finish_reason == "stop" for c in cut) and len({len(c.token_ids) for c in cut}) > 1, cut
+    assert steps == max(len(c.token_ids) for c in cut)
+    streamed = {}
+    for chunk in client.completions.create(**kwargs, stop=stops, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {c.index: c.text for c in cut}
+
+
 # -- chat completions ---------------------------------------------------------------------------------------
 def test_chat_greedy_equals_offline_llm(client, llm, tiny_model):
     out = client.chat.completions.create(model=tiny_model, messages=MESSAGES, max_tokens=10, temperature=0,

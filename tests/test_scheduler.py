@@ -237,7 +237,7 @@ def test_random_workload_never_runs_more_than_max_num_seqs(seed):
 
 
 @pytest.mark.parametrize("module", ["rlserve.engine.scheduler", "rlserve.engine.kv_cache", "rlserve.engine.messages",
-                                    "rlserve.engine.output_processor"])
+                                    "rlserve.engine.output_processor", "rlserve.engine.validation"])
 def test_module_imports_no_torch(module):
     """The scheduler and block manager are pure CPU logic; the messages and the output processor run in the API
     process, which must not pay for torch because of them."""

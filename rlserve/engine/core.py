@@ -2,8 +2,9 @@
 
 ``step()`` is schedule → run the model → sample → update the sequences. Everything that changes the engine
 from outside -- new requests, aborts, weight loads, prefix-cache resets -- is a method called between steps,
-never during one. The core knows nothing about HTTP or text: token ids in, token ids out. It reports a
-sequence to the front end when it finishes, or every step for streamed requests.
+never during one. The core knows nothing about HTTP; text only for stop strings, which it finds itself
+(``stop_strings.py``) so that a sample ends in the step that completed one. Token ids in, token ids out. It
+reports a sequence to the front end when it finishes, or every step for streamed requests.
 """
 
 from __future__ import annotations
@@ -14,39 +15,20 @@ import random
 
 import torch
 
-from rlserve.config import EngineConfig, RuntimeInfo
+from rlserve.config import EngineConfig
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.messages import SeqUpdate
-from rlserve.engine.scheduler import Scheduler, check_fits
-from rlserve.engine.sequence import Request, Sequence, SequenceStatus, stream_seed
-from rlserve.engine.structured import GrammarCompiler, check_spec
+from rlserve.engine.scheduler import Scheduler
+from rlserve.engine.sequence import Request, Sequence, stream_seed
+from rlserve.engine.stop_strings import StopStrings
+from rlserve.engine.structured import GrammarCompiler
+from rlserve.engine.validation import Limits
 from rlserve.engine.worker import load_worker
+from rlserve.tokenizer import load_tokenizer
 from rlserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-def validate_request(info: RuntimeInfo, prompt_token_ids: list[int], params: SamplingParams,
-                     max_logprobs: int) -> int:
-    """Everything about a request that can be checked before it is queued; raises ValueError naming the
-    field and the limit. Returns the effective max_tokens. The API server runs it too, to answer 400s."""
-    vocab = info.vocab_size
-    if not prompt_token_ids:
-        raise ValueError("prompt must not be empty")
-    for t in prompt_token_ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-            raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-    for t in params.stop_token_ids:
-        if t >= vocab:
-            raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
-    if params.logprobs is not None and params.logprobs > max_logprobs:
-        raise ValueError(f"logprobs must be <= {max_logprobs} (server flag --max_logprobs), got {params.logprobs}")
-    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
-        raise ValueError(f"prompt_logprobs must be <= {vocab} (the vocabulary size), got {params.prompt_logprobs}")
-    if params.structured_outputs is not None:
-        check_spec(params.structured_outputs)
-    return check_fits(len(prompt_token_ids), params.max_tokens, info.max_model_len, info.kv_capacity_tokens)
 
 
 def request_seed_generator(seed: int | None, data_parallel_rank: int = 0) -> random.Random:
@@ -78,6 +60,7 @@ class EngineCore:
                     "(max_model_len %d)", info.num_kv_blocks, config.block_size, info.kv_capacity_tokens,
                     min(info.max_model_len, info.kv_capacity_tokens), info.max_model_len)
         self.grammars = GrammarCompiler(config.tokenizer or self.model_dir, info.eos_token_ids)
+        self._tokenizer = None  # for stop strings (see ``tokenizer``)
         self.requests: dict[str, Request] = {}
         self.rng = request_seed_generator(config.seed, config.data_parallel_rank)
         self.weight_version = 0
@@ -87,21 +70,30 @@ class EngineCore:
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     stream: bool = False) -> None:
-        """Validate and queue a request; raises ValueError naming the field at fault."""
+        """Queue a request that ``validation.admit`` let in (the API server's admission, or ``LLM.generate``):
+        the engine does not check it again."""
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        max_tokens = self.validate(prompt_token_ids, params)
-        if max_tokens != params.max_tokens:
-            params = params.clone(max_tokens=max_tokens)
+            raise RuntimeError(f"request_id {request_id!r} is already in use")  # the front end's ids are unique
+        if params.max_tokens is None:
+            raise RuntimeError(f"request {request_id} was not admitted (validation.admit resolves max_tokens)")
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        stop_strings = StopStrings(self.tokenizer, prompt_token_ids, params) if params.stop else None
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
-        request = Request(request_id, list(prompt_token_ids), params, seed, stream, grammar=grammar)
+        request = Request(request_id, list(prompt_token_ids), params, seed, stream, grammar=grammar,
+                          stop_strings=stop_strings)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        limit = self.config.logprobs_limit(self.info.vocab_size)
-        return validate_request(self.info, prompt_token_ids, params, limit)
+    @property
+    def tokenizer(self):
+        """Loaded at the first request with stop strings: an engine that never gets one never pays for it."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer or self.model_dir)  # as the grammars
+        return self._tokenizer
+
+    @property
+    def limits(self) -> Limits:
+        return Limits.of(self.info, self.config.logprobs_limit(self.info.vocab_size))
 
     def abort_request(self, request_id: str) -> list[SeqUpdate]:
         """End a request; its samples report finish_reason "abort" with what they generated so far."""
@@ -117,16 +109,6 @@ class EngineCore:
         for request_id in list(self.requests):
             updates += self.abort_request(request_id)
         return updates
-
-    def finish_sample(self, request_id: str, index: int, stop_reason: int | str | None = None) -> None:
-        """The front end found a stop string: free that sample without reporting it again."""
-        request = self.requests.get(request_id)
-        if request is None or not request.is_forked or index >= len(request.seqs):
-            return
-        self.scheduler.finish_seq(request.seqs[index], SequenceStatus.FINISHED_STOPPED, stop_reason)
-        self.runner.release([request.seqs[index]])
-        if request.is_finished:
-            del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -163,7 +145,8 @@ class EngineCore:
             top_logprobs=seq.top_logprobs[start:] if p.logprobs else None,
             finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason,
             weight_versions=list(seq.weight_versions), num_cached_tokens=request.num_cached_tokens,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs,
+            text=seq.stop_state.text if seq.stop_state is not None and seq.status.is_finished else None)
 
     # -- weights and cache -------------------------------------------------------------------------
     def validate_weights(self, metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:

@@ -1,7 +1,7 @@
 """An engine core in its own process: one data-parallel replica of the server.
 
 A busy loop around ``EngineCore.step()``. Between steps it drains its input socket: new requests, aborts,
-stop-string finishes, and utility calls (stats, prefix-cache reset, pause/resume, weight sync). It sends
+and utility calls, one typed message each (stats, prefix-cache reset, pause/resume, weight sync). It sends
 finished sequences (and the tokens of streamed requests) to the API server after every step. An error in one
 request's own work -- admitting it, its sampling parameters, its grammar, applying its token -- fails only that
 request (finish reason "error"). Any other exception in a step (the forward, the sampler) fails every
@@ -154,8 +154,6 @@ class EngineCoreProc:
                 updates += self.engine.abort_request(request_id)
             if updates:
                 self.send(msg.StepOutputs(self.replica, updates))
-        elif isinstance(m, msg.FinishSample):
-            self.engine.finish_sample(m.request_id, m.index, m.stop_reason)
         elif isinstance(m, msg.UtilityCall):
             self.call(m)
         elif isinstance(m, msg.Shutdown):
@@ -164,8 +162,8 @@ class EngineCoreProc:
     def add(self, m: msg.AddRequest) -> None:
         try:
             self.engine.add_request(m.request_id, m.prompt_token_ids, m.params, m.stream)
-        except ValueError as e:
-            self.send(msg.RequestFailed(m.request_id, str(e), 400))
+        except ValueError as e:  # what admission could not check without the tokenizer: a grammar it refuses
+            self.send(msg.RequestFailed(m.request_id, str(e), 400, "structured_outputs"))
         except Exception as e:  # one bad request must not take the engine down
             logger.exception("could not admit request %s", m.request_id)
             if m.request_id in self.engine.requests:
@@ -176,33 +174,45 @@ class EngineCoreProc:
             self.send(msg.RequestFailed(m.request_id, f"{type(e).__name__}: {e}", 500))
 
     def call(self, m: msg.UtilityCall) -> None:
-        method = getattr(self, f"rpc_{m.method}", None)
-        if method is None:
-            self.send(msg.UtilityResult(m.call_id, error=f"unknown method {m.method!r}", status=500))
-            return
         try:
-            result = method(m.call_id, **m.kwargs)
+            result = self.utility(m.call_id, m.op)
         except ValueError as e:
             self.send(msg.UtilityResult(m.call_id, error=str(e), status=400))
         except Exception as e:  # reported to the caller; the engine keeps serving
-            logger.exception("utility call %s failed", m.method)
+            logger.exception("utility call %s failed", type(m.op).__name__)
             self.send(msg.UtilityResult(m.call_id, error=f"{type(e).__name__}: {e}", status=500))
         else:
             if result is not DEFERRED:
                 self.send(msg.UtilityResult(m.call_id, result))
 
-    # -- utility calls: each returns a result, or DEFERRED when it answers later ----------------------
-    def rpc_ping(self, call_id):
-        return {"ok": True, "replica": self.replica}
+    def utility(self, call_id: int, op: msg.Utility):
+        """One operation per message class, dispatched here and nowhere else."""
+        match op:
+            case msg.Ping():
+                return {"ok": True, "replica": self.replica}
+            case msg.GetStats():
+                return self.stats()
+            case msg.ResetPrefixCache():
+                self.engine.reset_prefix_cache()
+                return {"ok": True}
+            case msg.Pause(mode=mode):
+                return self.pause(call_id, mode)
+            case msg.Resume():
+                return self.resume()
+            case msg.InitWeightSync(spec=spec):
+                return self.init_weight_sync(call_id, spec)
+            case msg.CloseWeightSync():
+                return self.close_weight_sync()
+            case msg.BeginWeightUpdate(update_timeout_s=timeout_s):
+                return self.begin_weight_update(timeout_s)
+            case msg.UpdateWeights():
+                return self.update_weights(op)
+            case msg.FinishWeightUpdate(version=version):
+                return self.finish_weight_update(version)
+        raise RuntimeError(f"unknown utility operation {type(op).__name__}")
 
-    def rpc_stats(self, call_id):
-        return self.stats()
-
-    def rpc_reset_prefix_cache(self, call_id):
-        self.engine.reset_prefix_cache()
-        return {"ok": True}
-
-    def rpc_pause(self, call_id, mode: str):
+    # -- utility operations: each returns a result, or DEFERRED when it answers later ----------------
+    def pause(self, call_id: int, mode: str):
         if mode == "abort":
             updates = self.engine.abort_all()
             if updates:
@@ -218,7 +228,7 @@ class EngineCoreProc:
             raise ValueError(f"mode must be 'abort', 'wait' or 'keep', got {mode!r}")
         return {"paused": True}
 
-    def rpc_resume(self, call_id):
+    def resume(self):
         self.paused = None
         for waiting in self.draining_calls:  # a resume overrides a pause that has not happened yet
             self.send(msg.UtilityResult(waiting, {"paused": False}))
@@ -226,7 +236,7 @@ class EngineCoreProc:
         return {"paused": False}
 
     # -- weight sync ---------------------------------------------------------------------------------
-    def rpc_init_weight_sync(self, call_id, spec: dict):
+    def init_weight_sync(self, call_id: int, spec: dict):
         """Join the group in a thread, so that generation goes on while the trainer connects; the group's
         warm-up collective then runs in the loop, between steps (``finish_joins``), and answers the call."""
         self._close_weight_sync()
@@ -269,7 +279,7 @@ class EngineCoreProc:
             logger.info("joined the weight-sync group as rank %d (%s)", group.rank, group.backend)
             self.send(msg.UtilityResult(call_id, {"rank": group.rank, "backend": group.backend}))
 
-    def rpc_begin_weight_update(self, call_id, update_timeout_s: float):
+    def begin_weight_update(self, update_timeout_s: float):
         """vLLM's start_weight_update: no step runs until finish_weight_update, so that no token is generated
         on a mix of old and new weights -- or until ``update_timeout_s`` pass without a call of the update."""
         if self.weight_sync is None:
@@ -277,19 +287,19 @@ class EngineCoreProc:
         self._open_update(update_timeout_s)
         return {"ok": True}
 
-    def rpc_update_weights(self, call_id, buckets: list[dict], version: int | None = None,
-                           run_version: int | None = None, run_timeout_s: float = 60.0, discard: bool = False):
+    def update_weights(self, op: msg.UpdateWeights):
         """Receive and load every bucket now, between two steps. With ``version``: a whole update, which holds
         at once. Without: one part of an update (opened here if none is: ``run_version`` is the version it
         will hold), applied by finish_weight_update, or once ``run_timeout_s`` pass without another part.
         ``discard``: receive and drop an update that was refused after the trainer began sending; it ends the
         update in progress (the trainer will not finish it)."""
         from rlserve.distributed.weight_sync import BucketMeta
+        buckets, version, discard = op.buckets, op.version, op.discard
         if self.weight_sync is None:
             raise ValueError("no weight-sync group: call init_communicator first")
         group = self.weight_sync
         if version is None and not discard:
-            self._open_update(run_timeout_s, run_version)
+            self._open_update(op.run_timeout_s, op.run_version)
         metas = [BucketMeta.from_dict(b) for b in buckets]
         start = time.perf_counter()
         try:
@@ -310,7 +320,7 @@ class EngineCoreProc:
             self.update["deadline"] = time.monotonic() + self.update["timeout_s"]
         return {"version": version, "bytes": nbytes, "seconds": self.last_weight_sync_seconds}
 
-    def rpc_finish_weight_update(self, call_id, version: int):
+    def finish_weight_update(self, version: int):
         """Apply the update in progress as ``version``. Refused (ValueError) when none is: it failed, was
         refused or expired -- the weights are then not labelled with a version they may not be."""
         if self.update is None:
@@ -350,7 +360,7 @@ class EngineCoreProc:
             logger.error("weight update not finished within %.0fs: serving on", update["timeout_s"])
             self._end_update("not finished in time")
 
-    def rpc_close_weight_sync(self, call_id):
+    def close_weight_sync(self):
         self._close_weight_sync()
         if self.update is not None:
             self.update["deadline"] = 0.0

@@ -11,7 +11,8 @@ import os
 from typing import Any, Sequence
 
 from rlserve.config import EngineConfig
-from rlserve.engine.output_processor import OutputProcessor, needs_streaming
+from rlserve.engine.validation import InvalidRequest, admit
+from rlserve.engine.output_processor import OutputProcessor
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.tokenizer import load_tokenizer, render_chat
@@ -56,15 +57,17 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(items):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(items)} prompts")
+        limits = self.engine.limits
+        admitted = []
         for i, ((_, ids), params) in enumerate(zip(items, params_list)):
             try:
-                self.engine.validate(ids, params)
-            except ValueError as e:
-                raise ValueError(f"prompts[{i}]: {e}") from None
+                admitted.append(admit(limits, ids, params))
+            except InvalidRequest as e:  # the same error, its message naming the prompt
+                raise InvalidRequest(e.field, f"prompts[{i}]: {e.message}", e.value, e.limit) from None
         order = []
-        for (text, ids), params in zip(items, params_list):
+        for (text, ids), params in zip(items, admitted):
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params, stream=needs_streaming(params))
+            self.engine.add_request(request_id, ids, params)
             self.processor.add_request(request_id, text, ids, params, detokenize)
             order.append(request_id)
         return self._run(order)
@@ -104,11 +107,9 @@ class LLM:
             while self.engine.has_unfinished():
                 for update in self.engine.step():
                     try:
-                        done, finish = self.processor.process(update)
+                        done = self.processor.process(update)
                     except Exception as e:  # e.g. detokenizing: this request fails alone
-                        done, finish = self._fail(update.request_id, f"{type(e).__name__}: {e}"), None
-                    if finish is not None:
-                        self.engine.finish_sample(*finish)
+                        done = self._fail(update.request_id, f"{type(e).__name__}: {e}")
                     if done is not None:
                         results[done.request_id] = done.to_output()
         except BaseException:

@@ -1,6 +1,8 @@
 """Typed messages between the API server and the engine-core processes (pickled over ZMQ).
 
-API → core: ``AddRequests``, ``AbortRequests``, ``FinishSample``, ``UtilityCall``, ``Shutdown``.
+API → core: ``AddRequests``, ``AbortRequests``, ``UtilityCall`` (of one typed operation: ``Ping``, ``GetStats``,
+``ResetPrefixCache``, ``Pause``, ``Resume``, ``InitWeightSync``, ``CloseWeightSync``, ``BeginWeightUpdate``,
+``UpdateWeights``, ``FinishWeightUpdate``), ``Shutdown``.
 Core → API: ``EngineReady``, ``StepOutputs`` (of ``SeqUpdate``s), ``RequestFailed``, ``UtilityResult``,
 ``EngineDead``.
 Messages on one socket arrive in the order they were sent, so a request sent after a weight update is
@@ -39,18 +41,71 @@ class AbortRequests:
     request_ids: list[str] | None  # None: every request
 
 
+# -- utility operations: one class each, dispatched by type in ``EngineCoreProc.call`` ------------------------
 @dataclass
-class FinishSample:
-    request_id: str
-    index: int
-    stop_reason: int | str | None
+class Ping:
+    pass
+
+
+@dataclass
+class GetStats:
+    pass
+
+
+@dataclass
+class ResetPrefixCache:
+    pass
+
+
+@dataclass
+class Pause:
+    mode: str  # "abort", "wait" or "keep"
+
+
+@dataclass
+class Resume:
+    pass
+
+
+@dataclass
+class InitWeightSync:
+    spec: dict  # a GroupSpec's fields (weight_sync.GroupSpec imports torch; this module must not)
+
+
+@dataclass
+class CloseWeightSync:
+    pass
+
+
+@dataclass
+class BeginWeightUpdate:
+    update_timeout_s: float
+
+
+@dataclass
+class UpdateWeights:
+    """With ``version``: a whole update. Without: one part of an update (``run_version``: the version the run
+    will hold). ``discard``: receive and drop a refused update."""
+    buckets: list[dict]
+    version: int | None = None
+    run_version: int | None = None
+    run_timeout_s: float = 60.0
+    discard: bool = False
+
+
+@dataclass
+class FinishWeightUpdate:
+    version: int
+
+
+Utility = (Ping | GetStats | ResetPrefixCache | Pause | Resume | InitWeightSync | CloseWeightSync
+           | BeginWeightUpdate | UpdateWeights | FinishWeightUpdate)
 
 
 @dataclass
 class UtilityCall:
     call_id: int
-    method: str
-    kwargs: dict = field(default_factory=dict)
+    op: Utility
 
 
 @dataclass
@@ -78,6 +133,7 @@ class SeqUpdate:
     weight_versions: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None  # the request's, once, with the first update after its prefill
+    text: str | None = None  # a finished sample with stop strings: its text as the engine cut it
 
 
 @dataclass
@@ -89,9 +145,11 @@ class StepOutputs:
 
 @dataclass
 class RequestFailed:
+    """A request the engine could not take (admission let it in: a grammar the tokenizer refuses, a bug)."""
     request_id: str
     message: str
     status: int = 400
+    field: str | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
+from rlserve.engine.validation import check_fits
 
 
 class ScheduledSeq:
@@ -70,31 +71,6 @@ class StepResult:
     failed: dict[int, str] = field(default_factory=dict)  # scheduled item -> why its draw failed
 
 
-def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, capacity: int) -> int:
-    """Refuse what could never run (longer than the context or the whole KV cache); returns the effective
-    max_tokens (None: as long as the context and the cache allow)."""
-    if max_tokens == 0:  # score the prompt only: it may fill the whole context
-        if num_prompt_tokens > min(max_model_len, capacity):
-            raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {max_model_len} and the "
-                             f"KV cache holds {capacity}: the prompt must fit in both")
-        return 0
-    if num_prompt_tokens >= max_model_len:
-        raise ValueError(f"prompt is {num_prompt_tokens} tokens, max_model_len is {max_model_len}: "
-                         f"the prompt must be shorter than max_model_len")
-    if max_tokens is None:
-        max_tokens = min(max_model_len, capacity) - num_prompt_tokens
-        if max_tokens < 1:
-            raise ValueError(f"prompt is {num_prompt_tokens} tokens, the KV cache holds {capacity}")
-    total = num_prompt_tokens + max_tokens
-    if total > max_model_len:
-        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                         f"exceeds max_model_len ({max_model_len})")
-    if total > capacity:
-        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                         f"exceeds the KV cache capacity ({capacity} tokens)")
-    return max_tokens
-
-
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: tuple[int, ...]):
@@ -117,6 +93,8 @@ class Scheduler:
         parent = Sequence(request, 0, list(request.prompt_token_ids))
         if request.grammar is not None:
             parent.grammar_state = request.grammar.new_state()
+        if request.stop_strings is not None:
+            parent.stop_state = request.stop_strings.new_state()
         request.seqs = [parent]
         self.waiting.append(parent)
 
@@ -286,6 +264,8 @@ class Scheduler:
             child = Sequence(request, index, list(parent.token_ids))
             if parent.grammar_state is not None:
                 child.grammar_state = parent.grammar_state.copy()  # still at the start: no token accepted
+            if request.stop_strings is not None:
+                child.stop_state = request.stop_strings.new_state()
             self.block_manager.fork(parent, child)
             children.append(child)
         request.seqs = [parent] + children
@@ -310,6 +290,11 @@ class Scheduler:
             if params.stop_token_ids and token in params.stop_token_ids:
                 seq.finish(SequenceStatus.FINISHED_STOPPED, token)
                 return
+        if seq.stop_state is not None:  # in this step: the sample holds no KV block past its stop string
+            stop = seq.stop_state.add(token, can_stop=num_out > params.min_tokens)
+            if stop is not None:
+                seq.finish(SequenceStatus.FINISHED_STOPPED, stop)
+                return
         if seq.grammar_state is not None and seq.grammar_state.is_terminated():
             seq.finish(SequenceStatus.FINISHED_STOPPED)  # the grammar is complete: only EOS could follow
             return
@@ -329,7 +314,7 @@ class Scheduler:
         self.block_manager.free(seq)
 
     def finish_seq(self, seq: Sequence, status: SequenceStatus, stop_reason=None) -> None:
-        """End a live sequence from outside a step (abort, stop string found by the front end)."""
+        """End a live sequence from outside a step (an abort)."""
         if seq.status.is_finished:
             return
         seq.finish(status, stop_reason)

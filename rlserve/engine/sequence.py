@@ -69,6 +69,7 @@ class Request:
     seed: int  # the user's seed, or one drawn from the engine's generator
     stream: bool = False  # send every new token to the front end, not only the finished sequences
     grammar: object | None = None  # a CompiledGrammar when the request asks for structured outputs
+    stop_strings: object | None = None  # a stop_strings.StopStrings when the request has stop strings
     sampling_row: object | None = None  # its parameters as a row of the sampler's batch (sampling_batch.py)
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list["Sequence"] = field(default_factory=list)
@@ -113,6 +114,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.rng_seed = stream_seed(request.seed, sample_index)
         self.grammar_state = None  # advanced with each newly sampled token (never on recompute)
+        self.stop_state = None  # its text, for stop strings: advanced likewise (stop_strings.StopState)
         # What the front end gets back (kept here so that non-streamed requests send one message).
         self.sampled_logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []

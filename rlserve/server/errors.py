@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rlserve.engine.validation import InvalidRequest
+
 logger = logging.getLogger(__name__)
 
 
@@ -122,6 +124,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return error_response(400, message, "invalid_request_error", field)
+
+    @app.exception_handler(InvalidRequest)
+    async def invalid_request(request: Request, exc: InvalidRequest):
+        return error_response(400, exc.message, "invalid_request_error", exc.field)
 
     @app.exception_handler(ValueError)
     async def value_error(request: Request, exc: ValueError):

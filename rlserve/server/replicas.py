@@ -31,8 +31,8 @@ import zmq.asyncio
 
 from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
-from rlserve.engine.core import validate_request
-from rlserve.engine.output_processor import OutputProcessor, RequestState, needs_streaming
+from rlserve.engine.output_processor import OutputProcessor, RequestState
+from rlserve.engine.validation import PROMPT, InvalidRequest, Limits, admit
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, Conflict, EngineUnavailable, NotFound, ServerError
@@ -41,8 +41,6 @@ from rlserve.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
 
-# validate_request's errors that name a sampling field (the rest concern the prompt and its length).
-SAMPLING_FIELDS_CHECKED_WITH_PROMPTS = ("stop_token_ids", "logprobs", "prompt_logprobs")
 SEND_TIMEOUT_S = 30.0  # a live replica reads its input between steps; a full pipe this long means a hung one
 
 
@@ -68,15 +66,6 @@ class Replica:
     # Restarted after the trainer pushed weights: it serves the weights on disk, so it takes no requests until it
     # reports this version or a later one (the trainer's next push after re-initing the group).
     awaiting_weights: int | None = None
-
-
-class RuntimeView:
-    """The bits of RuntimeInfo the API needs to validate requests, rebuilt from a replica's summary."""
-
-    def __init__(self, info: dict):
-        self.vocab_size = info["vocab_size"]
-        self.max_model_len = info["max_model_len"]
-        self.kv_capacity_tokens = info["kv_capacity_tokens"]
 
 
 class EngineClient:
@@ -106,7 +95,7 @@ class EngineClient:
         self.ready = asyncio.Event()
         self.startup_error: str | None = None
         self.dead: str | None = None
-        self.view: RuntimeView | None = None
+        self.limits: Limits | None = None  # admission's view of the replicas, once all are ready
         self.info: dict = {}
         self.weight_version = 0
         self.named_param_run: int | None = None  # the version an open run of per-tensor updates will hold
@@ -228,9 +217,20 @@ class EngineClient:
                                     f"it (POST /restart_replica/{i}), then init the weight-sync group again")
 
     # -- generation --------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        limit = self.config.logprobs_limit(self.view.vocab_size)
-        validate_request(self.view, prompt_token_ids, params, limit)
+    def admit(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
+              field: str = "prompts") -> list[SamplingParams]:
+        """Admission, the only validation a request gets (the engine trusts it): every prompt's parameters as
+        the engine will run them, or a 400 naming ``field[i]`` (an error about that prompt) or the sampling
+        field at fault."""
+        admitted = []
+        for i, (_, ids) in enumerate(prompts):
+            try:
+                admitted.append(admit(self.limits, ids, params))
+            except InvalidRequest as e:
+                if e.field == PROMPT:
+                    raise BadRequest(f"{field}[{i}]: {e.message}", param=field) from None
+                raise BadRequest(e.message, param=e.field) from None
+        return admitted
 
     async def generate(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
                        detokenize: bool = False, is_disconnected=None,
@@ -241,14 +241,7 @@ class EngineClient:
         engine requests are ``{request_id}-{i}``, one per prompt, so that ``abort([request_id])`` finds them.
         ``field``: the request field the prompts came from, named in 400s about one of them."""
         self.check_serving()
-        for i, (_, ids) in enumerate(prompts):
-            try:
-                self.validate(ids, params)
-            except ValueError as e:
-                named = str(e).split(" ", 1)[0].rstrip(":")
-                if named in SAMPLING_FIELDS_CHECKED_WITH_PROMPTS:  # about the sampling field, not this prompt
-                    raise BadRequest(str(e), param=named) from None
-                raise BadRequest(f"{field}[{i}]: {e}", param=field) from None
+        admitted = self.admit(prompts, params, field)
         group = request_id if request_id else uuid.uuid4().hex[:12]
         request_ids = [f"{group}-{i}" for i in range(len(prompts))]
         if request_id and any(r in self.pending for r in request_ids):
@@ -257,12 +250,12 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         try:
             batches: dict[int, list[msg.AddRequest]] = {}
-            for rid, (text, ids) in zip(request_ids, prompts):
+            for rid, (text, ids), run_params in zip(request_ids, prompts, admitted):
                 routable = self.routable_replicas()
                 if not routable:
                     raise EngineUnavailable("no engine replica is serving")
                 replica = min(routable, key=lambda r: r.outstanding_tokens)
-                cost = (len(ids) + (params.max_tokens or 0)) * params.n
+                cost = (len(ids) + run_params.max_tokens) * params.n
                 replica.outstanding_tokens += cost
                 replica.request_ids.add(rid)
                 self.request_replica[rid] = replica.index
@@ -271,7 +264,7 @@ class EngineClient:
                 self.pending[rid] = future
                 futures.append(future)
                 self.processor.add_request(rid, text, ids, params, detokenize)
-                add = msg.AddRequest(rid, ids, params, needs_streaming(params))
+                add = msg.AddRequest(rid, ids, run_params)
                 batches.setdefault(replica.index, []).append(add)
             for index, batch in batches.items():  # one message per replica: its prompts start together
                 await self.send(self.replicas[index], msg.AddRequests(batch))
@@ -340,12 +333,13 @@ class EngineClient:
         version, self.named_param_run = self.named_param_run, None
         if version is not None:
             try:
-                await self.call_all("finish_weight_update", timeout_s=timeout_s, version=version)
+                await self.call_all(msg.FinishWeightUpdate(version), timeout_s=timeout_s)
             except Exception as e:  # the run failed or already ended (its quiet time passed): status says
                 logger.warning("weights version %d not applied by every replica: %s", version, e)
 
     # -- utility calls -----------------------------------------------------------------------------
-    async def call(self, replica: int, method: str, timeout_s: float = 30.0, **kwargs):
+    async def call(self, replica: int, op: msg.Utility, timeout_s: float = 30.0):
+        """Run one utility operation (a typed message of ``engine/messages.py``) on a replica; its result."""
         r = self.replicas[replica]
         if r.dead is not None:
             raise EngineUnavailable(f"replica {replica} is dead: {r.dead}")
@@ -354,23 +348,23 @@ class EngineClient:
         self.calls[call_id] = future
         self.call_replica[call_id] = replica
         try:
-            await self.send(r, msg.UtilityCall(call_id, method, kwargs))
+            await self.send(r, msg.UtilityCall(call_id, op))
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
-            raise EngineUnavailable(f"replica {replica} did not answer {method} within {timeout_s:.0f}s") from None
+            raise EngineUnavailable(f"replica {replica} did not answer {type(op).__name__} within "
+                                    f"{timeout_s:.0f}s") from None
         finally:
             self.calls.pop(call_id, None)
             self.call_replica.pop(call_id, None)
 
-    async def call_all(self, method: str, timeout_s: float = 30.0, **kwargs) -> list:
+    async def call_all(self, op: msg.Utility, timeout_s: float = 30.0) -> list:
         """Call every live replica (every replica, unless replica deaths are tolerated: then a dead one has
         stopped the server already)."""
-        return await asyncio.gather(*(self.call(r.index, method, timeout_s, **kwargs)
-                                      for r in self.live_replicas()))
+        return await asyncio.gather(*(self.call(r.index, op, timeout_s) for r in self.live_replicas()))
 
-    def send_all_nowait(self, method: str, **kwargs) -> list[asyncio.Future]:
-        """Start a call on every live replica without waiting for the answers (returned as futures)."""
-        return [asyncio.ensure_future(self.call(r.index, method, 3600.0, **kwargs)) for r in self.live_replicas()]
+    def send_all_nowait(self, op: msg.Utility) -> list[asyncio.Future]:
+        """Start an operation on every live replica without waiting for the answers (returned as futures)."""
+        return [asyncio.ensure_future(self.call(r.index, op, 3600.0)) for r in self.live_replicas()]
 
     # -- sending -----------------------------------------------------------------------------------
     async def send(self, r: Replica, message, timeout_s: float = SEND_TIMEOUT_S) -> None:
@@ -431,15 +425,12 @@ class EngineClient:
                         f"{update.stop_reason}"))
                     continue
                 try:
-                    done, finish = self.processor.process(update)
+                    done = self.processor.process(update)
                 except Exception as e:  # fails this request only; the others of the step go on
                     logger.exception("could not process the output of request %s", update.request_id)
                     self._fail_request(update.request_id, ServerError(
                         f"could not process the output of request {update.request_id}: {type(e).__name__}: {e}"))
                     continue
-                if finish is not None:
-                    replica = self.replicas[m.replica]
-                    self.send_soon(replica, msg.FinishSample(*finish))
                 if done is not None:
                     self._resolve(done)
         elif isinstance(m, msg.UtilityResult):
@@ -451,7 +442,7 @@ class EngineClient:
                     error = {400: BadRequest, 409: Conflict}.get(m.status)
                     future.set_exception(error(m.error) if error else RuntimeError(m.error))
         elif isinstance(m, msg.RequestFailed):
-            error = BadRequest(m.message, param="prompts") if m.status == 400 else ServerError(m.message)
+            error = BadRequest(m.message, param=m.field) if m.status == 400 else ServerError(m.message)
             self.processor.states.pop(m.request_id, None)
             self._finish(m.request_id, exception=error)
         elif isinstance(m, msg.EngineReady):
@@ -461,7 +452,7 @@ class EngineClient:
                 first = self.replicas[0].info
                 self.info = {k: v for k, v in first.items() if k != "hf_weight_shapes"}
                 self.info["kv_capacity_tokens"] = min(r.info["kv_capacity_tokens"] for r in self.replicas)
-                self.view = RuntimeView(self.info)
+                self.limits = Limits.of(self.info, self.config.logprobs_limit(self.info["vocab_size"]))
                 self.weight_shapes = {k: tuple(v) for k, v in first["hf_weight_shapes"].items()}
                 self.ready.set()
         elif isinstance(m, msg.EngineDead):

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rlserve.server.errors import EngineUnavailable
+from rlserve.engine import messages as msg
 from rlserve.server.routing import engine_of, route
 from rlserve.server.schemas import AbortRequest, PauseRequest
 
@@ -23,7 +24,7 @@ async def server_info(request: Request):
     engine = engine_of(request)
     if engine.is_serving:
         try:
-            for r, stats in zip(engine.replicas, await engine.call_all("stats", timeout_s=10.0)):
+            for r, stats in zip(engine.replicas, await engine.call_all(msg.GetStats(), timeout_s=10.0)):
                 r.stats = stats
         except Exception:  # a busy or dead replica: report what we last heard
             pass
@@ -82,7 +83,7 @@ async def pause(request: Request, body: PauseRequest | None = None,
     engine = engine_of(request)
     engine.check_serving()
     mode = mode or (body or PauseRequest()).mode
-    await engine.call_all("pause", timeout_s=3600.0 if mode == "wait" else 30.0, mode=mode)
+    await engine.call_all(msg.Pause(mode), timeout_s=3600.0 if mode == "wait" else 30.0)
     return {"message": f"paused ({mode})", "mode": mode}
 
 
@@ -90,7 +91,7 @@ async def pause(request: Request, body: PauseRequest | None = None,
 async def resume(request: Request):
     engine = engine_of(request)
     engine.check_serving()
-    await engine.call_all("resume")
+    await engine.call_all(msg.Resume())
     return {"message": "resumed"}
 
 
@@ -119,7 +120,7 @@ async def restart_replica(request: Request, index: int):
     result = await engine.restart_replica(index)
     request.app.state.weight_sync_init = None  # the group lacks the new replica's ranks: updates get 409
     try:
-        await engine.call_all("close_weight_sync")
+        await engine.call_all(msg.CloseWeightSync())
     except Exception as e:  # a group that cannot be closed cleanly is replaced at the next init anyway
         logger.warning("closing the weight-sync group after restarting replica %d: %s", index, e)
     return {"message": f"replica {index} restarted; init the weight-sync group again before the next update",

@@ -6,6 +6,7 @@ import dataclasses
 
 from fastapi import APIRouter, Request
 
+from rlserve.engine import messages as msg
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server import binary
@@ -25,7 +26,7 @@ async def health(request: Request):
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
     engine.check_serving()
-    await engine.call_all("ping", timeout_s=10.0)
+    await engine.call_all(msg.Ping(), timeout_s=10.0)
     dead = engine.dead_replicas()
     awaiting = [r.index for r in engine.replicas if r.dead is None and r.awaiting_weights is not None]
     if dead or awaiting:
@@ -140,6 +141,6 @@ async def reset_prefix_cache(request: Request):
     engine = engine_of(request)
     engine.check_serving()
     await engine.end_named_param_run()
-    await engine.call_all("reset_prefix_cache")
+    await engine.call_all(msg.ResetPrefixCache())
     return {"message": "Prefix cache reset"}
 

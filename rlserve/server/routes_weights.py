@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from rlserve.distributed.weight_sync import BUCKET_DTYPES, GroupSpec, parse_dtype, plan_vllm_buckets
+from rlserve.engine import messages as msg
 from rlserve.server.errors import BadRequest, Conflict
 from rlserve.server.routing import engine_of, route
 from rlserve.server.schemas import (InitCommunicatorRequest, InitWeightTransferRequest, UpdateNamedParamRequest,
@@ -52,9 +53,9 @@ async def _join(request: Request, spec: GroupSpec) -> list[asyncio.Future]:
     engine.check_all_replicas()
     state.weight_sync_init = None
     await engine.end_named_param_run()
-    await engine.call_all("close_weight_sync", timeout_s=spec.timeout_s + 30.0)
+    await engine.call_all(msg.CloseWeightSync(), timeout_s=spec.timeout_s + 30.0)
     state.weight_sync_spec = spec
-    state.weight_sync_init = engine.send_all_nowait("init_weight_sync", spec=spec.to_dict())
+    state.weight_sync_init = engine.send_all_nowait(msg.InitWeightSync(spec.to_dict()))
     return state.weight_sync_init
 
 
@@ -137,7 +138,7 @@ def _log_update(version: int | None):
 
 
 def _dispatch(request: Request, buckets: list[dict], **kwargs) -> list[asyncio.Future]:
-    futures = engine_of(request).send_all_nowait("update_weights", buckets=buckets, **kwargs)
+    futures = engine_of(request).send_all_nowait(msg.UpdateWeights(buckets, **kwargs))
     state = request.app.state
 
     def group_lost(future: asyncio.Future) -> None:  # a replica closes its group when an update fails
@@ -254,7 +255,7 @@ async def start_weight_update(request: Request):
     engine.check_serving()
     await _require_group(request)
     await engine.end_named_param_run()
-    await engine.call_all("begin_weight_update", timeout_s=600.0, update_timeout_s=UPDATE_QUIET_S)
+    await engine.call_all(msg.BeginWeightUpdate(UPDATE_QUIET_S), timeout_s=600.0)
     return {"message": "Weight update started"}
 
 
@@ -265,7 +266,7 @@ async def finish_weight_update(request: Request):
     await _require_group(request)
     version = engine.weight_version + 1
     try:
-        await engine.call_all("finish_weight_update", timeout_s=600.0, version=version)
+        await engine.call_all(msg.FinishWeightUpdate(version), timeout_s=600.0)
     except BadRequest as e:  # it failed, was refused, or expired: no new version
         raise Conflict(e.message) from None
     engine.weight_version = version
@@ -278,5 +279,5 @@ async def close_communicator(request: Request):
     engine.check_serving()
     request.app.state.weight_sync_init = None
     await engine.end_named_param_run()
-    await engine.call_all("close_weight_sync")
+    await engine.call_all(msg.CloseWeightSync())
     return {"message": "Request received, closing communicator"}

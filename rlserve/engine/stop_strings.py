@@ -1,0 +1,50 @@
+"""Stop strings, found where tokens are made: each sample's text is detokenized as its tokens are sampled, so
+that a sample that completes a stop string finishes in the step that drew the token (freeing its KV blocks
+then, not after a round trip to the front end).
+
+As vLLM does: the token that completes a stop string is the sample's last (its text may go on past the stop
+string, or the stop string may span several tokens); the text ends before the stop string, or after it with
+``include_stop_str_in_output``; stop strings count only after ``min_tokens`` output tokens. Torch-free: the
+scheduler calls it through ``Sequence.stop_state``.
+"""
+
+from __future__ import annotations
+
+from rlserve.sampling import SamplingParams
+from rlserve.tokenizer import IncrementalDetokenizer, find_stop_string
+
+
+class StopStrings:
+    """A request's stop strings and the tokenizer that turns its samples' tokens into text."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+
+    def new_state(self) -> "StopState":
+        return StopState(IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids,
+                                                self.params.skip_special_tokens), self.params)
+
+
+class StopState:
+    """One sample's text so far. ``text`` is the sample's output text: cut at the stop string once one is found."""
+
+    def __init__(self, detokenizer: IncrementalDetokenizer, params: SamplingParams):
+        self.detokenizer = detokenizer
+        self.stops = params.stop
+        self.include_stop = params.include_stop_str_in_output
+        self.text = ""
+
+    def add(self, token_id: int, can_stop: bool) -> str | None:
+        """Append a sampled token; returns the stop string it completed (``can_stop``: min_tokens are out)."""
+        delta = self.detokenizer.add(token_id)
+        self.text = self.detokenizer.text
+        if not can_stop:
+            return None
+        hit = find_stop_string(self.text, len(delta), self.stops)
+        if hit is None:
+            return None
+        stop, at = hit
+        self.text = self.text[:at + len(stop)] if self.include_stop else self.text[:at]
+        return stop
