@@ -59,8 +59,8 @@ def admit(limits: Limits, prompt_token_ids: list[int], params: SamplingParams) -
             raise InvalidRequest("stop_token_ids", f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})",
                                  value=t, limit=vocab)
     if params.logprobs is not None and params.logprobs > limits.max_logprobs:
-        raise InvalidRequest("logprobs", f"logprobs must be <= {limits.max_logprobs} (server flag --max_logprobs), got {params.logprobs}",
-                             value=params.logprobs, limit=limits.max_logprobs)
+        raise InvalidRequest("logprobs", f"logprobs must be <= {limits.max_logprobs} (server flag --max_logprobs), "
+                             f"got {params.logprobs}", value=params.logprobs, limit=limits.max_logprobs)
     if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
         raise InvalidRequest("prompt_logprobs", f"prompt_logprobs must be <= {vocab} (the vocabulary size), "
                              f"got {params.prompt_logprobs}", value=params.prompt_logprobs, limit=vocab)
