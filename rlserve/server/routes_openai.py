@@ -242,7 +242,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     model = check_model(engine, body.model)
     if not body.messages:
         raise BadRequest("messages must not be empty", param="messages")
-    limit = engine.config.logprobs_limit(engine.view.vocab_size if engine.view else 0)
+    limit = engine.limits.max_logprobs if engine.limits else engine.config.max_logprobs
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= limit:
         raise BadRequest(f"top_logprobs must be between 0 and {limit} (server flag --max_logprobs), got "
                          f"{body.top_logprobs}", param="top_logprobs")
