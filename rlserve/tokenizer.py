@@ -38,7 +38,24 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_token_ids[-6:])  # a little prompt context for the first tokens' spacing
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""
+        self.pieces: list[str] = []  # the text, as emitted: joined only when asked (appending to one str is O(n))
+        self.num_chars = 0
+
+    @property
+    def text(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
+
+    def tail(self, n: int) -> str:
+        """The last ``n`` characters (fewer if the text is shorter), without joining the whole text."""
+        taken, size = [], 0
+        for piece in reversed(self.pieces):
+            taken.append(piece)
+            size += len(piece)
+            if size >= n:
+                break
+        return "".join(reversed(taken))[-n:] if n > 0 else ""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -51,20 +68,21 @@ class IncrementalDetokenizer:
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
             delta = full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.text += delta
+            self.pieces.append(delta)
+            self.num_chars += len(delta)
             return delta
         return ""
 
 
 def find_stop_string(text: str, num_new_chars: int, stops: list[str]) -> tuple[str, int] | None:
-    """The earliest stop string that ends within the last ``num_new_chars`` characters: (stop, start index)."""
+    """The first stop string, in the order given, that ends within the last ``num_new_chars`` characters:
+    (stop, start index) -- vLLM's rule. Each stop is looked for only where it could end in the new text, so a
+    stop completed before (inside min_tokens, say) is not found later because a longer stop widened the
+    window."""
     if not stops or not num_new_chars:
         return None
-    longest = max(len(s) for s in stops)
-    begin = max(0, len(text) - num_new_chars - longest + 1)
-    best = None
     for stop in stops:
-        at = text.find(stop, begin)
-        if at != -1 and (best is None or at < best[1]):
-            best = (stop, at)
-    return best
+        at = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
+        if at != -1:
+            return stop, at
+    return None

@@ -51,9 +51,13 @@ def test_include_stop_str_in_output_keeps_the_stop_string_not_what_follows():
     assert state_after([1, 2, 3, 4], stop=["wo"], include_stop_str_in_output=True) == (3, "wo", "Hello wo")
 
 
-def test_the_earliest_stop_string_wins_and_min_tokens_hold_them_off():
+def test_the_first_stop_string_in_list_order_wins_and_min_tokens_hold_them_off():
     assert state_after([1, 2, 3, 4], stop=["ld", "o w"]) == (3, "o w", "Hell")
+    assert state_after([1, 2], stop=["Hello", "ell"]) == (2, "Hello", "")  # vLLM's rule: list order
+    assert state_after([1, 2], stop=["ell", "Hello"]) == (2, "ell", "H")
     assert state_after([1, 2, 3, 4], stop=["lo"], min_tokens=2) == (4, None, "Hello world!")  # found at 2: too soon
+    # a longer stop in the list must not widen the search back into text min_tokens held off
+    assert state_after([1, 2, 3, 4], stop=["lo", "a much longer stop"], min_tokens=2) == (4, None, "Hello world!")
     assert state_after([1, 2, 3, 2], stop=["lo"], min_tokens=2) == (4, "lo", "Hello wor")
 
 

@@ -231,6 +231,8 @@ class TensorParallelWorker:
                 if dist.is_initialized():
                     _teardown_default_group(abort=False)  # together with rank 0 (see TensorParallelEngine.shutdown)
                 return
+            else:  # rank 0 would wait for an answer that never comes: fail loudly instead
+                raise RuntimeError(f"tensor-parallel worker {self.rank}: unknown message {kind!r}")
 
     def _join(self, spec: dict, rank: int, generation: int) -> None:
         """In a thread: the rendezvous waits for the trainer. No collective runs here (the warm-up comes

@@ -23,7 +23,7 @@ from rlserve.engine.scheduler import Scheduler
 from rlserve.engine.sequence import Request, Sequence, stream_seed
 from rlserve.engine.stop_strings import StopStrings
 from rlserve.engine.structured import GrammarCompiler
-from rlserve.engine.validation import Limits
+from rlserve.engine.validation import PROMPT, InvalidRequest, Limits, check_fits
 from rlserve.engine.worker import load_worker
 from rlserve.tokenizer import load_tokenizer
 from rlserve.sampling import SamplingParams
@@ -76,6 +76,7 @@ class EngineCore:
             raise RuntimeError(f"request_id {request_id!r} is already in use")  # the front end's ids are unique
         if params.max_tokens is None:
             raise RuntimeError(f"request {request_id} was not admitted (validation.admit resolves max_tokens)")
+        self._check_runnable(prompt_token_ids, params)
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         stop_strings = StopStrings(self.tokenizer, prompt_token_ids, params) if params.stop else None
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
@@ -84,11 +85,24 @@ class EngineCore:
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
+    def _check_runnable(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The two checks admission did against limits that may not be this replica's (a replica restarted on
+        another node can have a smaller KV cache): cheap, and what stands between a request and a replica
+        that stalls (a request its cache can never hold) or dies (an id outside the embedding is a device
+        assert on CUDA). InvalidRequest, a 400, when one fails."""
+        vocab = self.info.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
+            raise InvalidRequest(PROMPT, f"prompt token id {bad} is outside the vocabulary [0, {vocab})",
+                                 value=bad, limit=vocab)
+        check_fits(len(prompt_token_ids), params.max_tokens, self.info.max_model_len, self.info.kv_capacity_tokens)
+
     @property
     def tokenizer(self):
         """Loaded at the first request with stop strings: an engine that never gets one never pays for it."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.config.tokenizer or self.model_dir)  # as the grammars
+            self._tokenizer = load_tokenizer(self.config.tokenizer or self.model_dir,
+                                             trust_remote_code=self.config.trust_remote_code)  # as the grammars
         return self._tokenizer
 
     @property
@@ -146,7 +160,8 @@ class EngineCore:
             finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason,
             weight_versions=list(seq.weight_versions), num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=prompt_logprobs,
-            text=seq.stop_state.text if seq.stop_state is not None and seq.status.is_finished else None)
+            # the cut text when a stop string ended it; otherwise the API decodes the tokens as for any request
+            text=seq.stop_state.cut if seq.stop_state is not None and seq.status.is_finished else None)
 
     # -- weights and cache -------------------------------------------------------------------------
     def validate_weights(self, metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:

@@ -31,6 +31,7 @@ import zmq
 
 from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
+from rlserve.engine.validation import PROMPT, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +163,11 @@ class EngineCoreProc:
     def add(self, m: msg.AddRequest) -> None:
         try:
             self.engine.add_request(m.request_id, m.prompt_token_ids, m.params, m.stream)
+        except InvalidRequest as e:  # admission's limits were not this replica's (see EngineCore._check_runnable)
+            self.send(msg.RequestFailed(m.request_id, e.message, 400, "prompts" if e.field == PROMPT else e.field))
         except ValueError as e:  # what admission could not check without the tokenizer: a grammar it refuses
-            self.send(msg.RequestFailed(m.request_id, str(e), 400, "structured_outputs"))
+            field = "structured_outputs" if m.params.structured_outputs is not None else "request"
+            self.send(msg.RequestFailed(m.request_id, str(e), 400, field))
         except Exception as e:  # one bad request must not take the engine down
             logger.exception("could not admit request %s", m.request_id)
             if m.request_id in self.engine.requests:

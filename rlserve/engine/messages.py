@@ -41,7 +41,7 @@ class AbortRequests:
     request_ids: list[str] | None  # None: every request
 
 
-# -- utility operations: one class each, dispatched by type in ``EngineCoreProc.call`` ------------------------
+# -- utility operations: one class each, dispatched by type in ``EngineCoreProc.utility`` -------------------
 @dataclass
 class Ping:
     pass

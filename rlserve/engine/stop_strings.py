@@ -28,23 +28,32 @@ class StopStrings:
 
 
 class StopState:
-    """One sample's text so far. ``text`` is the sample's output text: cut at the stop string once one is found."""
+    """One sample's text so far. ``text`` is the sample's output text: cut at the stop string once one is found
+    (``cut``). Each token costs two short decodes and a search of the text's last characters: nothing grows with
+    the length of the sample."""
 
     def __init__(self, detokenizer: IncrementalDetokenizer, params: SamplingParams):
         self.detokenizer = detokenizer
         self.stops = params.stop
+        self.longest = max(len(stop) for stop in self.stops)
         self.include_stop = params.include_stop_str_in_output
-        self.text = ""
+        self.cut: str | None = None  # the text cut at the stop string, once one ended the sample
+
+    @property
+    def text(self) -> str:
+        return self.cut if self.cut is not None else self.detokenizer.text
 
     def add(self, token_id: int, can_stop: bool) -> str | None:
         """Append a sampled token; returns the stop string it completed (``can_stop``: min_tokens are out)."""
         delta = self.detokenizer.add(token_id)
-        self.text = self.detokenizer.text
-        if not can_stop:
+        if not can_stop or not delta:
             return None
-        hit = find_stop_string(self.text, len(delta), self.stops)
+        window = self.detokenizer.tail(len(delta) + self.longest - 1)
+        hit = find_stop_string(window, len(delta), self.stops)
         if hit is None:
             return None
         stop, at = hit
-        self.text = self.text[:at + len(stop)] if self.include_stop else self.text[:at]
+        at += self.detokenizer.num_chars - len(window)
+        text = self.detokenizer.text
+        self.cut = text[:at + len(stop)] if self.include_stop else text[:at]
         return stop
