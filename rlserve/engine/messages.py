@@ -63,6 +63,7 @@ class EngineReady:
     replica: int
     info: dict
     pid: int
+    generation: int = 0  # restarts of this replica before it (Ray): the server drops an older one's messages
 
 
 @dataclass
@@ -85,6 +86,7 @@ class StepOutputs:
     replica: int
     updates: list[SeqUpdate]
     stats: dict | None = None
+    generation: int = 0
 
 
 @dataclass
@@ -106,3 +108,4 @@ class UtilityResult:
 class EngineDead:
     replica: int
     message: str
+    generation: int = 0

@@ -413,7 +413,19 @@ class EngineClient:
             except Exception:
                 logger.exception("failed to process an engine message %r", type(m).__name__)
 
+    def _current(self, m) -> bool:
+        """Whether a message that names its replica comes from that replica's current generation: a killed
+        actor's last outputs (or its EngineDead) can arrive after its restart, and must not touch the new one."""
+        if m.generation == self.replicas[m.replica].generation:
+            return True
+        log = logger.debug if isinstance(m, msg.StepOutputs) else logger.warning  # stats come 4 times a second
+        log("dropped a %s from replica %d's generation %d (now %d)", type(m).__name__, m.replica, m.generation,
+            self.replicas[m.replica].generation)
+        return False
+
     def _dispatch(self, m) -> None:
+        if isinstance(m, (msg.StepOutputs, msg.EngineReady, msg.EngineDead)) and not self._current(m):
+            return
         if isinstance(m, msg.StepOutputs):
             if m.stats is not None:
                 r = self.replicas[m.replica]
