@@ -97,6 +97,8 @@ class RayPlacement:
         if not ray.is_initialized():
             ray.init(address=address, namespace=RAY_NAMESPACE, logging_level=logging.WARNING)
         self.node_ip = ray.util.get_node_ip_address()
+        if pin_first:
+            self._check_on_a_node(address)
         self.config = config
         self.num_replicas = num_replicas
         self.strategy = strategy
@@ -106,6 +108,19 @@ class RayPlacement:
         self.on_cuda = config.resolved_device().type == "cuda"
         self.bundle = {"GPU": float(tp), "CPU": 1.0} if self.on_cuda else {"CPU": float(tp)}
         self.group = None
+
+    def _check_on_a_node(self, address: str) -> None:
+        """Pinning replica 0 to this node needs this node in the cluster: through Ray Client (ray://) the server
+        runs outside it, the ``node:<ip>`` resource never exists, and the placement would wait out its timeout."""
+        alive = sorted(str(n.get("NodeManagerAddress")) for n in self.ray.nodes() if n.get("Alive"))
+        if self.node_ip in alive:
+            return
+        client = " (a ray:// address connects through Ray Client, from outside the cluster)" \
+            if str(address).startswith("ray://") else ""
+        raise RuntimeError(
+            f"--ray_pin_first_replica puts replica 0 on this host ({self.node_ip}), which is not a node of the Ray "
+            f"cluster (alive nodes: {', '.join(alive) or 'none'}){client}: pass --ray_pin_first_replica false, or "
+            f"run rlserve serve on a node of the cluster")
 
     def reserve(self, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
         """Blocks until every bundle is placed (call it off the event loop)."""
