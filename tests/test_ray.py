@@ -3,8 +3,10 @@
 Two nodes of one CPU each (so that each holds exactly one replica's bundle), on 127.0.0.1; one server with two
 replicas for the whole module. Greedy output equals the offline engine's; a weight update over gloo reaches
 both replicas; a replica whose actor is killed fails its own requests with a 503 naming it, the other serves
-on, /health/ says "degraded", and /restart_replica/ brings it back (into the weight-sync group at the next
-init).
+on, /health/ says "degraded", /server_info/ reports each replica's own state, and /restart_replica/ brings it
+back (into the weight-sync group at the next init). Replicas all restarted after a push leave the server up
+("awaiting_weights") until the trainer pushes again; a restart while paused starts paused. Each test reads the
+server's state rather than relying on the tests before it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,6 @@ import httpx
 import pytest
 import torch
 
-# Ray picks a node's IP by routing to an outside address; on a cluster of one machine that is not loopback.
-# With this set (read when Ray is imported; inherited by the raylets, their workers and the server process), every
-# node's IP is 127.0.0.1. It concerns Ray alone.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -36,16 +34,24 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def cluster():
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
-    node = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
-    c = Cluster(initialize_head=True, connect=True, head_node_args=dict(node, include_dashboard=False))
-    try:
-        c.add_node(**node)
-        c.wait_for_nodes(timeout=60)
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    # Ray picks a node's IP by routing to an outside address; on a cluster of one machine that is not loopback.
+    # With this variable (read by the raylets, their workers and the server process, which inherit it) and its
+    # constant in this process (read when Ray was imported), every node's IP is 127.0.0.1. Both are restored
+    # after the module: other tests never see them.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        node = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
+        c = Cluster(initialize_head=True, connect=True, head_node_args=dict(node, include_dashboard=False))
+        try:
+            c.add_node(**node)
+            c.wait_for_nodes(timeout=60)
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     a = make_tiny_model(root / "a", "qwen2", seed=21)
     b = make_tiny_model(root / "b", "qwen2", seed=22)
-    return str(a), AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).eval()
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    return str(a), load(b), load(a)  # the server's model (path), the trainer's, the server's (loaded)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +114,7 @@ def test_greedy_on_two_nodes_equals_the_offline_engine(http, models):
 
 
 def test_weight_update_over_gloo_reaches_both_replicas(server, http, models):
-    _, model_b = models
+    _, model_b, _ = models
     want = [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]
     with Client(base_url=server.url, group_port=free_port()) as client:
         client.init_communicator(device="cpu", timeout_s=30)  # ranks 0 and 1: one per replica; the trainer 2
@@ -117,45 +124,199 @@ def test_weight_update_over_gloo_reaches_both_replicas(server, http, models):
     assert [r["weight_version"] for r in replicas(http)] == [1, 1]
 
 
+def push(server, model) -> int:
+    """The trainer's push over gloo (its own group, closed after)."""
+    with Client(base_url=server.url, group_port=free_port()) as client:
+        client.init_communicator(device="cpu", timeout_s=30)
+        version = client.update_model_params(model)
+        client.close_communicator()
+    return version
+
+
+def kill(http, index: int) -> dict:
+    """Kill replica ``index``'s actor; returns its /server_info/ entry from before."""
+    victim = replicas(http)[index]
+    ray.kill(ray.get_actor(victim["ray_actor"], namespace=victim["ray_namespace"]))
+    return victim
+
+
+def restart(http, index: int) -> dict:
+    wait_for(lambda: replicas(http)[index]["dead"], 20, f"replica {index} seen dead")
+    r = http.post(f"/restart_replica/{index}", timeout=90)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def test_a_killed_replica_fails_its_requests_and_comes_back_on_restart(server, http, models):
-    _, model_b = models
-    victim = replicas(http)[1]
+    _, model_b, _ = models
+    want = greedy(http)  # whatever the server serves now (this test does not depend on the others' pushes)
+    pushed = http.get("/server_info/").json()["requested_weight_version"] > 0
     assert http.post("/pause/", json={"mode": "keep"}).status_code == 200  # requests wait in the replicas
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/generate/", json={"prompts": PROMPTS[:2], "max_tokens": MAX_TOKENS})
         wait_for(lambda: all(r.get("num_waiting", 0) + r.get("num_running", 0) > 0 for r in replicas(http)), 20,
                  "a prompt waiting on each replica")
-        ray.kill(ray.get_actor(victim["ray_actor"], namespace=victim["ray_namespace"]))
+        victim = kill(http, 0)  # replica 0: /server_info/ must not give replica 1's stats to it
         r = pending.result(timeout=30)
     assert r.status_code == 503, r.text
-    assert "replica 1" in r.json()["error"]["message"], r.text
+    assert "replica 0" in r.json()["error"]["message"], r.text
     assert http.post("/resume/").status_code == 200
 
     health = http.get("/health/")
     assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
-    assert "1" in health.json()["dead_replicas"]
-    assert http.get("/server_info/").json()["status"] == "degraded"
-    assert greedy(http) == [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]  # all on replica 0
+    assert "0" in health.json()["dead_replicas"]
+    info = http.get("/server_info/").json()
+    assert info["status"] == "degraded"
+    dead, live = info["replicas"]
+    assert [dead["replica"], live["replica"]] == [0, 1], info["replicas"]  # each its own stats
+    assert dead["dead"] and not dead["alive"] and live["dead"] is None and live["alive"], info["replicas"]
+    steps = live["num_steps"]
+    assert greedy(http) == want  # all on replica 1
+    assert replicas(http)[1]["num_steps"] > steps
     refused = http.post("/init_communicator/", json={"host": "127.0.0.1", "port": free_port(), "world_size": 3})
-    assert refused.status_code == 503 and "restart_replica/1" in refused.text
+    assert refused.status_code == 503 and "restart_replica/0" in refused.text
 
-    restarted = http.post("/restart_replica/1", timeout=90)
-    assert restarted.status_code == 200, restarted.text
-    assert restarted.json()["generation"] == 1
-    # Back on the weights on disk: it takes no request until the trainer pushes again.
-    assert restarted.json()["awaiting_weights"] is True
-    assert http.get("/health/").json()["awaiting_weights"] == [1]
-    assert [r["weight_version"] for r in replicas(http)] == [1, 0]
-    steps = replicas(http)[1]["num_steps"]
-    assert greedy(http) == [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]  # all on replica 0
-    assert replicas(http)[1]["num_steps"] == steps
-    with Client(base_url=server.url, group_port=free_port()) as client:  # it rejoins at the next init
-        client.init_communicator(device="cpu", timeout_s=30)
-        client.update_model_params(model_b)
-        greedy(http)  # ends the per-tensor run: every replica now holds version 2
-        wait_for(lambda: http.get("/health/").json() == {"status": "ok"}, 10, "replica 1 serving again")
-        assert greedy(http) == [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]
-        client.close_communicator()
+    restarted = restart(http, 0)
+    assert restarted["generation"] == victim["generation"] + 1
+    # Back on the weights on disk: after a push it takes no request until the trainer pushes again.
+    assert restarted["awaiting_weights"] is pushed
+    if pushed:
+        assert http.get("/health/").json()["awaiting_weights"] == [0]
+        assert replicas(http)[0]["weight_version"] == 0
+        steps = replicas(http)[0]["num_steps"]
+        assert greedy(http) == want  # all on replica 1
+        assert replicas(http)[0]["num_steps"] == steps
+    push(server, model_b)  # it rejoins at the next init
+    wait_for(lambda: http.get("/health/").json() == {"status": "ok"}, 10, "replica 0 serving again")
+    steps = replicas(http)[0]["num_steps"]
+    assert greedy(http) == [hf_greedy(model_b, p, MAX_TOKENS) for p in PROMPTS]
     info = replicas(http)
-    assert info[1]["generation"] == 1 and info[0]["weight_version"] == info[1]["weight_version"] == 2
-    assert info[1]["num_steps"] > steps  # served part of the last batch
+    assert info[0]["generation"] == restarted["generation"] and info[0]["weight_version"] == info[1]["weight_version"]
+    assert info[0]["num_steps"] > steps  # served part of the last batch
+
+
+def test_replicas_all_restarted_after_a_push_await_the_trainer_without_wedging_the_server(server, http, models):
+    """Every live replica awaits the trainer's weights: the server is up (health 200, "awaiting_weights"), pause
+    and resume work, generation answers 503, and the trainer can init the group and push, which ends it. A
+    replica restarted while the server is paused starts paused."""
+    _, model_b, model_a = models
+    if http.get("/server_info/").json()["requested_weight_version"] == 0:
+        push(server, model_b)  # run alone: the restarts below must follow a push
+    kill(http, 1)
+    assert restart(http, 1)["awaiting_weights"] is True
+    kill(http, 0)  # now no live replica is routable
+    wait_for(lambda: replicas(http)[0]["dead"], 20, "replica 0 seen dead")
+    health = http.get("/health/")
+    assert health.status_code == 200, health.text
+    assert health.json()["status"] == "awaiting_weights" and health.json()["awaiting_weights"] == [1], health.text
+    assert http.get("/server_info/").json()["status"] == "awaiting_weights"
+    assert http.post("/pause/", json={"mode": "keep"}).status_code == 200  # reaches replica 1 only
+    assert restart(http, 0)["awaiting_weights"] is True
+    info = http.get("/server_info/").json()
+    assert info["status"] == "awaiting_weights"
+    assert [r["paused"] for r in info["replicas"]] == ["keep", "keep"], info["replicas"]  # replayed on replica 0
+    assert http.post("/resume/").status_code == 200
+    assert [r["paused"] for r in replicas(http)] == [None, None]
+    assert http.get("/health/").json()["awaiting_weights"] == [0, 1]
+    r = http.post("/generate/", json={"prompts": PROMPTS[:1], "max_tokens": 2})
+    assert r.status_code == 503 and "trainer" in r.text, r.text
+
+    push(server, model_a)  # weights other than those before the restarts: what generation sees is this push
+    wait_for(lambda: http.get("/health/").json() == {"status": "ok"}, 10, "the replicas serving again")
+    assert http.get("/server_info/").json()["status"] == "serving"
+    assert greedy(http) == [hf_greedy(model_a, p, MAX_TOKENS) for p in PROMPTS]
+
+
+def test_pinning_replica_0_outside_the_cluster_fails_at_once(cluster, monkeypatch):
+    """Through Ray Client the server is no node of the cluster: --ray_pin_first_replica cannot be met, and
+    says so now instead of waiting out the placement timeout."""
+    from rlserve.config import EngineConfig
+    from rlserve.server.replica_handles import RayPlacement
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.254.254.254")
+    config = EngineConfig(model="unused", device="cpu")
+    with pytest.raises(RuntimeError, match="--ray_pin_first_replica false"):
+        RayPlacement("ray://10.254.254.254:10001", config, 2)
+    assert RayPlacement(cluster.address, config, 2, pin_first=False).group is None  # no check without pinning
+
+
+def test_messages_from_a_replaced_generation_of_a_replica_are_dropped():
+    """A killed actor's late EngineDead or stats must not touch the replica that replaced it."""
+    import asyncio
+
+    from rlserve.config import EngineConfig
+    from rlserve.engine import messages as msg
+    from rlserve.server.replicas import EngineClient, Replica
+
+    class Handle:
+        remote = True
+
+        def is_alive(self):
+            return True
+
+    async def main():
+        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 1, tokenizer=None)
+        engine.tolerate_replica_death = True
+        engine.ready.set()
+        engine.replicas = [Replica(0, Handle(), socket=None, generation=1)]
+        engine._dispatch(msg.StepOutputs(0, [], {"num_steps": 99}, generation=0))
+        engine._dispatch(msg.EngineDead(0, "the old actor died", generation=0))
+        assert engine.replicas[0].dead is None and engine.replicas[0].stats == {}
+        engine._dispatch(msg.StepOutputs(0, [], {"num_steps": 1}, generation=1))
+        assert engine.replicas[0].stats == {"num_steps": 1}
+        engine._dispatch(msg.EngineDead(0, "the new actor died", generation=1))
+        assert engine.replicas[0].dead == "the new actor died"
+        engine.ctx.destroy(linger=0)
+
+    asyncio.run(main())
+
+
+def test_a_failed_or_cancelled_restart_leaves_the_replica_dead_and_restartable():
+    """Never 'restarting' forever: the replica ends 'failed to restart: <cause>', and a later restart may try."""
+    import asyncio
+
+    from rlserve.config import EngineConfig
+    from rlserve.server.errors import EngineUnavailable
+    from rlserve.server.replicas import EngineClient, Replica
+
+    class Handle:
+        remote = True
+
+        def __init__(self, alive):
+            self.alive = alive
+
+        def is_alive(self):
+            return self.alive
+
+        def exit_reason(self):
+            return "exited at once"
+
+        def kill(self):
+            self.alive = False
+
+        def describe(self):
+            return {}
+
+    class Socket:
+        def close(self, linger=0):
+            pass
+
+    async def main():
+        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 1, tokenizer=None, placement=object())
+        engine.ready.set()
+        engine.replicas = [Replica(0, Handle(False), Socket(), dead="killed")]
+        engine._launch = lambda index, generation: Replica(index, Handle(False), Socket(), generation=generation)
+        with pytest.raises(EngineUnavailable, match="failed to restart: exited at once"):
+            await engine.restart_replica(0)
+        assert engine.replicas[0].dead == "engine replica 0 failed to restart: exited at once"
+        engine._launch = lambda index, generation: Replica(index, Handle(True), Socket(), generation=generation)
+        task = asyncio.ensure_future(engine.restart_replica(0))  # never gets ready: cancelled
+        await asyncio.sleep(0.2)
+        assert engine.replicas[0].dead.startswith("restarting")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.replicas[0].dead == "engine replica 0 failed to restart: cancelled"
+        assert engine.replicas[0].generation == 2 and not engine.replicas[0].handle.alive
+        engine.ctx.destroy(linger=0)
+
+    asyncio.run(main())

@@ -40,8 +40,9 @@ STATS_INTERVAL_S = 0.25
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, replica: int, input_addr: str, output_addr: str, tp_rank_base: int,
-                 parent_pid: int | None = None):
+                 parent_pid: int | None = None, generation: int = 0):
         self.replica = replica
+        self.generation = generation  # stamped on what names the replica: a restarted one's forerunner is ignored
         self.parent_pid = parent_pid  # the API server; when it is gone, so are we
         self.tp_rank_base = tp_rank_base  # this replica's first rank in the weight-sync group
         self.ctx = zmq.Context()
@@ -69,7 +70,7 @@ class EngineCoreProc:
         info = self.engine.info.summary()
         info["hf_weight_shapes"] = {k: list(v) for k, v in self.engine.model.hf_weight_shapes().items()}
         info["startup_seconds"] = self.engine.info.startup_seconds
-        self.send(msg.EngineReady(replica, info, os.getpid()))
+        self.send(msg.EngineReady(replica, info, os.getpid(), generation))
 
     def send(self, message) -> None:
         self.outbox.send_pyobj(message)
@@ -125,13 +126,13 @@ class EngineCoreProc:
         if seqs and any(s.request is not seqs[0].request for s in seqs):  # stops at the first other request
             self.num_multi_request_steps += 1
         if updates:
-            self.send(msg.StepOutputs(self.replica, updates))
+            self.send(msg.StepOutputs(self.replica, updates, generation=self.generation))
 
     def maybe_send_stats(self) -> None:
         now = time.monotonic()
         if now - self.last_stats >= STATS_INTERVAL_S:
             self.last_stats = now
-            self.send(msg.StepOutputs(self.replica, [], self.stats()))
+            self.send(msg.StepOutputs(self.replica, [], self.stats(), self.generation))
 
     def stats(self) -> dict:
         stats = self.engine.stats()
@@ -154,7 +155,7 @@ class EngineCoreProc:
             for request_id in ids:
                 updates += self.engine.abort_request(request_id)
             if updates:
-                self.send(msg.StepOutputs(self.replica, updates))
+                self.send(msg.StepOutputs(self.replica, updates, generation=self.generation))
         elif isinstance(m, msg.UtilityCall):
             self.call(m)
         elif isinstance(m, msg.Shutdown):
@@ -220,7 +221,7 @@ class EngineCoreProc:
         if mode == "abort":
             updates = self.engine.abort_all()
             if updates:
-                self.send(msg.StepOutputs(self.replica, updates))
+                self.send(msg.StepOutputs(self.replica, updates, generation=self.generation))
             self.paused = "abort"
         elif mode == "keep":
             self.paused = "keep"
@@ -383,10 +384,11 @@ DEFERRED = object()
 
 def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input_addr: str, output_addr: str,
                     tp_rank_base: int, log_level: str = "INFO", parent_pid: int | None = None,
-                    hosted: bool = False) -> None:
+                    hosted: bool = False, generation: int = 0) -> None:
     """Process entry point. ``parent_pid``: the API server's pid (default: our parent's now). ``hosted``: we
     run inside a process someone else owns (a Ray actor): it keeps its signals and its thread count, and
-    there is no parent to watch (Ray ends the actor when the API server, its owner, is gone)."""
+    there is no parent to watch (Ray ends the actor when the API server, its owner, is gone). ``generation``: the
+    replica's restarts so far, stamped on the messages that name it."""
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s replica{replica} %(levelname)s %(message)s")
     if not hosted:
         # Ctrl-C in a terminal, or a supervisor that signals the whole process group, must not kill the engine
@@ -400,20 +402,20 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
     proc = None
     try:
         proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base,
-                              parent_pid=None if hosted else parent_pid or os.getppid())
+                              parent_pid=None if hosted else parent_pid or os.getppid(), generation=generation)
         proc.run()
     except Exception as e:
         message = f"engine replica {replica} died: {type(e).__name__}: {e}"
         logger.error("%s\n%s", message, traceback.format_exc())
         try:
             if proc is not None:
-                proc.send(msg.EngineDead(replica, message))
+                proc.send(msg.EngineDead(replica, message, generation))
                 ctx = proc.ctx
             else:
                 ctx = zmq.Context.instance()
                 sock = ctx.socket(zmq.PUSH)
                 sock.connect(output_addr)
-                sock.send_pyobj(msg.EngineDead(replica, message))
+                sock.send_pyobj(msg.EngineDead(replica, message, generation))
             ctx.destroy(linger=2000)  # ZMQ sends from its own thread: flush before os._exit, or the cause is lost
         finally:
             os._exit(1)

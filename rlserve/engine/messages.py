@@ -118,6 +118,7 @@ class EngineReady:
     replica: int
     info: dict
     pid: int
+    generation: int = 0  # restarts of this replica before it (Ray): the server drops an older one's messages
 
 
 @dataclass
@@ -141,6 +142,7 @@ class StepOutputs:
     replica: int
     updates: list[SeqUpdate]
     stats: dict | None = None
+    generation: int = 0
 
 
 @dataclass
@@ -164,3 +166,4 @@ class UtilityResult:
 class EngineDead:
     replica: int
     message: str
+    generation: int = 0

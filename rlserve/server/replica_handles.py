@@ -97,6 +97,8 @@ class RayPlacement:
         if not ray.is_initialized():
             ray.init(address=address, namespace=RAY_NAMESPACE, logging_level=logging.WARNING)
         self.node_ip = ray.util.get_node_ip_address()
+        if pin_first:
+            self._check_on_a_node(address)
         self.config = config
         self.num_replicas = num_replicas
         self.strategy = strategy
@@ -106,6 +108,19 @@ class RayPlacement:
         self.on_cuda = config.resolved_device().type == "cuda"
         self.bundle = {"GPU": float(tp), "CPU": 1.0} if self.on_cuda else {"CPU": float(tp)}
         self.group = None
+
+    def _check_on_a_node(self, address: str) -> None:
+        """Pinning replica 0 to this node needs this node in the cluster: through Ray Client (ray://) the server
+        runs outside it, the ``node:<ip>`` resource never exists, and the placement would wait out its timeout."""
+        alive = sorted(str(n.get("NodeManagerAddress")) for n in self.ray.nodes() if n.get("Alive"))
+        if self.node_ip in alive:
+            return
+        client = " (a ray:// address connects through Ray Client, from outside the cluster)" \
+            if str(address).startswith("ray://") else ""
+        raise RuntimeError(
+            f"--ray_pin_first_replica puts replica 0 on this host ({self.node_ip}), which is not a node of the Ray "
+            f"cluster (alive nodes: {', '.join(alive) or 'none'}){client}: pass --ray_pin_first_replica false, or "
+            f"run rlserve serve on a node of the cluster")
 
     def reserve(self, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
         """Blocks until every bundle is placed (call it off the event loop)."""
@@ -159,7 +174,7 @@ class RayReplica:
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement.group, placement_group_bundle_index=index),
         ).remote()
         self.done = self.actor.run.remote(config, index, num_replicas, input_addr, output_addr,
-                                          index * tp, log_level)
+                                          index * tp, log_level, generation)
         self._reason: str | None = None
 
     def describe(self) -> dict:
@@ -204,9 +219,9 @@ class EngineActor:
     """The Ray actor (made with ``ray.remote`` in ``RayReplica``, so that this module imports without Ray)."""
 
     def run(self, config: EngineConfig, index: int, num_replicas: int, input_addr: str, output_addr: str,
-            tp_rank_base: int, log_level: str) -> None:
+            tp_rank_base: int, log_level: str, generation: int = 0) -> None:
         from rlserve.engine.core_proc import run_engine_core
         # Ray owns this process's signals and its life (it dies with the API server that owns the actor), and
         # gives it OMP_NUM_THREADS = its CPUs: no parent to watch, no thread count to guess.
         run_engine_core(config, index, num_replicas, input_addr, output_addr, tp_rank_base, log_level,
-                        hosted=True)
+                        hosted=True, generation=generation)

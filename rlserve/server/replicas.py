@@ -101,6 +101,7 @@ class EngineClient:
         self.named_param_run: int | None = None  # the version an open run of per-tensor updates will hold
         self.weight_shapes: dict[str, tuple] = {}
         self.on_dead = None  # callback(message) when a replica dies
+        self.paused: str | None = None  # the mode of the last pause not followed by a resume: a restart replays it
         self.counters = {"requests_ok": 0, "requests_failed": 0, "requests_aborted": 0,
                          "prompt_tokens": 0, "generation_tokens": 0}
         self._tasks: list[asyncio.Task] = []
@@ -180,7 +181,8 @@ class EngineClient:
             pass
 
     @property
-    def is_serving(self) -> bool:
+    def is_alive(self) -> bool:
+        """Up, with at least one live replica (which may still wait for the trainer's weights)."""
         return (self.ready.is_set() and self.dead is None and self.startup_error is None
                 and bool(self.live_replicas()))
 
@@ -195,7 +197,14 @@ class EngineClient:
         """index -> why, for every replica that is not serving (dead, or restarting)."""
         return {r.index: r.dead for r in self.replicas if r.dead is not None}
 
-    def check_serving(self) -> None:
+    def awaiting_weights(self) -> list[int]:
+        """The live replicas that take no request until the trainer pushes its weights (restarted after a push)."""
+        return [r.index for r in self.replicas if r.dead is None and r.awaiting_weights is not None]
+
+    def check_alive(self) -> None:
+        """503 unless the server is up with at least one live replica. Health, pause/resume, abort and weight
+        sync need only this: a server whose live replicas all wait for the trainer's weights must still take
+        the trainer's init and push, the only thing that brings them back."""
         if self.dead is not None:
             raise EngineUnavailable(f"engine is dead: {self.dead}")
         if not self.ready.is_set():
@@ -203,13 +212,17 @@ class EngineClient:
         if not self.live_replicas():
             raise EngineUnavailable("every engine replica is dead: " + "; ".join(
                 f"replica {i}: {why}" for i, why in self.dead_replicas().items()))
+
+    def check_serving(self) -> None:
+        """For generation: ``check_alive``, and a replica on the trainer's weights to route to."""
+        self.check_alive()
         if not self.routable_replicas():
             raise EngineUnavailable("no replica serves the trainer's weights: the live ones were restarted and "
                                     "wait for the trainer to init the weight-sync group again and push its weights")
 
     def check_all_replicas(self) -> None:
         """Weight sync needs every worker of every replica in the group: 503 while one is missing."""
-        self.check_serving()
+        self.check_alive()
         dead = self.dead_replicas()
         if dead:
             i, why = next(iter(dead.items()))
@@ -333,9 +346,21 @@ class EngineClient:
         version, self.named_param_run = self.named_param_run, None
         if version is not None:
             try:
+                targets = self.live_replicas()
                 await self.call_all(msg.FinishWeightUpdate(version), timeout_s=timeout_s)
+                self.weights_landed(version, targets)
             except Exception as e:  # the run failed or already ended (its quiet time passed): status says
                 logger.warning("weights version %d not applied by every replica: %s", version, e)
+
+    def weights_landed(self, version: int, replicas: list[Replica] | None = None) -> None:
+        """These replicas (default: the live ones) loaded ``version``: any of them that awaited it takes
+        requests again now, without waiting for its next stats (a request sent after the update is generated
+        with it: messages to a replica keep their order)."""
+        for r in self.live_replicas() if replicas is None else replicas:
+            if (r.awaiting_weights is not None and version >= r.awaiting_weights and r.dead is None
+                    and self.replicas[r.index] is r):
+                logger.info("replica %d has the trainer's weights (version %d): serving again", r.index, version)
+                r.awaiting_weights = None
 
     # -- utility calls -----------------------------------------------------------------------------
     async def call(self, replica: int, op: msg.Utility, timeout_s: float = 30.0):
@@ -343,15 +368,19 @@ class EngineClient:
         r = self.replicas[replica]
         if r.dead is not None:
             raise EngineUnavailable(f"replica {replica} is dead: {r.dead}")
+        return await self._call(r, op, timeout_s)
+
+    async def _call(self, r: Replica, op: msg.Utility, timeout_s: float):
+        """``call`` on this replica object, dead or not yet live (a restart readies its new replica with it)."""
         call_id = next(self.call_ids)
         future = asyncio.get_running_loop().create_future()
         self.calls[call_id] = future
-        self.call_replica[call_id] = replica
+        self.call_replica[call_id] = r.index
         try:
-            await self.send(r, msg.UtilityCall(call_id, op))
+            await self.send(r, msg.UtilityCall(call_id, op), starting=True)
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
-            raise EngineUnavailable(f"replica {replica} did not answer {type(op).__name__} within "
+            raise EngineUnavailable(f"replica {r.index} did not answer {type(op).__name__} within "
                                     f"{timeout_s:.0f}s") from None
         finally:
             self.calls.pop(call_id, None)
@@ -362,15 +391,31 @@ class EngineClient:
         stopped the server already)."""
         return await asyncio.gather(*(self.call(r.index, op, timeout_s) for r in self.live_replicas()))
 
+    async def call_each(self, op: msg.Utility, timeout_s: float = 30.0) -> dict[int, object]:
+        """Call every live replica; replica index -> its answer, or the exception it ended with."""
+        live = self.live_replicas()
+        results = await asyncio.gather(*(self.call(r.index, op, timeout_s) for r in live), return_exceptions=True)
+        return {r.index: result for r, result in zip(live, results)}
+
+    async def pause(self, mode: str) -> None:
+        """Pause every live replica; a replica restarted before the resume starts paused too."""
+        self.paused = mode
+        await self.call_all(msg.Pause(mode), timeout_s=3600.0 if mode == "wait" else 30.0)
+
+    async def resume(self) -> None:
+        self.paused = None
+        await self.call_all(msg.Resume())
+
     def send_all_nowait(self, op: msg.Utility) -> list[asyncio.Future]:
         """Start an operation on every live replica without waiting for the answers (returned as futures)."""
         return [asyncio.ensure_future(self.call(r.index, op, 3600.0)) for r in self.live_replicas()]
 
     # -- sending -----------------------------------------------------------------------------------
-    async def send(self, r: Replica, message, timeout_s: float = SEND_TIMEOUT_S) -> None:
+    async def send(self, r: Replica, message, timeout_s: float = SEND_TIMEOUT_S, starting: bool = False) -> None:
         """Send to a replica without ever waiting on a dead one: a PUSH socket whose peer is gone blocks
-        forever, so the send races the replica's death (and a timeout); EngineUnavailable if it loses."""
-        if r.dead is not None:
+        forever, so the send races the replica's death (and a timeout); EngineUnavailable if it loses.
+        ``starting``: send even though the replica is not live (yet): a restart readies it so."""
+        if r.dead is not None and not starting:
             raise EngineUnavailable(f"replica {r.index} is dead: {r.dead}")
         sent = r.socket.send_pyobj(message)  # done at once unless the pipe is full or the peer is gone
         if not sent.done():
@@ -407,7 +452,19 @@ class EngineClient:
             except Exception:
                 logger.exception("failed to process an engine message %r", type(m).__name__)
 
+    def _current(self, m) -> bool:
+        """Whether a message that names its replica comes from that replica's current generation: a killed
+        actor's last outputs (or its EngineDead) can arrive after its restart, and must not touch the new one."""
+        if m.generation == self.replicas[m.replica].generation:
+            return True
+        log = logger.debug if isinstance(m, msg.StepOutputs) else logger.warning  # stats come 4 times a second
+        log("dropped a %s from replica %d's generation %d (now %d)", type(m).__name__, m.replica, m.generation,
+            self.replicas[m.replica].generation)
+        return False
+
     def _dispatch(self, m) -> None:
+        if isinstance(m, (msg.StepOutputs, msg.EngineReady, msg.EngineDead)) and not self._current(m):
+            return
         if isinstance(m, msg.StepOutputs):
             if m.stats is not None:
                 r = self.replicas[m.replica]
@@ -455,6 +512,13 @@ class EngineClient:
                 self.limits = Limits.of(self.info, self.config.logprobs_limit(self.info["vocab_size"]))
                 self.weight_shapes = {k: tuple(v) for k, v in first["hf_weight_shapes"].items()}
                 self.ready.set()
+            elif self.ready.is_set():  # a restarted replica (Ray): admission's KV limit is the smallest live one's
+                capacity = min(r.info["kv_capacity_tokens"] for r in self.replicas if r.info is not None)
+                if capacity != self.info["kv_capacity_tokens"]:
+                    logger.info("replica %d holds %d KV tokens: admission now allows requests up to %d tokens",
+                                m.replica, m.info["kv_capacity_tokens"], capacity)
+                self.info["kv_capacity_tokens"] = capacity
+                self.limits = Limits.of(self.info, self.config.logprobs_limit(self.info["vocab_size"]))
         elif isinstance(m, msg.EngineDead):
             self._mark_dead(m.replica, m.message)
 
@@ -559,24 +623,51 @@ class EngineClient:
         new = self._launch(index, old.generation + 1)
         new.dead = f"restarting (was: {old.dead})"  # skipped by routing and the watcher until it is ready
         self.replicas[index] = new
-        deadline = time.monotonic() + timeout_s
-        while not new.started.is_set():
-            if not new.handle.is_alive() or time.monotonic() > deadline:
-                why = new.handle.exit_reason() if not new.handle.is_alive() else f"not ready after {timeout_s:.0f}s"
-                new.handle.kill()
-                new.dead = f"engine replica {index} failed to restart: {why}"
-                raise EngineUnavailable(new.dead)
-            try:
-                await asyncio.wait_for(new.started.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+        try:
+            await self._wait_started(new, timeout_s)
+            await self._replay_pause(new)
+        except BaseException as e:  # failed, timed out or cancelled: never left "restarting", so it can be retried
+            why = "cancelled" if isinstance(e, asyncio.CancelledError) else getattr(e, "message", None) or str(e)
+            new.handle.kill()
+            new.dead = f"engine replica {index} failed to restart: {why}"
+            new.died.set()
+            self._fail_replica(new, EngineUnavailable(new.dead))
+            logger.error("%s", new.dead)
+            if not isinstance(e, Exception):  # cancelled: stays cancelled
+                raise
+            raise EngineUnavailable(new.dead) from e
         if self.weight_version > 0:  # any version the trainer pushes from now on is newer than this
             new.awaiting_weights = self.weight_version + 1
         new.dead = None
-        logger.warning("replica %d restarted (generation %d)%s", index, new.generation,
-                       "; it takes requests once the trainer pushes its weights" if new.awaiting_weights else "")
+        logger.warning("replica %d restarted (generation %d)%s%s", index, new.generation,
+                       "; it takes requests once the trainer pushes its weights" if new.awaiting_weights else "",
+                       f"; paused ({self.paused}) like the others" if self.paused else "")
         return {"replica": index, "generation": new.generation, "awaiting_weights": new.awaiting_weights is not None,
                 **new.handle.describe()}
+
+    async def _wait_started(self, r: Replica, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not r.started.is_set():
+            if not r.handle.is_alive():
+                raise EngineUnavailable(r.handle.exit_reason())
+            if time.monotonic() > deadline:
+                raise EngineUnavailable(f"not ready after {timeout_s:.0f}s")
+            try:
+                await asyncio.wait_for(r.started.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _replay_pause(self, r: Replica) -> None:
+        """Give a restarted replica the server's pause state before it takes requests. A /pause/ or /resume/
+        that comes meanwhile reaches only the live replicas: replay until the state holds still (no await lies
+        between the last check and the caller making the replica live)."""
+        replayed = None  # a new replica starts unpaused
+        while self.paused != replayed:
+            replayed = self.paused
+            if replayed is None:
+                await self._call(r, msg.Resume(), 30.0)
+            else:  # "wait" has nothing to drain on a new replica: it ends frozen, as "keep" does
+                await self._call(r, msg.Pause("keep" if replayed == "wait" else replayed), 30.0)
 
     # -- introspection -----------------------------------------------------------------------------
     def aggregate_stats(self) -> dict:

@@ -22,12 +22,11 @@ router = APIRouter()
 @route(router, "GET", "/server_info/")
 async def server_info(request: Request):
     engine = engine_of(request)
-    if engine.is_serving:
-        try:
-            for r, stats in zip(engine.replicas, await engine.call_all(msg.GetStats(), timeout_s=10.0)):
-                r.stats = stats
-        except Exception:  # a busy or dead replica: report what we last heard
-            pass
+    if engine.is_alive:
+        live = {r.index: r for r in engine.live_replicas()}  # the objects asked (a restart may replace one)
+        for index, stats in (await engine.call_each(msg.GetStats(), timeout_s=10.0)).items():
+            if isinstance(stats, dict):  # else a busy or dead replica: report what we last heard
+                live[index].stats = stats
     replicas = [{"replica": r.index, **r.handle.describe(), "dead": r.dead, "generation": r.generation,
                  "awaiting_weights": r.awaiting_weights is not None, **r.stats} for r in engine.replicas]
     return {
@@ -70,7 +69,10 @@ def _status(request: Request) -> str:
     if not engine.ready.is_set():
         return "starting"
     if len(engine.routable_replicas()) < len(engine.replicas):  # Ray: dead, restarting or awaiting weights
-        return "degraded" if engine.routable_replicas() else "dead"
+        if engine.routable_replicas():
+            return "degraded"
+        # Up, but every live replica waits for the trainer's push (weight sync still works: not dead).
+        return "awaiting_weights" if engine.live_replicas() else "dead"
     return "serving"
 
 
@@ -81,17 +83,17 @@ async def pause(request: Request, body: PauseRequest | None = None,
     engine pauses; ``keep``: they freeze and continue after /resume/. New requests wait until then. The mode
     comes in the body, or as vLLM takes it, in the query (``/pause?mode=keep``, what TRL's async GRPO sends)."""
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     mode = mode or (body or PauseRequest()).mode
-    await engine.call_all(msg.Pause(mode), timeout_s=3600.0 if mode == "wait" else 30.0)
+    await engine.pause(mode)
     return {"message": f"paused ({mode})", "mode": mode}
 
 
 @route(router, "POST", "/resume/")
 async def resume(request: Request):
     engine = engine_of(request)
-    engine.check_serving()
-    await engine.call_all(msg.Resume())
+    engine.check_alive()
+    await engine.resume()
     return {"message": "resumed"}
 
 
@@ -101,7 +103,7 @@ async def abort(request: Request, body: AbortRequest | None = None):
     ``X-Request-Id`` names the engine requests ``{id}-{i}`` of its prompts. They end with finish_reason
     "abort" and their partial output; unknown ids are ignored."""
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     ids = (body or AbortRequest()).request_ids
     found = list(engine.pending) if ids is None else engine.find_requests(ids)
     await engine.abort(found)

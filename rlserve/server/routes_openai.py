@@ -183,8 +183,9 @@ async def _generate(request: Request, prompts, params: SamplingParams, field: st
     engine = engine_of(request)
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
+    engine.check_alive()
+    await engine.end_named_param_run()  # it may land the weights that replicas restarted after a push await
     engine.check_serving()
-    await engine.end_named_param_run()
     return await engine.generate(prompts, params, detokenize=True, is_disconnected=request.is_disconnected,
                                  request_id=request.headers.get("x-request-id"), field=field)
 

@@ -57,7 +57,7 @@ async def get_sequence_logprobs(request: Request, body: SequenceLogprobsRequest)
     engine = engine_of(request)
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
-    engine.check_serving()
+    engine.check_alive()  # a routable replica: checked by engine.generate, once a per-tensor run has ended
     check_num_prompts(request, len(body.sequences), "sequences")
     validate(body, engine.info["max_model_len"], engine.info["vocab_size"])
     outputs = []

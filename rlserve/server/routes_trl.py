@@ -21,17 +21,19 @@ router = APIRouter()
 @route(router, "GET", "/health/")
 async def health(request: Request):
     """Asks every live engine replica; 503 unless all answer. On Ray, a server whose other replicas serve is
-    "degraded" (200: it still serves) and names its dead ones (restart: ``POST /restart_replica/{i}``)."""
+    "degraded" (200: it still serves) and names its dead ones (restart: ``POST /restart_replica/{i}``). One whose
+    live replicas were all restarted after a weight push is "awaiting_weights" (200: it is up, and waits for the
+    trainer to init the weight-sync group and push; generation answers 503 until then)."""
     engine = engine_of(request)
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
-    engine.check_serving()
+    engine.check_alive()
     await engine.call_all(msg.Ping(), timeout_s=10.0)
     dead = engine.dead_replicas()
-    awaiting = [r.index for r in engine.replicas if r.dead is None and r.awaiting_weights is not None]
+    awaiting = engine.awaiting_weights()
     if dead or awaiting:
-        return {"status": "degraded", "dead_replicas": {str(i): why for i, why in dead.items()},
-                "awaiting_weights": awaiting}
+        return {"status": "degraded" if engine.routable_replicas() else "awaiting_weights",
+                "dead_replicas": {str(i): why for i, why in dead.items()}, "awaiting_weights": awaiting}
     return {"status": "ok"}
 
 
@@ -114,7 +116,7 @@ async def run_generation(request: Request, prompts, params: SamplingParams,
 @route(router, "POST", "/generate/")
 async def generate(request: Request, body: GenerateRequest):
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()  # a routable replica: checked by engine.generate, once a per-tensor run has ended
     check_num_prompts(request, len(body.prompts), "prompts")
     params = sampling_params_from(body)
     return await run_generation(request, tokenize_prompts(engine, body.prompts, "prompts"), params,
@@ -124,7 +126,7 @@ async def generate(request: Request, body: GenerateRequest):
 @route(router, "POST", "/chat/")
 async def chat(request: Request, body: ChatRequest):
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()  # a routable replica: checked by engine.generate, once a per-tensor run has ended
     check_num_prompts(request, len(body.messages), "messages")
     params = sampling_params_from(body)
     prompts = []
@@ -139,7 +141,7 @@ async def chat(request: Request, body: ChatRequest):
 @route(router, "POST", "/reset_prefix_cache/")
 async def reset_prefix_cache(request: Request):
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     await engine.end_named_param_run()
     await engine.call_all(msg.ResetPrefixCache())
     return {"message": "Prefix cache reset"}

@@ -62,7 +62,7 @@ async def _join(request: Request, spec: GroupSpec) -> list[asyncio.Future]:
 @route(router, "POST", "/init_communicator/")
 async def init_communicator(request: Request, body: InitCommunicatorRequest):
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     expected = engine.world_size + 1
     if body.world_size != expected:
         raise BadRequest(f"world_size must be {expected} (the server's {engine.world_size} workers + the "
@@ -78,7 +78,7 @@ async def init_weight_transfer_engine(request: Request, body: InitWeightTransfer
     """vLLM's NCCL weight-transfer engine: answered once every worker has joined (the trainer joins the
     rendezvous while this request is in flight)."""
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     info = body.init_info
     if info.world_size < info.rank_offset + engine.world_size:
         raise BadRequest(f"init_info.world_size must be at least rank_offset + {engine.world_size} (the server's "
@@ -138,17 +138,28 @@ def _log_update(version: int | None):
 
 
 def _dispatch(request: Request, buckets: list[dict], **kwargs) -> list[asyncio.Future]:
-    futures = engine_of(request).send_all_nowait(msg.UpdateWeights(buckets, **kwargs))
+    engine = engine_of(request)
+    targets = engine.live_replicas()  # send_all_nowait's, in its order
+    futures = engine.send_all_nowait(msg.UpdateWeights(buckets, **kwargs))
     state = request.app.state
+    version = kwargs.get("version")
+
+    def landed(replica):  # a replica restarted after a push serves again once it holds the next version
+        def done(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                engine.weights_landed(version, [replica])
+        return done
 
     def group_lost(future: asyncio.Future) -> None:  # a replica closes its group when an update fails
         if not future.cancelled() and future.exception() is not None and state.weight_sync_init is init:
             state.weight_sync_init = None
 
     init = state.weight_sync_init
-    for future in futures:
-        future.add_done_callback(_log_update(kwargs.get("version")))
+    for replica, future in zip(targets, futures):
+        future.add_done_callback(_log_update(version))
         future.add_done_callback(group_lost)
+        if version is not None:
+            future.add_done_callback(landed(replica))
     return futures
 
 
@@ -157,7 +168,7 @@ def _dispatch(request: Request, buckets: list[dict], **kwargs) -> list[asyncio.F
 async def update_named_param(request: Request, body: UpdateNamedParamRequest):
     """TRL's per-tensor update: answered at once; the tensor follows by broadcast, then a store barrier."""
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     validate_tensor(engine.weight_shapes, body.name, body.dtype, body.shape, "update_named_param")
     await _require_group(request)
     bucket = {"dtype": str(parse_dtype(body.dtype)).removeprefix("torch."), "numel": _numel(body.shape),
@@ -173,7 +184,7 @@ async def update_weights(request: Request):
     """Two protocols share this path, told apart by the body: ``{"update_info": ...}`` is vLLM's (TRL >= 1.12),
     ``{"buckets": ...}`` rlserve's."""
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     try:
         body = await request.json()
     except ValueError:
@@ -252,7 +263,7 @@ async def _vllm_update_weights(request: Request, info: VllmUpdateInfo):
 async def start_weight_update(request: Request):
     """No engine step runs from here until ``/finish_weight_update``: tokens never see half an update."""
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     await _require_group(request)
     await engine.end_named_param_run()
     await engine.call_all(msg.BeginWeightUpdate(UPDATE_QUIET_S), timeout_s=600.0)
@@ -262,21 +273,23 @@ async def start_weight_update(request: Request):
 @route(router, "POST", "/finish_weight_update/")
 async def finish_weight_update(request: Request):
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     await _require_group(request)
     version = engine.weight_version + 1
+    targets = engine.live_replicas()  # call_all's: a replica restarted meanwhile did not load this version
     try:
         await engine.call_all(msg.FinishWeightUpdate(version), timeout_s=600.0)
     except BadRequest as e:  # it failed, was refused, or expired: no new version
         raise Conflict(e.message) from None
     engine.weight_version = version
+    engine.weights_landed(version, targets)
     return {"message": "Weight update finished", "version": version}
 
 
 @route(router, "POST", "/close_communicator/")
 async def close_communicator(request: Request):
     engine = engine_of(request)
-    engine.check_serving()
+    engine.check_alive()
     request.app.state.weight_sync_init = None
     await engine.end_named_param_run()
     await engine.call_all(msg.CloseWeightSync())
