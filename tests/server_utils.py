@@ -5,7 +5,6 @@ The launcher is rlserve's own (rlserve/server/process.py); the tests add their d
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 
@@ -25,10 +24,5 @@ class ServerProcess(_ServerProcess):
                          env=env, stdout=quiet)
 
 
-@contextlib.contextmanager
-def running_server(model: str, *args: str, **kwargs):
-    server = ServerProcess(model, *args, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
+# `with running_server(model, *flags) as server:` -- a ServerProcess is its own context manager (stopped on exit)
+running_server = ServerProcess

@@ -78,6 +78,20 @@ class EagerDecodeGraphs:
         return self.model(input_ids, positions, meta)
 
 
+def record_cut_chunks(runner) -> list:
+    """Wrap the runner's forward; the returned list collects the steps of decodes plus a prompt chunk that draws
+    nothing (a one-token chunk cut by the token budget)."""
+    cut_chunks, forward = [], runner.forward
+
+    def recording_forward(step):
+        if step.num_decodes == len(step.query_lens) and len(step.sample_rows) < len(step.query_lens):
+            cut_chunks.append(step)
+        return forward(step)
+
+    runner.forward = recording_forward
+    return cut_chunks
+
+
 def test_one_token_prompt_chunk_among_decodes_on_the_graph_branch(tiny_model):
     """A token budget of max_num_seqs cuts a prompt to one token inside a decode step: that row runs in
     the graph batch but draws nothing (the old runner returned one logit row too many)."""
@@ -90,15 +104,7 @@ def test_one_token_prompt_chunk_among_decodes_on_the_graph_branch(tiny_model):
     llm = LLM(tiny_model, **config)
     runner = llm.engine.runner
     runner.graphs = EagerDecodeGraphs(runner.model, 4)
-    cut_chunks = []
-    forward = runner.forward
-
-    def recording_forward(step):
-        if step.num_decodes == len(step.query_lens) and len(step.sample_rows) < len(step.query_lens):
-            cut_chunks.append(step)
-        return forward(step)
-
-    runner.forward = recording_forward
+    cut_chunks = record_cut_chunks(runner)
     assert [tokens(llm.generate(batch, p)) for p in params] == want
     assert cut_chunks and runner.graphs.num_runs > 0  # the situation was reached, on the graph branch
     assert_no_leak(llm)
@@ -359,14 +365,7 @@ def test_one_token_prompt_chunk_among_decodes_in_a_real_cuda_graph(tiny_model):
     llm = LLM(tiny_model, **config)
     runner = llm.engine.runner
     assert runner.graphs is not None
-    cut_chunks, forward = [], runner.forward
-
-    def recording_forward(step):
-        if step.num_decodes == len(step.query_lens) and len(step.sample_rows) < len(step.query_lens):
-            cut_chunks.append(step)
-        return forward(step)
-
-    runner.forward = recording_forward
+    cut_chunks = record_cut_chunks(runner)
     assert [tokens(llm.generate(batch, p)) for p in params] == want
     assert cut_chunks
     assert_no_leak(llm)

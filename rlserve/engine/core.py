@@ -23,7 +23,7 @@ from rlserve.engine.scheduler import Scheduler
 from rlserve.engine.sequence import Request, Sequence, stream_seed
 from rlserve.engine.stop_strings import StopStrings
 from rlserve.engine.structured import GrammarCompiler
-from rlserve.engine.validation import PROMPT, InvalidRequest, Limits, check_fits
+from rlserve.engine.validation import Limits, check_fits, check_prompt_ids
 from rlserve.engine.worker import load_worker
 from rlserve.tokenizer import load_tokenizer
 from rlserve.sampling import SamplingParams
@@ -90,11 +90,7 @@ class EngineCore:
         another node can have a smaller KV cache): cheap, and what stands between a request and a replica
         that stalls (a request its cache can never hold) or dies (an id outside the embedding is a device
         assert on CUDA). InvalidRequest, a 400, when one fails."""
-        vocab = self.info.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
-            raise InvalidRequest(PROMPT, f"prompt token id {bad} is outside the vocabulary [0, {vocab})",
-                                 value=bad, limit=vocab)
+        check_prompt_ids(prompt_token_ids, self.info.vocab_size)
         check_fits(len(prompt_token_ids), params.max_tokens, self.info.max_model_len, self.info.kv_capacity_tokens)
 
     @property

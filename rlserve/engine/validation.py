@@ -44,16 +44,21 @@ class Limits:
         return cls(get("vocab_size"), get("max_model_len"), get("kv_capacity_tokens"), max_logprobs)
 
 
-def admit(limits: Limits, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-    """Check a prompt and its sampling parameters; raises InvalidRequest. Returns the parameters the engine
-    runs: ``max_tokens`` resolved (None becomes as many as the context and the cache allow)."""
-    vocab = limits.vocab_size
+def check_prompt_ids(prompt_token_ids: list[int], vocab: int) -> None:
+    """A non-empty list of ints inside the vocabulary (an id outside the embedding is a device assert on CUDA)."""
     if not prompt_token_ids:
         raise InvalidRequest(PROMPT, "prompt must not be empty")
     for t in prompt_token_ids:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
             raise InvalidRequest(PROMPT, f"prompt token id {t!r} is outside the vocabulary [0, {vocab})",
                                  value=t, limit=vocab)
+
+
+def admit(limits: Limits, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+    """Check a prompt and its sampling parameters; raises InvalidRequest. Returns the parameters the engine
+    runs: ``max_tokens`` resolved (None becomes as many as the context and the cache allow)."""
+    vocab = limits.vocab_size
+    check_prompt_ids(prompt_token_ids, vocab)
     for t in params.stop_token_ids:
         if t >= vocab:
             raise InvalidRequest("stop_token_ids", f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})",

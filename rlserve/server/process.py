@@ -8,7 +8,6 @@ Importing it costs no FastAPI and no torch.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -68,6 +67,12 @@ class ServerProcess:
         except psutil.NoSuchProcess:
             return []
 
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then SIGKILL to the process group after ``timeout`` seconds; the exit code."""
         if self.proc.poll() is None:
@@ -78,12 +83,3 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         return self.proc.returncode
-
-
-@contextlib.contextmanager
-def running_server(model: str, *args: str, **kwargs):
-    server = ServerProcess(model, *args, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
