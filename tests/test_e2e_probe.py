@@ -1,5 +1,5 @@
-"""The GPU end-to-end harness (tools/trl_e2e/grpo_e2e.py) decides pass/fail with a probe after TRL's last weight
-sync. The probe must be able to fail: here it runs against a CPU server for the three cases it tells apart."""
+"""The GPU end-to-end harness (tools/trl_e2e/grpo_e2e.py) decides pass/fail with a probe after it pushes the last
+optimizer step with the trainer's own sync. The probe must be able to fail: here it runs against a CPU server for the three cases it tells apart."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ def test_probe_passes_only_when_the_server_holds_moved_trained_weights(tiny_mode
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    push = [lambda: None]  # what the trainer's own sync does: nothing (a sync that never lands), then a real push
     trainer = types.SimpleNamespace(model=model, processing_class=types.SimpleNamespace(pad_token_id=0),
-                                    accelerator=types.SimpleNamespace(unwrap_model=lambda m: m))
+                                    accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
+                                    vllm_generation=types.SimpleNamespace(sync_weights=lambda: push[0]()))
     with running_server(tiny_model, "--dtype", "float32") as server:
         args = argparse.Namespace(url=server.url, model=tiny_model)
         untrained = grpo_e2e._probe(args, trainer)
@@ -37,7 +39,7 @@ def test_probe_passes_only_when_the_server_holds_moved_trained_weights(tiny_mode
 
         client = Client(base_url=server.url)
         client.init_communicator(device="cpu")
-        client.update_model_params(model)
+        push[0] = lambda: client.update_model_params(model)
         synced = grpo_e2e._probe(args, trainer)
         client.close_communicator()
         assert synced["equal"], synced

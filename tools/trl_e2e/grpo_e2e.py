@@ -13,7 +13,8 @@ Phases
                   rlserve.Client (the README's migration path), to show the rest of the loop works: weight sync over
                   NCCL GPU0 -> GPU1 with rlserve's own protocol, 3 optimizer steps, server weight version advancing.
 
-Each grpo phase ends with a probe (_probe): after the last weight sync, the server's greedy tokens on a fixed prompt must
+Each grpo phase ends with a probe (_probe): the trainer's own sync pushes its last optimizer step (TRL syncs before each
+generation, so the last step has not reached the server when train() returns), then the server's greedy tokens on a fixed prompt must
 equal the trained model's (transformers, same weights), the server's logprobs of them must match the trained model's
 and differ from the initial model's; the phase is ok only then.
 
@@ -232,6 +233,10 @@ def _probe(a, trainer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    # The trainer syncs before each generation, so its last optimizer step has not reached the server yet: push
+    # it with the trainer's own sync (TRL 1.x's VLLMGeneration; older releases named it _move_model_to_vllm).
+    generation = getattr(trainer, "vllm_generation", None)
+    generation.sync_weights() if generation is not None else trainer._move_model_to_vllm()
     probe = [72, 101, 108, 108, 111, 44, 32, 119]  # byte tokenizer: "Hello, w"
     n = 24
     body = json.dumps({"prompts": [probe], "temperature": 0.0, "max_tokens": n, "logprobs": 0,
