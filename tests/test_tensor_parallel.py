@@ -81,6 +81,23 @@ def test_an_old_tp_engine_collected_late_leaves_a_newer_engines_group_alone(tiny
     assert not dist.is_initialized()  # its own group is destroyed on shutdown
 
 
+def test_rank_0_drops_its_cuda_graphs_before_tearing_down_the_group(tiny_models, monkeypatch):
+    """Graphs that captured the group's all-reduces hold NCCL's resources, and NCCL's teardown waits for them:
+    rank 0's hung until its timeout on 2 x H200, and a later collective in the process never returned. The order
+    is what matters (on the CPU there are no graphs to drop)."""
+    from rlserve.distributed import tp_engine
+    calls = []
+    teardown = tp_engine._teardown_default_group
+    monkeypatch.setattr(tp_engine, "_teardown_default_group", lambda: (calls.append("teardown"), teardown()))
+    llm = LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2)
+    release = llm.engine.runner.release_cuda_graphs
+    monkeypatch.setattr(llm.engine.runner, "release_cuda_graphs", lambda: (calls.append("graphs"), release()))
+    llm.shutdown()
+    assert calls == ["graphs", "teardown"]
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+
+
 def test_heads_not_divisible_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide the model's num_attention_heads \(4\)"):
         LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=3)

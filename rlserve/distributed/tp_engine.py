@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from rlserve.config import EngineConfig
 from rlserve.distributed.parallel import TensorParallel
+from rlserve.debug import dump_stacks_on_sigusr1
 from rlserve.engine.core import EngineCore
 from rlserve.models.loader import load_config, resolve_model_dir
 
@@ -54,19 +55,22 @@ def _init_group(config: EngineConfig, rank: int, store: dist.Store) -> TensorPar
     return TensorParallel(rank, size, dist.group.WORLD)
 
 
-def _teardown_default_group(abort: bool, timeout_s: float = 30.0) -> None:
-    """Destroy (or, with a dead peer, abort) this process's default group, waiting at most ``timeout_s``: a
-    teardown that cannot finish is logged and left to process exit instead of hanging the caller."""
+def _teardown_default_group(timeout_s: float = 30.0) -> None:
+    """Tear down this process's default group, waiting at most ``timeout_s``; a teardown that cannot finish is
+    logged and left to process exit instead of hanging the caller.
+
+    NCCL: abort. ncclCommDestroy waits for the peers' side, and on 2 x H200 (torch 2.11) rank 0's
+    destroy_process_group hung even with every rank destroying at once; aborting a destroy stuck in another
+    thread then killed the process (SIGABRT). ncclCommAbort is local: it needs no peer, live or dead, and at
+    shutdown there is nothing in flight worth finishing. Gloo (CPU) has no abort: destroy, which is local."""
     from torch.distributed import distributed_c10d
-    teardown = distributed_c10d._abort_process_group if abort else dist.destroy_process_group
+    nccl = dist.get_backend() == "nccl"
+    teardown = distributed_c10d._abort_process_group if nccl else dist.destroy_process_group
     done = threading.Thread(target=teardown, name="tp-group-teardown", daemon=True)
     done.start()
     done.join(timeout_s)
-    if done.is_alive() and not abort:  # an abort does not wait for peers: it unblocks the stuck destroy too
-        logger.warning("tensor-parallel group teardown did not finish within %.0fs: aborting it", timeout_s)
-        _teardown_default_group(abort=True, timeout_s=timeout_s)
-    elif done.is_alive():
-        logger.warning("tensor-parallel group abort did not finish within %.0fs; left to process exit", timeout_s)
+    if done.is_alive():
+        logger.warning("tensor-parallel group teardown did not finish within %.0fs; left to process exit", timeout_s)
 
 
 class TensorParallelEngine(EngineCore):
@@ -144,13 +148,10 @@ class TensorParallelEngine(EngineCore):
         super().close_weight_sync(group)
 
     def shutdown(self) -> None:
-        """Stop the workers and destroy this engine's process group -- only its own: the default group of
+        """Stop the workers and tear down this engine's process group -- only its own: the default group of
         this process may belong to a newer engine by now (``__del__`` runs whenever the garbage collector
-        gets to an old engine, which used to destroy the group of the one starting or running then).
-
-        The ranks tear the group down together: each worker destroys its side when told to stop, while rank 0
-        destroys its own. NCCL's teardown waits for the peers' side, so rank 0 destroying after the workers
-        had exited hung for good on 2 x H200; a worker that is already dead gets an abort instead."""
+        gets to an old engine, which used to destroy the group of the one starting or running then). Each rank
+        tears down its own side (see _teardown_default_group: with NCCL an abort, which needs no peer)."""
         if self._is_shut_down:
             return
         self._is_shut_down = True
@@ -160,8 +161,8 @@ class TensorParallelEngine(EngineCore):
             except (BrokenPipeError, OSError):
                 pass
         if self._group is not None and dist.is_initialized() and dist.group.WORLD is self._group:
-            peers_alive = all(proc.is_alive() for proc in self.workers)
-            _teardown_default_group(abort=not peers_alive)
+            self.runner.release_cuda_graphs()
+            _teardown_default_group()
         self._group = None
         for proc in self.workers:
             proc.join(10)
@@ -179,6 +180,7 @@ class TensorParallelEngine(EngineCore):
 def run_tp_worker(config: EngineConfig, rank: int, store_port: int, pipe, attention_backend: str) -> None:
     """Process entry point of rank > 0: build the shard the same way rank 0 does, then serve its pipe."""
     logging.basicConfig(level="INFO", format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
+    dump_stacks_on_sigusr1()
     try:
         from rlserve.engine.worker import load_worker
         store = dist.TCPStore("127.0.0.1", store_port, config.tensor_parallel_size, is_master=False,
@@ -229,7 +231,8 @@ class TensorParallelWorker:
             elif kind == "shutdown":
                 self._close()
                 if dist.is_initialized():
-                    _teardown_default_group(abort=False)  # together with rank 0 (see TensorParallelEngine.shutdown)
+                    self.runner.release_cuda_graphs()
+                    _teardown_default_group()
                 return
             else:  # rank 0 would wait for an answer that never comes: fail loudly instead
                 raise RuntimeError(f"tensor-parallel worker {self.rank}: unknown message {kind!r}")

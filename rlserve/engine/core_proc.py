@@ -30,6 +30,7 @@ import traceback
 import zmq
 
 from rlserve.config import EngineConfig
+from rlserve.debug import dump_stacks_on_sigusr1
 from rlserve.engine import messages as msg
 from rlserve.engine.validation import PROMPT, InvalidRequest
 
@@ -391,6 +392,7 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
     replica's restarts so far, stamped on the messages that name it."""
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s replica{replica} %(levelname)s %(message)s")
     if not hosted:
+        dump_stacks_on_sigusr1()
         # Ctrl-C in a terminal, or a supervisor that signals the whole process group, must not kill the engine
         # under the API server while it drains: the server stops us (a Shutdown message, then SIGKILL), and we
         # exit on our own if it dies.

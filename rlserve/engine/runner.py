@@ -15,6 +15,7 @@ table changed; each step gathers its rows. Slots are computed on the device from
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -183,6 +184,15 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.info.max_num_seqs, self.max_blocks_per_seq,
                                    self.info.max_model_len, self.device)
         self.graphs.capture()
+
+    def release_cuda_graphs(self) -> None:
+        """Destroy the captured decode graphs. Tensor parallelism calls this before it tears down its NCCL
+        group: graphs that captured the group's all-reduces hold the communicator's resources, and NCCL's
+        destroy (or abort) then waits for them -- rank 0's teardown hung until its timeout on 2 x H200."""
+        if self.graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.graphs = None
+            gc.collect()  # a graph is destroyed when its last reference goes
 
     # -- block-table rows --------------------------------------------------------------------------
     def _row(self, seq: Sequence, pending: list[tuple[int, int, int]]) -> int:

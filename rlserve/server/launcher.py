@@ -29,6 +29,7 @@ from rlserve.config import EngineConfig
 from rlserve.models.loader import resolve_model_dir
 from rlserve.server.app import create_app
 from rlserve.server.replicas import EngineClient
+from rlserve.debug import dump_stacks_on_sigusr1
 from rlserve.server.security import security_config_from_args
 from rlserve.tokenizer import load_tokenizer
 
@@ -121,6 +122,7 @@ def engine_config_from_args(args) -> EngineConfig:
 def serve(args) -> int:
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    dump_stacks_on_sigusr1()
     config = engine_config_from_args(args)
     if args.vllm_model_impl not in ("auto", "vllm"):
         logger.info("--vllm_model_impl %s: rlserve runs its own model implementation", args.vllm_model_impl)
