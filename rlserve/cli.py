@@ -109,6 +109,8 @@ def add_serve_parser(sub) -> None:
     _flag(p, "max_prompts_per_request", type=int, default=16384,
           help="Most prompts in one /generate/, /chat/ or /v1/completions request; more get 400 "
                "(default: 16384).")
+    _flag(p, "max_completions_per_request", type=int, default=262144,
+          help="Most completions (prompts x n) in one request; more get 400 (default: 262144 = 16384 x 16).")
 
 
 def _add_compat_flags(p) -> None:

@@ -31,6 +31,7 @@ from server_utils import free_port, running_server
 
 KEY = "test-key-0123456789"
 MAX_PROMPTS = 8
+MAX_COMPLETIONS = 16
 GREEDY = {"prompts": [[1, 2, 3], [40, 41, 42, 43]], "temperature": 0, "max_tokens": 8,
           "generation_kwargs": {"min_tokens": 8}}
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -60,9 +61,10 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
 # -- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def keyed(tiny_model):
-    """Key from the environment, 1 MiB bodies, 8 prompts per request."""
+    """Key from the environment, 1 MiB bodies, 8 prompts and 16 completions per request."""
     with running_server(tiny_model, "--max_request_body_mb", "1", "--max_prompts_per_request", str(MAX_PROMPTS),
-                        env={"RLSERVE_API_KEY": KEY}) as s, httpx.Client(base_url=s.url, timeout=120) as http:
+                        "--max_completions_per_request", str(MAX_COMPLETIONS), env={"RLSERVE_API_KEY": KEY}) as s, \
+            httpx.Client(base_url=s.url, timeout=120) as http:
         yield s, http
 
 
@@ -202,6 +204,22 @@ def test_too_many_prompts_is_400_naming_the_limit(keyed):
     assert r.status_code == 200 and len(r.json()["completion_ids"]) == MAX_PROMPTS, r.text
 
 
+def test_too_many_completions_is_400_naming_n_and_the_limit(keyed):
+    """prompts x n is what the API process holds until the request ends: each factor valid alone, the product not."""
+    _, http = keyed
+    before = counters(http, AUTH)
+    for path, body in [
+            ("/generate/", {"prompts": ["hi"] * 3, "n": 6, "max_tokens": 1}),
+            ("/chat/", {"messages": [[{"role": "user", "content": "hi"}]] * 3, "n": 6, "max_tokens": 1}),
+            ("/v1/completions", {"prompt": [[1, 2]] * 3, "n": 6, "max_tokens": 1})]:
+        error = assert_error(http.post(path, json=body, headers=AUTH), 400, "18 completions",
+                             f"limit of {MAX_COMPLETIONS}", "--max_completions_per_request")
+        assert error["param"] == "n"
+    assert counters(http, AUTH) == before
+    r = http.post("/generate/", json={"prompts": ["hi"] * 2, "n": 8, "max_tokens": 2}, headers=AUTH)
+    assert r.status_code == 200 and len(r.json()["completion_ids"]) == MAX_COMPLETIONS, r.text
+
+
 # -- weight-sync admission -----------------------------------------------------------------------------
 def weight_sync_calls(engine_world_size: int = 1):
     """One call per weight-sync route, each of which would start or feed a transfer if admitted."""
@@ -311,16 +329,16 @@ def test_serve_flags_and_their_defaults(monkeypatch):
         args = parser.parse_args(["serve", "--model", "m", f"--api{sep}key", "k", f"--disable{sep}weight{sep}sync",
                                   f"--weight{sep}sync{sep}allowed{sep}hosts", "10.0.0.5",
                                   f"--max{sep}request{sep}body{sep}mb", "2", f"--max{sep}prompts{sep}per{sep}request",
-                                  "3"])
+                                  "3", f"--max{sep}completions{sep}per{sep}request", "5"])
         config = security_config_from_args(args)
         assert dataclasses.astuple(config)[:2] == ("k", False)
         assert config.is_host_allowed("10.0.0.5") and not config.is_host_allowed("10.0.0.4")
-        assert (config.max_body_bytes, config.max_prompts) == (2 * 2**20, 3)
+        assert (config.max_body_bytes, config.max_prompts, config.max_completions) == (2 * 2**20, 3, 5)
     r = subprocess.run([sys.executable, "-m", "rlserve.cli", "serve", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     for flag in ("api_key", "disable_weight_sync", "weight_sync_allowed_hosts", "max_request_body_mb",
-                 "max_prompts_per_request"):
+                 "max_prompts_per_request", "max_completions_per_request"):
         assert f"--{flag}" in r.stdout and f"--{flag.replace('_', '-')}" in r.stdout, flag
 
 

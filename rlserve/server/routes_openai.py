@@ -209,7 +209,7 @@ async def completions(request: Request, body: CompletionRequest):
         prompt = [prompt]
     if not prompt:
         raise BadRequest("prompt must not be empty", param="prompt")
-    check_num_prompts(request, len(prompt), "prompt")
+    check_num_prompts(request, len(prompt), "prompt", body.n)
     items = tokenize_prompts(engine, prompt, "prompt")
     params = body.params(body.logprobs, body.max_tokens)
     outputs = await _generate(request, items, params, "prompt")

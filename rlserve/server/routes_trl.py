@@ -117,7 +117,7 @@ async def run_generation(request: Request, prompts, params: SamplingParams,
 async def generate(request: Request, body: GenerateRequest):
     engine = engine_of(request)
     engine.check_alive()  # a routable replica: checked by engine.generate, once a per-tensor run has ended
-    check_num_prompts(request, len(body.prompts), "prompts")
+    check_num_prompts(request, len(body.prompts), "prompts", body.n)
     params = sampling_params_from(body)
     return await run_generation(request, tokenize_prompts(engine, body.prompts, "prompts"), params,
                                 body.truncate_prompt_tokens, body.response_format)
@@ -127,7 +127,7 @@ async def generate(request: Request, body: GenerateRequest):
 async def chat(request: Request, body: ChatRequest):
     engine = engine_of(request)
     engine.check_alive()  # a routable replica: checked by engine.generate, once a per-tensor run has ended
-    check_num_prompts(request, len(body.messages), "messages")
+    check_num_prompts(request, len(body.messages), "messages", body.n)
     params = sampling_params_from(body)
     prompts = []
     for i, conversation in enumerate(body.messages):

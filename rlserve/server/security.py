@@ -11,8 +11,8 @@ it. In order, for each HTTP request:
 4. Body size: a request whose body is over ``max_body_bytes`` is a 413 before the route reads any of it
    (``Content-Length``), or as soon as the running count passes the limit (a chunked upload).
 
-The number of prompts per request is a property of the parsed body, so the routes that take prompts call
-``check_num_prompts``. The middleware knows nothing about the engine; responses are rendered by errors.py.
+The number of prompts (and of completions, prompts x n) per request is a property of the parsed body, so the
+routes that take prompts call ``check_num_prompts``. The middleware knows nothing about the engine; responses are rendered by errors.py.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ API_KEY_ENV_VARS = ("RLSERVE_API_KEY", "VLLM_API_KEY")  # first one set wins; VL
 # 45 MB of JSON; one prompt per GPU-step of a large GRPO run is a few thousand prompts.
 DEFAULT_MAX_BODY_MB = 64.0
 DEFAULT_MAX_PROMPTS = 16384
+# prompts x n: every completion's tokens and logprobs stay in the API process until the request ends, so a
+# request of 16,384 prompts with n = 1024 (both valid alone) would ask for 16.7M completions and run it out of
+# memory. 16,384 prompts x 16 samples covers large GRPO batches.
+DEFAULT_MAX_COMPLETIONS = 262144
 
 
 def _matches(path: str, prefixes: tuple[str, ...]) -> bool:
@@ -100,6 +104,7 @@ class SecurityConfig:
     weight_sync_allowed_hosts: tuple = ()  # networks; empty = any host (when weight sync is enabled)
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)
     max_prompts: int = DEFAULT_MAX_PROMPTS
+    max_completions: int = DEFAULT_MAX_COMPLETIONS
 
     def __post_init__(self):
         if self.api_key is not None and not self.api_key.strip():
@@ -108,6 +113,8 @@ class SecurityConfig:
             raise ValueError(f"max_request_body_mb must allow at least 1 KiB, got {self.max_body_bytes} bytes")
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts_per_request must be >= 1, got {self.max_prompts}")
+        if self.max_completions < 1:
+            raise ValueError(f"max_completions_per_request must be >= 1, got {self.max_completions}")
 
     def is_host_allowed(self, host: str | None) -> bool:
         if not self.weight_sync_allowed_hosts:
@@ -132,7 +139,7 @@ class SecurityConfig:
         else:
             sync = "weight sync from any host"
         return (f"{key}; {sync}; request body <= {self.max_body_bytes:,} bytes, "
-                f"<= {self.max_prompts:,} prompts per request")
+                f"<= {self.max_prompts:,} prompts and {self.max_completions:,} completions per request")
 
 
 def security_config_from_args(args, environ=os.environ) -> SecurityConfig:
@@ -145,7 +152,8 @@ def security_config_from_args(args, environ=os.environ) -> SecurityConfig:
         api_key=api_key, weight_sync_enabled=not getattr(args, "disable_weight_sync", False),
         weight_sync_allowed_hosts=parse_allowed_hosts(getattr(args, "weight_sync_allowed_hosts", None)) or (),
         max_body_bytes=int(getattr(args, "max_request_body_mb", DEFAULT_MAX_BODY_MB) * 2**20),
-        max_prompts=getattr(args, "max_prompts_per_request", DEFAULT_MAX_PROMPTS))
+        max_prompts=getattr(args, "max_prompts_per_request", DEFAULT_MAX_PROMPTS),
+        max_completions=getattr(args, "max_completions_per_request", DEFAULT_MAX_COMPLETIONS))
 
 
 def _digest(value: bytes) -> bytes:
@@ -249,10 +257,14 @@ class SecurityMiddleware:
         return PayloadTooLarge(message)
 
 
-def check_num_prompts(request: Request, num_prompts: int, field: str) -> None:
-    """400 when a request carries more prompts than the server takes in one request."""
-    config: SecurityConfig | None = getattr(request.app.state, "security", None)
-    limit = config.max_prompts if config is not None else DEFAULT_MAX_PROMPTS
-    if num_prompts > limit:
+def check_num_prompts(request: Request, num_prompts: int, field: str, n: int = 1) -> None:
+    """400 when a request carries more prompts, or asks for more completions (prompts x ``n``), than the server
+    takes in one request."""
+    config: SecurityConfig = getattr(request.app.state, "security", None) or SecurityConfig()
+    if num_prompts > config.max_prompts:
         raise BadRequest(f"{field}: {num_prompts:,} prompts in one request, more than the server's limit of "
-                         f"{limit:,} (--max_prompts_per_request); split the batch", param=field)
+                         f"{config.max_prompts:,} (--max_prompts_per_request); split the batch", param=field)
+    if num_prompts * n > config.max_completions:
+        raise BadRequest(f"n: {num_prompts:,} prompts x n={n:,} = {num_prompts * n:,} completions in one request, "
+                         f"more than the server's limit of {config.max_completions:,} "
+                         f"(--max_completions_per_request); split the batch", param="n")
