@@ -70,6 +70,26 @@ def fake_vllm(tmp_path, monkeypatch) -> Path:
     return log
 
 
+def test_workloads_have_the_shapes_of_workloads_md():
+    """The architectures are the Qwen2.5 configs WORKLOADS.md names: parameter counts as published."""
+    from rlserve.bench.workloads import WORKLOADS
+
+    def billions(a):
+        h, layers, inter, vocab = a["hidden_size"], a["num_hidden_layers"], a["intermediate_size"], a["vocab_size"]
+        kv = h // a["num_attention_heads"] * a["num_key_value_heads"]
+        attention = h * h * 2 + h * kv * 2 + h + 2 * kv  # q, o; k, v; q/k/v biases
+        per_layer = attention + 3 * h * inter + 2 * h
+        embeddings = vocab * h * (1 if a["tie_word_embeddings"] else 2)
+        return (layers * per_layer + embeddings + h) / 1e9
+
+    expected = {"rl-small": 0.49, "rl-medium": 1.54, "rl-7b": 7.62, "rl-32b": 32.76}
+    for name, b in expected.items():
+        w = WORKLOADS[name]
+        assert abs(billions(w.architecture) - b) / b < 0.01, (name, billions(w.architecture))
+    assert (WORKLOADS["rl-32b"].num_prompts, WORKLOADS["rl-32b"].n, WORKLOADS["rl-32b"].prompt_len,
+            WORKLOADS["rl-32b"].max_tokens) == (16, 8, 256, 1024)
+
+
 def test_modes_map_to_the_same_sampling_in_rlserve_and_vllm():
     plain, lp0, seeded = (request_params(TINY, MODES[m]) for m in ("plain", "logprobs0", "seeded"))
     assert [p["max_tokens"] for p in plain] == TINY.max_tokens_per_prompt()

@@ -17,6 +17,8 @@ QWEN25_15B = dict(QWEN25_05B, hidden_size=1536, num_hidden_layers=28, num_attent
                   intermediate_size=8960)
 QWEN25_7B = dict(QWEN25_05B, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                  intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
+QWEN25_32B = dict(QWEN25_7B, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                  intermediate_size=27648)
 CPU_TINY = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                 intermediate_size=1536, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096,
                 initializer_range=0.02)
@@ -86,6 +88,7 @@ WORKLOADS = {
         Workload("rl-small", QWEN25_05B, 64, 8, 128, 512),
         Workload("rl-medium", QWEN25_15B, 64, 8, 256, 1024),
         Workload("rl-7b", QWEN25_7B, 32, 8, 256, 1024),
+        Workload("rl-32b", QWEN25_32B, 16, 8, 256, 1024),
         Workload("rl-varlen", QWEN25_05B, 64, 8, 128, 1024, min_max_tokens=32),
         Workload("cpu-tiny", CPU_TINY, 16, 4, 64, 64, device="cpu"),
     ]
