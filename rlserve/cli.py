@@ -172,7 +172,8 @@ def check_compat_flags(args) -> list[str]:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="Measure a workload beside transformers and the roofline.")
-    _flag(p, "workload", default="cpu-tiny", help="cpu-tiny, rl-small, rl-medium, rl-7b, rl-varlen")
+    from rlserve.bench.workloads import WORKLOADS  # plain data, no torch
+    _flag(p, "workload", default="cpu-tiny", choices=list(WORKLOADS), help="../shared/WORKLOADS.md's names")
     _flag(p, "device", default=None)
     _flag(p, "no_baseline", action="store_true", help="Skip the transformers baseline.")
     _flag(p, "modes", default="plain,logprobs0,seeded",

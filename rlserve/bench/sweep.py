@@ -19,7 +19,7 @@ import torch
 from rlserve.bench.bench import device_name, git_commit, prepare_model
 from rlserve.bench.charts import pyplot
 from rlserve.bench.server_bench import _payloads, _post_all, start_bench_server
-from rlserve.bench.workloads import WARM_UP_SEED, get_workload
+from rlserve.bench.workloads import WARM_UP_SEED, WORKLOADS, get_workload
 
 
 def allowed_layouts(hf_config, num_devices: int) -> list[tuple[int, int]]:
@@ -122,7 +122,7 @@ def add_sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="Measure every tensor x data parallel layout and name the fastest.")
     p.add_argument("--model", default=None, help="a model (default: the workload's, with random weights)")
     p.add_argument("--gpus", type=int, required=True, help="devices to spread over (tp * dp <= gpus)")
-    p.add_argument("--workload", default="rl-small")
+    p.add_argument("--workload", default="rl-small", choices=list(WORKLOADS))
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--output_dir", "--output-dir", default="bench_results")
     p.add_argument("--num_prompts", "--num-prompts", type=int, default=None, help="override the workload's")
