@@ -33,6 +33,7 @@ from rlserve.config import EngineConfig
 from rlserve.debug import dump_stacks_on_sigusr1
 from rlserve.engine import messages as msg
 from rlserve.engine.validation import PROMPT, InvalidRequest
+from rlserve.engine.transport import CurveKeys, secure_connecting_socket
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,17 @@ STATS_INTERVAL_S = 0.25
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, replica: int, input_addr: str, output_addr: str, tp_rank_base: int,
-                 parent_pid: int | None = None, generation: int = 0):
+                 parent_pid: int | None = None, generation: int = 0, curve: CurveKeys | None = None):
         self.replica = replica
         self.generation = generation  # stamped on what names the replica: a restarted one's forerunner is ignored
         self.parent_pid = parent_pid  # the API server; when it is gone, so are we
         self.tp_rank_base = tp_rank_base  # this replica's first rank in the weight-sync group
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
+        secure_connecting_socket(self.inbox, curve)
         self.inbox.connect(input_addr)
         self.outbox = self.ctx.socket(zmq.PUSH)
+        secure_connecting_socket(self.outbox, curve)
         self.outbox.connect(output_addr)
         self.outbox.setsockopt(zmq.LINGER, 2000)
         from rlserve.engine.executor import make_engine
@@ -385,11 +388,12 @@ DEFERRED = object()
 
 def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input_addr: str, output_addr: str,
                     tp_rank_base: int, log_level: str = "INFO", parent_pid: int | None = None,
-                    hosted: bool = False, generation: int = 0) -> None:
+                    hosted: bool = False, generation: int = 0, curve: CurveKeys | None = None) -> None:
     """Process entry point. ``parent_pid``: the API server's pid (default: our parent's now). ``hosted``: we
     run inside a process someone else owns (a Ray actor): it keeps its signals and its thread count, and
     there is no parent to watch (Ray ends the actor when the API server, its owner, is gone). ``generation``: the
-    replica's restarts so far, stamped on the messages that name it."""
+    replica's restarts so far, stamped on the messages that name it. ``curve``: the keys of a replica that reaches
+    the API server over tcp:// (engine/transport.py); None over ipc://."""
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s replica{replica} %(levelname)s %(message)s")
     if not hosted:
         dump_stacks_on_sigusr1()
@@ -404,7 +408,8 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
     proc = None
     try:
         proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base,
-                              parent_pid=None if hosted else parent_pid or os.getppid(), generation=generation)
+                              parent_pid=None if hosted else parent_pid or os.getppid(), generation=generation,
+                              curve=curve)
         proc.run()
     except Exception as e:
         message = f"engine replica {replica} died: {type(e).__name__}: {e}"
@@ -416,6 +421,7 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
             else:
                 ctx = zmq.Context.instance()
                 sock = ctx.socket(zmq.PUSH)
+                secure_connecting_socket(sock, curve)
                 sock.connect(output_addr)
                 sock.send_pyobj(msg.EngineDead(replica, message, generation))
             ctx.destroy(linger=2000)  # ZMQ sends from its own thread: flush before os._exit, or the cause is lost

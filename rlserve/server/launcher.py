@@ -20,7 +20,6 @@ import asyncio
 import ipaddress
 import logging
 import signal
-import socket
 import sys
 
 import uvicorn
@@ -92,14 +91,6 @@ class Server(uvicorn.Server):
             self.should_exit = True
 
 
-def _resolve(host: str) -> str:
-    """The address a host name stands for (what the ZMQ sockets bind), or the name itself if it resolves to none."""
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host
-
-
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -155,10 +146,9 @@ def serve(args) -> int:
         if _is_loopback(advertise_host) and node_ips - {placement.node_ip}:
             logger.warning("replicas on other nodes (%s) cannot reach %s: pass --advertise_host <this node's IP> "
                            "(or --host 0.0.0.0)", ", ".join(sorted(node_ips)), advertise_host)
-        if not _is_loopback(_resolve(advertise_host)):
-            logger.warning("the replicas' ZMQ control sockets listen on %s (random ports) without authentication and "
-                           "carry pickles: anyone who can reach those ports can run code in this server. Keep the "
-                           "Ray cluster's network private (--api_key does not cover them)", advertise_host)
+        logger.info("the replicas' ZMQ sockets on %s admit only the replicas' CURVE key (made at this start, "
+                    "passed through Ray); Ray itself runs whatever its cluster members submit: keep its network "
+                    "private", advertise_host)
     engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level, placement=placement,
                           advertise_host=advertise_host)
     server: Server | None = None

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import replace
 
 from rlserve.config import EngineConfig
+from rlserve.engine.transport import CurveKeys
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class RayReplica:
     remote = True
 
     def __init__(self, placement: RayPlacement, index: int, num_replicas: int, input_addr: str, output_addr: str,
-                 log_level: str, generation: int = 0):
+                 log_level: str, generation: int = 0, curve: CurveKeys | None = None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         ray = self.ray = placement.ray
         tp = placement.config.tensor_parallel_size
@@ -174,7 +175,7 @@ class RayReplica:
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement.group, placement_group_bundle_index=index),
         ).remote()
         self.done = self.actor.run.remote(config, index, num_replicas, input_addr, output_addr,
-                                          index * tp, log_level, generation)
+                                          index * tp, log_level, generation, curve)
         self._reason: str | None = None
 
     def describe(self) -> dict:
@@ -219,9 +220,9 @@ class EngineActor:
     """The Ray actor (made with ``ray.remote`` in ``RayReplica``, so that this module imports without Ray)."""
 
     def run(self, config: EngineConfig, index: int, num_replicas: int, input_addr: str, output_addr: str,
-            tp_rank_base: int, log_level: str, generation: int = 0) -> None:
+            tp_rank_base: int, log_level: str, generation: int = 0, curve: CurveKeys | None = None) -> None:
         from rlserve.engine.core_proc import run_engine_core
         # Ray owns this process's signals and its life (it dies with the API server that owns the actor), and
         # gives it OMP_NUM_THREADS = its CPUs: no parent to watch, no thread count to guess.
         run_engine_core(config, index, num_replicas, input_addr, output_addr, tp_rank_base, log_level,
-                        hosted=True, generation=generation)
+                        hosted=True, generation=generation, curve=curve)

@@ -33,6 +33,7 @@ from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
 from rlserve.engine.output_processor import OutputProcessor, RequestState
 from rlserve.engine.validation import PROMPT, InvalidRequest, Limits, admit
+from rlserve.engine.transport import ClientKeyAuthenticator, CurveKeys, secure_bound_socket
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, Conflict, EngineUnavailable, NotFound, ServerError
@@ -82,6 +83,9 @@ class EngineClient:
         self.processor = OutputProcessor(tokenizer)
         self.ctx = zmq.asyncio.Context()
         self.placement = placement
+        # Ray replicas reach this process over tcp://: CURVE keys admit only them (engine/transport.py)
+        self.curve = CurveKeys.generate() if placement is not None else None
+        self.authenticator: ClientKeyAuthenticator | None = None
         self.tolerate_replica_death = placement is not None
         self.advertise_host = advertise_host
         self.ipc_dir = tempfile.mkdtemp(prefix="rlserve-")
@@ -112,6 +116,8 @@ class EngineClient:
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self, timeout_s: float = 600.0) -> None:
+        if self.curve is not None:
+            self.authenticator = ClientKeyAuthenticator(self.ctx, self.curve)
         self.output = self.ctx.socket(zmq.PULL)
         self.output_addr = self._bind(self.output, "out")
         if self.placement is not None:  # blocks until the cluster has room for every replica (bounded)
@@ -127,12 +133,14 @@ class EngineClient:
             raise EngineUnavailable(self.startup_error)
 
     def _bind(self, sock: zmq.asyncio.Socket, name: str) -> str:
-        """ipc:// for local replicas; for Ray ones, tcp:// on the advertised address, on a port the OS picks."""
+        """ipc:// for local replicas; for Ray ones, tcp:// on the advertised address, on a port the OS picks,
+        open only to CURVE peers with the replicas' key."""
         if self.placement is None:
             addr = f"ipc://{self.ipc_dir}/{name}"
             sock.bind(addr)
             return addr
         host = socket.gethostbyname(self.advertise_host)
+        secure_bound_socket(sock, self.curve)
         port = sock.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
 
@@ -147,7 +155,7 @@ class EngineClient:
                                   self.log_level)
         else:
             handle = RayReplica(self.placement, index, self.data_parallel_size, addr, self.output_addr,
-                                self.log_level, generation)
+                                self.log_level, generation, self.curve.for_replica())
         return Replica(index, handle, sock, generation=generation)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -172,6 +180,8 @@ class EngineClient:
         for task in self._tasks:
             task.cancel()
         self._fail_all(EngineUnavailable("server is shutting down"))
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.destroy(linger=0)
         try:
             for name in os.listdir(self.ipc_dir):
