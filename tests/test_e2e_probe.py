@@ -44,4 +44,11 @@ def test_probe_passes_only_when_the_server_holds_moved_trained_weights(tiny_mode
         client.close_communicator()
         assert synced["equal"], synced
         assert synced["server_vs_trained_logprob_max_abs"] < 1e-4
-        assert synced["server_weight_version"] == 1
+        assert synced["server_weight_version"] == 1 and synced["version_before_push"] == 0 and synced["pushed"]
+
+
+def test_in_loop_check_needs_trls_per_step_logprob_gap_logged_and_small():
+    key = grpo_e2e.IN_LOOP_KEYS[1]
+    assert not grpo_e2e._in_loop_check([{"step": 1, "loss": 0.1}])["ok"]  # not logged: nothing checked, not a pass
+    assert grpo_e2e._in_loop_check([{key: 1e-6}, {key: 2e-5}, {"loss": 0.0}])["ok"]
+    assert not grpo_e2e._in_loop_check([{key: 1e-6}, {key: 0.05}])["ok"]  # one stale step fails the run

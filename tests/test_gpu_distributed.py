@@ -33,7 +33,9 @@ def small_model_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["tiny", "rl-small-shape"])
-def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which):
+def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which, caplog):
+    """Also: the TP engine's teardown ends by itself (a teardown that only timed out passed here unnoticed)."""
+    import torch.distributed as dist
     path = tiny_models["llama"] if which == "tiny" else small_model_dir
     batch = prompts(8, seed=1, vocab=256 if which == "tiny" else 32000)
     results = []
@@ -41,6 +43,8 @@ def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which):
         llm = LLM(path, device="cuda", dtype="float32", tensor_parallel_size=tp, gpu_memory_utilization=0.4)
         results.append([o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)])
         llm.shutdown()
+        assert not dist.is_initialized()
+        assert "did not finish" not in caplog.text
         del llm  # its KV cache must be gone before the next engine sizes its own
         gc.collect()
         torch.cuda.empty_cache()

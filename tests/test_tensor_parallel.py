@@ -85,17 +85,31 @@ def test_rank_0_drops_its_cuda_graphs_before_tearing_down_the_group(tiny_models,
     """Graphs that captured the group's all-reduces hold NCCL's resources, and NCCL's teardown waits for them:
     rank 0's hung until its timeout on 2 x H200, and a later collective in the process never returned. The order
     is what matters (on the CPU there are no graphs to drop)."""
-    from rlserve.distributed import tp_engine
+    import torch.distributed as dist
     calls = []
-    teardown = tp_engine._teardown_default_group
-    monkeypatch.setattr(tp_engine, "_teardown_default_group", lambda: (calls.append("teardown"), teardown()))
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (calls.append("teardown"), destroy()))
     llm = LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2)
     release = llm.engine.runner.release_cuda_graphs
     monkeypatch.setattr(llm.engine.runner, "release_cuda_graphs", lambda: (calls.append("graphs"), release()))
     llm.shutdown()
     assert calls == ["graphs", "teardown"]
-    import torch.distributed as dist
     assert not dist.is_initialized()
+
+
+def test_shutdown_with_a_dead_worker_skips_the_graphs_and_ends(tiny_models, monkeypatch):
+    """A graph replay waiting on a dead peer never ends: with a worker gone, rank 0 tears down at once."""
+    import torch.distributed as dist
+    llm = LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2)
+    calls = []
+    monkeypatch.setattr(llm.engine.runner, "release_cuda_graphs", lambda: calls.append("graphs"))
+    worker = llm.engine.workers[0]
+    worker.kill()
+    worker.join(10)
+    llm.shutdown()
+    assert calls == [] and not dist.is_initialized()
+    with LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2) as again:  # the process can start anew
+        assert len(greedy_tokens(again, prompts(n=1, seed=6))[0]) > 0
 
 
 def test_heads_not_divisible_is_a_clear_error(tiny_models):

@@ -55,17 +55,26 @@ def _init_group(config: EngineConfig, rank: int, store: dist.Store) -> TensorPar
     return TensorParallel(rank, size, dist.group.WORLD)
 
 
-def _teardown_default_group(timeout_s: float = 30.0) -> None:
-    """Tear down this process's default group, waiting at most ``timeout_s``; a teardown that cannot finish is
-    logged and left to process exit instead of hanging the caller.
+def _teardown_default_group(runner, peers_alive: bool = True, timeout_s: float = 30.0) -> None:
+    """Tear down this process's default group -- and with it every group registered with torch.distributed; a TP
+    engine refuses to start beside another group, and the weight-sync groups are not registered there. The
+    device work and the decode graphs go first (``runner.release_cuda_graphs``): graphs that captured the group's
+    all-reduces hold NCCL's resources, and on 2 x H200 (torch 2.11) rank 0's teardown waited for them until its
+    timeout, after which the process wedged or died. With a dead peer a graph replay may never finish, so the
+    graphs are left alone and the group aborted at once.
 
-    NCCL: abort. ncclCommDestroy waits for the peers' side, and on 2 x H200 (torch 2.11) rank 0's
-    destroy_process_group hung even with every rank destroying at once; aborting a destroy stuck in another
-    thread then killed the process (SIGABRT). ncclCommAbort is local: it needs no peer, live or dead, and at
-    shutdown there is nothing in flight worth finishing. Gloo (CPU) has no abort: destroy, which is local."""
+    NCCL: abort, which is local (it needs no peer, live or dead; at shutdown nothing in flight is worth
+    finishing). Destroy after dropping the graphs was not tried on GPUs. Gloo (CPU): destroy, which is local.
+    All of it in a thread joined for at most ``timeout_s``: a teardown that cannot finish is logged and left to
+    process exit instead of hanging the caller."""
     from torch.distributed import distributed_c10d
     nccl = dist.get_backend() == "nccl"
-    teardown = distributed_c10d._abort_process_group if nccl else dist.destroy_process_group
+
+    def teardown():
+        if peers_alive:
+            runner.release_cuda_graphs()
+        (distributed_c10d._abort_process_group if nccl else dist.destroy_process_group)()
+
     done = threading.Thread(target=teardown, name="tp-group-teardown", daemon=True)
     done.start()
     done.join(timeout_s)
@@ -161,8 +170,7 @@ class TensorParallelEngine(EngineCore):
             except (BrokenPipeError, OSError):
                 pass
         if self._group is not None and dist.is_initialized() and dist.group.WORLD is self._group:
-            self.runner.release_cuda_graphs()
-            _teardown_default_group()
+            _teardown_default_group(self.runner, peers_alive=all(proc.is_alive() for proc in self.workers))
         self._group = None
         for proc in self.workers:
             proc.join(10)
@@ -231,8 +239,7 @@ class TensorParallelWorker:
             elif kind == "shutdown":
                 self._close()
                 if dist.is_initialized():
-                    self.runner.release_cuda_graphs()
-                    _teardown_default_group()
+                    _teardown_default_group(self.runner)
                 return
             else:  # rank 0 would wait for an answer that never comes: fail loudly instead
                 raise RuntimeError(f"tensor-parallel worker {self.rank}: unknown message {kind!r}")

@@ -186,11 +186,12 @@ class ModelRunner:
         self.graphs.capture()
 
     def release_cuda_graphs(self) -> None:
-        """Destroy the captured decode graphs. Tensor parallelism calls this before it tears down its NCCL
-        group: graphs that captured the group's all-reduces hold the communicator's resources, and NCCL's
-        destroy (or abort) then waits for them -- rank 0's teardown hung until its timeout on 2 x H200."""
-        if self.graphs is not None:
+        """Finish the device's work and destroy the captured decode graphs. Tensor parallelism calls this before
+        it tears down its NCCL group: graphs that captured the group's all-reduces hold the communicator's
+        resources, and NCCL's teardown then waits for them -- rank 0's hung until its timeout on 2 x H200."""
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.graphs is not None:
             self.graphs = None
             gc.collect()  # a graph is destroyed when its last reference goes
 

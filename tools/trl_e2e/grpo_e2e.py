@@ -13,10 +13,13 @@ Phases
                   rlserve.Client (the README's migration path), to show the rest of the loop works: weight sync over
                   NCCL GPU0 -> GPU1 with rlserve's own protocol, 3 optimizer steps, server weight version advancing.
 
-Each grpo phase ends with a probe (_probe): the trainer's own sync pushes its last optimizer step (TRL syncs before each
-generation, so the last step has not reached the server when train() returns), then the server's greedy tokens on a fixed prompt must
-equal the trained model's (transformers, same weights), the server's logprobs of them must match the trained model's
-and differ from the initial model's; the phase is ok only then.
+Each grpo phase is ok only when three checks pass. In the loop: TRL's own per-step gap between the trainer's and the
+server's logprobs of the sampled tokens (sampling/sampling_logp_difference/max) stays within IN_LOOP_TOL, and the
+server's weight version equals the number of steps (one sync per step). After training, the probe (_probe): the
+trainer's own sync pushes its last optimizer step (TRL syncs before each generation, so the last step has not
+reached the server when train() returns), then the server's greedy tokens on a fixed prompt (generated from once
+before the push, so stale cached blocks would show) equal the trained model's (transformers, same weights), the
+server's logprobs of them match the trained model's within PROBE_LOGPROB_TOL and differ from the initial model's.
 
 Usage (see RUNBOOK.md):
   python grpo_e2e.py --trl-path site-trl-1.10.0 --out e2e-1.10
@@ -120,7 +123,7 @@ class Server:
                                      start_new_session=True)
         if not wait_health(self.url, args.server_start_timeout, self.proc):
             self.stop()
-            raise RuntimeError(f"rlserve did not become healthy; log tail:\n" + "\n".join(tail(log)))
+            raise RuntimeError("rlserve did not become healthy; log tail:\n" + "\n".join(tail(log)))
 
     def info(self) -> dict:
         try:
@@ -212,15 +215,29 @@ def _train(a) -> dict:
     t = time.monotonic()
     out = trainer.train()
     logs = [{k: v for k, v in h.items() if k in ("step", "loss", "reward", "rewards/reward_lowercase/mean",
-                                                   "completions/mean_length")}
+                                                   "completions/mean_length", *IN_LOOP_KEYS)}
             for h in trainer.state.log_history]
     probe = _probe(a, trainer)
-    return {"ok": probe["equal"], "global_step": trainer.state.global_step, "train_loss": out.training_loss,
-            "seconds": round(time.monotonic() - t, 1), "log": logs, "cuda": torch.cuda.is_available(),
-            "probe": probe}
+    in_loop = _in_loop_check(logs)
+    # TRL syncs before each step's generation: one weight version per step before the probe's own push
+    syncs_ok = probe["version_before_push"] == trainer.state.global_step and probe["pushed"]
+    return {"ok": probe["equal"] and in_loop["ok"] and syncs_ok, "global_step": trainer.state.global_step,
+            "train_loss": out.training_loss, "seconds": round(time.monotonic() - t, 1), "log": logs,
+            "cuda": torch.cuda.is_available(), "in_loop": in_loop, "syncs_ok": syncs_ok, "probe": probe}
 
 
-PROBE_LOGPROB_TOL = 2e-3  # float32 on both sides, different kernels
+PROBE_LOGPROB_TOL = 1e-4  # float32 on both sides, different kernels (2 x H200 runs: <= 1e-6)
+# TRL's own per-step check of each in-loop sync (with vllm_importance_sampling_correction, its default): the largest
+# |trainer logprob - server logprob| over the step's completion tokens, the trainer's forward on the weights it
+# had just pushed. Looser than the probe: batched, padded sequences on the trainer's side.
+IN_LOOP_KEYS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max")
+IN_LOOP_TOL = 1e-3
+
+
+def _in_loop_check(logs: list[dict]) -> dict:
+    """Every step's logged sampling_logp_difference/max within IN_LOOP_TOL (and at least one logged)."""
+    values = [entry[IN_LOOP_KEYS[1]] for entry in logs if IN_LOOP_KEYS[1] in entry]
+    return {"ok": bool(values) and max(values) <= IN_LOOP_TOL, "max_per_step": values, "tolerance": IN_LOOP_TOL}
 
 
 def _probe(a, trainer) -> dict:
@@ -233,17 +250,15 @@ def _probe(a, trainer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    # Longer than two KV blocks, and generated from once before the push: the push must drop its cached blocks.
+    probe = list(b"Hello, world! The quick brown fox jumps over the lazy dog.")
+    n = 24
+    version_before = _server_greedy(a.url, probe, n)["weight_version"]
     # The trainer syncs before each generation, so its last optimizer step has not reached the server yet: push
     # it with the trainer's own sync (TRL 1.x's VLLMGeneration; older releases named it _move_model_to_vllm).
     generation = getattr(trainer, "vllm_generation", None)
     generation.sync_weights() if generation is not None else trainer._move_model_to_vllm()
-    probe = [72, 101, 108, 108, 111, 44, 32, 119]  # byte tokenizer: "Hello, w"
-    n = 24
-    body = json.dumps({"prompts": [probe], "temperature": 0.0, "max_tokens": n, "logprobs": 0,
-                       "generation_kwargs": {"min_tokens": n}}).encode()
-    request = urllib.request.Request(a.url + "/generate/", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as r:
-        server = json.loads(r.read())
+    server = _server_greedy(a.url, probe, n)
     tokens = server["completion_ids"][0]
     server_lp = torch.tensor([row[0] for row in server["logprobs"][0]], dtype=torch.float64)
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -264,7 +279,17 @@ def _probe(a, trainer) -> dict:
     return {"equal": tokens == theirs and close and moved, "tokens_equal": tokens == theirs,
             "server_vs_trained_logprob_max_abs": server_vs_trained,
             "trained_vs_initial_logprob_max_abs": trained_vs_initial, "logprobs_close": close, "weights_moved": moved,
-            "server": tokens, "trainer": theirs, "server_weight_version": server.get("weight_version")}
+            "server": tokens, "trainer": theirs, "server_weight_version": server.get("weight_version"),
+            "version_before_push": version_before, "pushed": server.get("weight_version") == version_before + 1}
+
+
+def _server_greedy(url: str, prompt: list[int], n: int) -> dict:
+    """The server's greedy ``n`` tokens after ``prompt``, with their logprobs (min_tokens: no early EOS)."""
+    body = json.dumps({"prompts": [prompt], "temperature": 0.0, "max_tokens": n, "logprobs": 0,
+                       "generation_kwargs": {"min_tokens": n}}).encode()
+    request = urllib.request.Request(url + "/generate/", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
 
 
 def _token_logprobs(model, prompt: list[int], tokens: list[int], banned: list[int]):
