@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 
@@ -192,6 +193,9 @@ def add_bench_parser(sub) -> None:
     _flag(p, "tensor_parallel_size", type=int, default=1)
     _flag(p, "enforce_eager", action="store_true")
     _flag(p, "repeats", type=int, default=3, help="With --through_server: best of this many runs of each path.")
+    _flag(p, "server_args", default="",
+          help="With --through_server: more `rlserve serve` flags, one string (e.g. \"--ray_address auto\" to time "
+               "Ray replicas against the same workload's local ones).")
 
 
 def cmd_bench(args) -> int:
@@ -208,7 +212,8 @@ def cmd_bench(args) -> int:
         from rlserve.bench.server_bench import run_server_bench
         run_server_bench(args.workload, device=args.device, output=args.output, concurrency=args.concurrency,
                          data_parallel_size=args.data_parallel_size,
-                         tensor_parallel_size=args.tensor_parallel_size, repeats=args.repeats)
+                         tensor_parallel_size=args.tensor_parallel_size, repeats=args.repeats,
+                         server_args=shlex.split(args.server_args))
         return 0
     if args.tensor_parallel_size > 1:
         engine_kwargs["tensor_parallel_size"] = args.tensor_parallel_size

@@ -195,3 +195,26 @@ def test_profiler_times_the_engines_own_step(tmp_path):
     assert sum(phases.values()) == pytest.approx(report["total_ms_per_step"])
     assert report["mean_batch"] == TINY.num_sequences
     assert "step" in vars(EngineCore)  # the hooks went on instances; the classes are untouched
+
+
+def test_through_server_passes_server_args_and_times_every_token(tmp_path, monkeypatch):
+    """`rlserve bench --through_server --server_args ...` (how Ray replicas are timed against local ones): the flags
+    reach `rlserve serve`, the result records them, and each timed answer carries every generated token."""
+    from rlserve import cli
+    from rlserve.bench import server_bench
+    monkeypatch.setattr(server_bench, "get_workload", lambda name: TINY)
+    monkeypatch.setattr(server_bench, "codec_bench", lambda: {})
+    started = []
+    start = server_bench.start_bench_server
+    monkeypatch.setattr(server_bench, "start_bench_server",
+                        lambda *args: started.append(args[-1]) or start(*args))
+    run = server_bench.run_server_bench
+    monkeypatch.setattr(server_bench, "run_server_bench", lambda *a, **k: run(*a, **k, model_root=str(tmp_path)))
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--through_server", "--repeats", "1", "--server_args",
+                     "--max_num_seqs 4 --seed 3", "--output", str(out)]) == 0
+    assert started == [["--max_num_seqs", "4", "--seed", "3"]]
+    result = json.loads(out.read_text())
+    assert result["server_args"] == ["--max_num_seqs", "4", "--seed", "3"]
+    for key in ("offline", "server", "server_binary"):
+        assert result[key]["generated_tokens"] == TINY.num_generated_tokens()

@@ -148,9 +148,10 @@ async def load_generator(url: str, workload: Workload, concurrency: int, logprob
 
 def run_server_bench(workload_name: str, device: str | None = None, output: str | None = None,
                      concurrency: int | None = None, data_parallel_size: int = 1, tensor_parallel_size: int = 1,
-                     model_root: str | None = None, repeats: int = 3) -> dict:
+                     model_root: str | None = None, repeats: int = 3, server_args: list[str] | None = None) -> dict:
     """Offline, server JSON and server binary, each best of ``repeats`` (runs alternate JSON and binary so that
-    a slow spell of a shared machine does not land on one of them only)."""
+    a slow spell of a shared machine does not land on one of them only). ``server_args``: more `rlserve serve`
+    flags (e.g. ``--ray_address auto``), recorded in the result."""
     from rlserve import LLM
     workload = get_workload(workload_name)
     dev = torch.device(device or ("cuda" if workload.device == "cuda" and torch.cuda.is_available() else "cpu"))
@@ -158,7 +159,8 @@ def run_server_bench(workload_name: str, device: str | None = None, output: str 
     model_dir, random_weights = prepare_model(workload, root, dev)
     result = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "data_parallel_size": data_parallel_size,
-              "tensor_parallel_size": tensor_parallel_size, "repeats": repeats, "cold_prefix_cache": True,
+              "tensor_parallel_size": tensor_parallel_size, "server_args": list(server_args or []),
+              "repeats": repeats, "cold_prefix_cache": True,
               "timed": "request sent to every answer decoded to TRL's dict (orjson, or binary.decode)"}
     if data_parallel_size == 1 and tensor_parallel_size == 1:
         llm = LLM(str(model_dir), device=str(dev), load_format="dummy" if random_weights else "auto",
@@ -169,7 +171,8 @@ def run_server_bench(workload_name: str, device: str | None = None, output: str 
         del llm
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    server = start_bench_server(model_dir, dev, random_weights, data_parallel_size, tensor_parallel_size)
+    server = start_bench_server(model_dir, dev, random_weights, data_parallel_size, tensor_parallel_size,
+                                server_args)
     try:
         for layout in ("json", "binary"):  # warm-up, on other prompts than the timed ones
             warm = [dict(p, max_tokens=8) for p in _payloads(workload, 0, layout, seed=WARM_UP_SEED)[:1]]
