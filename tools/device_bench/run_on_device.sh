@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Speed figures on a 2-GPU device host, one step at a time, logs and JSON under $OUT. The wheels of
+# tools/trl_e2e/make_wheels.sh are carried in .whl/common (installed once per machine into /tmp/site); Ray's
+# (make_ray_wheels.sh) in three calls, each within the machine's 30 s warm window of the last:
+#   carry [.whl/common, .whl/ray/c1]: ray-stage | carry [.whl/ray/c2]: ray-stage | carry [.whl/ray/c3]: ray-stage
+#   ray-install ray-vs-local
+# Usage: run_on_device.sh STEP...
+#   bench-small|bench-7b  rlserve bench --workload rl-small|rl-7b --modes seeded,plain (transformers beside it)
+#   dp-scaling            rl-small through the server: DP=1 (with offline) and DP=2, same request (fixed work)
+#   ray-stage             copy the Ray parts this call carries to /tmp/raywh
+#   ray-install           put Ray's wheel together and install it into /tmp/ray-site
+#   ray-vs-local          rl-small through the server, DP=2: local replicas, then Ray replicas on a one-node cluster
+#   sweep-7b|sweep-32b    rlserve sweep --gpus 2 on rl-7b / rl-32b (TP=1, TP=2, DP=2 where it fits)
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl/common ] && [ ! -e /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/common/*.whl >/dev/null 2>&1 \
+    && touch /tmp/site/.done
+fi
+export PYTHONPATH=/tmp/site:/tmp/ray-site:$PWD
+cleanup() { pkill -9 -f "rlserve.cli serve" 2>/dev/null; python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1; }
+trap cleanup EXIT
+run_step() {
+  echo "=== $1 $(date +%T)"
+  case $1 in
+    bench-small|bench-7b)
+      w=rl-${1#bench-}
+      timeout 560 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain --output "$OUT/$w.json" 2>&1 | tail -n 25 ;;
+    dp-scaling)
+      for dp in 1 2; do
+        timeout 280 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size $dp \
+          --output "$OUT/rl-small-server-dp$dp.json" 2>&1 | tail -n 12
+      done ;;
+    ray-stage) mkdir -p /tmp/raywh && cp .whl/ray/c*/* /tmp/raywh/ && ls /tmp/raywh ;;
+    ray-install)
+      cat /tmp/raywh/rpart-* > /tmp/raywh/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl && rm /tmp/raywh/rpart-* \
+        && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ray-site /tmp/raywh/*.whl 2>&1 \
+        | tail -n 3; python3 -c "import ray; print('ray', ray.__version__)" ;;
+    ray-vs-local)
+      timeout 250 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size 2 \
+        --output "$OUT/rl-small-server-dp2-local.json" 2>&1 | tail -n 8
+      python3 -m ray.scripts.scripts start --head --num-gpus 2 --disable-usage-stats --include-dashboard=false \
+        > "$OUT/ray-start.txt" 2>&1
+      timeout 300 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size 2 \
+        --server_args "--ray_address auto" --output "$OUT/rl-small-server-dp2-ray.json" 2>&1 | tail -n 8
+      python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 ;;
+    sweep-7b|sweep-32b)
+      w=rl-${1#sweep-}
+      timeout 560 python3 -m rlserve.cli sweep --gpus 2 --workload "$w" --output_dir "$OUT/sweep-$w" 2>&1 | tail -n 15 ;;
+    *) echo "unknown step $1"; return 2 ;;
+  esac
+}
+for step in "$@"; do run_step "$step"; done
