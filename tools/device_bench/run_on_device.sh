@@ -4,6 +4,8 @@
 # (make_ray_wheels.sh) in three calls, each within the machine's 30 s warm window of the last:
 #   carry [.whl/common, .whl/ray/c1]: ray-stage | carry [.whl/ray/c2]: ray-stage | carry [.whl/ray/c3]: ray-stage
 #   ray-install ray-vs-local
+# vLLM 0.26 for the side-by-side figures (../shared/tools/vllm-wheelhouse.sh .whl/vllm: parts c1..cN of <= 61 MB)
+# the same way, one part per call: carry [.whl/vllm/cK]: vllm-stage ..., then vllm-install vs-vllm-small ...
 # Usage: run_on_device.sh STEP...
 #   bench-small|bench-7b  rlserve bench --workload rl-small|rl-7b --modes seeded,plain (transformers beside it)
 #   dp-scaling            rl-small through the server: DP=1 (with offline) and DP=2, same request (fixed work)
@@ -11,6 +13,9 @@
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
 #   ray-vs-local          rl-small through the server, DP=2: local replicas, then Ray replicas on a one-node cluster
 #   sweep-7b|sweep-32b    rlserve sweep --gpus 2 on rl-7b / rl-32b (TP=1, TP=2, DP=2 where it fits)
+#   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
+#   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
+#   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,6 +50,15 @@ run_step() {
       timeout 300 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size 2 \
         --server_args "--ray_address auto" --output "$OUT/rl-small-server-dp2-ray.json" 2>&1 | tail -n 8
       python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 ;;
+    vllm-stage) mkdir -p /tmp/vllmwh && cp .whl/vllm/c*/* /tmp/vllmwh/ && ls /tmp/vllmwh | wc -l ;;
+    vllm-install)
+      cat /tmp/vllmwh/vpart-* > /tmp/vllmwh/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl && rm /tmp/vllmwh/vpart-* \
+        && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vllm-site /tmp/vllmwh/*.whl 2>&1 \
+        | tail -n 3; PYTHONPATH=/tmp/vllm-site:$PYTHONPATH python3 -c "import vllm; print('vllm', vllm.__version__)" ;;
+    vs-vllm-small|vs-vllm-medium|vs-vllm-7b)
+      w=rl-${1#vs-vllm-}
+      PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
+        --workload "$w" --modes seeded,plain --no_baseline --against vllm --output "$OUT/$w-vs-vllm.json" 2>&1 | tail -n 20 ;;
     sweep-7b|sweep-32b)
       w=rl-${1#sweep-}
       timeout 560 python3 -m rlserve.cli sweep --gpus 2 --workload "$w" --output_dir "$OUT/sweep-$w" 2>&1 | tail -n 15 ;;
