@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from rlserve import SamplingParams
+from rlserve.engine import messages as msg
 from rlserve.outputs import CompletionOutput, RequestOutput
 from rlserve.server import binary
 from rlserve.server.routes_trl import binary_response, trl_response
@@ -214,3 +216,25 @@ def test_api_overhead_bench_on_a_tiny_shape(tmp_path, capsys):
         assert len(result["runs"]) == 2 and result["replicas"] == 2
     printed = capsys.readouterr().out
     assert "receive unpickle" in printed and "serial part" in printed
+
+
+# -- the replicas' messages -------------------------------------------------------------------------------
+@pytest.mark.parametrize("update", [
+    msg.SeqUpdate("r-0", 2, [5, 0, 151935], [-0.5, -1 / 3, -1e-300], [[(5, -0.5)], [(0, -0.2)], []],
+                  finish_reason="length", stop_reason=7, weight_versions=[0, 3], num_cached_tokens=16, text="cut"),
+    msg.SeqUpdate("r-1", 0, [2 ** 40, -1], None),  # beyond int32: still exact
+    msg.SeqUpdate("r-2", 1, [], []),  # aborted before its first token
+    msg.SeqUpdate("r-3", 0, [9], [float("-inf")], finish_reason="abort"),
+])
+def test_seq_updates_come_out_of_pickle_as_they_went_in(update):
+    """Packed as arrays on the wire (messages.SeqUpdate.__getstate__), lists of the same values again after."""
+    back = pickle.loads(pickle.dumps(msg.StepOutputs(0, [update]))).updates[0]
+    assert back == update
+    assert type(back.token_ids) is list and all(type(t) is int for t in back.token_ids)
+    if update.sampled_logprobs is not None:
+        assert type(back.sampled_logprobs) is list and all(type(v) is float for v in back.sampled_logprobs)
+
+
+def test_seq_update_nan_logprobs_survive_pickle():
+    back = pickle.loads(pickle.dumps(msg.SeqUpdate("r", 0, [1, 2], [float("nan"), -0.0])))
+    assert math.isnan(back.sampled_logprobs[0]) and math.copysign(1, back.sampled_logprobs[1]) == -1
