@@ -14,7 +14,6 @@ must not pull torch in (check: `python -c "import sys, rlserve.engine.messages; 
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,29 +135,6 @@ class SeqUpdate:
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None  # the request's, once, with the first update after its prefill
     text: str | None = None  # a finished sample with stop strings: its text as the engine cut it
-
-    # Pickled with token_ids and sampled_logprobs as machine arrays, not lists: unpickling a list costs an opcode per
-    # element, and the API process unpickles every replica's outputs alone (rl-small: 262k tokens and logprobs a
-    # batch, ~20 ms as lists on CPU, ~9 as arrays). Unpickled, they are lists again (exact: C int and double).
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["token_ids"] = _int_array(self.token_ids)
-        if self.sampled_logprobs is not None:
-            state["sampled_logprobs"] = array("d", self.sampled_logprobs)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        for name in ("token_ids", "sampled_logprobs"):
-            if isinstance(state[name], array):
-                state[name] = state[name].tolist()
-        self.__dict__.update(state)
-
-
-def _int_array(values: list[int]) -> array:
-    try:
-        return array("i", values)
-    except OverflowError:  # token ids are < the vocabulary size; anything else still travels exactly
-        return array("q", values)
 
 
 @dataclass
