@@ -11,7 +11,8 @@ replicas pickle their messages before the clock starts (that is their process's 
 send them together; the clock stops when ``EngineClient.generate`` returns. The response is then built by the
 route's own functions (routes_trl.trl_response / binary_response) and encoded as the route does (orjson).
 
-Stages (ms, median of ``--repeats``): ``receive+unpickle`` (ZMQ receive, unpickling, dispatch), ``output
+Stages (ms, median of ``--repeats``): ``admit+send`` (admission of the prompts, pickling the ``AddRequests``, until
+the last replica holds its own), ``receive+unpickle`` (ZMQ receive, unpickling, dispatch), ``output
 processing`` (``OutputProcessor.process`` and resolving the requests), ``response build``, ``serialise``.
 What it does not include: the HTTP request's parsing and the socket write of the body (uvicorn).
 """
@@ -47,18 +48,20 @@ REPLICA_TIMEOUT_S = 30.0
 
 class FakeReplica:
     """A replica handle (as replica_handles.LocalReplica) whose engine is a thread: it reports ready, and answers
-    each ``AddRequests`` with every sample finished, sending the pickled frames when ``go`` is set."""
+    each ``AddRequests`` with every sample finished. Two barriers keep the threads off the API's GIL while it works:
+    they build their answers once every replica has its requests, and send once every answer is pickled."""
 
     remote = False
 
     def __init__(self, index: int, input_addr: str, output_addr: str, ctx: zmq.Context, new_tokens: int,
-                 seed: int, go: threading.Barrier):
-        self.index, self.new_tokens, self.seed, self.go = index, new_tokens, seed, go
+                 seed: int, received: threading.Barrier, go: threading.Barrier):
+        self.index, self.new_tokens, self.seed, self.received, self.go = index, new_tokens, seed, received, go
         self.inbox = ctx.socket(zmq.PULL)
         self.inbox.connect(input_addr)
         self.outbox = ctx.socket(zmq.PUSH)
         self.outbox.connect(output_addr)
         self.sent_at: float | None = None
+        self.received_at: float | None = None
         self.pickled_bytes = 0
         self.pickle_seconds = 0.0
         self.error: BaseException | None = None
@@ -76,6 +79,8 @@ class FakeReplica:
                     continue
                 m = self.inbox.recv_pyobj()
                 if isinstance(m, msg.AddRequests):
+                    self.received_at = time.perf_counter()
+                    self.received.wait(REPLICA_TIMEOUT_S)  # no replica works while the API still sends to another
                     outputs = msg.StepOutputs(self.index, self.updates(m))
                     start = time.perf_counter()
                     frame = pickle.dumps(outputs, pickle.DEFAULT_PROTOCOL)  # as send_pyobj does
@@ -88,6 +93,7 @@ class FakeReplica:
                     return
         except BaseException as e:  # reported by the caller; a broken barrier frees the others
             self.error = e
+            self.received.abort()
             self.go.abort()
         finally:
             self.inbox.close(0)
@@ -138,13 +144,15 @@ class FakeEngineClient(EngineClient):
         super().__init__(EngineConfig(model="fake"), data_parallel_size, tokenizer=None)
         self.sync_ctx = zmq.Context()
         self.new_tokens, self.seed = new_tokens, seed
+        self.received = threading.Barrier(data_parallel_size)
         self.go = threading.Barrier(data_parallel_size)
 
     def _launch(self, index: int, generation: int = 0) -> Replica:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         addr = self._bind(sock, f"in{index}-{generation}")
-        handle = FakeReplica(index, addr, self.output_addr, self.sync_ctx, self.new_tokens, self.seed, self.go)
+        handle = FakeReplica(index, addr, self.output_addr, self.sync_ctx, self.new_tokens, self.seed, self.received,
+                             self.go)
         return Replica(index, handle, sock, generation=generation)
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -181,7 +189,9 @@ class TimedProcessor:
 async def _one_batch(client: EngineClient, timer: TimedProcessor, prompts, params: SamplingParams,
                      response_format: str, batch: int) -> dict:
     timer.seconds = 0.0
+    client.received.reset()
     client.go.reset()
+    called = time.perf_counter()
     outputs = await client.generate(prompts, params, detokenize=False, request_id=f"b{batch}")
     done = time.perf_counter()
     sent = min(r.handle.sent_at for r in client.replicas)
@@ -193,9 +203,11 @@ async def _one_batch(client: EngineClient, timer: TimedProcessor, prompts, param
         body = json_response(payload).body
         encoded = time.perf_counter()
     receive = done - sent - timer.seconds
-    return {"receive_unpickle_ms": receive * 1e3, "output_processing_ms": timer.seconds * 1e3,
+    admitted = max(r.handle.received_at for r in client.replicas) - called
+    return {"admit_send_ms": admitted * 1e3, "receive_unpickle_ms": receive * 1e3,
+            "output_processing_ms": timer.seconds * 1e3,
             "response_build_ms": (built - start) * 1e3, "serialise_ms": (encoded - built) * 1e3,
-            "total_ms": (done - sent + encoded - start) * 1e3, "response_bytes": len(body),
+            "total_ms": (admitted + done - sent + encoded - start) * 1e3, "response_bytes": len(body),
             "message_bytes": sum(r.handle.pickled_bytes for r in client.replicas),
             # each replica's own work, in parallel and outside the API process: not in total_ms
             "replica_pickle_ms": max(r.handle.pickle_seconds for r in client.replicas) * 1e3}
@@ -219,7 +231,8 @@ async def _measure(prompts: int, n: int, new_tokens: int, logprobs: int | None, 
         await client.shutdown()
 
 
-STAGES = ("receive_unpickle_ms", "output_processing_ms", "response_build_ms", "serialise_ms", "total_ms")
+STAGES = ("admit_send_ms", "receive_unpickle_ms", "output_processing_ms", "response_build_ms", "serialise_ms",
+          "total_ms")
 
 
 def _commit() -> str:
