@@ -112,7 +112,7 @@ class FakeReplica:
                 sampled = top = None
                 if p.logprobs is not None:
                     sampled = (-rng.exponential(2.0, self.new_tokens)).astype(np.float32).tolist()
-                if p.logprobs:
+                if p.logprobs:  # N entries per token, the sampled one first (as when it is the most likely)
                     top = [sorted([(t, lp)] + [(int(x), lp - 1.0 - k) for k, x in
                                                enumerate(rng.integers(0, VOCAB_SIZE, p.logprobs - 1))],
                                   key=lambda e: -e[1]) for t, lp in zip(tokens, sampled)]
@@ -253,6 +253,8 @@ def measure(prompts: int = 64, n: int = 8, new_tokens: int = 512, logprobs: int 
     ``batch_seconds`` batch (rl-small at DP=2 on H200s: ~2 s)."""
     if min(prompts, n, new_tokens, replicas, repeats) < 1:
         raise ValueError("prompts, n, tokens, replicas and repeats must be >= 1")
+    if prompts < replicas:  # each fake replica waits for its share of the batch
+        raise ValueError(f"prompts ({prompts}) must be >= replicas ({replicas})")
     runs = asyncio.run(_measure(prompts, n, new_tokens, logprobs, response_format, replicas, repeats, seed,
                                 prompt_len))
     median = {k: statistics.median(r[k] for r in runs) for k in STAGES + ("replica_pickle_ms",)}
