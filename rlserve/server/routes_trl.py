@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import orjson
 from fastapi import APIRouter, Request
 
 from rlserve.engine import messages as msg
@@ -64,12 +65,14 @@ def sampling_params_from(body) -> SamplingParams:
 def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
     """TRL's response: prompt_ids (one per prompt), completion_ids (len(prompts) * n, grouped by prompt),
     logprobs / logprob_token_ids ([sequence][token][entry], or None), plus finish_reasons and weight
-    version(s). Built as plain lists, not a pydantic model: an RL batch is ~10 MB of them."""
+    version(s). Built for orjson, not a pydantic model: an RL batch is ~10 MB of JSON. With logprobs=0 (the RL
+    case) each sequence's per-token lists are an ``orjson.Fragment`` made from its flat list (``_one_per_token``),
+    not 2 x 262k one-element Python lists (2/3 of building and encoding time); the bytes are the same."""
     completions = [c for o in outputs for c in o.outputs]
     logprobs = ids = None
     if params.logprobs == 0:  # the RL case: [[logprob of the sampled token]] per token
-        logprobs = [[[lp] for lp in c.sampled_logprobs] for c in completions]
-        ids = [[[t] for t in c.token_ids] for c in completions]
+        logprobs = _one_per_token([c.sampled_logprobs for c in completions])
+        ids = _one_per_token([c.token_ids for c in completions])
     elif params.logprobs is not None:
         pairs = [c.trl_logprobs() for c in completions]
         logprobs, ids = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -77,6 +80,15 @@ def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
     return {"prompt_ids": [o.prompt_token_ids for o in outputs], "completion_ids": [c.token_ids for c in completions],
             "logprobs": logprobs, "logprob_token_ids": ids, "finish_reasons": [c.finish_reason for c in completions],
             "weight_version": max((v for vs in versions for v in vs), default=0), "weight_versions": versions}
+
+
+def _one_per_token(rows: list[list]) -> list[orjson.Fragment]:
+    """Each row (a list of numbers) as ``[[a],[b],...]``, encoded from the flat row: orjson writes ``[a,b]``, and
+    every comma becomes ``],[``. Sound because orjson puts no whitespace between items and a number or null
+    holds no comma: the bytes are exactly orjson's for the nested lists. (One encoding per row, not one for the
+    batch: on CPU the small buffers were faster than one 6 MB one, and an empty row needs no special case.)"""
+    return [orjson.Fragment(b"[[" + orjson.dumps(row)[1:-1].replace(b",", b"],[") + b"]]" if row else b"[]")
+            for row in rows]
 
 
 def binary_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
