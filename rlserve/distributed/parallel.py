@@ -35,6 +35,12 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` on every rank, in place (the tensor-parallel group is the default one: rank 0 is 0)."""
+        if self.size > 1:
+            dist.broadcast(x, src=0, group=self.group)
+        return x
+
     def min_int(self, value: int) -> int:
         """The smallest of every rank's ``value`` (e.g. the KV blocks all ranks can hold)."""
         if self.size == 1:

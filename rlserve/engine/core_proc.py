@@ -105,6 +105,9 @@ class EngineCoreProc:
                 break
             self.finish_joins()
             self.expire_update()
+            drained = self.engine.take_drained()  # a step in flight applied before a weight or cache change
+            if drained:
+                self.send(msg.StepOutputs(self.replica, drained, generation=self.generation))
             if self.can_step():
                 self.step()
             elif self.draining_calls and not self.engine.has_unfinished():

@@ -85,7 +85,7 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
             row = request.sampling_row
             if row is None:
                 row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
-            num_out = len(seq.token_ids) - seq.num_prompt_tokens
+            num_out = seq.num_scheduled_tokens - seq.num_prompt_tokens  # with a draw in flight (async scheduling)
             if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
                 logits_index.append(r)
                 values.append(row.values)
