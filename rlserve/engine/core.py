@@ -1,6 +1,7 @@
 """The engine core: a model, its KV cache and a scheduler, advanced one step at a time.
 
-``step()`` is schedule → run the model → sample → update the sequences. Everything that changes the engine
+``step()`` is schedule → run the model → sample → update the sequences. With async scheduling it launches the
+next step before it applies the one in flight (``_step_ahead``; the rule of what may run ahead: ``async_step.py``). Everything that changes the engine
 from outside -- new requests, aborts, weight loads, prefix-cache resets -- is a method called between steps,
 never during one. The core knows nothing about HTTP; text only for stop strings, which it finds itself
 (``stop_strings.py``) so that a sample ends in the step that completed one. Token ids in, token ids out. It

@@ -345,6 +345,7 @@ class EngineCoreProc:
         self.update["deadline"] = time.monotonic() + timeout_s
 
     def _apply_update(self, version: int) -> None:
+        self.engine.drain()  # a step in flight (async scheduling) drew its tokens on the weights before this version
         self.update = None
         self.engine.weight_version = version
         self.engine.weights_partial = False
