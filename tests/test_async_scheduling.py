@@ -129,6 +129,14 @@ def test_preemption_and_chunked_prefill(tiny_model, variant):
         assert all(llm.stats()["num_preemptions"] > 0 for llm in llms.values())
 
 
+def test_context_end_stops_running_ahead(tiny_model):
+    """max_tokens None: each sample runs to max_model_len, where its in-flight draw is its last."""
+    llms = {flag: LLM(tiny_model, device="cpu", max_model_len=32, async_scheduling=flag) for flag in (False, True)}
+    batch = prompts(4, seed=13)
+    ended = same(llms, batch, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, logprobs=0))
+    assert [len(r[1][0]) for r in ended] == [32 - len(p) for p in batch]
+
+
 def run_engine(llm, batch, params, between=None, at_step=3, max_steps=500):
     """Drive the engine by hand; ``between(llm)`` runs after ``at_step`` steps and may return updates. Returns
     {request id: (token ids, finish reason, weight versions)}."""

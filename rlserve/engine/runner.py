@@ -29,7 +29,7 @@ from rlserve.engine import prompt_logprobs
 from rlserve.engine.penalty_state import PenaltyState
 from rlserve.engine.sampler import (SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows,
                                     worst_case_batch)
-from rlserve.engine.sampling_batch import prepare_sampling
+from rlserve.engine.sampling_batch import batch_to_device, prepare_sampling
 from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
 from rlserve.layers import fused
@@ -104,6 +104,9 @@ class ModelRunner:
         # Async scheduling: the last launched step's drawn tokens on the device, and each drawing sequence's row.
         self._draws: torch.Tensor | None = None
         self._draw_row: dict[int, int] = {}  # seq_id -> row of _draws
+        # Build host-to-device inputs in pinned memory, copied without a wait (see _upload), and where they start.
+        self._uploads_ahead = config.async_scheduling and self.device.type == "cuda"
+        self._host = torch.device("cpu")
 
     # -- KV cache ----------------------------------------------------------------------------------
     @staticmethod
@@ -194,8 +197,8 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = self._upload([s for s, _ in copies])
+        dst = self._upload([d for _, d in copies])
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def capture_cuda_graphs(self) -> None:
@@ -269,8 +272,10 @@ class ModelRunner:
         if logits is None:
             return LaunchedStep(None, first_row, {}, scored, step.prompt_logprobs)
         sampling_items = [item for item in items if item.samples]
-        batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device,
-                                 self.penalties)
+        batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids,
+                                 self._host if self._uploads_ahead else self.device, self.penalties)
+        if self._uploads_ahead:
+            batch = batch_to_device(batch, self.device)
         draws = self._sample(logits, batch)
         failed = {}
         row = k = 0
@@ -386,8 +391,7 @@ class ModelRunner:
         dev, bs = self.device, self.block_size
         if step.table_writes:
             r, c, b = zip(*step.table_writes)
-            self.block_tables[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = \
-                torch.tensor(b, dtype=torch.int32, device=dev)
+            self.block_tables[self._upload(r), self._upload(c)] = self._upload(b, torch.int32)
         t, s = len(step.input_ids), len(step.seq_lens)
         # One host-to-device copy for the per-token and per-sequence integers.
         packed = self._to_device(step.input_ids + step.positions + step.query_lens + step.seq_lens + step.rows
@@ -422,6 +426,13 @@ class ModelRunner:
         else:
             draws = torch.empty(index.numel(), dtype=torch.int64, device=self.device)
         ids[index] = self.tp.broadcast_from_first(draws)
+
+    def _upload(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``values`` on the device. Async scheduling on CUDA: through pinned memory, without waiting -- a copy from
+        pageable memory synchronizes the stream, so building a step would wait for the one in flight."""
+        if self._uploads_ahead:
+            return torch.tensor(values, dtype=dtype).pin_memory().to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         """int64 tensor of ``values`` on the device, through a reused pinned buffer on CUDA."""
