@@ -6,6 +6,10 @@ catching up by one decode token or a prefill chunk; when blocks run out, the new
 preempted (its blocks freed, to be recomputed later). Waiting sequences are admitted while the budget, the
 sequence limit and the free blocks allow, unless a preemption happened this step.
 
+Async scheduling (``async_step.py``) splits ``update_from_output`` in two: ``advance`` at launch (tokens computed,
+draws pending) and ``apply_output`` once the draws are on the host, so that the next step can be scheduled in
+between; ``schedule`` then counts pending draws as tokens (``Sequence.num_scheduled_tokens``).
+
 Prompt logprobs: a request that asks for them computes every prompt position (no prefix-cache hit may skip
 one), and the steps that compute its prompt list it in ``SchedulerOutput.prompt_logprobs`` so that the runner
 scores those positions; a score-only request (max_tokens=0) ends when its prompt is computed, drawing nothing.
