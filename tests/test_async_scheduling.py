@@ -239,6 +239,44 @@ def test_fallback_rule():
     assert async_step.must_apply_first(sched(NS(**{**vars(plain), "params": NS(uses_penalties=True)})))
 
 
+def test_scheduler_runs_a_pending_draw_ahead_and_drops_a_stopped_ones_extra_token():
+    """The scheduler alone (fake draws): a decode with a draw in flight is scheduled again, except when that draw
+    is its last by length; a sample that stops on its applied draw drops the extra one, and frees every block."""
+    from rlserve.engine.kv_cache import BlockManager
+    from rlserve.engine.scheduler import Scheduler, StepResult
+    from rlserve.engine.sequence import Request
+    eos = 99
+    s = Scheduler(BlockManager(32, 4), 8, 32, 128, (eos,))
+    a, b = (Request(rid, [1, 2, 3, 4, 5], SamplingParams(max_tokens=max_tokens), seed=0)
+            for rid, max_tokens in (("a", 3), ("b", 8)))
+    s.add_request(a)
+    s.add_request(b)
+
+    def launch():
+        out = s.schedule()
+        s.advance(out)
+        return out
+
+    def apply(out, tokens):
+        rows = [i if item.samples else -1 for i, item in enumerate(out.scheduled)]
+        return s.apply_output(out, StepResult(tokens, rows), weight_version=0)
+
+    apply(launch(), [7, 7])  # the prefills: a prompt's first draw is applied before the next step
+    t1 = launch()
+    t2 = launch()  # scheduled while t1's draws are in flight
+    assert [(item.seq.request.request_id, item.num_new_tokens, item.samples) for item in t2.scheduled] == \
+        [("a", 1, True), ("b", 1, True)]
+    apply(t1, [7, eos])  # b stops on EOS: its draw in t2 is the extra token
+    assert b.seqs[0].output_token_ids == [7, eos] and b.seqs[0] not in s.running
+    t3 = launch()  # a's draw in t2 is its third and last: it is not scheduled again
+    assert t3.is_empty
+    touched = apply(t2, [7, 5])
+    assert touched == a.seqs and a.seqs[0].output_token_ids == [7, 7, 7] and b.seqs[0].output_token_ids == [7, eos]
+    assert not s.num_unfinished
+    s.block_manager.check_invariants()
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
 def test_server_flag_both_spellings(tiny_model):
     import argparse
 
