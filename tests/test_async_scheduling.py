@@ -215,12 +215,17 @@ def test_steady_decode_overlaps(tiny_model, monkeypatch):
     llm = LLM(tiny_model, device="cpu", async_scheduling=True)
     events = []
     launch, apply_output = llm.engine.runner.launch, llm.engine.scheduler.apply_output
-    monkeypatch.setattr(llm.engine.runner, "launch", lambda sched: events.append(("launch", id(sched))) or launch(sched))
+    # Events hold the step objects themselves: an id() could be reused once a step is gone.
+    monkeypatch.setattr(llm.engine.runner, "launch", lambda sched: events.append(("launch", sched)) or launch(sched))
     monkeypatch.setattr(llm.engine.scheduler, "apply_output",
-                        lambda sched, *a: events.append(("apply", id(sched))) or apply_output(sched, *a))
+                        lambda sched, *a: events.append(("apply", sched)) or apply_output(sched, *a))
     llm.generate(prompts(4, seed=12), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+
+    def at(kind, sched):
+        return next(i for i, (k, s) in enumerate(events) if k == kind and s is sched)
+
     launched = [sched for kind, sched in events if kind == "launch"]
-    overlapped = [s for s in launched if events.index(("apply", s)) > events.index(("launch", s)) + 1]
+    overlapped = [s for s in launched if at("apply", s) > at("launch", s) + 1]
     assert len(launched) == 16 and len(overlapped) >= 14  # all but the prefill and the last decode step
 
 
