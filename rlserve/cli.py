@@ -82,7 +82,7 @@ def add_serve_parser(sub) -> None:
     _flag(p, "async_scheduling", type=_bool, nargs="?", const=True, default=False,
           help="Schedule and launch each engine step while the device still runs the one before (vLLM's "
                "--async-scheduling; default: false). Same outputs; steps that need the previous step's tokens on the "
-               "host first (structured outputs, penalties, prompt logprobs, a prompt's first draw) run one at a time.")
+               "host first (structured outputs, prompt logprobs, a prompt's first draw) run one at a time.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "

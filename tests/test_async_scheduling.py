@@ -89,7 +89,7 @@ def test_stop_strings(engines):
     assert any(r[1][2] in ("a", "e", "o") for r in stopped)
 
 
-def test_penalties_run_synchronously_and_match(engines):
+def test_penalties_counted_from_the_device_match(engines):
     batch = prompts(seed=3)
     same(engines, batch, SamplingParams(temperature=1.0, seed=4, max_tokens=20, repetition_penalty=1.3,
                                         presence_penalty=0.5, frequency_penalty=0.4, logprobs=0))
@@ -210,7 +210,12 @@ def test_tensor_parallel_2(tiny_model):
         assert [[[c.token_ids for c in r.outputs] for r in llm.generate(batch, p)] for p in params] == want
 
 
-def test_steady_decode_overlaps(tiny_model, monkeypatch):
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+    SamplingParams(temperature=1.0, seed=1, max_tokens=16, ignore_eos=True, repetition_penalty=1.2,
+                   frequency_penalty=0.3, min_tokens=4, logprobs=2),
+])
+def test_steady_decode_overlaps(tiny_model, monkeypatch, params):
     """The next step is launched before the step in flight is applied: the flag does not fall back for all."""
     llm = LLM(tiny_model, device="cpu", async_scheduling=True)
     events = []
@@ -219,7 +224,9 @@ def test_steady_decode_overlaps(tiny_model, monkeypatch):
     monkeypatch.setattr(llm.engine.runner, "launch", lambda sched: events.append(("launch", sched)) or launch(sched))
     monkeypatch.setattr(llm.engine.scheduler, "apply_output",
                         lambda sched, *a: events.append(("apply", sched)) or apply_output(sched, *a))
-    llm.generate(prompts(4, seed=12), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    got = llm.generate(prompts(4, seed=12), params)
+    want = LLM(tiny_model, device="cpu").generate(prompts(4, seed=12), params)
+    assert outputs(got) == outputs(want)  # penalties: the counts of draws in flight were added on the device
 
     def at(kind, sched):
         return next(i for i, (k, s) in enumerate(events) if k == kind and s is sched)
@@ -232,7 +239,7 @@ def test_steady_decode_overlaps(tiny_model, monkeypatch):
 def test_fallback_rule():
     """The one rule: steps whose draws the host needs before the next step are applied first."""
     from types import SimpleNamespace as NS
-    plain = NS(is_unforked_parent=False, grammar_state=None, params=NS(uses_penalties=False))
+    plain = NS(is_unforked_parent=False, grammar_state=None)
 
     def sched(seq, prompt_logprobs=None):
         return NS(prompt_logprobs=prompt_logprobs, scheduled=[NS(samples=True, seq=seq)])
@@ -241,7 +248,6 @@ def test_fallback_rule():
     assert async_step.must_apply_first(sched(plain, prompt_logprobs=[]))
     assert async_step.must_apply_first(sched(NS(**{**vars(plain), "is_unforked_parent": True})))
     assert async_step.must_apply_first(sched(NS(**{**vars(plain), "grammar_state": object()})))
-    assert async_step.must_apply_first(sched(NS(**{**vars(plain), "params": NS(uses_penalties=True)})))
 
 
 def test_scheduler_runs_a_pending_draw_ahead_and_drops_a_stopped_ones_extra_token():

@@ -10,9 +10,9 @@ A step must be applied before the next is scheduled (``must_apply_first``) when 
 
 - computes prompt logprobs (the scheduler's scoring bookkeeping follows the applied chunks);
 - draws a prompt's first token(s): the request forks into its ``n`` samples when that draw is applied;
-- draws for a guided sequence: the next step's allowed-token mask needs the grammar advanced by the draw;
-- draws for a penalised sequence: the next step's penalties count the draw, from the host's token ids
-  (``penalty_state.py``). Penalised batches therefore run synchronously.
+- draws for a guided sequence: the next step's allowed-token mask needs the grammar advanced by the draw.
+
+Penalties need no host: the next step counts a draw still in flight from the device (``penalty_state.py``).
 
 A sequence whose draw in flight is its last by length (``max_tokens`` or ``max_model_len``) is not scheduled
 again (``can_run_ahead``): its batch in step t+1 is the synchronous one. One that stops by content (EOS, a stop
@@ -36,6 +36,6 @@ def must_apply_first(sched) -> bool:
     for item in sched.scheduled:
         if item.samples:
             seq = item.seq
-            if seq.is_unforked_parent or seq.grammar_state is not None or seq.params.uses_penalties:
+            if seq.is_unforked_parent or seq.grammar_state is not None:
                 return True
     return False

@@ -106,6 +106,8 @@ class ModelRunner:
         self._draw_row: dict[int, int] = {}  # seq_id -> row of _draws
         # Build host-to-device inputs in pinned memory, copied without a wait (see _upload), and where they start.
         self._uploads_ahead = config.async_scheduling and self.device.type == "cuda"
+        if config.async_scheduling:
+            self.penalties.pending_draws = self._pending_draws
         self._host = torch.device("cpu")
 
     # -- KV cache ----------------------------------------------------------------------------------
@@ -426,6 +428,10 @@ class ModelRunner:
         else:
             draws = torch.empty(index.numel(), dtype=torch.int64, device=self.device)
         ids[index] = self.tp.broadcast_from_first(draws)
+
+    def _pending_draws(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Async scheduling: the draws of the step in flight for ``seqs``, [len(seqs)] on the device."""
+        return self._draws[self._upload([self._draw_row[seq.seq_id] for seq in seqs])].long()
 
     def _upload(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """``values`` on the device. Async scheduling on CUDA: through pinned memory, without waiting -- a copy from
