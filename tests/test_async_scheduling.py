@@ -11,6 +11,7 @@ equal length joins): those values are compared to 1e-5.
 from __future__ import annotations
 
 import random
+import re
 
 import httpx
 import pytest
@@ -106,8 +107,9 @@ def test_prefix_cache_hits_are_the_same(engines):
 
 def test_structured_outputs_and_prompt_logprobs_fall_back_and_match(engines):
     batch = prompts(4, seed=5)
-    same(engines, batch, SamplingParams(temperature=1.0, seed=6, max_tokens=12,
-                                        structured_outputs={"regex": "[a-c]{3,8}"}))
+    guided = same(engines, batch, SamplingParams(temperature=1.0, seed=6, max_tokens=12,
+                                                 structured_outputs={"regex": "[a-c]{3,8}"}))
+    assert all(re.fullmatch("[a-c]{3,8}", r[1][3]) for r in guided)
     results = [engines[flag].generate(batch, SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=2))
                for flag in (False, True)]
     for a, b in zip(*results):
