@@ -310,3 +310,57 @@ def test_server_flag_both_spellings(tiny_model):
         assert bad.status_code == 400
         again = http.post("/generate/", json={**body, "n": 2, "temperature": 1.0})
         assert again.status_code == 200 and len(again.json()["completion_ids"]) == 4
+
+
+def test_proc_sends_drained_tokens_before_a_later_abort_and_call_result(tiny_model):
+    """One poll batch in the engine process: a prefix-cache reset (which applies the step in flight) then an abort
+    and a pause(abort). On the wire the drained tokens come first, then the call's result, then the finished
+    updates: never a sample's tokens after its end, nor after the call that applied them returned."""
+    import zmq
+
+    from rlserve.config import EngineConfig
+    from rlserve.engine import messages as msg
+    from rlserve.engine.core_proc import EngineCoreProc
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    out_port = pull.bind_to_random_port("tcp://127.0.0.1")
+    in_port = push.bind_to_random_port("tcp://127.0.0.1")
+    proc = EngineCoreProc(EngineConfig(model=tiny_model, device="cpu", seed=0, async_scheduling=True), 0,
+                          f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}", 0)
+    try:
+        assert isinstance(pull.recv_pyobj(), msg.EngineReady)
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        batch = prompts(2, seed=14)
+        for i, p in enumerate(batch):
+            proc.handle(msg.AddRequests([msg.AddRequest(f"r{i}", p, params, stream=True)]))
+        sent = []
+        for _ in range(4):
+            proc.step()
+        assert proc.engine.in_flight is not None  # the batch below lands between a launch and its apply
+        while pull.poll(0):
+            sent.append(pull.recv_pyobj())
+        mark = len(sent)
+        proc.handle(msg.UtilityCall(1, msg.ResetPrefixCache()))
+        proc.handle(msg.AbortRequests(["r0"]))
+        proc.handle(msg.UtilityCall(2, msg.Pause(mode="abort")))
+        for _ in range(10):
+            if not pull.poll(1000):
+                break
+            sent.append(pull.recv_pyobj())
+        tail = [(type(m).__name__, [(u.request_id, len(u.token_ids), u.finish_reason) for u in m.updates]
+                 if isinstance(m, msg.StepOutputs) else m.call_id) for m in sent[mark:]]
+        assert tail == [("StepOutputs", [("r0", 1, None), ("r1", 1, None)]), ("UtilityResult", 1),
+                        ("StepOutputs", [("r0", 0, "abort")]), ("StepOutputs", [("r1", 0, "abort")]),
+                        ("UtilityResult", 2)], tail
+        got = {}
+        for m in sent:
+            for u in getattr(m, "updates", []):
+                got[u.request_id] = got.get(u.request_id, []) + u.token_ids
+        want = LLM(tiny_model, device="cpu").generate(batch, SamplingParams(temperature=0, max_tokens=4,
+                                                                             ignore_eos=True))
+        assert [got["r0"], got["r1"]] == [r.outputs[0].token_ids for r in want]
+    finally:
+        proc.close()
+        pull.close(0)
+        push.close(0)
+        ctx.term()
