@@ -364,3 +364,45 @@ def test_proc_sends_drained_tokens_before_a_later_abort_and_call_result(tiny_mod
         pull.close(0)
         push.close(0)
         ctx.term()
+
+
+def test_failed_launch_keeps_the_step_in_flight(tiny_model, monkeypatch):
+    """An exception in a launch goes up as in sync mode, and the step that was in flight is not lost: its tokens
+    are applied (``take_drained``), as sync mode had returned them by then. The engine then runs on as sync does."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    batch = prompts(3, seed=15)
+    runs = []
+    for flag in (False, True):
+        llm = LLM(tiny_model, device="cpu", async_scheduling=flag)
+        engine, launch = llm.engine, llm.engine.runner.launch
+        for i, p in enumerate(batch):
+            engine.add_request(f"r{i}", p, params, stream=True)
+        got: dict[str, list] = {}
+
+        def take(updates):
+            for u in updates:
+                got[u.request_id] = got.get(u.request_id, []) + u.token_ids
+
+        for _ in range(4):
+            take(engine.step())
+        assert (engine.in_flight is not None) == flag
+
+        def fail(sched):
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(engine.runner, "launch", fail)
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+        assert engine.in_flight is None
+        take(engine.take_drained())
+        at_failure = {k: list(v) for k, v in got.items()}
+        monkeypatch.setattr(engine.runner, "launch", launch)
+        for _ in range(100):  # bounded: a lost step in flight leaves a draw pending for good
+            if not engine.has_unfinished():
+                break
+            take(engine.step())
+        assert not engine.has_unfinished()
+        assert_no_leak(llm)
+        runs.append((at_failure, got))
+    assert runs[0] == runs[1]
+    assert all(len(v) == 4 for v in runs[0][0].values())  # streamed: 4 steps' tokens, none lost

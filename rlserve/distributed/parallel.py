@@ -36,9 +36,11 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's ``x`` on every rank, in place (the tensor-parallel group is the default one: rank 0 is 0)."""
+        """The group's first rank's ``x`` on every rank, in place. ``src`` is a global rank: the group's rank 0
+        is looked up, so that a group other than the default one (whose rank 0 is 0) is right too."""
         if self.size > 1:
-            dist.broadcast(x, src=0, group=self.group)
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            dist.broadcast(x, src=src, group=self.group)
         return x
 
     def min_int(self, value: int) -> int:

@@ -145,14 +145,24 @@ class EngineCore:
         """Async scheduling: schedule and launch the next step while the one in flight still runs on the device,
         then apply that one (its draws were copying back meanwhile). The launched step stays in flight unless
         ``async_step.must_apply_first`` says the host needs its draws before building another."""
-        updates, self.drained = self.drained, []
-        previous, self.in_flight = self.in_flight, None
         sched = self.scheduler.schedule()
         self.runner.release(sched.preempted)
         launched = None
         if not sched.is_empty:
-            launched = self.runner.launch(sched)
+            try:
+                launched = self.runner.launch(sched)
+            except Exception:
+                # As in sync mode, where step t's tokens were returned before step t+1 failed: the step in flight
+                # is applied and kept with the drained updates (``take_drained``, the next ``step()``), then the
+                # error goes up. Nothing is cleared before the launch succeeds.
+                try:
+                    self.drain()
+                except Exception:
+                    logger.exception("applying the step in flight after a failed launch failed too")
+                raise
             self.scheduler.advance(sched)
+        updates, self.drained = self.drained, []
+        previous, self.in_flight = self.in_flight, None
         if previous is not None:
             updates += self._apply(*previous)
         if launched is not None:

@@ -254,6 +254,7 @@ class ModelRunner:
                 self.free_rows.append(row)
 
     # -- one step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
         return self.collect(self.launch(sched))
 
@@ -293,6 +294,7 @@ class ModelRunner:
             self._keep_draws(sched, launched)
         return launched
 
+    @torch.inference_mode()
     def collect(self, launched: LaunchedStep) -> StepResult:
         """A launched step's draws on the host: the step's one wait for the device."""
         if launched.draws is None:
