@@ -14,6 +14,7 @@ import random
 import re
 
 import httpx
+import torch
 import pytest
 
 from conftest import assert_no_leak
@@ -406,3 +407,43 @@ def test_failed_launch_keeps_the_step_in_flight(tiny_model, monkeypatch):
         runs.append((at_failure, got))
     assert runs[0] == runs[1]
     assert all(len(v) == 4 for v in runs[0][0].values())  # streamed: 4 steps' tokens, none lost
+
+
+def test_fallback_steps_build_their_sampling_batch_on_the_device(tiny_model, monkeypatch):
+    """Async scheduling on CUDA (simulated: the host path's flag forced on a CPU runner): a step that runs ahead
+    builds its sampling batch on the host and moves it pinned; a guided (fallback) step builds it on the device,
+    its allowed-token mask never unpacked on the host. Penalties go through the runner's upload."""
+    from rlserve.engine import runner as runner_module
+    llm = LLM(tiny_model, device="cpu", async_scheduling=True)
+    runner = llm.engine.runner
+    assert runner.penalties.upload == runner._upload
+    assert LLM(tiny_model, device="cpu").engine.runner.penalties.upload is None  # sync mode: the old copy
+    runner._uploads_ahead = True
+    uploads = []
+
+    def upload(values, dtype=torch.int64):  # _upload's pinned copy, without CUDA
+        uploads.append(len(values))
+        return torch.tensor(values, dtype=dtype)
+
+    monkeypatch.setattr(runner, "_upload", upload)
+    monkeypatch.setattr(runner.penalties, "upload", upload)
+    calls = []
+    prepare = runner_module.prepare_sampling
+
+    def prepare_sampling(items, vocab_size, eos, device, penalties=None):
+        calls.append([any(item.seq.grammar_state is not None for item in items), device is runner._host, False])
+        return prepare(items, vocab_size, eos, device, penalties)
+
+    def batch_to_device(batch, device):
+        calls[-1][2] = True
+        return batch
+
+    monkeypatch.setattr(runner_module, "prepare_sampling", prepare_sampling)
+    monkeypatch.setattr(runner_module, "batch_to_device", batch_to_device)
+    batch = prompts(4, seed=16)
+    llm.generate(batch, SamplingParams(temperature=1.0, seed=1, max_tokens=8, structured_outputs={"regex": "[a-c]{3,8}"}))
+    llm.generate(batch, SamplingParams(temperature=1.0, seed=2, max_tokens=8, ignore_eos=True, repetition_penalty=1.2))
+    assert any(guided for guided, _, _ in calls) and any(not guided for guided, _, _ in calls)
+    assert all(not on_host and not moved for guided, on_host, moved in calls if guided)
+    assert any(on_host and moved for guided, on_host, moved in calls if not guided)
+    assert len(uploads) >= 8  # the penalised steps' counts went through it

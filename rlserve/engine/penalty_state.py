@@ -8,7 +8,8 @@ device and scatters them all again; here, as in vLLM v1's persistent batch, each
 later step adds only the tokens appended since (the one drawn the step before).
 
 Async scheduling: a sequence whose previous draw is still on the device (not yet in its token ids) has that
-draw counted from the device (``pending_draws``, set by the runner), so that penalised batches overlap too.
+draw counted from the device (``pending_draws``, set by the runner), so that penalised batches overlap too; the
+step's one host-to-device copy then goes through the runner's pinned upload (``upload``), which does not wait.
 
 A sequence gives its slot back when it finishes, is preempted or aborted (``release``, called where its
 block-table row is released). A slot is overwritten whole when it is handed out, so nothing of a previous
@@ -47,6 +48,9 @@ class PenaltyState:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         # Async scheduling: sequences -> their draws still on the device, [len] int64 (None: never needed).
         self.pending_draws: Callable[[list[Sequence]], torch.Tensor] | None = None
+        # Async scheduling: int64 values -> a device tensor, copied without waiting for the step in flight (a
+        # pageable copy would wait); the runner's ``_upload``. None (sync mode): a plain copy, as always.
+        self.upload: Callable[[list[int]], torch.Tensor] | None = None
 
     def allocate(self, vocab_size: int) -> None:
         if self.counts is None or self.counts.shape[1] != vocab_size:
@@ -88,8 +92,12 @@ class PenaltyState:
             self.num_counted[seq.seq_id] = counted
             slot_of_row.append(slot)
         f, n, p = len(fill_slots), len(rows), len(prompt_rows)
-        packed = torch.tensor(fill_slots + rows + ids + prompt_rows + prompt_ids + [r for r, _ in penalty_rows]
-                              + slot_of_row + pending_slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        values = (fill_slots + rows + ids + prompt_rows + prompt_ids + [r for r, _ in penalty_rows] + slot_of_row
+                  + pending_slots)
+        if self.upload is not None:  # async scheduling: the runner's upload (pinned on CUDA, no wait)
+            packed = self.upload(values)
+        else:
+            packed = torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
         if f:
             fill = packed[:f]
             self.counts[fill] = 0

@@ -26,6 +26,7 @@ from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine import prompt_logprobs
+from rlserve.engine.async_step import must_apply_first
 from rlserve.engine.penalty_state import PenaltyState
 from rlserve.engine.sampler import (SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows,
                                     worst_case_batch)
@@ -108,6 +109,7 @@ class ModelRunner:
         self._uploads_ahead = config.async_scheduling and self.device.type == "cuda"
         if config.async_scheduling:
             self.penalties.pending_draws = self._pending_draws
+            self.penalties.upload = self._upload  # pinned, without a wait on CUDA (sync mode: as it always was)
         self._host = torch.device("cpu")
 
     # -- KV cache ----------------------------------------------------------------------------------
@@ -275,9 +277,15 @@ class ModelRunner:
         if logits is None:
             return LaunchedStep(None, first_row, {}, scored, step.prompt_logprobs)
         sampling_items = [item for item in items if item.samples]
+        # Async scheduling on CUDA: a step that runs ahead builds its sampling batch on the host and moves it
+        # through pinned memory (no wait for the step in flight). A fallback step (guided rows, a prompt's first
+        # draw, prompt logprobs: ``async_step.must_apply_first``) is applied before the next one anyway: its batch
+        # is built on the device as in sync mode -- a guided step's allowed-token mask then crosses packed, not as
+        # [S, V] bytes unpacked on the host.
+        ahead = self._uploads_ahead and not must_apply_first(sched)
         batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids,
-                                 self._host if self._uploads_ahead else self.device, self.penalties)
-        if self._uploads_ahead:
+                                 self._host if ahead else self.device, self.penalties)
+        if ahead:
             batch = batch_to_device(batch, self.device)
         draws = self._sample(logits, batch)
         failed = {}
