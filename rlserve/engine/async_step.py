@@ -9,7 +9,10 @@ decides it. Torch-free: the scheduler reads it.
 A step must be applied before the next is scheduled (``must_apply_first``) when it
 
 - computes prompt logprobs (the scheduler's scoring bookkeeping follows the applied chunks);
-- draws a prompt's first token(s): the request forks into its ``n`` samples when that draw is applied;
+- draws a prompt's first token(s): the request forks into its ``n`` samples when that draw is applied.
+  ``Sequence.is_unforked_parent`` is ``not request.is_forked``, true for n = 1 too (every request goes through the
+  fork), so *any* step that completes a prompt's prefill is synchronous, with every decode in it. Known limit:
+  under continuous arrivals many steps fall back (docs/ARCHITECTURE.md, "Async scheduling");
 - draws for a guided sequence: the next step's allowed-token mask needs the grammar advanced by the draw.
 
 Penalties need no host: the next step counts a draw still in flight from the device (``penalty_state.py``).
