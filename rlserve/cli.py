@@ -80,6 +80,12 @@ def add_serve_parser(sub) -> None:
     _flag(p, "fused_kernels", type=_bool, nargs="?", const=True, default=os.environ.get("RLSERVE_FUSED", "1") != "0",
           help="Use the fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA (default: true, "
                "unless $RLSERVE_FUSED=0; `false` runs PyTorch's per-layer ops, for comparisons).")
+    _flag(p, "async_scheduling", type=_bool, nargs="?", const=True, default=False,
+          help="Schedule and launch each engine step while the device still runs the one before (vLLM's "
+               "--async-scheduling; default: false). Outputs equal the synchronous engine's in the CPU tests; on a "
+               "GPU other batch shapes (an extra row, another CUDA-graph bucket) can change logits in the last bits. "
+               "Not yet run or measured on a GPU. Steps that need the previous step's tokens on the host first "
+               "(structured outputs, prompt logprobs, any prompt's first draw, n=1 included) run one at a time.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "

@@ -43,6 +43,11 @@ class EngineConfig:
     # The fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA, where they pass their self-check
     # (layers/fused.py); False: PyTorch's per-layer ops (for comparisons). The model runner applies it once.
     fused_kernels: bool = True
+    # Overlap the host's work with the device's (vLLM's --async-scheduling): step t+1 is scheduled and launched
+    # before step t's tokens are applied, which are fed to it on the device (engine/async_step.py). Outputs equal
+    # sync mode's in the CPU tests; on a GPU other batch shapes can change logits in the last bits. Not yet run or
+    # measured on a GPU.
+    async_scheduling: bool = False
     extra: dict = field(default_factory=dict)
 
     def logprobs_limit(self, vocab_size: int) -> int:

@@ -121,3 +121,41 @@ def test_prompt_logprobs_equal_transformers(small_model_dir):
         torch.testing.assert_close(torch.from_numpy(pl.top_logprobs).cuda(), top_values, atol=2e-3, rtol=0)
         assert (torch.from_numpy(pl.top_ids[:, 0]).cuda() == top_ids[:, 0]).float().mean() > 0.99
         assert [len(c.token_ids) for c in out.outputs] == [8, 8]
+
+
+def test_async_scheduling_launch_never_waits_for_the_device_and_matches_sync(tiny_models, monkeypatch):
+    """Async scheduling on CUDA, a steady float32 greedy decode batch: every launch of a step that runs ahead
+    (not a fallback step, ``async_step.must_apply_first``) runs under ``torch.cuda.set_sync_debug_mode("error")``,
+    so a hidden host sync in the launch path -- a pageable upload, an ``.item()``, a ``synchronize`` -- raises
+    there; and the tokens equal the synchronous engine's (same batch shapes: no sample stops by content)."""
+    from rlserve.engine.async_step import must_apply_first
+    model = tiny_models["qwen2"]
+    batch = prompts(8, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    sync_llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3)
+    want = [o.outputs[0].token_ids for o in sync_llm.generate(batch, params)]
+    del sync_llm
+    torch.cuda.empty_cache()
+    llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3, async_scheduling=True)
+    assert llm.engine.runner.graphs is not None  # the decode steps replay CUDA graphs, as in production
+    warm = [o.outputs[0].token_ids for o in llm.generate(batch, params)]  # first-use compilation, unchecked
+    runner = llm.engine.runner
+    launch = runner.launch
+    checked = []
+
+    def strict_launch(sched):
+        if must_apply_first(sched):  # applied before the next step anyway: it may wait
+            return launch(sched)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            launched = launch(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(sched)
+        return launched
+
+    monkeypatch.setattr(runner, "launch", strict_launch)
+    got = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+    assert got == want and warm == want
+    assert len(checked) >= 30  # 31 decode steps after the prefill: all but none fell back
+    assert all(len(s.scheduled) == len(batch) for s in checked)

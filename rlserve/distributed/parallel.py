@@ -35,6 +35,14 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's first rank's ``x`` on every rank, in place. ``src`` is a global rank: the group's rank 0
+        is looked up, so that a group other than the default one (whose rank 0 is 0) is right too."""
+        if self.size > 1:
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            dist.broadcast(x, src=src, group=self.group)
+        return x
+
     def min_int(self, value: int) -> int:
         """The smallest of every rank's ``value`` (e.g. the KV blocks all ranks can hold)."""
         if self.size == 1:

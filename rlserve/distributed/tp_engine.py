@@ -134,6 +134,7 @@ class TensorParallelEngine(EngineCore):
     # -- operations every rank performs --------------------------------------------------------------
     def load_weights(self, weights, new_version: int | None = None) -> int:
         weights = [(name, tensor.detach().cpu()) for name, tensor in weights]
+        self.drain()  # no step in flight on any rank while the weights change
         self._send_all(("load_weights", weights))
         version = super().load_weights(weights, new_version)
         for pipe in self.pipes:
@@ -149,6 +150,7 @@ class TensorParallelEngine(EngineCore):
         super().warm_up_weight_sync(group)
 
     def receive_weights(self, group, buckets, discard: bool = False) -> int:
+        self.drain()
         self._send_all(("receive_weights", (buckets, discard)))
         return super().receive_weights(group, buckets, discard)
 

@@ -1,6 +1,7 @@
 """The engine core: a model, its KV cache and a scheduler, advanced one step at a time.
 
-``step()`` is schedule → run the model → sample → update the sequences. Everything that changes the engine
+``step()`` is schedule → run the model → sample → update the sequences. With async scheduling it launches the
+next step before it applies the one in flight (``_step_ahead``; the rule of what may run ahead: ``async_step.py``). Everything that changes the engine
 from outside -- new requests, aborts, weight loads, prefix-cache resets -- is a method called between steps,
 never during one. The core knows nothing about HTTP; text only for stop strings, which it finds itself
 (``stop_strings.py``) so that a sample ends in the step that completed one. Token ids in, token ids out. It
@@ -17,9 +18,11 @@ import torch
 
 from rlserve.config import EngineConfig
 from rlserve.distributed.parallel import SINGLE, TensorParallel
+from rlserve.engine.async_step import must_apply_first
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.messages import SeqUpdate
-from rlserve.engine.scheduler import Scheduler
+from rlserve.engine.runner import LaunchedStep
+from rlserve.engine.scheduler import Scheduler, SchedulerOutput
 from rlserve.engine.sequence import Request, Sequence, stream_seed
 from rlserve.engine.stop_strings import StopStrings
 from rlserve.engine.structured import GrammarCompiler
@@ -66,6 +69,10 @@ class EngineCore:
         self.weight_version = 0
         self.weights_partial = False  # a weight update failed half-way: the weights are a mix
         self.num_steps = 0
+        # Async scheduling (engine/async_step.py): the launched step whose draws are not applied yet, and the
+        # updates of one applied outside ``step()`` (``drain``), which the next ``step()`` returns first.
+        self.in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self.drained: list[SeqUpdate] = []
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -121,16 +128,56 @@ class EngineCore:
         return updates
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self.in_flight is not None or bool(self.drained)
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
+        if self.config.async_scheduling:
+            return self._step_ahead()
         sched = self.scheduler.schedule()
         self.runner.release(sched.preempted)  # their tables start over when they run again
         if sched.is_empty:
             return []
         sampled = self.runner.execute(sched)
-        touched = self.scheduler.update_from_output(sched, sampled, self.weight_version)
+        return self._stepped(self.scheduler.update_from_output(sched, sampled, self.weight_version))
+
+    def _step_ahead(self) -> list[SeqUpdate]:
+        """Async scheduling: schedule and launch the next step while the one in flight still runs on the device,
+        then apply that one (its draws were copying back meanwhile). The launched step stays in flight unless
+        ``async_step.must_apply_first`` says the host needs its draws before building another."""
+        sched = self.scheduler.schedule()
+        self.runner.release(sched.preempted)
+        launched = None
+        if not sched.is_empty:
+            try:
+                launched = self.runner.launch(sched)
+            except Exception:
+                # As in sync mode, where step t's tokens were returned before step t+1 failed: the step in flight
+                # is applied and kept with the drained updates (``take_drained``, the next ``step()``), then the
+                # error goes up. Nothing is cleared before the launch succeeds.
+                try:
+                    self.drain()
+                except Exception:
+                    logger.exception("applying the step in flight after a failed launch failed too")
+                raise
+            self.scheduler.advance(sched)
+        updates, self.drained = self.drained, []
+        previous, self.in_flight = self.in_flight, None
+        if previous is not None:
+            updates += self._apply(*previous)
+        if launched is not None:
+            if must_apply_first(sched):
+                updates += self._apply(sched, launched)
+            else:
+                self.in_flight = sched, launched
+        return updates
+
+    def _apply(self, sched: SchedulerOutput, launched: LaunchedStep) -> list[SeqUpdate]:
+        result = self.runner.collect(launched)
+        return self._stepped(self.scheduler.apply_output(sched, result, self.weight_version))
+
+    def _stepped(self, touched: list[Sequence]) -> list[SeqUpdate]:
+        """After a step's draws are applied: the updates to send, finished sequences' rows and requests let go."""
         self.num_steps += 1
         updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status.is_finished]
         finished = [seq for seq in touched if seq.status.is_finished]
@@ -138,6 +185,18 @@ class EngineCore:
         for seq in finished:
             if seq.request.is_finished:
                 self.requests.pop(seq.request.request_id, None)
+        return updates
+
+    def drain(self) -> None:
+        """Apply the step in flight, if any (async scheduling), before something changes the engine from outside
+        -- weights, the prefix cache: its tokens were drawn before the change. ``step()`` returns its updates
+        (``take_drained`` hands them over sooner)."""
+        if self.in_flight is not None:
+            previous, self.in_flight = self.in_flight, None
+            self.drained += self._apply(*previous)
+
+    def take_drained(self) -> list[SeqUpdate]:
+        updates, self.drained = self.drained, []
         return updates
 
     def _update(self, seq: Sequence) -> SeqUpdate:
@@ -173,6 +232,7 @@ class EngineCore:
 
     def load_weights(self, weights, new_version: int | None = None) -> int:
         """Load Hugging Face-named tensors between steps; bumps the weight version, resets the prefix cache."""
+        self.drain()
         self.model.load_weights(weights)
         self.weight_version = self.weight_version + 1 if new_version is None else new_version
         self.reset_prefix_cache()
@@ -194,6 +254,7 @@ class EngineCore:
         """Receive every bucket and load it (or, ``discard``, drop it: an update refused after the trainer
         began sending), then meet the trainer in a barrier where the protocol has one; returns the bytes."""
         from rlserve.distributed.weight_sync import receive_buckets
+        self.drain()
 
         def load(named):
             if not discard:
@@ -214,6 +275,7 @@ class EngineCore:
         """Release what the engine started (tensor-parallel workers); a single-process core has nothing."""
 
     def reset_prefix_cache(self) -> None:
+        self.drain()  # the step in flight registers its blocks when applied: under the epoch they were computed in
         self.block_manager.reset_prefix_cache()
 
     def stats(self) -> dict:

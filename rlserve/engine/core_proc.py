@@ -77,7 +77,18 @@ class EngineCoreProc:
         self.send(msg.EngineReady(replica, info, os.getpid(), generation))
 
     def send(self, message) -> None:
+        """Every message goes out after the updates of a step in flight that a drain applied (async scheduling):
+        a drain's tokens come before anything that happened after it -- an abort's finished update, a utility
+        call's result -- so a client never gets a sample's tokens after its end or after the call returned."""
+        self.flush_drained()
         self.outbox.send_pyobj(message)
+
+    def flush_drained(self) -> None:
+        """Send the updates a drain (a weight or prefix-cache change) applied outside ``step()``, if any."""
+        engine = getattr(self, "engine", None)  # EngineReady goes out once the engine exists; nothing before
+        drained = engine.take_drained() if engine is not None else None
+        if drained:
+            self.outbox.send_pyobj(msg.StepOutputs(self.replica, drained, generation=self.generation))
 
     def close(self) -> None:
         """Stop what the engine started (tensor-parallel workers) before the interpreter's exit hooks, which
@@ -108,6 +119,7 @@ class EngineCoreProc:
                 break
             self.finish_joins()
             self.expire_update()
+            self.flush_drained()  # a step in flight applied before a weight or cache change (also in ``send``)
             if self.can_step():
                 self.step()
             elif self.draining_calls and not self.engine.has_unfinished():
@@ -193,6 +205,8 @@ class EngineCoreProc:
         else:
             if result is not DEFERRED:
                 self.send(msg.UtilityResult(m.call_id, result))
+        finally:
+            self.flush_drained()  # a deferred call drained too: its tokens go out now, before any later message
 
     def utility(self, call_id: int, op: msg.Utility):
         """One operation per message class, dispatched here and nowhere else."""
@@ -345,6 +359,7 @@ class EngineCoreProc:
         self.update["deadline"] = time.monotonic() + timeout_s
 
     def _apply_update(self, version: int) -> None:
+        self.engine.drain()  # a step in flight (async scheduling) drew its tokens on the weights before this version
         self.update = None
         self.engine.weight_version = version
         self.engine.weights_partial = False

@@ -153,7 +153,8 @@ class BlockManager:
         """Offer the sequence's newly computed full blocks to the prefix cache."""
         if not self.enable_prefix_caching or seq.cache_epoch != self.epoch:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # Under async scheduling the KV of a token still being drawn may be computing: only known tokens hash.
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         if num_full <= seq.num_registered_blocks:
             return
         hashes = self._full_block_hashes(seq, num_full)

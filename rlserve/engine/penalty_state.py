@@ -7,6 +7,10 @@ device and scatters them all again; here, as in vLLM v1's persistent batch, each
 *slot* -- a row of ``seen`` and of ``counts`` -- filled once from its tokens when it first samples, and each
 later step adds only the tokens appended since (the one drawn the step before).
 
+Async scheduling: a sequence whose previous draw is still on the device (not yet in its token ids) has that
+draw counted from the device (``pending_draws``, set by the runner), so that penalised batches overlap too; the
+step's one host-to-device copy then goes through the runner's pinned upload (``upload``), which does not wait.
+
 A sequence gives its slot back when it finishes, is preempted or aborted (``release``, called where its
 block-table row is released). A slot is overwritten whole when it is handed out, so nothing of a previous
 owner survives; a preempted sequence starts over with a fresh fill when it samples again.
@@ -19,6 +23,8 @@ It knows nothing of the sampler's arithmetic (``sampler._apply_penalties``) or o
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -40,6 +46,11 @@ class PenaltyState:
         self.slot_of: dict[int, int] = {}  # seq_id -> slot
         self.num_counted: dict[int, int] = {}  # seq_id -> its leading tokens already in its slot
         self.free_slots = list(range(num_slots - 1, -1, -1))
+        # Async scheduling: sequences -> their draws still on the device, [len] int64 (None: never needed).
+        self.pending_draws: Callable[[list[Sequence]], torch.Tensor] | None = None
+        # Async scheduling: int64 values -> a device tensor, copied without waiting for the step in flight (a
+        # pageable copy would wait); the runner's ``_upload``. None (sync mode): a plain copy, as always.
+        self.upload: Callable[[list[int]], torch.Tensor] | None = None
 
     def allocate(self, vocab_size: int) -> None:
         if self.counts is None or self.counts.shape[1] != vocab_size:
@@ -58,7 +69,7 @@ class PenaltyState:
         their slots as device tensors, [P] int64 each."""
         self.allocate(vocab_size)
         fill_slots, rows, ids, prompt_rows, prompt_ids = [], [], [], [], []
-        slot_of_row = []
+        slot_of_row, pending_slots, pending_seqs = [], [], []
         for _, seq in penalty_rows:
             slot = self.slot_of.get(seq.seq_id)
             if slot is None:  # a new owner: its whole row is overwritten, prompt and outputs so far
@@ -73,24 +84,38 @@ class PenaltyState:
             new = seq.token_ids[start:]
             rows += [slot] * len(new)
             ids += new
-            self.num_counted[seq.seq_id] = len(seq.token_ids)
+            counted = start + len(new)
+            if seq.num_pending_tokens and counted == len(seq.token_ids):  # its last draw is still on the device
+                pending_slots.append(slot)
+                pending_seqs.append(seq)
+                counted += 1
+            self.num_counted[seq.seq_id] = counted
             slot_of_row.append(slot)
         f, n, p = len(fill_slots), len(rows), len(prompt_rows)
-        packed = torch.tensor(fill_slots + rows + ids + prompt_rows + prompt_ids + [r for r, _ in penalty_rows]
-                              + slot_of_row, dtype=torch.int64).to(self.device, non_blocking=True)
+        values = (fill_slots + rows + ids + prompt_rows + prompt_ids + [r for r, _ in penalty_rows] + slot_of_row
+                  + pending_slots)
+        if self.upload is not None:  # async scheduling: the runner's upload (pinned on CUDA, no wait)
+            packed = self.upload(values)
+        else:
+            packed = torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
         if f:
             fill = packed[:f]
             self.counts[fill] = 0
             self.seen[fill] = False
             self.seen[packed[f + 2 * n:f + 2 * n + p], packed[f + 2 * n + p:f + 2 * n + 2 * p]] = True
         if n:
-            out_rows, out_ids = packed[f:f + n], packed[f + n:f + 2 * n]
-            self.counts.index_put_((out_rows, out_ids), torch.ones(n, dtype=self.dtype, device=self.device),
-                                   accumulate=True)
-            self.seen[out_rows, out_ids] = True
+            self._count(packed[f:f + n], packed[f + n:f + 2 * n])
         num_rows = len(penalty_rows)
         tail = packed[f + 2 * n + 2 * p:]
-        return tail[:num_rows], tail[num_rows:]
+        if pending_seqs:
+            self._count(tail[2 * num_rows:], self.pending_draws(pending_seqs))
+        return tail[:num_rows], tail[num_rows:2 * num_rows]
+
+    def _count(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Add tokens to their slots' counts and seen masks (slots [K], token ids [K], on the device)."""
+        self.counts.index_put_((slots, token_ids), torch.ones(len(slots), dtype=self.dtype, device=self.device),
+                               accumulate=True)
+        self.seen[slots, token_ids] = True
 
     def _take_slot(self) -> int:
         if not self.free_slots:

@@ -24,11 +24,13 @@ import torch
 
 from rlserve.attention import AttentionMetadata, get_backend
 from rlserve.config import EngineConfig, RuntimeInfo
+from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine import prompt_logprobs
+from rlserve.engine.async_step import must_apply_first
 from rlserve.engine.penalty_state import PenaltyState
 from rlserve.engine.sampler import (SamplerOutput, SamplingBatch, concat_outputs, is_simple, sample, slice_rows,
                                     worst_case_batch)
-from rlserve.engine.sampling_batch import prepare_sampling
+from rlserve.engine.sampling_batch import batch_to_device, prepare_sampling
 from rlserve.engine.scheduler import ScheduledSeq, SchedulerOutput, StepResult
 from rlserve.engine.sequence import Sequence
 from rlserve.layers import fused
@@ -50,12 +52,29 @@ class StepInput:
     table_writes: list[tuple[int, int, int]] = field(default_factory=list)  # (row, column, block)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     prompt_logprobs: prompt_logprobs.PromptLogprobsInput | None = None  # prompt positions to score
+    # Async scheduling: token indices whose input is the previous step's draw, still on the device, and that
+    # draw's row in it (rank 0 reads those; the other ranks receive the tokens from rank 0).
+    ahead_index: list[int] = field(default_factory=list)
+    ahead_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and draws are on their way on the device; ``ModelRunner.collect`` makes its result.
+    ``draws``: on the device, or, under async scheduling on CUDA, host copies in flight until ``copied``."""
+    draws: SamplerOutput | None  # None: no row sampled
+    first_row: list[int]
+    failed: dict[int, str]
+    scored: tuple | None  # prompt logprobs' (values, ids) on the device
+    prompt_logprobs: prompt_logprobs.PromptLogprobsInput | None
+    copied: object | None = None  # a torch.cuda.Event recorded after the host copies
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, info: RuntimeInfo, model: torch.nn.Module, num_kv_blocks: int,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", tp: TensorParallel = SINGLE):
         self.config = config
+        self.tp = tp
         self.info = info
         self.model = model
         self.device = info.device
@@ -83,6 +102,15 @@ class ModelRunner:
         self._staging_event = None
         # Penalised sequences' token counts, kept on the device across steps (slots live as long as the rows).
         self.penalties = PenaltyState(info.max_num_seqs, info.max_model_len, self.device)
+        # Async scheduling: the last launched step's drawn tokens on the device, and each drawing sequence's row.
+        self._draws: torch.Tensor | None = None
+        self._draw_row: dict[int, int] = {}  # seq_id -> row of _draws
+        # Build host-to-device inputs in pinned memory, copied without a wait (see _upload), and where they start.
+        self._uploads_ahead = config.async_scheduling and self.device.type == "cuda"
+        if config.async_scheduling:
+            self.penalties.pending_draws = self._pending_draws
+            self.penalties.upload = self._upload  # pinned, without a wait on CUDA (sync mode: as it always was)
+        self._host = torch.device("cpu")
 
     # -- KV cache ----------------------------------------------------------------------------------
     @staticmethod
@@ -173,8 +201,8 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = self._upload([s for s, _ in copies])
+        dst = self._upload([d for _, d in copies])
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def capture_cuda_graphs(self) -> None:
@@ -231,6 +259,11 @@ class ModelRunner:
     # -- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        """Run a step up to its draws, without waiting for the device."""
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens != 1)
         items = [sched.scheduled[i] for i in order]
         step = self.build_step(items, sched.block_copies)
@@ -243,25 +276,64 @@ class ModelRunner:
         logits, scored = self.forward(step)
         first_row = [-1] * len(items)
         if logits is None:
-            result = StepResult([], first_row)
+            return LaunchedStep(None, first_row, {}, scored, step.prompt_logprobs)
+        sampling_items = [item for item in items if item.samples]
+        # Async scheduling on CUDA: a step that runs ahead builds its sampling batch on the host and moves it
+        # through pinned memory (no wait for the step in flight). A fallback step (guided rows, a prompt's first
+        # draw, prompt logprobs: ``async_step.must_apply_first``) is applied before the next one anyway: its batch
+        # is built on the device as in sync mode -- a guided step's allowed-token mask then crosses packed, not as
+        # [S, V] bytes unpacked on the host.
+        ahead = self._uploads_ahead and not must_apply_first(sched)
+        batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids,
+                                 self._host if ahead else self.device, self.penalties)
+        if ahead:
+            batch = batch_to_device(batch, self.device)
+        draws = self._sample(logits, batch)
+        failed = {}
+        row = k = 0
+        for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
+            if item.samples:
+                first_row[pos] = row
+                row += item.seq.num_samples_to_draw
+                if k in batch.failed_items:
+                    failed[pos] = batch.failed_items[k]
+                k += 1
+        launched = LaunchedStep(draws, first_row, failed, scored, step.prompt_logprobs)
+        if self.config.async_scheduling:
+            self._keep_draws(sched, launched)
+        return launched
+
+    @torch.inference_mode()
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """A launched step's draws on the host: the step's one wait for the device."""
+        if launched.draws is None:
+            result = StepResult([], launched.first_row)
         else:
-            sampling_items = [item for item in items if item.samples]
-            batch = prepare_sampling(sampling_items, logits.shape[-1], self.info.eos_token_ids, self.device,
-                                     self.penalties)
-            result = self._to_host(self._sample(logits, batch))
-            row = k = 0
-            for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
-                if item.samples:
-                    first_row[pos] = row
-                    row += item.seq.num_samples_to_draw
-                    if k in batch.failed_items:
-                        result.failed[pos] = batch.failed_items[k]
-                    k += 1
-            result.first_row = first_row
-        if scored is not None:  # computed before the sampling pass: copying it back waits for nothing more
-            values, ids = scored
-            result.prompt_logprobs = prompt_logprobs.split(values.cpu(), ids.cpu(), step.prompt_logprobs)
+            if launched.copied is not None:
+                launched.copied.synchronize()
+            result = self._to_host(launched.draws)
+            result.first_row, result.failed = launched.first_row, launched.failed
+        if launched.scored is not None:  # computed before the sampling pass: copying it back waits for nothing more
+            values, ids = launched.scored
+            result.prompt_logprobs = prompt_logprobs.split(values.cpu(), ids.cpu(), launched.prompt_logprobs)
         return result
+
+    def _keep_draws(self, sched: SchedulerOutput, launched: LaunchedStep) -> None:
+        """Async scheduling: keep the drawn tokens on the device for the next step's inputs, and start copying the
+        draws to pinned host memory, so that applying them waits for that copy, not for the next step."""
+        draws = launched.draws
+        self._draws = draws.token_ids
+        self._draw_row = {item.seq.seq_id: row for item, row in zip(sched.scheduled, launched.first_row) if row >= 0}
+        if self.device.type != "cuda":
+            return
+
+        def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+        launched.draws = SamplerOutput(*(to_host(t) for t in (draws.token_ids, draws.logprobs, draws.top_ids,
+                                                               draws.top_logprobs)))
+        launched.copied = torch.cuda.Event()
+        launched.copied.record()
 
     def build_step(self, items: list[ScheduledSeq], block_copies: list[tuple[int, int]]) -> StepInput:
         """The step as plain lists (decodes first), with the block-table rows' changes to push."""
@@ -271,7 +343,12 @@ class ModelRunner:
         for item in items:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             if n == 1:
-                input_ids.append(seq.token_ids[start])
+                if start < len(seq.token_ids):
+                    input_ids.append(seq.token_ids[start])
+                else:  # async scheduling: its token is the previous step's draw, still on the device
+                    step.ahead_index.append(len(input_ids))
+                    step.ahead_rows.append(self._draw_row[seq.seq_id])
+                    input_ids.append(0)
                 positions.append(start)
                 step.num_decodes += 1
             else:
@@ -327,15 +404,17 @@ class ModelRunner:
         dev, bs = self.device, self.block_size
         if step.table_writes:
             r, c, b = zip(*step.table_writes)
-            self.block_tables[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = \
-                torch.tensor(b, dtype=torch.int32, device=dev)
+            self.block_tables[self._upload(r), self._upload(c)] = self._upload(b, torch.int32)
         t, s = len(step.input_ids), len(step.seq_lens)
         # One host-to-device copy for the per-token and per-sequence integers.
         packed = self._to_device(step.input_ids + step.positions + step.query_lens + step.seq_lens + step.rows
-                                 + step.sample_rows)
+                                 + step.sample_rows + step.ahead_index + step.ahead_rows)
         ids, pos = packed[:t], packed[t:2 * t]
         qlens, lens = packed[2 * t:2 * t + s], packed[2 * t + s:2 * t + 2 * s]
-        row_idx, samples = packed[2 * t + 2 * s:2 * t + 3 * s], packed[2 * t + 3 * s:]
+        end = 2 * t + 3 * s + len(step.sample_rows)
+        row_idx, samples = packed[2 * t + 2 * s:2 * t + 3 * s], packed[2 * t + 3 * s:end]
+        if step.ahead_index:
+            self._feed_draws(ids, packed[end:])
         max_blocks = -(-max(step.seq_lens) // bs)
         tables = self.block_tables[row_idx, :max_blocks]  # [B, max_blocks]
         if step.num_decodes == s:
@@ -350,6 +429,27 @@ class ModelRunner:
             num_decodes=step.num_decodes, max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens),
             query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens)
         return ids, pos, meta, samples
+
+    def _feed_draws(self, ids: torch.Tensor, ahead: torch.Tensor) -> None:
+        """Write the previous step's draws into this step's token ids, on the device (async scheduling). ``ahead``:
+        [2A] the token indices, then the draws' rows; rank 0 alone holds the draws and sends them to the others."""
+        index, rows = ahead.chunk(2)
+        if self.tp.rank == 0:
+            draws = self._draws[rows].long()
+        else:
+            draws = torch.empty(index.numel(), dtype=torch.int64, device=self.device)
+        ids[index] = self.tp.broadcast_from_first(draws)
+
+    def _pending_draws(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Async scheduling: the draws of the step in flight for ``seqs``, [len(seqs)] on the device."""
+        return self._draws[self._upload([self._draw_row[seq.seq_id] for seq in seqs])].long()
+
+    def _upload(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``values`` on the device. Async scheduling on CUDA: through pinned memory, without waiting -- a copy from
+        pageable memory synchronizes the stream, so building a step would wait for the one in flight."""
+        if self._uploads_ahead:
+            return torch.tensor(values, dtype=dtype).pin_memory().to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         """int64 tensor of ``values`` on the device, through a reused pinned buffer on CUDA."""

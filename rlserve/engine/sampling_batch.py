@@ -6,6 +6,8 @@ here on the host, so the draw does not depend on the rest of the batch or on pre
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -85,7 +87,7 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
             row = request.sampling_row
             if row is None:
                 row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
-            num_out = len(seq.token_ids) - seq.num_prompt_tokens
+            num_out = seq.num_scheduled_tokens - seq.num_prompt_tokens  # with a draw in flight (async scheduling)
             if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
                 logits_index.append(r)
                 values.append(row.values)
@@ -161,3 +163,16 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
         if ((freq_p != 0.0) | np.signbit(freq_p)).any():
             batch.frequency_penalty = torch.from_numpy(freq_p).to(dev)
     return batch
+
+
+def batch_to_device(batch: SamplingBatch, device: torch.device) -> SamplingBatch:
+    """A batch built on the host, moved through pinned memory without waiting for the device (async scheduling on
+    CUDA: a copy from pageable memory would wait for the step in flight). Tensors already there stay."""
+    def move(value):
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        if isinstance(value, torch.Tensor) and value.device != device:
+            return value.pin_memory().to(device, non_blocking=True)
+        return value
+
+    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})

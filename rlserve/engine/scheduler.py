@@ -6,6 +6,10 @@ catching up by one decode token or a prefill chunk; when blocks run out, the new
 preempted (its blocks freed, to be recomputed later). Waiting sequences are admitted while the budget, the
 sequence limit and the free blocks allow, unless a preemption happened this step.
 
+Async scheduling (``async_step.py``) splits ``update_from_output`` in two: ``advance`` at launch (tokens computed,
+draws pending) and ``apply_output`` once the draws are on the host, so that the next step can be scheduled in
+between; ``schedule`` then counts pending draws as tokens (``Sequence.num_scheduled_tokens``).
+
 Prompt logprobs: a request that asks for them computes every prompt position (no prefix-cache hit may skip
 one), and the steps that compute its prompt list it in ``SchedulerOutput.prompt_logprobs`` so that the runner
 scores those positions; a score-only request (max_tokens=0) ends when its prompt is computed, drawing nothing.
@@ -21,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from rlserve.engine.async_step import can_run_ahead
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
 from rlserve.engine.validation import check_fits
@@ -34,7 +39,7 @@ class ScheduledSeq:
     def __init__(self, seq: Sequence, num_new_tokens: int):
         self.seq = seq
         self.num_new_tokens = num_new_tokens
-        self.samples = seq.num_computed_tokens + num_new_tokens == len(seq.token_ids)
+        self.samples = seq.num_computed_tokens + num_new_tokens == seq.num_scheduled_tokens
 
 
 @dataclass
@@ -112,8 +117,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and not can_run_ahead(seq, self.max_model_len):
+                i += 1  # its token in flight is its last: it runs no more (async scheduling)
+                continue
             computed = seq.num_computed_tokens
-            n = min(len(seq.token_ids) - computed, budget)
+            n = min(seq.num_scheduled_tokens - computed, budget)
             if n == 1 and computed % bs and ref_counts[seq.block_table[computed // bs]] == 1:
                 # The common decode: the token goes into its own, partly filled last block.
                 out.scheduled.append(ScheduledSeq(seq, 1))
@@ -183,14 +191,31 @@ class Scheduler:
     # -- applying a step's results -----------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, result: StepResult, weight_version: int) -> list[Sequence]:
         """Apply a step's draws; returns the sequences that got tokens (or finished) this step."""
+        self.advance(out)
+        return self.apply_output(out, result, weight_version)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """Count a launched step's tokens as computed and its draws as pending. Async scheduling calls this at
+        launch, so that the next step can be scheduled before this one's draws are applied."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                item.seq.num_pending_tokens += 1
+
+    def apply_output(self, out: SchedulerOutput, result: StepResult, weight_version: int) -> list[Sequence]:
+        """Apply an advanced step's draws; returns the sequences that got tokens (or finished). A sequence that
+        ended while the step ran (async scheduling: an abort, or a stop in the step before) drops its draw."""
         bm = self.block_manager
         touched: list[Sequence] = []
         token_ids, logprobs, top = result.token_ids, result.logprobs, result.top
         bs = bm.block_size
         for i, (item, row) in enumerate(zip(out.scheduled, result.first_row)):
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            if seq.num_computed_tokens // bs > seq.num_registered_blocks:
+            if item.samples:
+                seq.num_pending_tokens -= 1
+            if seq.status.is_finished:
+                continue
+            if min(seq.num_computed_tokens, seq.num_tokens) // bs > seq.num_registered_blocks:
                 bm.register_computed_blocks(seq)
             if row < 0:
                 continue

@@ -106,6 +106,9 @@ class Sequence:
         self.token_ids = token_ids
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens drawn on the device but not applied yet (async scheduling: at most 2, the step being applied and
+        # the one launched after it). ``num_tokens`` counts only applied tokens; the scheduler sees both.
+        self.num_pending_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of this sequence's full blocks, by index
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
@@ -129,6 +132,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Its length as the scheduler sees it: applied tokens and those still being drawn on the device."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -88,7 +88,7 @@ def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str
         eos_token_ids=eos_token_ids(model_dir, hf_config), model_name=config.model,
         architecture=type(model).__name__, num_layers=hf_config.num_hidden_layers,
         num_kv_heads=model.attention_layers[0].num_kv_heads, head_dim=head_dim_of(hf_config))
-    runner = ModelRunner(config, info, model, 1, attention_backend)
+    runner = ModelRunner(config, info, model, 1, attention_backend, tp)
     info.num_kv_blocks = tp.min_int(num_kv_blocks(config, info, runner))
     runner.reallocate_kv_cache(info.num_kv_blocks)
     t_graphs = time.perf_counter()
