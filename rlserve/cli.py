@@ -198,6 +198,9 @@ def add_bench_parser(sub) -> None:
     _flag(p, "data_parallel_size", type=int, default=1)
     _flag(p, "tensor_parallel_size", type=int, default=1)
     _flag(p, "enforce_eager", action="store_true")
+    _flag(p, "async_scheduling", action="store_true",
+          help="rlserve's engine with host/device overlap (serve's --async_scheduling); with --through_server, "
+               "pass it in --server_args instead.")
     _flag(p, "repeats", type=int, default=3, help="With --through_server: best of this many runs of each path.")
     _flag(p, "server_args", default="",
           help="With --through_server: more `rlserve serve` flags, one string (e.g. \"--ray_address auto\" to time "
@@ -210,6 +213,8 @@ def cmd_bench(args) -> int:
     else:
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     engine_kwargs = {"enforce_eager": True} if args.enforce_eager else {}
+    if args.async_scheduling:
+        engine_kwargs["async_scheduling"] = True
     if args.through_server and args.against:
         print("rlserve bench: --against vllm runs the offline engines; it does not combine with --through_server",
               file=sys.stderr)

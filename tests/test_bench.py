@@ -218,3 +218,22 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
     assert result["server_args"] == ["--max_num_seqs", "4", "--seed", "3"]
     for key in ("offline", "server", "server_binary"):
         assert result[key]["generated_tokens"] == TINY.num_generated_tokens()
+
+
+def test_async_scheduling_flag_reaches_the_engine_and_the_result(tmp_path, monkeypatch):
+    from rlserve import cli
+    seen = {}
+    run = bench.run_bench
+
+    def run_tiny(name, **kwargs):
+        seen.update(kwargs["engine_kwargs"])
+        return run(TINY, **dict(kwargs, model_root=str(tmp_path), baseline=False))
+
+    monkeypatch.setattr(bench, "run_bench", run_tiny)
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--modes", "seeded", "--async_scheduling",
+                     "--output", str(out)]) == 0
+    assert seen == {"async_scheduling": True}
+    result = json.loads(out.read_text())
+    assert result["engine_kwargs"] == {"async_scheduling": True}
+    assert result["rlserve_seeded"]["generated_tokens"] == TINY.num_generated_tokens()

@@ -99,7 +99,7 @@ def run_bench(workload_name: str | Workload, device: str | None = None, baseline
     result = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "sequences": workload.num_sequences,
               "generated_tokens": workload.num_generated_tokens(), "torch": torch.__version__,
-              "modes": list(modes), "cold_prefix_cache": True}
+              "modes": list(modes), "cold_prefix_cache": True, "engine_kwargs": dict(engine_kwargs or {})}
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     dtype_name = "bfloat16" if dev.type == "cuda" else "float32"
     if dev.type == "cuda":

@@ -8,6 +8,8 @@
 # the same way, one part per call: carry [.whl/vllm/cK]: vllm-stage ..., then vllm-install vs-vllm-small ...
 # Usage: run_on_device.sh STEP...
 #   bench-small|bench-7b  rlserve bench --workload rl-small|rl-7b --modes seeded,plain (transformers beside it)
+#   async-small|async-7b  the same without transformers, --async_scheduling off then on (issue 15's overlap), and
+#                         pytest -m gpu on test_gpu.py's async test (no hidden host sync in launch, = sync tokens)
 #   dp-scaling            rl-small through the server: DP=1 (with offline) and DP=2, same request (fixed work)
 #   ray-stage             copy the Ray parts this call carries to /tmp/raywh
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
@@ -32,6 +34,13 @@ run_step() {
     bench-small|bench-7b)
       w=rl-${1#bench-}
       timeout 560 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain --output "$OUT/$w.json" 2>&1 | tail -n 25 ;;
+    async-small|async-7b)
+      w=rl-${1#async-}
+      timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k async_scheduling -p no:cacheprovider 2>&1 | tail -n 3
+      for flag in "" --async_scheduling; do
+        timeout 280 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain --no_baseline $flag \
+          --output "$OUT/$w${flag:+-async}.json" 2>&1 | tail -n 8
+      done ;;
     dp-scaling)
       for dp in 1 2; do
         timeout 280 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size $dp \
