@@ -5,6 +5,7 @@ either direction, and the replicas' own traffic must flow right after."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import types
 
@@ -30,14 +31,22 @@ def _mark_unpickled():
     return "pwned"
 
 
-def _engine_client():
-    """The API server's side as a Ray server builds it (placement set: tcp:// sockets, CURVE keys)."""
+@contextlib.contextmanager
+def _api_side():
+    """The API server's side as a Ray server builds it (placement set: tcp:// sockets, CURVE keys), and a context
+    for the peers that dial it; both torn down after."""
     from rlserve.engine.transport import ClientKeyAuthenticator
     from rlserve.server.replicas import EngineClient
     client = EngineClient(types.SimpleNamespace(), 1, tokenizer=None, placement=types.SimpleNamespace(),
                           advertise_host="127.0.0.1")
     client.authenticator = ClientKeyAuthenticator(client.ctx, client.curve)
-    return client
+    peers = zmq.Context()
+    try:
+        yield client, peers
+    finally:
+        peers.destroy(linger=0)
+        client.authenticator.stop()
+        client.ctx.destroy(linger=0)
 
 
 def _peer(ctx: zmq.Context, kind: int, addr: str, keys: CurveKeys | None) -> zmq.Socket:
@@ -50,12 +59,10 @@ def _peer(ctx: zmq.Context, kind: int, addr: str, keys: CurveKeys | None) -> zmq
 
 def test_only_the_replicas_key_can_send_to_the_api_server():
     async def run():
-        client = _engine_client()
-        output = client.ctx.socket(zmq.PULL)
-        addr = client._bind(output, "out")
-        assert addr.startswith("tcp://127.0.0.1:")
-        peers = zmq.Context()
-        try:
+        with _api_side() as (client, peers):
+            output = client.ctx.socket(zmq.PULL)
+            addr = client._bind(output, "out")
+            assert addr.startswith("tcp://127.0.0.1:")
             stranger = CurveKeys.generate()
             rogues = [_peer(peers, zmq.PUSH, addr, None),  # no CURVE at all
                       # knows the server's public key, but not the replicas' key pair
@@ -69,10 +76,6 @@ def test_only_the_replicas_key_can_send_to_the_api_server():
             assert await asyncio.wait_for(output.recv_pyobj(), 10) == "ready"
             assert await output.poll(200) == 0  # the rogues' frames never arrive, not even late
             assert not Payload.unpickled
-        finally:
-            peers.destroy(linger=0)
-            client.authenticator.stop()
-            client.ctx.destroy(linger=0)
 
     asyncio.run(run())
 
@@ -81,11 +84,9 @@ def test_a_stranger_connecting_to_a_replicas_input_gets_none_of_its_requests():
     """A PUSH socket deals its messages round-robin over its peers: a stranger admitted as one would take a
     share of the requests (and see their prompts)."""
     async def run():
-        client = _engine_client()
-        inbox = client.ctx.socket(zmq.PUSH)
-        addr = client._bind(inbox, "in0-0")
-        peers = zmq.Context()
-        try:
+        with _api_side() as (client, peers):
+            inbox = client.ctx.socket(zmq.PUSH)
+            addr = client._bind(inbox, "in0-0")
             stranger = _peer(peers, zmq.PULL, addr, None)
             replica = _peer(peers, zmq.PULL, addr, client.curve.for_replica())
             await asyncio.sleep(0.3)  # both connections attempted before anything is sent
@@ -97,10 +98,6 @@ def test_a_stranger_connecting_to_a_replicas_input_gets_none_of_its_requests():
                 got.append(replica.recv_pyobj())
             assert got == list(range(8))
             assert stranger.poll(200) == 0
-        finally:
-            peers.destroy(linger=0)
-            client.authenticator.stop()
-            client.ctx.destroy(linger=0)
 
     asyncio.run(run())
 

@@ -26,7 +26,6 @@ import os
 import pickle
 import platform
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from rlserve.bench.bench import git_commit
 from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
 from rlserve.sampling import SamplingParams
@@ -235,16 +235,6 @@ STAGES = ("admit_send_ms", "receive_unpickle_ms", "output_processing_ms", "respo
           "total_ms")
 
 
-def _commit() -> str:
-    if os.environ.get("RLSERVE_COMMIT"):
-        return os.environ["RLSERVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def measure(prompts: int = 64, n: int = 8, new_tokens: int = 512, logprobs: int | None = 0,
             response_format: str = "json", replicas: int = 2, repeats: int = 5, seed: int = 0,
             prompt_len: int = 128, batch_seconds: float = 2.0, output: str | None = None,
@@ -259,7 +249,7 @@ def measure(prompts: int = 64, n: int = 8, new_tokens: int = 512, logprobs: int 
                                 prompt_len))
     median = {k: statistics.median(r[k] for r in runs) for k in STAGES + ("replica_pickle_ms",)}
     total_s = median["total_ms"] / 1e3
-    result = {"what": "API process serial cost per batch (CPU, no model)", "commit": _commit(),
+    result = {"what": "API process serial cost per batch (CPU, no model)", "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "prompts": prompts, "n": n, "new_tokens": new_tokens, "logprobs": logprobs,
               "response_format": response_format, "replicas": replicas, "repeats": repeats, "seed": seed,
