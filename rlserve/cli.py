@@ -202,6 +202,9 @@ def add_bench_parser(sub) -> None:
           help="rlserve's engine with host/device overlap (serve's --async_scheduling); with --through_server, "
                "pass it in --server_args instead.")
     _flag(p, "repeats", type=int, default=3, help="With --through_server: best of this many runs of each path.")
+    _flag(p, "num_prompts", type=int, default=None,
+          help="Run the workload with this many prompts (same n and lengths; the first ones of its seed): half of "
+               "them times what one replica of DP=2 does with a split batch.")
     _flag(p, "server_args", default="",
           help="With --through_server: more `rlserve serve` flags, one string (e.g. \"--ray_address auto\" to time "
                "Ray replicas against the same workload's local ones).")
@@ -219,9 +222,18 @@ def cmd_bench(args) -> int:
         print("rlserve bench: --against vllm runs the offline engines; it does not combine with --through_server",
               file=sys.stderr)
         return 2
+    workload = args.workload
+    if args.num_prompts is not None:
+        from dataclasses import replace
+
+        from rlserve.bench.workloads import get_workload
+        if args.num_prompts < 1:
+            print("rlserve bench: --num_prompts must be at least 1", file=sys.stderr)
+            return 2
+        workload = replace(get_workload(workload), num_prompts=args.num_prompts)
     if args.through_server:
         from rlserve.bench.server_bench import run_server_bench
-        run_server_bench(args.workload, device=args.device, output=args.output, concurrency=args.concurrency,
+        run_server_bench(workload, device=args.device, output=args.output, concurrency=args.concurrency,
                          data_parallel_size=args.data_parallel_size,
                          tensor_parallel_size=args.tensor_parallel_size, repeats=args.repeats,
                          server_args=shlex.split(args.server_args))
@@ -231,7 +243,7 @@ def cmd_bench(args) -> int:
     from rlserve.bench.bench import run_bench
     from rlserve.bench.workloads import BenchError
     try:
-        run_bench(args.workload, device=args.device, baseline=not args.no_baseline, modes=modes,
+        run_bench(workload, device=args.device, baseline=not args.no_baseline, modes=modes,
                   output=args.output, engine_kwargs=engine_kwargs, against=(args.against,) if args.against else ())
     except BenchError as e:  # an unknown mode, vLLM not importable or failing: say so plainly
         print(f"rlserve bench: {e}", file=sys.stderr)

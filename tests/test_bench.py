@@ -237,3 +237,22 @@ def test_async_scheduling_flag_reaches_the_engine_and_the_result(tmp_path, monke
     result = json.loads(out.read_text())
     assert result["engine_kwargs"] == {"async_scheduling": True}
     assert result["rlserve_seeded"]["generated_tokens"] == TINY.num_generated_tokens()
+
+
+def test_num_prompts_runs_the_workload_with_fewer_prompts(tmp_path, monkeypatch, capsys):
+    """`--num_prompts` (what one replica of DP=2 does with a split batch): the same shape with that many prompts,
+    the first ones of the workload's seed; nonsense is refused before anything starts."""
+    from rlserve import cli
+    from rlserve.bench import workloads
+    monkeypatch.setitem(workloads.WORKLOADS, "cpu-tiny", TINY)
+    run = bench.run_bench
+    monkeypatch.setattr(bench, "run_bench", lambda w, **k: run(w, **dict(k, model_root=str(tmp_path))))
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--modes", "plain", "--no_baseline", "--num_prompts", "2",
+                     "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sequences"] == 2 * TINY.n
+    assert result["rlserve"]["generated_tokens"] == 2 * TINY.n * TINY.max_tokens
+    assert replace(TINY, num_prompts=2).prompts() == TINY.prompts()[:2]
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--num_prompts", "0"]) == 2
+    assert "--num_prompts must be at least 1" in capsys.readouterr().err

@@ -146,19 +146,20 @@ async def load_generator(url: str, workload: Workload, concurrency: int, logprob
             "latency_p50_s": pct(50), "latency_p90_s": pct(90), "latency_p99_s": pct(99)}
 
 
-def run_server_bench(workload_name: str, device: str | None = None, output: str | None = None,
+def run_server_bench(workload_name: str | Workload, device: str | None = None, output: str | None = None,
                      concurrency: int | None = None, data_parallel_size: int = 1, tensor_parallel_size: int = 1,
                      model_root: str | None = None, repeats: int = 3, server_args: list[str] | None = None) -> dict:
     """Offline, server JSON and server binary, each best of ``repeats`` (runs alternate JSON and binary so that
     a slow spell of a shared machine does not land on one of them only). ``server_args``: more `rlserve serve`
     flags (e.g. ``--ray_address auto``), recorded in the result."""
     from rlserve import LLM
-    workload = get_workload(workload_name)
+    workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
     dev = torch.device(device or ("cuda" if workload.device == "cuda" and torch.cuda.is_available() else "cpu"))
     root = Path(model_root or Path.home() / ".cache" / "rlserve" / "bench")
     model_dir, random_weights = prepare_model(workload, root, dev)
     result = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d"), "data_parallel_size": data_parallel_size,
+              "date": time.strftime("%Y-%m-%d"), "sequences": workload.num_sequences,
+              "data_parallel_size": data_parallel_size,
               "tensor_parallel_size": tensor_parallel_size, "server_args": list(server_args or []),
               "repeats": repeats, "cold_prefix_cache": True,
               "timed": "request sent to every answer decoded to TRL's dict (orjson, or binary.decode)"}

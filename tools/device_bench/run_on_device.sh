@@ -11,6 +11,9 @@
 #   async-small|async-7b  the same without transformers, --async_scheduling off then on (issue 15's overlap), and
 #                         pytest -m gpu on test_gpu.py's async test (no hidden host sync in launch, = sync tokens)
 #   dp-scaling            rl-small through the server: DP=1 (with offline) and DP=2, same request (fixed work)
+#   dp-diag               what bounds DP=2: offline rl-small with 64 and 32 prompts (a DP=2 replica's half), sync and
+#                         --async_scheduling; two offline 32-prompt engines at once, one per GPU (DP=2 without the
+#                         API process); the server at DP=2 with --async_scheduling
 #   ray-stage             copy the Ray parts this call carries to /tmp/raywh
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
 #   ray-vs-local          rl-small through the server, DP=2: local replicas, then Ray replicas on a one-node cluster
@@ -44,8 +47,22 @@ run_step() {
     dp-scaling)
       for dp in 1 2; do
         timeout 280 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size $dp \
-          --output "$OUT/rl-small-server-dp$dp.json" 2>&1 | tail -n 12
+          --repeats 2 --output "$OUT/rl-small-server-dp$dp.json" 2>&1 | tail -n 12
       done ;;
+    dp-diag)
+      for flag in "" --async_scheduling; do
+        for np in 64 32; do
+          timeout 150 python3 -m rlserve.cli bench --workload rl-small --modes seeded --no_baseline --num_prompts $np \
+            $flag --output "$OUT/diag-offline-p$np${flag:+-async}.json" 2>&1 | grep "rlserve "
+        done
+      done
+      for g in 0 1; do
+        CUDA_VISIBLE_DEVICES=$g timeout 150 python3 -m rlserve.cli bench --workload rl-small --modes seeded \
+          --no_baseline --num_prompts 32 --output "$OUT/diag-pair-gpu$g.json" > "$OUT/diag-pair-gpu$g.txt" 2>&1 &
+      done
+      wait; grep -h "rlserve " "$OUT"/diag-pair-gpu*.txt
+      timeout 200 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size 2 --repeats 2 \
+        --server_args "--async_scheduling" --output "$OUT/rl-small-server-dp2-async.json" 2>&1 | tail -n 8 ;;
     ray-stage) mkdir -p /tmp/raywh && cp .whl/ray/c*/* /tmp/raywh/ && ls /tmp/raywh ;;
     ray-install)
       cat /tmp/raywh/rpart-* > /tmp/raywh/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl && rm /tmp/raywh/rpart-* \
