@@ -218,6 +218,19 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
     assert result["server_args"] == ["--max_num_seqs", "4", "--seed", "3"]
     for key in ("offline", "server", "server_binary"):
         assert result[key]["generated_tokens"] == TINY.num_generated_tokens()
+    for key in ("server", "server_binary"):  # the wall time split by the server's Server-Timing header
+        parts = result[key]["parts"]
+        assert 0 < parts["server_generate_s"] < result[key]["seconds"]
+        assert 0 <= parts["server_build_s"] and 0 < parts["client_decode_s"]
+        assert parts["http_and_rest_s"] == pytest.approx(result[key]["seconds"] - parts["server_generate_s"]
+                                                         - parts["server_build_s"] - parts["client_decode_s"])
+
+
+def test_server_timing_header_is_parsed_as_seconds():
+    from rlserve.bench.server_bench import server_timing
+    assert server_timing("generate;dur=1234.5, build;dur=20") == {"generate": 1.2345, "build": 0.02}
+    assert server_timing('db;desc="x";dur=3') == {"db": 0.003}
+    assert server_timing(None) == {} and server_timing("miss") == {}
 
 
 def test_async_scheduling_flag_reaches_the_engine_and_the_result(tmp_path, monkeypatch):

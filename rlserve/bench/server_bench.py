@@ -49,20 +49,47 @@ def _decode(content: bytes) -> dict:
         return binary.decode(answer) if answer.get("format") == binary.FORMAT else answer
 
 
-async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True) -> tuple[float, int]:
-    """Seconds from sending the requests to holding every answer decoded to TRL's dict, and the tokens."""
+def server_timing(header: str | None) -> dict[str, float]:
+    """``{"generate": seconds, "build": seconds}`` from a ``Server-Timing`` header (W3C: ``name;dur=ms, ...``)."""
+    timings = {}
+    for metric in (header or "").split(","):
+        name, _, rest = metric.strip().partition(";")
+        for param in rest.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                timings[name] = float(value) / 1e3
+    return timings
+
+
+async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True,
+                    parts: dict | None = None) -> tuple[float, int]:
+    """Seconds from sending the requests to holding every answer decoded to TRL's dict, and the tokens.
+    ``parts``, when given, is filled with where the time went: the server's own ``generate`` (admission to the
+    last output) and ``build`` (answer built and serialised) from its Server-Timing header, the longest request's,
+    and the client's decoding (all answers; they decode one after another on this event loop)."""
     async with httpx.AsyncClient(timeout=3600) as client:
         if reset_cache:  # outside the timed window
             (await client.post(url + "/reset_prefix_cache/")).raise_for_status()
         start = time.perf_counter()
+        server, decode_s = [], 0.0
 
         async def one(payload):
+            nonlocal decode_s
             r = await client.post(url + "/generate/", json=payload)
             r.raise_for_status()
-            return _decode(r.content)
+            server.append(server_timing(r.headers.get("server-timing")))
+            t0 = time.perf_counter()
+            answer = _decode(r.content)
+            decode_s += time.perf_counter() - t0
+            return answer
 
         answers = await asyncio.gather(*(one(p) for p in payloads))
         seconds = time.perf_counter() - start
+    if parts is not None and server and all(server):
+        slowest = max(server, key=lambda t: t.get("generate", 0) + t.get("build", 0))
+        parts.update(server_generate_s=slowest.get("generate"), server_build_s=slowest.get("build"),
+                     client_decode_s=decode_s)
+        parts["http_and_rest_s"] = seconds - sum(v for v in parts.values() if v is not None)
     tokens = sum(len(ids) for a in answers for ids in a["completion_ids"])
     return seconds, tokens
 
@@ -181,12 +208,15 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
         runs: dict[str, list] = {"json": [], "binary": []}
         for _ in range(repeats):
             for layout in runs:
-                runs[layout].append(asyncio.run(_post_all(server.url, _payloads(workload, 0, layout))))
+                parts: dict = {}
+                seconds, tokens = asyncio.run(_post_all(server.url, _payloads(workload, 0, layout), parts=parts))
+                runs[layout].append((seconds, tokens, parts))
         for layout, key in (("json", "server"), ("binary", "server_binary")):
-            seconds, tokens = min(runs[layout])
+            seconds, tokens, parts = min(runs[layout], key=lambda run: run[0])
             assert tokens == workload.num_generated_tokens(), (tokens, workload.num_generated_tokens())
             result[key] = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds,
-                           "response_format": layout}
+                           "response_format": layout, "parts": parts,
+                           "all_seconds": [run[0] for run in runs[layout]]}
             if "offline" in result:
                 result[key]["http_overhead"] = 1 - result[key]["tokens_per_s"] / result["offline"]["tokens_per_s"]
         if concurrency:
@@ -213,6 +243,11 @@ def _print(result: dict) -> None:
     for key, label in (("server", "server /generate/, JSON"), ("server_binary", "server /generate/, binary")):
         s = result[key]
         note = f"HTTP overhead {s['http_overhead']:.1%}" if "http_overhead" in s else ""
+        if s.get("parts"):
+            p = s["parts"]
+            note = (f"{note}; " if note else "") + (
+                f"server generate {p['server_generate_s']:.2f} + build {p['server_build_s'] * 1e3:.0f} ms, client "
+                f"decode {p['client_decode_s'] * 1e3:.0f} ms, rest {p['http_and_rest_s'] * 1e3:.0f} ms")
         table.add_row(label, f"{s['seconds']:.2f}", f"{s['tokens_per_s']:,.0f}", note)
     codec = result.get("codec")
     if codec:

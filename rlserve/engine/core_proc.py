@@ -401,6 +401,19 @@ class EngineCoreProc:
 DEFERRED = object()
 
 
+def limit_cpu_threads(device_type: str, num_replicas: int) -> None:
+    """PyTorch's intra-op threads of a replica process. On CPU the replicas share the cores: oversubscribed
+    threads spin against each other. On a GPU the host side is one Python thread issuing small ops, and every
+    replica owning an OpenMP pool the size of the machine only makes them compete with each other and with the
+    API process (vLLM's GPU workers run one thread too); $OMP_NUM_THREADS, when set, is the user's call there."""
+    import torch
+    if device_type == "cpu":
+        if num_replicas > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_replicas))
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+
+
 def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input_addr: str, output_addr: str,
                     tp_rank_base: int, log_level: str = "INFO", parent_pid: int | None = None,
                     hosted: bool = False, generation: int = 0, curve: CurveKeys | None = None) -> None:
@@ -417,9 +430,7 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
         # exit on our own if it dies.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if config.resolved_device().type == "cpu" and num_replicas > 1:
-            import torch  # replicas share the cores: oversubscribed threads spin against each other
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_replicas))
+        limit_cpu_threads(config.resolved_device().type, num_replicas)
     proc = None
     try:
         proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base,

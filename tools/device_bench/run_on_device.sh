@@ -45,10 +45,20 @@ run_step() {
           --output "$OUT/$w${flag:+-async}.json" 2>&1 | tail -n 8
       done ;;
     dp-scaling)
-      for dp in 1 2; do
-        timeout 280 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size $dp \
-          --repeats 2 --output "$OUT/rl-small-server-dp$dp.json" 2>&1 | tail -n 12
-      done ;;
+      # fixed work (one 64 x 8 batch) at DP=1 and DP=2, sync then --async_scheduling; DP=2 with the replicas' old
+      # CPU thread count (torch's default) beside the new one; the scaled view (2x the prompts on 2 replicas)
+      bench="python3 -m rlserve.cli bench --workload rl-small --through_server --repeats 2"
+      for a in "" --async_scheduling; do
+        for dp in 1 2; do
+          timeout 150 $bench --data_parallel_size $dp --server_args="--log_level warning $a" \
+            --output "$OUT/rl-small-server-dp$dp${a:+-async}.json" 2>&1 | grep "offline\|server /gen"
+        done
+      done
+      OMP_NUM_THREADS=$(python3 -c "import torch; print(torch.get_num_threads())") timeout 150 $bench \
+        --data_parallel_size 2 --server_args="--log_level warning" --output "$OUT/rl-small-server-dp2-torchthreads.json" \
+        2>&1 | grep "server /gen"
+      timeout 150 $bench --data_parallel_size 2 --num_prompts 128 --server_args="--log_level warning --async_scheduling" \
+        --output "$OUT/rl-small-server-dp2-async-scaled.json" 2>&1 | grep "server /gen" ;;
     dp-diag)
       for flag in "" --async_scheduling; do
         for np in 64 32; do
