@@ -189,3 +189,23 @@ def test_weight_load_changes_outputs_and_bumps_version(tiny_models):
     with pytest.raises(ValueError, match="shape"):
         llm.load_weights([("model.norm.weight", weights[0][1])])
     assert llm.engine.weight_version == 1
+
+
+def test_replica_processes_cpu_threads(monkeypatch):
+    """A GPU replica (and a TP worker) runs one PyTorch CPU thread unless the user set $OMP_NUM_THREADS; CPU
+    replicas share the cores between them."""
+    import torch
+
+    from rlserve.engine.core_proc import limit_cpu_threads
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    limit_cpu_threads("cuda", 2)
+    limit_cpu_threads("cpu", 2)
+    limit_cpu_threads("cpu", 1)  # one CPU replica keeps torch's default
+    assert calls == [1, 4]
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    limit_cpu_threads("cuda", 2)  # the user's call
+    limit_cpu_threads("cpu", 2)  # CPU replicas still split the cores: they would spin against each other
+    assert calls == [1, 4, 4]

@@ -196,6 +196,9 @@ def run_tp_worker(config: EngineConfig, rank: int, store_port: int, pipe, attent
         store = dist.TCPStore("127.0.0.1", store_port, config.tensor_parallel_size, is_master=False,
                               timeout=TP_TIMEOUT)
         tp = _init_group(config, rank, store)
+        if config.resolved_device().type == "cuda":
+            from rlserve.engine.core_proc import limit_cpu_threads  # a GPU worker's host side: one thread
+            limit_cpu_threads("cuda", 1)
         loaded = load_worker(_rank_config(config, rank), tp, attention_backend)
         pipe.send(("ok", "ready"))
         TensorParallelWorker(loaded, rank, pipe).run()

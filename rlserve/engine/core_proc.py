@@ -74,6 +74,7 @@ class EngineCoreProc:
         info = self.engine.info.summary()
         info["hf_weight_shapes"] = {k: list(v) for k, v in self.engine.model.hf_weight_shapes().items()}
         info["startup_seconds"] = self.engine.info.startup_seconds
+        info["protocol"] = msg.PROTOCOL  # the API server refuses a replica running other message classes
         self.send(msg.EngineReady(replica, info, os.getpid(), generation))
 
     def send(self, message) -> None:

@@ -14,7 +14,9 @@ must not pull torch in (check: `python -c "import sys, rlserve.engine.messages; 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rlserve.outputs import PromptLogprobs
@@ -167,3 +169,18 @@ class EngineDead:
     replica: int
     message: str
     generation: int = 0
+
+
+def _protocol_fingerprint() -> str:
+    """A digest of the modules whose classes travel pickled between the API server and the replicas: a replica
+    on another node running another rlserve would otherwise fail on the first message that differs, or worse,
+    unpickle it into the wrong fields. It says "same source", nothing finer."""
+    import rlserve.outputs
+    import rlserve.sampling
+    digest = hashlib.sha256()
+    for module_file in (__file__, rlserve.outputs.__file__, rlserve.sampling.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+PROTOCOL = _protocol_fingerprint()

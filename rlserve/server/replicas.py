@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
+import pickle
 import socket
 import tempfile
 import time
@@ -67,6 +68,7 @@ class Replica:
     # Restarted after the trainer pushed weights: it serves the weights on disk, so it takes no requests until it
     # reports this version or a later one (the trainer's next push after re-initing the group).
     awaiting_weights: int | None = None
+    start_failure: str | None = None  # why it died while restarting (its EngineDead), for restart_replica's answer
 
 
 class EngineClient:
@@ -123,7 +125,7 @@ class EngineClient:
         if self.placement is not None:  # blocks until the cluster has room for every replica (bounded)
             await asyncio.to_thread(self.placement.reserve)
         self.replicas = [self._launch(r) for r in range(self.data_parallel_size)]
-        self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_replicas())]
+        self._start_background_tasks()
         try:
             await asyncio.wait_for(self.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
@@ -454,13 +456,47 @@ class EngineClient:
     async def _read_outputs(self) -> None:
         while True:
             try:
-                m = await self.output.recv_pyobj()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
+                frame = await self.output.recv()
+            except zmq.ZMQError:
+                if self.ctx.closed:  # shutdown
+                    return
+                raise
+            try:  # a frame that does not unpickle is dropped, and the reader goes on with the next one
+                m = pickle.loads(frame)
+            except Exception as e:
+                logger.error("dropped a message of %d bytes from a replica that does not unpickle (%s: %s): does "
+                             "every replica run the same rlserve as the API server?", len(frame), type(e).__name__, e)
+                continue
             try:
                 self._dispatch(m)
             except Exception:
                 logger.exception("failed to process an engine message %r", type(m).__name__)
+
+    def _start_background_tasks(self) -> None:
+        self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_replicas())]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """The output reader and the replica watcher run for the server's life. If one ends otherwise than by
+        shutdown, no output would reach a request again: the engine is dead, and every waiter hears it now."""
+        if task.cancelled() or self.dead is not None or self.ctx.closed:
+            return
+        error = task.exception()
+        name = {"_read_outputs": "output reader", "_watch_replicas": "replica watcher"}.get(
+            task.get_coro().__name__, task.get_coro().__name__)
+        message = f"the API server's {name} task stopped" + (f": {type(error).__name__}: {error}" if error else "")
+        logger.error("%s", message)
+        self.dead = message
+        if not self.ready.is_set():
+            self.startup_error = message
+            self.ready.set()
+        self._fail_all(EngineUnavailable(message))
+        for future in self.calls.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(message))
+        if self.on_dead is not None:
+            self.on_dead(message)
 
     def _current(self, m) -> bool:
         """Whether a message that names its replica comes from that replica's current generation: a killed
@@ -513,6 +549,11 @@ class EngineClient:
             self.processor.states.pop(m.request_id, None)
             self._finish(m.request_id, exception=error)
         elif isinstance(m, msg.EngineReady):
+            if m.info.get("protocol") != msg.PROTOCOL:
+                self._mark_dead(m.replica, f"engine replica {m.replica} runs another rlserve than the API server "
+                                           f"(message protocol {m.info.get('protocol')} vs {msg.PROTOCOL}): install "
+                                           f"the same rlserve on every node")
+                return
             self.replicas[m.replica].info = m.info
             self.replicas[m.replica].started.set()
             if not self.ready.is_set() and all(r.info is not None for r in self.replicas):
@@ -567,6 +608,8 @@ class EngineClient:
     def _mark_dead(self, replica: int, message: str) -> None:
         r = self.replicas[replica]
         if r.dead is not None:
+            if r.dead.startswith("restarting"):  # its own cause, for restart_replica to report
+                r.start_failure = message
             return
         r.dead = message
         r.died.set()
@@ -658,8 +701,11 @@ class EngineClient:
     async def _wait_started(self, r: Replica, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not r.started.is_set():
+            if r.start_failure is not None:
+                raise EngineUnavailable(r.start_failure)
             if not r.handle.is_alive():
-                raise EngineUnavailable(r.handle.exit_reason())
+                await asyncio.sleep(0.5)  # its EngineDead (the engine's own cause) may still be on the way
+                raise EngineUnavailable(r.start_failure or r.handle.exit_reason())
             if time.monotonic() > deadline:
                 raise EngineUnavailable(f"not ready after {timeout_s:.0f}s")
             try:
