@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import faulthandler
+import gc
 import signal
+import time
 
 
 def dump_stacks_on_sigusr1() -> None:
@@ -12,3 +14,47 @@ def dump_stacks_on_sigusr1() -> None:
     install it)."""
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive now out of the cyclic garbage collector's reach, once start-up is done (as
+    vLLM's engine core and API server do). A long-running process's start-up heap -- modules, the model's
+    Python objects, the app -- lives as long as the process; without this every full (generation-2) pass
+    walks all of it again: ~100 ms for a replica's ~220k objects on a CPU, a pause of a decode loop whose
+    steps take 5-7 ms on a GPU. Collect first, so that start-up garbage is freed rather than frozen.
+
+    Once per process, at the end of start-up: a frozen object is never collected by the collector (reference
+    counting still frees it), so freezing per request would leak every cycle a request leaves behind."""
+    gc.collect()
+    gc.freeze()
+
+
+class GcPauses:
+    """This process's cyclic-collector passes and the time they stopped it, per generation, from
+    ``gc.callbacks``. Installed by its owner (a replica, the app's lifespan) and removed by ``close``."""
+
+    def __init__(self):
+        self.num_collections = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.max_pause_seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        # Passes do not nest (the collector holds the GIL and does not re-enter): one start clock suffices.
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        generation = info["generation"]
+        self.num_collections[generation] += 1
+        self.seconds[generation] += pause
+        self.max_pause_seconds = max(self.max_pause_seconds, pause)
+
+    def stats(self) -> dict:
+        return {"num_gc_collections": list(self.num_collections), "gc_seconds": list(self.seconds),
+                "max_gc_pause_seconds": self.max_pause_seconds, "num_gc_frozen_objects": gc.get_freeze_count()}
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from rlserve.config import EngineConfig
 from rlserve.distributed.parallel import TensorParallel
-from rlserve.debug import dump_stacks_on_sigusr1
+from rlserve.debug import dump_stacks_on_sigusr1, freeze_startup_heap
 from rlserve.engine.core import EngineCore
 from rlserve.models.loader import load_config, resolve_model_dir
 
@@ -200,6 +200,7 @@ def run_tp_worker(config: EngineConfig, rank: int, store_port: int, pipe, attent
             from rlserve.engine.core_proc import limit_cpu_threads  # a GPU worker's host side: one thread
             limit_cpu_threads("cuda", 1)
         loaded = load_worker(_rank_config(config, rank), tp, attention_backend)
+        freeze_startup_heap()  # the shard is loaded: rank 0's step waits on every pause of ours
         pipe.send(("ok", "ready"))
         TensorParallelWorker(loaded, rank, pipe).run()
     except Exception as e:  # reported to rank 0, which fails its step

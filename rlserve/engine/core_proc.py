@@ -30,7 +30,7 @@ import traceback
 import zmq
 
 from rlserve.config import EngineConfig
-from rlserve.debug import dump_stacks_on_sigusr1
+from rlserve.debug import GcPauses, dump_stacks_on_sigusr1, freeze_startup_heap
 from rlserve.engine import messages as msg
 from rlserve.engine.validation import PROMPT, InvalidRequest
 from rlserve.engine.transport import CurveKeys, secure_connecting_socket
@@ -47,6 +47,7 @@ class EngineCoreProc:
         self.generation = generation  # stamped on what names the replica: a restarted one's forerunner is ignored
         self.parent_pid = parent_pid  # the API server; when it is gone, so are we
         self.tp_rank_base = tp_rank_base  # this replica's first rank in the weight-sync group
+        self.gc_pauses = GcPauses()  # in stats: what the collector cost this replica's loop
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         secure_connecting_socket(self.inbox, curve)
@@ -99,6 +100,7 @@ class EngineCoreProc:
             self.engine.shutdown()
         except Exception:
             logger.exception("engine shutdown failed")
+        self.gc_pauses.close()
         self.ctx.destroy(linger=2000)  # flushes what is still queued for the API server
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ class EngineCoreProc:
                      num_multi_request_steps=self.num_multi_request_steps,
                      weight_sync_connected=self.weight_sync is not None,
                      weight_sync_error=self.weight_sync_error, weights_partial=self.engine.weights_partial,
-                     weight_update_open=self.update is not None)
+                     weight_update_open=self.update is not None, **self.gc_pauses.stats())
         return stats
 
     # -- messages ----------------------------------------------------------------------------------
@@ -437,6 +439,9 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
         proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base,
                               parent_pid=None if hosted else parent_pid or os.getppid(), generation=generation,
                               curve=curve)
+        # The engine is built and its CUDA graphs captured: what exists now lives as long as the process (a Ray
+        # actor's too: it is this replica's alone). Here, not in the constructor: it is a process-wide setting.
+        freeze_startup_heap()
         proc.run()
     except Exception as e:
         message = f"engine replica {replica} died: {type(e).__name__}: {e}"

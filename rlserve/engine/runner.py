@@ -221,7 +221,11 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         if self.graphs is not None:
             self.graphs = None
-            gc.collect()  # a graph is destroyed when its last reference goes
+            # A graph is destroyed when its last reference goes: in a cycle, by a collection -- which skips what the
+            # process froze at start-up (debug.freeze_startup_heap), the graphs included. Unfreeze first: this
+            # is the process's teardown, nothing is lost by it.
+            gc.unfreeze()
+            gc.collect()
 
     # -- block-table rows --------------------------------------------------------------------------
     def _row(self, seq: Sequence, pending: list[tuple[int, int, int]]) -> int:

@@ -13,6 +13,7 @@ import logging
 
 from fastapi import FastAPI
 
+from rlserve.debug import GcPauses
 from rlserve.server import routes_admin, routes_openai, routes_scoring, routes_trl, routes_weights
 from rlserve.server.errors import install_error_handlers
 from rlserve.server.security import SecurityConfig, SecurityMiddleware
@@ -40,16 +41,18 @@ def create_app(engine, on_ready=None, on_fatal=None, startup_timeout_s: float = 
                 on_ready()
 
         engine.on_dead = lambda message: on_fatal(message) if on_fatal else None
+        app.state.gc_pauses = GcPauses()  # the API process's own, in /server_info/ and /metrics
         app.state.start_task = asyncio.create_task(start())
         yield
         app.state.start_task.cancel()
+        app.state.gc_pauses.close()
         await engine.shutdown()
 
     app = FastAPI(title="rlserve", lifespan=lifespan)
     app.state.engine = engine
     app.state.draining = False
     app.state.weight_sync_init = None
-    app.state.metrics = routes_admin.make_metrics_registry(engine)
+    app.state.metrics = routes_admin.make_metrics_registry(engine, app)
     app.state.security = security
     app.state.weight_sync_enabled = security.weight_sync_enabled  # False: server_info reports no transfer config
     install_error_handlers(app)

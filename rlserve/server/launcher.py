@@ -28,7 +28,7 @@ from rlserve.config import EngineConfig
 from rlserve.models.loader import resolve_model_dir
 from rlserve.server.app import create_app
 from rlserve.server.replicas import EngineClient
-from rlserve.debug import dump_stacks_on_sigusr1
+from rlserve.debug import dump_stacks_on_sigusr1, freeze_startup_heap
 from rlserve.server.security import security_config_from_args
 from rlserve.tokenizer import load_tokenizer
 
@@ -154,6 +154,8 @@ def serve(args) -> int:
     server: Server | None = None
 
     def on_ready():
+        # The app, the tokenizer and the replicas' clients are built: they live as long as this process.
+        freeze_startup_heap()
         info = engine.info
         logger.info("rlserve serving %s on http://%s:%d | world size %d (tp %d x dp %d) | device %s %s | "
                     "KV cache %d blocks x %d = %d tokens per replica | max_model_len %d",

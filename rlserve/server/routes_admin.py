@@ -36,8 +36,15 @@ async def server_info(request: Request):
         "weight_version": min((r.get("weight_version", 0) for r in replicas), default=0),
         "requested_weight_version": engine.weight_version,
         "engine": engine.info, "replicas": replicas, "counters": dict(engine.counters),
+        "api_process": api_process_stats(request.app),
         "vllm_config": vllm_config(request),
     }
+
+
+def api_process_stats(app) -> dict:
+    """The API process's own cyclic-collector figures (each replica reports its own in its stats)."""
+    pauses = getattr(app.state, "gc_pauses", None)
+    return pauses.stats() if pauses is not None else {}
 
 
 def vllm_config(request: Request) -> dict:
@@ -132,8 +139,9 @@ async def restart_replica(request: Request, index: int):
 class EngineCollector:
     """Reads the engine client's counters and the replicas' latest stats at scrape time."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, app=None):
         self.engine = engine
+        self.app = app  # for the API process's own figures
 
     def collect(self):
         e = self.engine
@@ -183,11 +191,32 @@ class EngineCollector:
         queried = stats.get("prefix_cache_queried_tokens", 0)
         hit.add_metric([], stats.get("prefix_cache_hit_tokens", 0) / queried if queried else 0.0)
         yield hit
+        yield from self.collect_gc()
+
+    def collect_gc(self):
+        """The cyclic collector's passes and pauses per process ("api", "replica0", ...) and generation: a full
+        (generation-2) pass stops a replica's decode loop for as long as it walks the heap."""
+        processes = [("api", api_process_stats(self.app) if self.app is not None else {})]
+        processes += [(f"replica{r.index}", r.stats or {}) for r in self.engine.replicas]
+        passes = CounterMetricFamily("rlserve_gc_collections", "Cyclic garbage collector passes",
+                                     labels=["process", "generation"])
+        seconds = CounterMetricFamily("rlserve_gc_seconds", "Time stopped in the cyclic garbage collector",
+                                      labels=["process", "generation"])
+        frozen = GaugeMetricFamily("rlserve_gc_frozen_objects", "Start-up objects out of the collector's reach",
+                                   labels=["process"])
+        for process, stats in processes:
+            if "num_gc_collections" not in stats:
+                continue
+            for generation in range(3):
+                passes.add_metric([process, str(generation)], stats["num_gc_collections"][generation])
+                seconds.add_metric([process, str(generation)], stats["gc_seconds"][generation])
+            frozen.add_metric([process], stats["num_gc_frozen_objects"])
+        yield from (passes, seconds, frozen)
 
 
-def make_metrics_registry(engine) -> CollectorRegistry:
+def make_metrics_registry(engine, app=None) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))
+    registry.register(EngineCollector(engine, app))
     return registry
 
 

@@ -1,0 +1,24 @@
+"""The processes' operational aids: the cyclic collector's pause counter."""
+
+from __future__ import annotations
+
+import gc
+
+from rlserve.debug import GcPauses
+
+
+def test_gc_pauses_counts_each_pass_by_generation_until_closed():
+    pauses = GcPauses()
+    try:
+        gc.collect(0)
+        gc.collect()
+        stats = pauses.stats()
+        assert stats["num_gc_collections"][0] >= 1 and stats["num_gc_collections"][2] >= 1, stats
+        assert stats["gc_seconds"][2] > 0 and 0 < stats["max_gc_pause_seconds"] <= sum(stats["gc_seconds"])
+        assert stats["num_gc_frozen_objects"] == gc.get_freeze_count()
+    finally:
+        pauses.close()
+    counted = pauses.stats()["num_gc_collections"]
+    gc.collect()
+    assert pauses.stats()["num_gc_collections"] == counted
+    assert pauses._on_gc not in gc.callbacks
