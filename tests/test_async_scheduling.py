@@ -338,16 +338,23 @@ def test_proc_sends_drained_tokens_before_a_later_abort_and_call_result(tiny_mod
         for _ in range(4):
             proc.step()
         assert proc.engine.in_flight is not None  # the batch below lands between a launch and its apply
-        while pull.poll(0):
+        # Everything the steps sent, up to a ping's answer (one socket keeps order; a ping leaves the step in
+        # flight): polling with no wait would miss messages still in the TCP pipe on a loaded machine.
+        proc.handle(msg.UtilityCall(0, msg.Ping()))
+        while not (sent and isinstance(sent[-1], msg.UtilityResult) and sent[-1].call_id == 0):
+            assert pull.poll(10_000), "the ping's answer never came"
             sent.append(pull.recv_pyobj())
+        assert proc.engine.in_flight is not None
         mark = len(sent)
         proc.handle(msg.UtilityCall(1, msg.ResetPrefixCache()))
         proc.handle(msg.AbortRequests(["r0"]))
         proc.handle(msg.UtilityCall(2, msg.Pause(mode="abort")))
-        for _ in range(10):
-            if not pull.poll(1000):
-                break
+        for _ in range(10):  # up to the pause's answer, the last message expected; then nothing more may come
+            assert pull.poll(10_000), "the pause's answer never came"
             sent.append(pull.recv_pyobj())
+            if isinstance(sent[-1], msg.UtilityResult) and sent[-1].call_id == 2:
+                break
+        assert not pull.poll(200)
         tail = [(type(m).__name__, [(u.request_id, len(u.token_ids), u.finish_reason) for u in m.updates]
                  if isinstance(m, msg.StepOutputs) else m.call_id) for m in sent[mark:]]
         assert tail == [("StepOutputs", [("r0", 1, None), ("r1", 1, None)]), ("UtilityResult", 1),
