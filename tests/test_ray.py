@@ -236,87 +236,30 @@ def test_pinning_replica_0_outside_the_cluster_fails_at_once(cluster, monkeypatc
     config = EngineConfig(model="unused", device="cpu")
     with pytest.raises(RuntimeError, match="--ray_pin_first_replica false"):
         RayPlacement("ray://10.254.254.254:10001", config, 2)
-    assert RayPlacement(cluster.address, config, 2, pin_first=False).group is None  # no check without pinning
+    unpinned = RayPlacement(cluster.address, config, 2, pin_first=False)  # no check without pinning: no error
+    assert not any(key.startswith("node:") for bundle in unpinned.bundles() for key in bundle), unpinned.bundles()
 
 
-def test_messages_from_a_replaced_generation_of_a_replica_are_dropped():
-    """A killed actor's late EngineDead or stats must not touch the replica that replaced it."""
-    import asyncio
-
+def test_closing_a_placement_ends_a_reservation_in_flight_and_forbids_a_late_one(cluster):
+    """Startup reserves in a thread that its cancellation does not stop: ``close`` must remove a group still
+    waiting for room (and end the wait, which would otherwise hold the process's exit), and a reservation that
+    starts after ``close`` must make no group."""
     from rlserve.config import EngineConfig
-    from rlserve.engine import messages as msg
-    from rlserve.server.replicas import EngineClient, Replica
+    from rlserve.server.replica_handles import RayPlacement
+    from ray.util import placement_group_table
+    placement = RayPlacement(cluster.address, EngineConfig(model="unused", device="cpu"), 1, pin_first=False)
+    placement.bundle = {"CPU": 64.0}  # more than the cluster has: pending until removed
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reserving = pool.submit(placement.reserve, 60.0)
+        wait_for(lambda: placement.group is not None, 20, "the placement group made")
+        assert not reserving.done()
+        placement.close()
+        with pytest.raises(RuntimeError, match="stopped before its replicas were placed"):
+            reserving.result(timeout=10)
+    assert placement_group_table(placement.group)["state"] == "REMOVED"
 
-    class Handle:
-        remote = True
-
-        def is_alive(self):
-            return True
-
-    async def main():
-        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 1, tokenizer=None)
-        engine.tolerate_replica_death = True
-        engine.ready.set()
-        engine.replicas = [Replica(0, Handle(), socket=None, generation=1)]
-        engine._dispatch(msg.StepOutputs(0, [], {"num_steps": 99}, generation=0))
-        engine._dispatch(msg.EngineDead(0, "the old actor died", generation=0))
-        assert engine.replicas[0].dead is None and engine.replicas[0].stats == {}
-        engine._dispatch(msg.StepOutputs(0, [], {"num_steps": 1}, generation=1))
-        assert engine.replicas[0].stats == {"num_steps": 1}
-        engine._dispatch(msg.EngineDead(0, "the new actor died", generation=1))
-        assert engine.replicas[0].dead == "the new actor died"
-        engine.ctx.destroy(linger=0)
-
-    asyncio.run(main())
-
-
-def test_a_failed_or_cancelled_restart_leaves_the_replica_dead_and_restartable():
-    """Never 'restarting' forever: the replica ends 'failed to restart: <cause>', and a later restart may try."""
-    import asyncio
-
-    from rlserve.config import EngineConfig
-    from rlserve.server.errors import EngineUnavailable
-    from rlserve.server.replicas import EngineClient, Replica
-
-    class Handle:
-        remote = True
-
-        def __init__(self, alive):
-            self.alive = alive
-
-        def is_alive(self):
-            return self.alive
-
-        def exit_reason(self):
-            return "exited at once"
-
-        def kill(self):
-            self.alive = False
-
-        def describe(self):
-            return {}
-
-    class Socket:
-        def close(self, linger=0):
-            pass
-
-    async def main():
-        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 1, tokenizer=None, placement=object())
-        engine.ready.set()
-        engine.replicas = [Replica(0, Handle(False), Socket(), dead="killed")]
-        engine._launch = lambda index, generation: Replica(index, Handle(False), Socket(), generation=generation)
-        with pytest.raises(EngineUnavailable, match="failed to restart: exited at once"):
-            await engine.restart_replica(0)
-        assert engine.replicas[0].dead == "engine replica 0 failed to restart: exited at once"
-        engine._launch = lambda index, generation: Replica(index, Handle(True), Socket(), generation=generation)
-        task = asyncio.ensure_future(engine.restart_replica(0))  # never gets ready: cancelled
-        await asyncio.sleep(0.2)
-        assert engine.replicas[0].dead.startswith("restarting")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert engine.replicas[0].dead == "engine replica 0 failed to restart: cancelled"
-        assert engine.replicas[0].generation == 2 and not engine.replicas[0].handle.alive
-        engine.ctx.destroy(linger=0)
-
-    asyncio.run(main())
+    late = RayPlacement(cluster.address, EngineConfig(model="unused", device="cpu"), 1, pin_first=False)
+    late.close()  # cancelled startup: close before the reservation thread ran
+    with pytest.raises(RuntimeError, match="stopped before its replicas were placed"):
+        late.reserve(5.0)
+    assert late.group is None
