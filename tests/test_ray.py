@@ -263,3 +263,183 @@ def test_closing_a_placement_ends_a_reservation_in_flight_and_forbids_a_late_one
     with pytest.raises(RuntimeError, match="stopped before its replicas were placed"):
         late.reserve(5.0)
     assert late.group is None
+
+
+class _PlacedHandle:
+    """A Ray replica as routes_weights sees it: alive, on the node ``ip``."""
+    remote = True
+
+    def __init__(self, ip: str):
+        self.ip = ip
+
+    def is_alive(self):
+        return True
+
+    def node_ip(self):
+        return self.ip
+
+    def describe(self):
+        return {}
+
+
+def _init_weight_sync(placement, path: str, body: dict) -> dict:
+    """POST ``body`` to a weight-sync init route of a 2-replica server whose replica ``i`` runs on 10.0.1.i and
+    whose API server advertises 10.0.0.1; returns the GroupSpec fields sent to the replicas."""
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    from rlserve.config import EngineConfig
+    from rlserve.server.app import create_app
+    from rlserve.server.replicas import EngineClient, Replica
+
+    engine = EngineClient(EngineConfig(model="unused", device="cpu"), 2, tokenizer=None, placement=placement,
+                          advertise_host="10.0.0.1")
+    engine.ready.set()
+    engine.replicas = [Replica(i, _PlacedHandle(f"10.0.1.{i}"), socket=None) for i in range(2)]
+    sent = []
+
+    async def call_all(op, timeout_s=30.0):  # the close of a previous group
+        return []
+
+    def send_all_nowait(op):
+        sent.append(op)
+        joined = asyncio.get_running_loop().create_future()
+        joined.set_result(None)
+        return [joined]
+
+    engine.call_all, engine.send_all_nowait = call_all, send_all_nowait
+    try:
+        r = TestClient(create_app(engine)).post(path, json=body)  # no lifespan: the engine above is all there is
+    finally:
+        engine.ctx.destroy(linger=0)
+    assert r.status_code == 200, r.text
+    assert len(sent) == 1, sent
+    return sent[0].spec
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "127.0.0.1", "localhost"])
+@pytest.mark.parametrize("pin_first", [True, False])
+def test_ray_replicas_are_told_where_rank_0_hosts_the_store_under_trl_1_10(host, pin_first):
+    """TRL <= 1.10's client posts host "0.0.0.0" and the server's rank 0 (replica 0) hosts the store: a replica
+    on another node must dial rank 0's node -- this node's advertised address when replica 0 is pinned here,
+    else replica 0's node -- not itself."""
+    import types
+    spec = _init_weight_sync(types.SimpleNamespace(pin_first=pin_first), "/init_communicator/",
+                             {"host": host, "port": 29500, "world_size": 3, "backend": "gloo"})
+    assert spec["host"] == ("10.0.0.1" if pin_first else "10.0.1.0"), spec
+    assert spec["trainer_rank"] == 2 and spec["rank_offset"] == 0
+
+
+def test_a_routable_store_host_and_other_protocols_are_sent_as_given():
+    """A host that names a machine is the trainer's word; local replicas share rank 0's node; under vLLM's
+    protocol (TRL >= 1.12) the trainer hosts the store at its own master_address."""
+    import types
+    ray_placed = types.SimpleNamespace(pin_first=True)
+    spec = _init_weight_sync(ray_placed, "/init_communicator/", {"host": "10.9.9.9", "port": 29500,
+                                                                  "world_size": 3, "backend": "gloo"})
+    assert spec["host"] == "10.9.9.9"
+    for master in ("10.9.9.9", "127.0.0.1"):
+        spec = _init_weight_sync(ray_placed, "/init_weight_transfer_engine/", {
+            "init_info": {"master_address": master, "master_port": 29500, "world_size": 3}, "backend": "gloo"})
+        assert spec["host"] == master and spec["trainer_rank"] == 0 and spec["rank_offset"] == 1
+
+
+def test_local_replicas_get_the_store_host_as_given():
+    import asyncio
+
+    from rlserve.config import EngineConfig
+    from rlserve.server.replicas import EngineClient
+    from rlserve.server.routes_weights import _server_store_host
+
+    async def main():
+        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 2, tokenizer=None)
+        try:
+            assert _server_store_host(engine, "0.0.0.0") == "0.0.0.0"
+        finally:
+            engine.ctx.destroy(linger=0)
+
+    asyncio.run(main())
+
+
+def test_messages_from_a_replaced_generation_of_a_replica_are_dropped():
+    """A killed actor's late EngineDead or stats must not touch the replica that replaced it."""
+    import asyncio
+
+    from rlserve.config import EngineConfig
+    from rlserve.engine import messages as msg
+    from rlserve.server.replicas import EngineClient, Replica
+
+    class Handle:
+        remote = True
+
+        def is_alive(self):
+            return True
+
+    async def main():
+        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 1, tokenizer=None)
+        engine.tolerate_replica_death = True
+        engine.ready.set()
+        engine.replicas = [Replica(0, Handle(), socket=None, generation=1)]
+        engine._dispatch(msg.StepOutputs(0, [], {"num_steps": 99}, generation=0))
+        engine._dispatch(msg.EngineDead(0, "the old actor died", generation=0))
+        assert engine.replicas[0].dead is None and engine.replicas[0].stats == {}
+        engine._dispatch(msg.StepOutputs(0, [], {"num_steps": 1}, generation=1))
+        assert engine.replicas[0].stats == {"num_steps": 1}
+        engine._dispatch(msg.EngineDead(0, "the new actor died", generation=1))
+        assert engine.replicas[0].dead == "the new actor died"
+        engine.ctx.destroy(linger=0)
+
+    asyncio.run(main())
+
+
+def test_a_failed_or_cancelled_restart_leaves_the_replica_dead_and_restartable():
+    """Never 'restarting' forever: the replica ends 'failed to restart: <cause>', and a later restart may try."""
+    import asyncio
+
+    from rlserve.config import EngineConfig
+    from rlserve.server.errors import EngineUnavailable
+    from rlserve.server.replicas import EngineClient, Replica
+
+    class Handle:
+        remote = True
+
+        def __init__(self, alive):
+            self.alive = alive
+
+        def is_alive(self):
+            return self.alive
+
+        def exit_reason(self):
+            return "exited at once"
+
+        def kill(self):
+            self.alive = False
+
+        def describe(self):
+            return {}
+
+    class Socket:
+        def close(self, linger=0):
+            pass
+
+    async def main():
+        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 1, tokenizer=None, placement=object())
+        engine.ready.set()
+        engine.replicas = [Replica(0, Handle(False), Socket(), dead="killed")]
+        engine._launch = lambda index, generation: Replica(index, Handle(False), Socket(), generation=generation)
+        with pytest.raises(EngineUnavailable, match="failed to restart: exited at once"):
+            await engine.restart_replica(0)
+        assert engine.replicas[0].dead == "engine replica 0 failed to restart: exited at once"
+        engine._launch = lambda index, generation: Replica(index, Handle(True), Socket(), generation=generation)
+        task = asyncio.ensure_future(engine.restart_replica(0))  # never gets ready: cancelled
+        await asyncio.sleep(0.2)
+        assert engine.replicas[0].dead.startswith("restarting")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.replicas[0].dead == "engine replica 0 failed to restart: cancelled"
+        assert engine.replicas[0].generation == 2 and not engine.replicas[0].handle.alive
+        engine.ctx.destroy(linger=0)
+
+    asyncio.run(main())
