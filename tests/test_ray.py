@@ -443,3 +443,34 @@ def test_a_failed_or_cancelled_restart_leaves_the_replica_dead_and_restartable()
         engine.ctx.destroy(linger=0)
 
     asyncio.run(main())
+
+
+def test_the_advertised_address_is_resolved_and_checked_before_startup_waits_on_it():
+    """A replica that cannot reach the API server's sockets would only show as a startup timeout: an address
+    that does not resolve, is not this host's, or is loopback while nodes at other addresses exist fails the
+    start at once, saying which flag to change."""
+    import types
+
+    from rlserve.server.launcher import resolve_advertise_host
+
+    def placement(*node_ips, this="10.0.0.5"):
+        nodes = [{"NodeManagerAddress": ip, "Alive": True} for ip in node_ips]
+        return types.SimpleNamespace(node_ip=this, ray=types.SimpleNamespace(nodes=lambda: nodes))
+
+    def args(advertise_host=None, host="0.0.0.0"):
+        return types.SimpleNamespace(advertise_host=advertise_host, host=host)
+
+    on_loopback = placement("127.0.0.1", "127.0.0.1", this="127.0.0.1")  # one machine's cluster (as above)
+    assert resolve_advertise_host(args(), on_loopback) == "127.0.0.1"
+    assert resolve_advertise_host(args("localhost"), on_loopback) == "127.0.0.1"
+    assert resolve_advertise_host(args(host="localhost"), on_loopback) == "127.0.0.1"
+    # loopback on a cluster of this node alone (at another address): every replica is here
+    assert resolve_advertise_host(args("127.0.0.1"), placement("10.0.0.5")) == "127.0.0.1"
+    with pytest.raises(RuntimeError, match=r"--advertise_host '127.0.0.1' is 127.0.0.1, a loopback address.*10.0.0.6"):
+        resolve_advertise_host(args("127.0.0.1"), placement("10.0.0.5", "10.0.0.6"))
+    with pytest.raises(RuntimeError, match="--host 'localhost' is 127.0.0.1, a loopback address"):
+        resolve_advertise_host(args(host="localhost"), placement("10.0.0.5", "10.0.0.6"))
+    with pytest.raises(RuntimeError, match="does not resolve"):
+        resolve_advertise_host(args("rlserve-no-such-host.invalid"), on_loopback)
+    with pytest.raises(RuntimeError, match=r"--advertise_host '192.0.2.1' \(192.0.2.1\) is not an address of this"):
+        resolve_advertise_host(args("192.0.2.1"), on_loopback)  # TEST-NET-1: never a local address
