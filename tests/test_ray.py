@@ -236,7 +236,130 @@ def test_pinning_replica_0_outside_the_cluster_fails_at_once(cluster, monkeypatc
     config = EngineConfig(model="unused", device="cpu")
     with pytest.raises(RuntimeError, match="--ray_pin_first_replica false"):
         RayPlacement("ray://10.254.254.254:10001", config, 2)
-    assert RayPlacement(cluster.address, config, 2, pin_first=False).group is None  # no check without pinning
+    unpinned = RayPlacement(cluster.address, config, 2, pin_first=False)  # no check without pinning: no error
+    assert not any(key.startswith("node:") for bundle in unpinned.bundles() for key in bundle), unpinned.bundles()
+
+
+def test_closing_a_placement_ends_a_reservation_in_flight_and_forbids_a_late_one(cluster):
+    """Startup reserves in a thread that its cancellation does not stop: ``close`` must remove a group still
+    waiting for room (and end the wait, which would otherwise hold the process's exit), and a reservation that
+    starts after ``close`` must make no group."""
+    from rlserve.config import EngineConfig
+    from rlserve.server.replica_handles import RayPlacement
+    from ray.util import placement_group_table
+    placement = RayPlacement(cluster.address, EngineConfig(model="unused", device="cpu"), 1, pin_first=False)
+    placement.bundle = {"CPU": 64.0}  # more than the cluster has: pending until removed
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reserving = pool.submit(placement.reserve, 60.0)
+        wait_for(lambda: placement.group is not None, 20, "the placement group made")
+        assert not reserving.done()
+        placement.close()
+        with pytest.raises(RuntimeError, match="stopped before its replicas were placed"):
+            reserving.result(timeout=10)
+    assert placement_group_table(placement.group)["state"] == "REMOVED"
+
+    late = RayPlacement(cluster.address, EngineConfig(model="unused", device="cpu"), 1, pin_first=False)
+    late.close()  # cancelled startup: close before the reservation thread ran
+    with pytest.raises(RuntimeError, match="stopped before its replicas were placed"):
+        late.reserve(5.0)
+    assert late.group is None
+
+
+class _PlacedHandle:
+    """A Ray replica as routes_weights sees it: alive, on the node ``ip``."""
+    remote = True
+
+    def __init__(self, ip: str):
+        self.ip = ip
+
+    def is_alive(self):
+        return True
+
+    def node_ip(self):
+        return self.ip
+
+    def describe(self):
+        return {}
+
+
+def _init_weight_sync(placement, path: str, body: dict) -> dict:
+    """POST ``body`` to a weight-sync init route of a 2-replica server whose replica ``i`` runs on 10.0.1.i and
+    whose API server advertises 10.0.0.1; returns the GroupSpec fields sent to the replicas."""
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    from rlserve.config import EngineConfig
+    from rlserve.server.app import create_app
+    from rlserve.server.replicas import EngineClient, Replica
+
+    engine = EngineClient(EngineConfig(model="unused", device="cpu"), 2, tokenizer=None, placement=placement,
+                          advertise_host="10.0.0.1")
+    engine.ready.set()
+    engine.replicas = [Replica(i, _PlacedHandle(f"10.0.1.{i}"), socket=None) for i in range(2)]
+    sent = []
+
+    async def call_all(op, timeout_s=30.0):  # the close of a previous group
+        return []
+
+    def send_all_nowait(op):
+        sent.append(op)
+        joined = asyncio.get_running_loop().create_future()
+        joined.set_result(None)
+        return [joined]
+
+    engine.call_all, engine.send_all_nowait = call_all, send_all_nowait
+    try:
+        r = TestClient(create_app(engine)).post(path, json=body)  # no lifespan: the engine above is all there is
+    finally:
+        engine.ctx.destroy(linger=0)
+    assert r.status_code == 200, r.text
+    assert len(sent) == 1, sent
+    return sent[0].spec
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "127.0.0.1", "localhost"])
+@pytest.mark.parametrize("pin_first", [True, False])
+def test_ray_replicas_are_told_where_rank_0_hosts_the_store_under_trl_1_10(host, pin_first):
+    """TRL <= 1.10's client posts host "0.0.0.0" and the server's rank 0 (replica 0) hosts the store: a replica
+    on another node must dial rank 0's node -- this node's advertised address when replica 0 is pinned here,
+    else replica 0's node -- not itself."""
+    import types
+    spec = _init_weight_sync(types.SimpleNamespace(pin_first=pin_first), "/init_communicator/",
+                             {"host": host, "port": 29500, "world_size": 3, "backend": "gloo"})
+    assert spec["host"] == ("10.0.0.1" if pin_first else "10.0.1.0"), spec
+    assert spec["trainer_rank"] == 2 and spec["rank_offset"] == 0
+
+
+def test_a_routable_store_host_and_other_protocols_are_sent_as_given():
+    """A host that names a machine is the trainer's word; local replicas share rank 0's node; under vLLM's
+    protocol (TRL >= 1.12) the trainer hosts the store at its own master_address."""
+    import types
+    ray_placed = types.SimpleNamespace(pin_first=True)
+    spec = _init_weight_sync(ray_placed, "/init_communicator/", {"host": "10.9.9.9", "port": 29500,
+                                                                  "world_size": 3, "backend": "gloo"})
+    assert spec["host"] == "10.9.9.9"
+    for master in ("10.9.9.9", "127.0.0.1"):
+        spec = _init_weight_sync(ray_placed, "/init_weight_transfer_engine/", {
+            "init_info": {"master_address": master, "master_port": 29500, "world_size": 3}, "backend": "gloo"})
+        assert spec["host"] == master and spec["trainer_rank"] == 0 and spec["rank_offset"] == 1
+
+
+def test_local_replicas_get_the_store_host_as_given():
+    import asyncio
+
+    from rlserve.config import EngineConfig
+    from rlserve.server.replicas import EngineClient
+    from rlserve.server.routes_weights import _server_store_host
+
+    async def main():
+        engine = EngineClient(EngineConfig(model="unused", device="cpu"), 2, tokenizer=None)
+        try:
+            assert _server_store_host(engine, "0.0.0.0") == "0.0.0.0"
+        finally:
+            engine.ctx.destroy(linger=0)
+
+    asyncio.run(main())
 
 
 def test_messages_from_a_replaced_generation_of_a_replica_are_dropped():
@@ -320,3 +443,34 @@ def test_a_failed_or_cancelled_restart_leaves_the_replica_dead_and_restartable()
         engine.ctx.destroy(linger=0)
 
     asyncio.run(main())
+
+
+def test_the_advertised_address_is_resolved_and_checked_before_startup_waits_on_it():
+    """A replica that cannot reach the API server's sockets would only show as a startup timeout: an address
+    that does not resolve, is not this host's, or is loopback while nodes at other addresses exist fails the
+    start at once, saying which flag to change."""
+    import types
+
+    from rlserve.server.launcher import resolve_advertise_host
+
+    def placement(*node_ips, this="10.0.0.5"):
+        nodes = [{"NodeManagerAddress": ip, "Alive": True} for ip in node_ips]
+        return types.SimpleNamespace(node_ip=this, ray=types.SimpleNamespace(nodes=lambda: nodes))
+
+    def args(advertise_host=None, host="0.0.0.0"):
+        return types.SimpleNamespace(advertise_host=advertise_host, host=host)
+
+    on_loopback = placement("127.0.0.1", "127.0.0.1", this="127.0.0.1")  # one machine's cluster (as above)
+    assert resolve_advertise_host(args(), on_loopback) == "127.0.0.1"
+    assert resolve_advertise_host(args("localhost"), on_loopback) == "127.0.0.1"
+    assert resolve_advertise_host(args(host="localhost"), on_loopback) == "127.0.0.1"
+    # loopback on a cluster of this node alone (at another address): every replica is here
+    assert resolve_advertise_host(args("127.0.0.1"), placement("10.0.0.5")) == "127.0.0.1"
+    with pytest.raises(RuntimeError, match=r"--advertise_host '127.0.0.1' is 127.0.0.1, a loopback address.*10.0.0.6"):
+        resolve_advertise_host(args("127.0.0.1"), placement("10.0.0.5", "10.0.0.6"))
+    with pytest.raises(RuntimeError, match="--host 'localhost' is 127.0.0.1, a loopback address"):
+        resolve_advertise_host(args(host="localhost"), placement("10.0.0.5", "10.0.0.6"))
+    with pytest.raises(RuntimeError, match="does not resolve"):
+        resolve_advertise_host(args("rlserve-no-such-host.invalid"), on_loopback)
+    with pytest.raises(RuntimeError, match=r"--advertise_host '192.0.2.1' \(192.0.2.1\) is not an address of this"):
+        resolve_advertise_host(args("192.0.2.1"), on_loopback)  # TEST-NET-1: never a local address

@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -98,6 +99,33 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def resolve_advertise_host(args, placement) -> str:
+    """The IP the Ray replicas dial for the API server's ZMQ sockets (and, with replica 0 pinned here, for the
+    weight-sync store): ``--advertise_host``, else ``--host`` unless it is a wildcard, else this node's Ray IP.
+    Resolved once, here, and checked before anything waits on it: it must be an address of this host, and not a
+    loopback one while the cluster has nodes at other addresses (they would dial themselves, and startup would
+    only time out). IPv4 only (``gethostbyname``), as the replicas' tcp:// addresses are."""
+    wanted = args.advertise_host or (args.host if args.host not in ("0.0.0.0", "::", "") else placement.node_ip)
+    flag = "--advertise_host" if args.advertise_host else "--host" if wanted == args.host else "Ray's node IP"
+    try:
+        ip = socket.gethostbyname(wanted)
+    except OSError as e:
+        raise RuntimeError(f"{flag} {wanted!r} does not resolve to an IPv4 address ({e})") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError as e:
+            raise RuntimeError(f"{flag} {wanted!r} ({ip}) is not an address of this host ({e.strerror}): pass "
+                               f"--advertise_host <an IP of this node that every Ray node reaches>") from None
+    alive = {str(n.get("NodeManagerAddress")) for n in placement.ray.nodes() if n.get("Alive")}
+    others = sorted(a for a in alive - {ip, placement.node_ip} if not _is_loopback(a))  # nodes on other hosts
+    if _is_loopback(ip) and others:
+        raise RuntimeError(f"{flag} {wanted!r} is {ip}, a loopback address, which the Ray nodes at "
+                           f"{', '.join(others)} cannot reach: pass --advertise_host <this node's IP> (or --host "
+                           f"0.0.0.0)")
+    return ip
+
+
 def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(
         model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
@@ -138,14 +166,14 @@ def serve(args) -> int:
         except Exception as e:  # Ray missing, or no cluster at that address
             print(f"rlserve serve: error: {e}", file=sys.stderr)
             return 2
-        advertise_host = args.advertise_host or (args.host if args.host not in ("0.0.0.0", "::", "")
-                                                 else placement.node_ip)
+        try:
+            advertise_host = resolve_advertise_host(args, placement)
+        except RuntimeError as e:
+            placement.close()
+            print(f"rlserve serve: error: {e}", file=sys.stderr)
+            return 2
         logger.info("Ray cluster at %s: %d replica(s), ZMQ on %s (advertised to the replicas)", args.ray_address,
                     args.data_parallel_size, advertise_host)
-        node_ips = {n["NodeManagerAddress"] for n in placement.ray.nodes() if n.get("Alive")}
-        if _is_loopback(advertise_host) and node_ips - {placement.node_ip}:
-            logger.warning("replicas on other nodes (%s) cannot reach %s: pass --advertise_host <this node's IP> "
-                           "(or --host 0.0.0.0)", ", ".join(sorted(node_ips)), advertise_host)
         logger.info("the replicas' ZMQ sockets on %s admit only the replicas' CURVE key (made at this start, "
                     "passed through Ray); Ray itself runs whatever its cluster members submit: keep its network "
                     "private", advertise_host)

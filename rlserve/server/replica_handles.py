@@ -14,9 +14,12 @@ Ray is imported only here, and only when a ``RayPlacement`` is made: without ``-
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
+import threading
+import time
 import uuid
 from dataclasses import replace
 
@@ -109,6 +112,10 @@ class RayPlacement:
         self.on_cuda = config.resolved_device().type == "cuda"
         self.bundle = {"GPU": float(tp), "CPU": 1.0} if self.on_cuda else {"CPU": float(tp)}
         self.group = None
+        # ``reserve`` runs in a thread that startup's cancellation does not stop: ``close`` must see a group made
+        # after it was called, and end the wait for one it removed.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def _check_on_a_node(self, address: str) -> None:
         """Pinning replica 0 to this node needs this node in the cluster: through Ray Client (ray://) the server
@@ -123,30 +130,47 @@ class RayPlacement:
             f"cluster (alive nodes: {', '.join(alive) or 'none'}){client}: pass --ray_pin_first_replica false, or "
             f"run rlserve serve on a node of the cluster")
 
-    def reserve(self, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
-        """Blocks until every bundle is placed (call it off the event loop)."""
-        from ray.util.placement_group import placement_group
-        ray = self.ray
+    def bundles(self) -> list[dict]:
+        """One bundle per replica; replica 0's carries a sliver of this node's resource when pinned."""
         bundles = [dict(self.bundle) for _ in range(self.num_replicas)]
         if self.pin_first:
             bundles[0][f"node:{self.node_ip}"] = 0.001
-        self.group = placement_group(bundles, strategy=self.strategy, name=f"rlserve-{self.server_id}")
-        try:
-            ray.get(self.group.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self.close()
-            raise RuntimeError(
-                f"the Ray cluster has no room for {self.num_replicas} replica(s) of {self.bundle} each "
-                f"({self.strategy}{', the first on this node, ' + self.node_ip if self.pin_first else ''}) after "
-                f"{timeout_s:.0f}s; available: {ray.available_resources()}") from None
+        return bundles
+
+    def reserve(self, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+        """Blocks until every bundle is placed (call it off the event loop), or until ``close``."""
+        from ray.util.placement_group import placement_group
+        ray = self.ray
+        with self._lock:  # ``close`` either removes this group or comes first and no group is made
+            if self._closed:
+                raise RuntimeError("the server stopped before its replicas were placed")
+            self.group = placement_group(self.bundles(), strategy=self.strategy, name=f"rlserve-{self.server_id}")
+        ready = self.group.ready()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            placed = ray.wait([ready], timeout=min(1.0, max(deadline - time.monotonic(), 0.0)))[0]
+            if self._closed:  # removed by ``close`` (which also ends the wait on ``ready``)
+                raise RuntimeError("the server stopped before its replicas were placed")
+            if placed:
+                break
+            if time.monotonic() >= deadline:
+                self.close()
+                raise RuntimeError(
+                    f"the Ray cluster has no room for {self.num_replicas} replica(s) of {self.bundle} each "
+                    f"({self.strategy}{', the first on this node, ' + self.node_ip if self.pin_first else ''}) "
+                    f"after {timeout_s:.0f}s; available: {ray.available_resources()}")
         logger.info("placement group %s ready: %d bundle(s) of %s (%s)", self.group.id.hex(), self.num_replicas,
                     self.bundle, self.strategy)
 
     def close(self) -> None:
-        if self.group is None:
+        """Removes the group, made or being made; a ``reserve`` still running fails within a second."""
+        with self._lock:
+            self._closed = True
+            group = self.group
+        if group is None:
             return
         try:
-            self.ray.util.remove_placement_group(self.group)
+            self.ray.util.remove_placement_group(group)
         except Exception:  # the cluster may be gone already
             pass
 
@@ -167,28 +191,42 @@ class RayReplica:
         if placement.on_cuda:  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs: they are cuda:0..tp-1
             config = replace(config, device="cuda:0")
         self.name = f"rlserve-{placement.server_id}-replica{index}-{generation}"
-        self.group, self.index = placement.group, index
-        actor_cls = ray.remote(EngineActor)
-        self.actor = actor_cls.options(
+        self.index = index
+        self.actor = _engine_actor_class(ray).options(
             name=self.name, namespace=RAY_NAMESPACE, max_restarts=0, max_concurrency=1,
             num_cpus=1 if placement.on_cuda else tp, num_gpus=tp if placement.on_cuda else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement.group, placement_group_bundle_index=index),
         ).remote()
+        # Actor tasks run in order: ``where`` answers as the actor starts, before ``run`` holds it for good.
+        self._where = self.actor.where.remote()
+        self._node: tuple[str, str] | None = None  # (node id, node IP), once the actor has said
         self.done = self.actor.run.remote(config, index, num_replicas, input_addr, output_addr,
                                           index * tp, log_level, generation, curve)
         self._reason: str | None = None
 
     def describe(self) -> dict:
         return {"ray_actor": self.name, "ray_namespace": RAY_NAMESPACE, "ray_node_id": self.node_id(),
-                "alive": self.is_alive()}
+                "ray_node_ip": self.node_ip(), "alive": self.is_alive()}
 
     def node_id(self) -> str | None:
-        """The node its bundle is on (Ray moves a bundle whose node died)."""
-        try:
-            table = self.ray.util.placement_group_table(self.group)
-            return table["bundles_to_node_id"].get(self.index)
-        except Exception:
-            return None
+        """The Ray node it runs on; None until its actor has started (or if it died first)."""
+        node = self._node_of_actor()
+        return node[0] if node else None
+
+    def node_ip(self) -> str | None:
+        """That node's IP: where rank 0 of a weight-sync group listens when this is replica 0."""
+        node = self._node_of_actor()
+        return node[1] if node else None
+
+    def _node_of_actor(self) -> tuple[str, str] | None:
+        """The actor's own answer, read once it is there: no GCS call on every /server_info/. A restarted
+        replica is a new handle, so a bundle that Ray moved to another node is seen there."""
+        if self._node is None and self.ray.wait([self._where], timeout=0)[0]:
+            try:
+                self._node = tuple(self.ray.get(self._where, timeout=0))
+            except Exception:  # the actor died before it answered
+                return None
+        return self._node
 
     def is_alive(self) -> bool:
         ready, _ = self.ray.wait([self.done], timeout=0)
@@ -216,8 +254,20 @@ class RayReplica:
         self.ray.wait([self.done], timeout=timeout_s)
 
 
+@functools.cache
+def _engine_actor_class(ray):
+    """``EngineActor`` as a Ray actor class, made once rather than per launch (each ``ray.remote`` wraps the
+    class anew, to be pickled and exported again); not a decorator, so that this module imports without Ray."""
+    return ray.remote(EngineActor)
+
+
 class EngineActor:
-    """The Ray actor (made with ``ray.remote`` in ``RayReplica``, so that this module imports without Ray)."""
+    """The Ray actor (see ``_engine_actor_class``)."""
+
+    def where(self) -> tuple[str, str]:
+        """(node id, node IP) of this actor's node."""
+        import ray
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def run(self, config: EngineConfig, index: int, num_replicas: int, input_addr: str, output_addr: str,
             tp_rank_base: int, log_level: str, generation: int = 0, curve: CurveKeys | None = None) -> None:

@@ -16,6 +16,7 @@ answer (vLLM's), a refused update is received and dropped, so that the trainer i
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 from fastapi import APIRouter, Request
@@ -59,6 +60,38 @@ async def _join(request: Request, spec: GroupSpec) -> list[asyncio.Future]:
     return state.weight_sync_init
 
 
+def _reachable_only_locally(host: str) -> bool:
+    """A wildcard ("0.0.0.0", "::") or loopback host: dialled from a node, it names that node."""
+    if host in ("", "localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a name: taken as given
+        return False
+    return address.is_unspecified or address.is_loopback
+
+
+def _server_store_host(engine, host: str) -> str:
+    """Where the workers dial the store that the server's rank 0 (replica 0's first worker) hosts under TRL <=
+    1.10's protocol. TRL's client posts host "0.0.0.0": rank 0 listens on every interface whatever the host, and
+    local replicas, on its node, reach it there. A Ray replica on another node would dial itself: Ray replicas
+    are told this node's advertised address when replica 0 is pinned here, else the address of replica 0's
+    node."""
+    placement = getattr(engine, "placement", None)
+    if placement is None or not _reachable_only_locally(host):
+        return host
+    if placement.pin_first:
+        resolved = engine.advertise_host
+    else:
+        resolved = engine.replicas[0].handle.node_ip()
+        if resolved is None:  # its actor has not started (check_all_replicas let it through: it is live)
+            raise Conflict("replica 0's Ray node is not known yet; try again once it has started")
+    if resolved != host:
+        logger.info("weight-sync store of rank 0 (replica 0): replicas dial %s (the request said %s)", resolved,
+                    host)
+    return resolved
+
+
 @route(router, "POST", "/init_communicator/")
 async def init_communicator(request: Request, body: InitCommunicatorRequest):
     engine = engine_of(request)
@@ -67,7 +100,9 @@ async def init_communicator(request: Request, body: InitCommunicatorRequest):
     if body.world_size != expected:
         raise BadRequest(f"world_size must be {expected} (the server's {engine.world_size} workers + the "
                          f"client), got {body.world_size}", param="world_size")
-    spec = GroupSpec(host=body.host, port=body.port, world_size=body.world_size, trainer_rank=body.world_size - 1,
+    engine.check_all_replicas()  # replica 0 among them: its node is where the store is
+    spec = GroupSpec(host=_server_store_host(engine, body.host), port=body.port, world_size=body.world_size,
+                     trainer_rank=body.world_size - 1,
                      backend=_backend(engine, body.backend), timeout_s=body.timeout_s)
     await _join(request, spec)  # answered once joining: the trainer joins the rendezvous after this returns
     return {"message": "Request received, initializing communicator"}
