@@ -129,7 +129,12 @@ class EngineClient:
         try:
             await asyncio.wait_for(self.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
-            self.startup_error = f"engine replicas not ready after {timeout_s:.0f}s"
+            missing = [r for r in self.replicas if r.info is None]
+            self.startup_error = (
+                f"engine replica(s) {', '.join(str(r.index) for r in missing)} of {len(self.replicas)} not ready "
+                f"after {timeout_s:.0f}s: " + "; ".join(f"replica {r.index} {r.handle.describe()}" for r in missing)
+                + (f" (a Ray replica that cannot reach {self.advertise_host} never reports: check --advertise_host)"
+                   if self.placement is not None else ""))
             raise EngineUnavailable(self.startup_error)
         if self.startup_error:
             raise EngineUnavailable(self.startup_error)
