@@ -75,6 +75,10 @@ def add_serve_parser(sub) -> None:
           help="'dummy' starts from random weights (benchmarks, or a trainer that pushes all weights).")
     _flag(p, "shutdown_timeout", type=float, default=30.0,
           help="Seconds to finish in-flight requests after SIGTERM before aborting them.")
+    _flag(p, "replica_timeout", type=float, default=300.0,
+          help="Seconds of silence after which a started engine replica counts as hung (it sends stats 4 times a "
+               "second, except inside a weight-sync call, which has its own timeout): it is declared dead like a "
+               "replica whose process ended, and its requests fail with a 503. 0: never.")
     # $RLSERVE_FUSED=0 (the benchmarks' before/after switch) sets the default here, at the edge, as in LLM(...);
     # the engine reads only its config, and the model runner applies the choice once.
     _flag(p, "fused_kernels", type=_bool, nargs="?", const=True, default=os.environ.get("RLSERVE_FUSED", "1") != "0",

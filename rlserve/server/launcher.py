@@ -178,7 +178,7 @@ def serve(args) -> int:
                     "passed through Ray); Ray itself runs whatever its cluster members submit: keep its network "
                     "private", advertise_host)
     engine = EngineClient(config, args.data_parallel_size, tokenizer, log_level=level, placement=placement,
-                          advertise_host=advertise_host)
+                          advertise_host=advertise_host, replica_timeout_s=args.replica_timeout)
     server: Server | None = None
 
     def on_ready():

@@ -44,6 +44,7 @@ from rlserve.tokenizer import render_chat
 logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 30.0  # a live replica reads its input between steps; a full pipe this long means a hung one
+REPLICA_TIMEOUT_S = 300.0  # silence that means a hung replica (as vLLM's execute-model timeout): see EngineClient
 
 
 class ClientDisconnected(ServerError):
@@ -69,13 +70,18 @@ class Replica:
     # reports this version or a later one (the trainer's next push after re-initing the group).
     awaiting_weights: int | None = None
     start_failure: str | None = None  # why it died while restarting (its EngineDead), for restart_replica's answer
+    last_heard: float = 0.0  # monotonic time of its last message (its loop sends stats every 0.25 s)
 
 
 class EngineClient:
     def __init__(self, config: EngineConfig, data_parallel_size: int, tokenizer, log_level: str = "info",
-                 placement: RayPlacement | None = None, advertise_host: str = "127.0.0.1"):
+                 placement: RayPlacement | None = None, advertise_host: str = "127.0.0.1",
+                 replica_timeout_s: float = REPLICA_TIMEOUT_S):
         """``placement``: run the replicas as Ray actors in its placement group, reached over tcp:// at
-        ``advertise_host`` (an address of this host that every node of the cluster can reach)."""
+        ``advertise_host`` (an address of this host that every node of the cluster can reach).
+        ``replica_timeout_s``: a started replica that sends nothing this long outside a utility call (which has its
+        own timeout) is hung -- a GPU that never finishes a kernel, a partitioned network: it is declared dead
+        like one whose process ended, so that its requests fail instead of waiting for good. 0: never."""
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         self.config = config
@@ -90,6 +96,7 @@ class EngineClient:
         self.authenticator: ClientKeyAuthenticator | None = None
         self.tolerate_replica_death = placement is not None
         self.advertise_host = advertise_host
+        self.replica_timeout_s = replica_timeout_s
         self.ipc_dir = tempfile.mkdtemp(prefix="rlserve-")
         self.output_addr = ""
         self.replicas: list[Replica] = []
@@ -516,6 +523,8 @@ class EngineClient:
     def _dispatch(self, m) -> None:
         if isinstance(m, (msg.StepOutputs, msg.EngineReady, msg.EngineDead)) and not self._current(m):
             return
+        if isinstance(m, (msg.StepOutputs, msg.EngineReady)):
+            self.replicas[m.replica].last_heard = time.monotonic()
         if isinstance(m, msg.StepOutputs):
             if m.stats is not None:
                 r = self.replicas[m.replica]
@@ -542,6 +551,9 @@ class EngineClient:
                 if done is not None:
                     self._resolve(done)
         elif isinstance(m, msg.UtilityResult):
+            index = self.call_replica.get(m.call_id)
+            if index is not None:
+                self.replicas[index].last_heard = time.monotonic()
             future = self.calls.get(m.call_id)
             if future is not None and not future.done():
                 if m.error is None:
@@ -660,6 +672,17 @@ class EngineClient:
                     await asyncio.sleep(0.5)  # let a last EngineDead message arrive first
                     if self.replicas[r.index] is r:  # not restarted meanwhile
                         self._mark_dead(r.index, f"engine replica {r.index} {r.handle.exit_reason()}")
+                elif self._is_hung(r):
+                    self._mark_dead(r.index, f"engine replica {r.index} sent nothing for {self.replica_timeout_s:.0f}s "
+                                             f"(--replica_timeout): hung")
+                    r.handle.kill()  # its GPU (or its Ray bundle) is freed; a restart makes a new one
+
+    def _is_hung(self, r: Replica) -> bool:
+        """Silent past the timeout, started, and not inside a utility call (a weight update waits on the trainer
+        under the call's own timeout)."""
+        return (self.replica_timeout_s > 0 and r.dead is None and r.started.is_set()
+                and time.monotonic() - r.last_heard > self.replica_timeout_s
+                and r.index not in self.call_replica.values())
 
     # -- restarting (Ray) ----------------------------------------------------------------------------
     async def restart_replica(self, index: int, timeout_s: float = 600.0) -> dict:
