@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlserve.outputs import PromptLogprobs
+from rlserve.outputs import PromptLogprobs, TopLogprobs
 from rlserve.sampling import SamplingParams
 
 
@@ -128,7 +128,7 @@ class SeqUpdate:
     index: int
     token_ids: list[int]
     sampled_logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    top_logprobs: TopLogprobs | None = None  # its tokens' top N: two [T, N] arrays, pickled as one buffer each
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     weight_versions: list[int] = field(default_factory=list)
