@@ -14,6 +14,47 @@ class Logprob:
     decoded_token: str | None = None
 
 
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The top N of each generated token of a sample, by rank: two [T, N] arrays, not T lists of N tuples -- an RL
+    batch with logprobs=5 is 1.3M (id, logprob) entries, which as Python objects cost the API process more than
+    the generation itself. Made from the sampler's [S, N] tensors, shipped to the API as these two arrays, read
+    by the routes as arrays."""
+    ids: np.ndarray  # [T, N] int32
+    logprobs: np.ndarray  # [T, N] fp32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __eq__(self, other) -> bool:  # the values, bit for bit (a dataclass's == would compare arrays' truth)
+        return (isinstance(other, TopLogprobs) and np.array_equal(self.ids, other.ids)
+                and self.logprobs.dtype == other.logprobs.dtype and self.logprobs.shape == other.logprobs.shape
+                and self.logprobs.tobytes() == other.logprobs.tobytes())
+
+    __hash__ = None
+
+    @property
+    def num_top(self) -> int:
+        return self.ids.shape[1]
+
+    def pairs(self) -> list[list[tuple[int, float]]]:
+        """Per token, [(id, logprob), ...] by rank (Python ints and floats, the fp32 values widened)."""
+        return [list(zip(ids, values)) for ids, values in zip(self.ids.tolist(), self.logprobs.tolist())]
+
+    @classmethod
+    def empty(cls, num_top: int) -> "TopLogprobs":
+        return cls(np.zeros((0, num_top), np.int32), np.zeros((0, num_top), np.float32))
+
+    @classmethod
+    def concat(cls, chunks: list["TopLogprobs"], num_top: int) -> "TopLogprobs":
+        """A sample's rows from the updates that carried them (one chunk, the usual case: itself, no copy).
+        Empty chunks are left out: their width is the one asked for, which a small vocabulary can cut."""
+        chunks = [c for c in chunks if len(c)]
+        if len(chunks) <= 1:
+            return chunks[0] if chunks else cls.empty(num_top)
+        return cls(np.concatenate([c.ids for c in chunks]), np.concatenate([c.logprobs for c in chunks]))
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -21,12 +62,14 @@ class CompletionOutput:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    # Per generated token: the sampled token's logprob, and (when logprobs=N > 0) the top N as (id, logprob)
-    # sorted by rank. Logprobs are those of the distribution actually sampled from unless logprobs_mode="raw".
+    # Per generated token: the sampled token's logprob, and (when logprobs=N > 0) the top N by rank as arrays
+    # (``top_logprobs`` gives them as (id, logprob) tuples). Logprobs are those of the distribution actually
+    # sampled from unless logprobs_mode="raw".
     sampled_logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    top_n: TopLogprobs | None = None
     weight_versions: list[int] = field(default_factory=list)  # distinct weight versions its tokens saw
     error: str | None = None
+    _top_pairs: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
@@ -37,14 +80,24 @@ class CompletionOutput:
         return None if self.sampled_logprobs is None else float(sum(self.sampled_logprobs))
 
     @property
+    def top_logprobs(self) -> list[list[tuple[int, float]]] | None:
+        """Per generated token, the top N as (id, logprob) sorted by rank (logprobs=N > 0; else None). Built
+        from ``top_n`` at the first read and kept while ``top_n`` stays the same object."""
+        if self.top_n is None:
+            return None
+        if self._top_pairs is None or self._top_pairs[0] is not self.top_n:
+            self._top_pairs = (self.top_n, self.top_n.pairs())
+        return self._top_pairs[1]
+
+    @property
     def logprobs(self) -> list[dict[int, Logprob]] | None:
         """vLLM's layout: per token, {token_id: Logprob}, the sampled token first, then the top N."""
         if self.sampled_logprobs is None:
             return None
-        result = []
+        result, tops = [], self.top_logprobs
         for i, (token, lp) in enumerate(zip(self.token_ids, self.sampled_logprobs)):
             entry = {token: Logprob(lp)}
-            for rank, (tid, tlp) in enumerate(self.top_logprobs[i] if self.top_logprobs else [], start=1):
+            for rank, (tid, tlp) in enumerate(tops[i] if tops else [], start=1):
                 if tid == token:
                     entry[token] = Logprob(lp, rank)
                 else:
@@ -54,12 +107,13 @@ class CompletionOutput:
 
     def trl_logprobs(self) -> tuple[list[list[float]], list[list[int]]] | tuple[None, None]:
         """TRL's layout: per token, the sampled token alone (logprobs=0), or up to N+1 tokens sorted by
-        descending logprob with the sampled one always included (logprobs=N)."""
+        descending logprob with the sampled one always included (logprobs=N). The definition, token by token;
+        the routes build the same from the arrays (rlserve/server/trl_logprobs.py)."""
         if self.sampled_logprobs is None:
             return None, None
-        values, ids = [], []
+        values, ids, tops = [], [], self.top_logprobs
         for i, (token, lp) in enumerate(zip(self.token_ids, self.sampled_logprobs)):
-            top = self.top_logprobs[i] if self.top_logprobs else []
+            top = tops[i] if tops else []
             if not top:
                 values.append([lp])
                 ids.append([token])

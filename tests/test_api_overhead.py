@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from unittest import mock
 
 import httpx
 import numpy as np
@@ -18,8 +17,8 @@ import pytest
 
 from rlserve import SamplingParams
 from rlserve.engine import messages as msg
-from rlserve.outputs import CompletionOutput, RequestOutput
-from rlserve.server import binary
+from rlserve.outputs import CompletionOutput, Logprob, RequestOutput, TopLogprobs
+from rlserve.server import binary, trl_logprobs
 from rlserve.server.routes_trl import binary_response, trl_response
 from server_utils import running_server
 
@@ -28,7 +27,8 @@ CONVERSATIONS = [[{"role": "user", "content": "hi"}],
                  [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]]
 
 
-# -- the builders before this change (commit c165933), the reference ----------------------------------------
+# -- the builders before these changes (commits c165933, 1b97ee1), the reference ---------------------------
+# logprobs=N: each completion's trl_logprobs(), the definition token by token, from its top_logprobs tuples.
 def before_trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
     completions = [c for o in outputs for c in o.outputs]
     logprobs = ids = None
@@ -77,11 +77,23 @@ def before_binary_encode(prompt_ids, completion_ids, sampled_logprobs, trl_logpr
     return answer
 
 
+def before_binary_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
+    completions = [c for o in outputs for c in o.outputs]
+    sampled = trl = None
+    if params.logprobs == 0 and all(len(c.sampled_logprobs) == len(c.token_ids) for c in completions):
+        sampled = [c.sampled_logprobs for c in completions]
+    elif params.logprobs is not None:
+        pairs = [c.trl_logprobs() for c in completions]
+        trl = ([p[0] for p in pairs], [p[1] for p in pairs])
+    versions = [c.weight_versions for c in completions]
+    return before_binary_encode([o.prompt_token_ids for o in outputs], [c.token_ids for c in completions], sampled,
+                                trl, [c.finish_reason for c in completions],
+                                max((v for vs in versions for v in vs), default=0), versions)
+
+
 def assert_same_bytes(outputs, params) -> None:
     assert orjson.dumps(trl_response(outputs, params)) == orjson.dumps(before_trl_response(outputs, params))
-    after = orjson.dumps(binary_response(outputs, params))
-    with mock.patch.object(binary, "encode", before_binary_encode):  # the same builder on the encoder as it was
-        assert after == orjson.dumps(binary_response(outputs, params))
+    assert orjson.dumps(binary_response(outputs, params)) == orjson.dumps(before_binary_response(outputs, params))
 
 
 # -- the builders: byte-for-byte as before ----------------------------------------------------------------
@@ -112,6 +124,87 @@ def test_logprobs_0_edge_cases_are_byte_identical_to_before(rows):
 
 def test_an_empty_batch_is_byte_identical_to_before():
     assert_same_bytes([], SamplingParams(logprobs=0))
+    assert_same_bytes([], SamplingParams(logprobs=3))
+
+
+def _top_n_batch(seed: int, num_top: int = 3) -> list[RequestOutput]:
+    """logprobs=N as the engine makes them: n=2 samples of 3 prompts, ragged lengths (one sample aborted before
+    its first token), fp32 top N by rank with distinct ids; the sampled token among them or not, ties, -0.0,
+    -inf (a top-k cut, a sampled token outside it)."""
+    rng = np.random.default_rng(seed)
+    completions = []
+    for i, length in enumerate([7, 0, 1, 12, 5, 3]):
+        values = np.sort(-rng.exponential(2.0, (length, num_top)).astype(np.float32), axis=1)[:, ::-1].copy()
+        ids = np.array([rng.permutation(50)[:num_top] for _ in range(length)], np.int32).reshape(length, num_top)
+        tokens = [int(x) for x in rng.integers(0, 50, length)]
+        sampled = []
+        for t, token in enumerate(tokens):
+            if t % 3 == 0:  # the sampled token among the top N, with the same fp32 logprob
+                ids[t, t % num_top] = token
+                ids[t] = np.where((ids[t] == token) & (np.arange(num_top) != t % num_top), 99, ids[t])
+                sampled.append(float(values[t, t % num_top]))
+            else:
+                ids[t] = np.where(ids[t] == token, 98, ids[t])
+                sampled.append(float(values[t, min(t, num_top - 1)]) if t % 4 == 1 else float(
+                    np.float32(-rng.exponential(3.0))))  # a tie with an entry of the top N, or anywhere
+        if length > 4:
+            values[2, 1:] = -np.inf  # a top-k cut: the tail of the top N is -inf
+            values[4] = 0.0  # a certain token: ties at 0.0 and -0.0
+            values[4, -1] = -0.0
+            sampled[2] = float("-inf") if ids[2, 0] != tokens[2] else sampled[2]
+        completions.append(CompletionOutput(i % 2, tokens, finish_reason="length" if length else "abort",
+                                            sampled_logprobs=sampled, top_n=TopLogprobs(ids, values),
+                                            weight_versions=[0, 1]))
+    return [RequestOutput(str(k), None, list(range(k + 1)), completions[2 * k:2 * k + 2], True) for k in range(3)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_top", [1, 3, 5])
+def test_logprobs_n_is_byte_identical_to_before(seed, num_top):
+    outputs = _top_n_batch(seed, num_top)
+    completions = [c for o in outputs for c in o.outputs]
+    assert trl_logprobs.rank(completions)[1] == []  # every completion from the arrays
+    assert_same_bytes(outputs, SamplingParams(n=2, logprobs=num_top))
+    widths = {len(entries) for c in completions for entries in c.trl_logprobs()[0]}
+    assert widths == {num_top, num_top + 1}  # the sampled token among the top N, and not
+
+
+def test_logprobs_n_inputs_the_arrays_cannot_reproduce_are_built_by_the_definition():
+    """Each case falls back to trl_logprobs for its completion alone; the bytes stay the definition's."""
+    outputs = _top_n_batch(3)
+    c = [c for o in outputs for c in o.outputs]
+    c[0].top_n.ids[1, :2] = 7  # a token id twice in a row
+    c[2].sampled_logprobs[0] = float("nan")
+    c[3].top_n.logprobs[5] = c[3].top_n.logprobs[5][::-1].copy()  # not by rank: sorted as the definition does
+    c[4].top_n = None  # no top N: the sampled entry alone
+    c[5].token_ids[0] = 2 ** 40  # wider than int32 (the binary layout cannot carry it)
+    assert trl_logprobs.rank(c)[1] == [0, 2, 5]
+    assert orjson.dumps(trl_response(outputs, SamplingParams(n=2, logprobs=3))) == orjson.dumps(
+        before_trl_response(outputs, SamplingParams(n=2, logprobs=3)))
+    c[5].token_ids[0] = 1
+    assert_same_bytes(outputs, SamplingParams(n=2, logprobs=3))
+    c[1].token_ids.append(4)  # tokens but no top rows at all: the sampled entries alone
+    c[1].sampled_logprobs.append(-1.0)
+    c[1].top_n = TopLogprobs.empty(3)
+    assert_same_bytes(outputs, SamplingParams(n=2, logprobs=3))
+    c[1].token_ids.append(5)  # some rows missing: an error, as before
+    c[1].sampled_logprobs.append(-2.0)
+    c[1].top_n = TopLogprobs(np.zeros((1, 3), np.int32), np.zeros((1, 3), np.float32))
+    with pytest.raises(IndexError):
+        trl_response(outputs, SamplingParams(n=2, logprobs=3))
+
+
+def test_completion_top_logprobs_are_tuples_by_rank():
+    top = TopLogprobs(np.array([[5, 3], [1, 2]], np.int32), np.array([[-0.5, -1.25], [-0.1, -np.inf]], np.float32))
+    c = CompletionOutput(0, [3, 9], sampled_logprobs=[-1.25, -7.0], top_n=top)
+    assert c.top_logprobs == [[(5, -0.5), (3, -1.25)], [(1, -0.10000000149011612), (2, float("-inf"))]]
+    assert all(type(t) is int and type(v) is float for row in c.top_logprobs for t, v in row)
+    assert c.top_logprobs is c.top_logprobs  # built once
+    assert c.logprobs[0][3] == Logprob(-1.25, 2) and c.logprobs[1][9] == Logprob(-7.0)
+    assert c.trl_logprobs() == ([[-0.5, -1.25], [-0.10000000149011612, -7.0, float("-inf")]], [[5, 3], [1, 9, 2]])
+    c.top_n = TopLogprobs(top.ids[:1], top.logprobs[:1])
+    assert len(c.top_logprobs) == 1  # ... and again for new arrays
+    assert CompletionOutput(0).top_logprobs is None
 
 
 # -- the real server: values equal to the offline engine -------------------------------------------------
@@ -210,7 +303,8 @@ def test_api_overhead_bench_on_a_tiny_shape(tmp_path, capsys):
 
 # -- the replicas' messages -------------------------------------------------------------------------------
 @pytest.mark.parametrize("update", [
-    msg.SeqUpdate("r-0", 2, [5, 0, 151935], [-0.5, -1 / 3, -1e-300], [[(5, -0.5)], [(0, -0.2)], []],
+    msg.SeqUpdate("r-0", 2, [5, 0, 151935], [-0.5, -1 / 3, -1e-300],
+                  TopLogprobs(np.array([[5], [0], [7]], np.int32), np.array([[-0.5], [-0.2], [-np.inf]], np.float32)),
                   finish_reason="length", stop_reason=7, weight_versions=[0, 3], num_cached_tokens=16, text="cut"),
     msg.SeqUpdate("r-1", 0, [2 ** 40, -1], None),  # beyond int32: still exact
     msg.SeqUpdate("r-2", 1, [], []),  # aborted before its first token
@@ -223,6 +317,9 @@ def test_seq_updates_come_out_of_pickle_as_they_went_in(update):
     assert type(back.token_ids) is list and all(type(t) is int for t in back.token_ids)
     if update.sampled_logprobs is not None:
         assert type(back.sampled_logprobs) is list and all(type(v) is float for v in back.sampled_logprobs)
+    if update.top_logprobs is not None:  # the top N: two arrays, whole
+        assert back.top_logprobs.ids.dtype == np.int32 and back.top_logprobs.logprobs.dtype == np.float32
+        assert back.top_logprobs.pairs() == update.top_logprobs.pairs()
 
 
 def test_seq_update_nan_logprobs_survive_pickle():

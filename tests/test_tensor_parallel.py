@@ -37,6 +37,11 @@ def test_tp2_greedy_equals_tp1(tiny_models, family):
         assert greedy_tokens(llm, batch) == want
         sampled = SamplingParams(temperature=1.0, max_tokens=16, seed=3, n=2, logprobs=0)
         assert len(llm.generate(batch[:2], sampled)[0].outputs) == 2
+        # top-N logprobs from rank 0's sampler: greedy, the token drawn is the most likely one
+        top = SamplingParams(temperature=0, max_tokens=8, min_tokens=8, n=2, logprobs=3)
+        for c in (c for o in llm.generate(batch[:3], top) for c in o.outputs):
+            assert c.top_n.ids.shape == (8, 3) and c.top_n.ids[:, 0].tolist() == c.token_ids
+            assert [row[0][1] for row in c.top_logprobs] == c.sampled_logprobs
 
 
 def test_weight_update_with_tp2_equals_tp1(tiny_models, tmp_path):

@@ -36,6 +36,7 @@ import zmq
 from rlserve.bench.bench import git_commit
 from rlserve.config import EngineConfig
 from rlserve.engine import messages as msg
+from rlserve.outputs import TopLogprobs
 from rlserve.sampling import SamplingParams
 from rlserve.server import binary
 from rlserve.server.replicas import EngineClient, Replica
@@ -102,7 +103,7 @@ class FakeReplica:
     def updates(self, m: msg.AddRequests) -> list[msg.SeqUpdate]:
         """What a core sends for these requests once every sample hit max_tokens: one ``SeqUpdate`` per sample
         with all its tokens (Python ints) and, when asked, logprobs (Python floats that are float32 values, as
-        the sampler's ``tolist()`` gives)."""
+        the sampler's ``tolist()`` gives) and the top N ([T, N] int32 and float32 arrays)."""
         updates = []
         for r in m.requests:
             p = r.params
@@ -111,11 +112,15 @@ class FakeReplica:
                 tokens = rng.integers(0, VOCAB_SIZE, self.new_tokens).tolist()
                 sampled = top = None
                 if p.logprobs is not None:
-                    sampled = (-rng.exponential(2.0, self.new_tokens)).astype(np.float32).tolist()
-                if p.logprobs:  # N entries per token, the sampled one first (as when it is the most likely)
-                    top = [sorted([(t, lp)] + [(int(x), lp - 1.0 - k) for k, x in
-                                               enumerate(rng.integers(0, VOCAB_SIZE, p.logprobs - 1))],
-                                  key=lambda e: -e[1]) for t, lp in zip(tokens, sampled)]
+                    sampled = (-rng.exponential(2.0, self.new_tokens)).astype(np.float32)
+                if p.logprobs:  # [T, N] by rank, the sampled token first (as when it is the most likely)
+                    ids = np.empty((self.new_tokens, p.logprobs), np.int32)
+                    ids[:, 0] = tokens
+                    ids[:, 1:] = rng.integers(0, VOCAB_SIZE, (self.new_tokens, p.logprobs - 1))
+                    top = TopLogprobs(ids, sampled[:, None] - 1.0 - np.arange(p.logprobs, dtype=np.float32))
+                    top.logprobs[:, 0] = sampled
+                if sampled is not None:
+                    sampled = sampled.tolist()
                 updates.append(msg.SeqUpdate(r.request_id, i, tokens, sampled, top, finish_reason="length",
                                              weight_versions=[0], num_cached_tokens=len(r.prompt_token_ids)))
         return updates

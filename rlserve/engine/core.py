@@ -211,7 +211,7 @@ class EngineCore:
             request_id=seq.request.request_id, index=seq.sample_index,
             token_ids=seq.output_token_ids[start:],
             sampled_logprobs=seq.sampled_logprobs[start:] if p.logprobs is not None else None,
-            top_logprobs=seq.top_logprobs[start:] if p.logprobs else None,
+            top_logprobs=seq.top_logprobs.since(start) if seq.top_logprobs is not None else None,
             finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason,
             weight_versions=list(seq.weight_versions), num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=prompt_logprobs,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlserve.outputs import PromptLogprobs
+from rlserve.outputs import PromptLogprobs, TopLogprobs
 from rlserve.sampling import SamplingParams
 
 
@@ -130,7 +130,7 @@ class SeqUpdate:
     index: int
     token_ids: list[int]
     sampled_logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    top_logprobs: TopLogprobs | None = None  # its tokens' top N: two [T, N] arrays, pickled as one buffer each
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     weight_versions: list[int] = field(default_factory=list)

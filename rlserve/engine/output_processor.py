@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlserve.engine.messages import SeqUpdate
-from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
+from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput, TopLogprobs
 from rlserve.sampling import SamplingParams
 
 
@@ -24,12 +24,19 @@ class RequestState:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None
+    # Per sample, the top-N arrays of its updates (logprobs=N > 0), concatenated once, when the request is
+    # handed over: a streamed sample's updates are not copied again with each one.
+    top_chunks: list[list[TopLogprobs]] | None = None
 
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
 
     def to_output(self) -> RequestOutput:
+        if self.top_chunks is not None:
+            for out, chunks in zip(self.outputs, self.top_chunks):
+                out.top_n = TopLogprobs.concat(chunks, self.params.logprobs)
+                chunks[:] = [out.top_n]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.outputs,
                              finished=self.finished, num_cached_tokens=self.num_cached_tokens,
                              prompt_logprobs=self.prompt_logprobs)
@@ -44,9 +51,10 @@ class OutputProcessor:
                     params: SamplingParams, detokenize: bool = True) -> RequestState:
         state = RequestState(request_id, prompt, list(prompt_token_ids), params, detokenize)
         want_logprobs = params.logprobs is not None
-        state.outputs = [CompletionOutput(i, sampled_logprobs=[] if want_logprobs else None,
-                                          top_logprobs=[] if params.logprobs else None)
+        state.outputs = [CompletionOutput(i, sampled_logprobs=[] if want_logprobs else None)
                          for i in range(params.n)]
+        if params.logprobs:
+            state.top_chunks = [[] for _ in range(params.n)]
         self.states[request_id] = state
         return state
 
@@ -65,8 +73,8 @@ class OutputProcessor:
         out.token_ids += update.token_ids
         if update.sampled_logprobs is not None:
             out.sampled_logprobs += update.sampled_logprobs
-        if update.top_logprobs is not None:
-            out.top_logprobs += update.top_logprobs
+        if update.top_logprobs is not None and state.top_chunks is not None:
+            state.top_chunks[update.index].append(update.top_logprobs)
         if update.finish_reason is not None:
             out.finish_reason = update.finish_reason
             out.stop_reason = update.stop_reason

@@ -481,8 +481,9 @@ class ModelRunner:
         if out.top_ids is None:
             host = torch.stack([out.token_ids.double(), out.logprobs.double()]).cpu()
             return StepResult(host[0].long().tolist(), [], host[1].tolist())
-        top = [list(zip(ids, lps)) for ids, lps in zip(out.top_ids.tolist(), out.top_logprobs.tolist())]
-        return StepResult(out.token_ids.tolist(), [], out.logprobs.tolist(), top)
+        # The top N stay arrays ([S, N], one conversion per step): each sample copies its row (TopLogprobRows).
+        return StepResult(out.token_ids.tolist(), [], out.logprobs.tolist(),
+                          out.top_ids.to(torch.int32).cpu().numpy(), out.top_logprobs.float().cpu().numpy())
 
 
 def _gumbel_sampler(device: torch.device):

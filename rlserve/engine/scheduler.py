@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from rlserve.engine.async_step import can_run_ahead
 from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
@@ -70,7 +72,10 @@ class StepResult:
     token_ids: list[int]
     first_row: list[int]
     logprobs: list[float] | None = None  # the sampled tokens' (when any row asked)
-    top: list[list[tuple[int, float]]] | None = None  # the top N (when any row asked for N > 0)
+    # The top N by rank, [S, N] numpy arrays (int32 ids, fp32 logprobs), when any row asked for N > 0: each
+    # sample copies its row's first columns, so that no per-token Python object is made.
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
     # One outputs.PromptLogprobs per SchedulerOutput.prompt_logprobs item: the positions its chunk scored.
     prompt_logprobs: list | None = None
     failed: dict[int, str] = field(default_factory=dict)  # scheduled item -> why its draw failed
@@ -207,7 +212,7 @@ class Scheduler:
         ended while the step ran (async scheduling: an abort, or a stop in the step before) drops its draw."""
         bm = self.block_manager
         touched: list[Sequence] = []
-        token_ids, logprobs, top = result.token_ids, result.logprobs, result.top
+        token_ids, logprobs = result.token_ids, result.logprobs
         bs = bm.block_size
         for i, (item, row) in enumerate(zip(out.scheduled, result.first_row)):
             seq = item.seq
@@ -227,8 +232,7 @@ class Scheduler:
                 else:
                     try:  # an error here (a grammar's, say) ends this sample only
                         self._apply_token(target, token_ids[row], weight_version,
-                                          None if logprobs is None else logprobs[row],
-                                          None if top is None else top[row])
+                                          None if logprobs is None else logprobs[row], result, row)
                     except Exception as e:
                         target.finish(SequenceStatus.FINISHED_ERROR, f"{type(e).__name__}: {e}")
                 touched.append(target)
@@ -267,13 +271,13 @@ class Scheduler:
         for child in request.seqs[1:]:
             child.finish(status)
 
-    def _apply_token(self, seq: Sequence, token_id: int, weight_version: int, logprob, top) -> None:
+    def _apply_token(self, seq: Sequence, token_id: int, weight_version: int, logprob, result: StepResult,
+                     row: int) -> None:
         seq.append_token(token_id, weight_version)
-        num_logprobs = seq.params.logprobs
-        if num_logprobs is not None:
+        if seq.params.logprobs is not None:
             seq.sampled_logprobs.append(logprob)
-            if num_logprobs > 0:
-                seq.top_logprobs.append(top[:num_logprobs])
+            if seq.top_logprobs is not None:
+                seq.top_logprobs.append(result.top_ids, result.top_logprobs, row)
         state = seq.grammar_state
         if state is not None and not state.accept(token_id):
             seq.finish(SequenceStatus.FINISHED_ERROR, state.error)

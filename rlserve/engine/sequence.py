@@ -16,7 +16,9 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from rlserve.outputs import PromptLogprobs
+import numpy as np
+
+from rlserve.outputs import PromptLogprobs, TopLogprobs
 from rlserve.sampling import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -59,6 +61,41 @@ _FINISH_REASONS = {
     SequenceStatus.FINISHED_ABORTED: "abort",
     SequenceStatus.FINISHED_ERROR: "error",
 }
+
+
+class TopLogprobRows:
+    """A sample's top-N logprobs so far, one row per generated token, in two growing [T, N] arrays (ids int32,
+    logprobs fp32) filled from each step's [S, N] arrays: no Python object per token. The width is fixed at the
+    first row: N, or fewer when the vocabulary is smaller (the sampler's top-k is cut to it)."""
+
+    def __init__(self, num_top: int):
+        self.num_top = num_top
+        self.num_rows = 0
+        self.ids = np.empty((0, num_top), np.int32)
+        self.logprobs = np.empty((0, num_top), np.float32)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def append(self, step_ids: np.ndarray, step_logprobs: np.ndarray, row: int) -> None:
+        """Row ``row`` of a step's [S, >= N] arrays (its first N columns: another request may have asked for more)."""
+        if self.num_rows == len(self.ids):
+            self._grow(step_ids.shape[1])
+        self.ids[self.num_rows] = step_ids[row, :self.num_top]
+        self.logprobs[self.num_rows] = step_logprobs[row, :self.num_top]
+        self.num_rows += 1
+
+    def _grow(self, step_width: int) -> None:
+        if self.num_rows == 0:
+            self.num_top = min(self.num_top, step_width)
+        capacity = max(16, 2 * self.num_rows)
+        ids, logprobs = np.empty((capacity, self.num_top), np.int32), np.empty((capacity, self.num_top), np.float32)
+        ids[:self.num_rows], logprobs[:self.num_rows] = self.ids[:self.num_rows], self.logprobs[:self.num_rows]
+        self.ids, self.logprobs = ids, logprobs
+
+    def since(self, start: int) -> TopLogprobs:
+        """Rows ``start`` onwards, copied (what an update sends)."""
+        return TopLogprobs(self.ids[start:self.num_rows].copy(), self.logprobs[start:self.num_rows].copy())
 
 
 @dataclass(eq=False)
@@ -120,7 +157,7 @@ class Sequence:
         self.stop_state = None  # its text, for stop strings: advanced likewise (stop_strings.StopState)
         # What the front end gets back (kept here so that non-streamed requests send one message).
         self.sampled_logprobs: list[float] = []
-        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.top_logprobs = TopLogprobRows(request.params.logprobs) if request.params.logprobs else None
         self.weight_versions: list[int] = []
         self.num_sent_tokens = 0  # tokens already streamed to the front end
 

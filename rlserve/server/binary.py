@@ -59,10 +59,11 @@ def _flat_int32(rows: list[list[int]]) -> tuple[np.ndarray, list[int]]:
 
 
 def encode(prompt_ids: list[list[int]], completion_ids: list[list[int]], sampled_logprobs: list[list[float]] | None,
-           trl_logprobs: tuple[list, list] | None, finish_reasons: list, weight_version: int,
+           top_entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None, finish_reasons: list, weight_version: int,
            weight_versions: list[list[int]]) -> dict:
     """``sampled_logprobs``: per completion, the sampled token's logprob per token (logprobs=0); or
-    ``trl_logprobs``: (values, ids) in TRL's [sequence][token][entry] layout (logprobs=N); neither: None."""
+    ``top_entries``: TRL's [sequence][token][entry] layout (logprobs=N) flattened, as (values float64, token ids
+    int32, entries per token int32; ``trl_logprobs.flat_entries``); neither: None."""
     prompts, prompt_lengths = _flat_int32(prompt_ids)
     completions, completion_lengths = _flat_int32(completion_ids)
     answer = {"format": FORMAT, "prompt_lengths": prompt_lengths, "prompt_ids_b64": _b64(prompts),
@@ -72,14 +73,10 @@ def encode(prompt_ids: list[list[int]], completion_ids: list[list[int]], sampled
               "weight_versions": weight_versions}
     if sampled_logprobs is not None:
         values = np.fromiter(chain.from_iterable(sampled_logprobs), dtype=np.float64, count=len(completions))
-    elif trl_logprobs is not None:
-        value_rows, id_rows = trl_logprobs
-        widths = [len(entries) for row in value_rows for entries in row]
-        values = np.fromiter(chain.from_iterable(chain.from_iterable(value_rows)), dtype=np.float64,
-                             count=sum(widths))
-        ids = np.fromiter(chain.from_iterable(chain.from_iterable(id_rows)), dtype="<i4", count=sum(widths))
+    elif top_entries is not None:
+        values, ids, widths = top_entries
         answer["logprob_widths_b64"] = _b64(np.asarray(widths, dtype="<i4"))
-        answer["logprob_token_ids_b64"] = _b64(ids)
+        answer["logprob_token_ids_b64"] = _b64(np.asarray(ids, dtype="<i4"))
     else:
         return answer
     narrow = values.astype(np.float32)

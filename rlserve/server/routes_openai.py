@@ -125,10 +125,10 @@ def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | No
     if c.sampled_logprobs is None:
         return None
     tokens = [_token_str(engine, t, as_ids) for t in c.token_ids]
-    top = []
+    top, tops = [], c.top_logprobs
     for i, token in enumerate(c.token_ids):
         entries = {tokens[i]: c.sampled_logprobs[i]}
-        for tid, lp in (c.top_logprobs[i] if c.top_logprobs else []):
+        for tid, lp in (tops[i] if tops else []):
             if tid != token:  # tokens that decode alike (e.g. lone bytes, "\ufffd"): the sampled one wins,
                 entries.setdefault(_token_str(engine, tid, as_ids), lp)  # then the better-ranked one
         entries = dict(sorted(entries.items(), key=lambda item: -item[1]))
@@ -144,12 +144,12 @@ def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | No
 def _chat_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | None:
     if c.sampled_logprobs is None:
         return None
-    content = []
+    content, tops = [], c.top_logprobs
     for i, token in enumerate(c.token_ids):
         text = _token_str(engine, token, as_ids)
         top = [{"token": _token_str(engine, tid, as_ids), "logprob": lp,
                 "bytes": list(_token_str(engine, tid, as_ids).encode())}
-               for tid, lp in (c.top_logprobs[i] if c.top_logprobs else [])]
+               for tid, lp in (tops[i] if tops else [])]
         content.append({"token": text, "logprob": c.sampled_logprobs[i], "bytes": list(text.encode()),
                         "top_logprobs": top})
     return {"content": content}

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from rlserve.engine import messages as msg
 from rlserve.outputs import RequestOutput
 from rlserve.sampling import SamplingParams
-from rlserve.server import binary
+from rlserve.server import binary, trl_logprobs
 from rlserve.server.errors import BadRequest, EngineUnavailable
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
 from rlserve.server.schemas import ChatRequest, GenerateRequest
@@ -68,15 +68,15 @@ def trl_response(outputs: list[RequestOutput], params: SamplingParams) -> dict:
     logprobs / logprob_token_ids ([sequence][token][entry], or None), plus finish_reasons and weight
     version(s). Built for orjson, not a pydantic model: an RL batch is ~10 MB of JSON. With logprobs=0 (the RL
     case) each sequence's per-token lists are an ``orjson.Fragment`` made from its flat list (``_one_per_token``),
-    not 2 x 262k one-element Python lists (2/3 of building and encoding time); the bytes are the same."""
+    not 2 x 262k one-element Python lists (2/3 of building and encoding time); the bytes are the same. With
+    logprobs=N, likewise from the engine's top-N arrays (``trl_logprobs.json_rows``)."""
     completions = [c for o in outputs for c in o.outputs]
     logprobs = ids = None
     if params.logprobs == 0:  # the RL case: [[logprob of the sampled token]] per token
         logprobs = _one_per_token([c.sampled_logprobs for c in completions])
         ids = _one_per_token([c.token_ids for c in completions])
-    elif params.logprobs is not None:
-        pairs = [c.trl_logprobs() for c in completions]
-        logprobs, ids = [p[0] for p in pairs], [p[1] for p in pairs]
+    elif params.logprobs is not None:  # from the top-N arrays, sequence by sequence as bytes (trl_logprobs.py)
+        logprobs, ids = trl_logprobs.json_rows(completions)
     versions = [c.weight_versions for c in completions]
     return {"prompt_ids": [o.prompt_token_ids for o in outputs], "completion_ids": [c.token_ids for c in completions],
             "logprobs": logprobs, "logprob_token_ids": ids, "finish_reasons": [c.finish_reason for c in completions],
@@ -96,14 +96,13 @@ def binary_response(outputs: list[RequestOutput], params: SamplingParams) -> dic
     """``trl_response``'s values in the compact layout of rlserve/server/binary.py, built without the nested
     per-token lists."""
     completions = [c for o in outputs for c in o.outputs]
-    sampled = trl = None
+    sampled = top = None
     if params.logprobs == 0 and all(len(c.sampled_logprobs) == len(c.token_ids) for c in completions):
         sampled = [c.sampled_logprobs for c in completions]
     elif params.logprobs is not None:
-        pairs = [c.trl_logprobs() for c in completions]
-        trl = ([p[0] for p in pairs], [p[1] for p in pairs])
+        top = trl_logprobs.flat_entries(completions)
     versions = [c.weight_versions for c in completions]
-    return binary.encode([o.prompt_token_ids for o in outputs], [c.token_ids for c in completions], sampled, trl,
+    return binary.encode([o.prompt_token_ids for o in outputs], [c.token_ids for c in completions], sampled, top,
                          [c.finish_reason for c in completions],
                          max((v for vs in versions for v in vs), default=0), versions)
 
