@@ -73,8 +73,8 @@ class FakeReplica:
     def _serve(self) -> None:
         try:
             self.outbox.send_pyobj(msg.EngineReady(self.index, {
-                "vocab_size": VOCAB_SIZE, "max_model_len": 32768, "kv_capacity_tokens": 10 ** 7,
-                "hf_weight_shapes": {}}, os.getpid()))
+                "protocol": msg.PROTOCOL, "vocab_size": VOCAB_SIZE, "max_model_len": 32768,
+                "kv_capacity_tokens": 10 ** 7, "hf_weight_shapes": {}}, os.getpid()))
             while not self.stop.is_set():
                 if not self.inbox.poll(50):
                     continue
