@@ -12,7 +12,6 @@ server's state rather than relying on the tests before it.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 
 import httpx
