@@ -76,9 +76,10 @@ def add_serve_parser(sub) -> None:
     _flag(p, "shutdown_timeout", type=float, default=30.0,
           help="Seconds to finish in-flight requests after SIGTERM before aborting them.")
     _flag(p, "replica_timeout", type=float, default=300.0,
-          help="Seconds of silence after which a started engine replica counts as hung (it sends stats 4 times a "
-               "second, except inside a weight-sync call, which has its own timeout): it is declared dead like a "
-               "replica whose process ended, and its requests fail with a 503. 0: never.")
+          help="Seconds of silence after which a started engine replica counts as hung (between steps it sends "
+               "stats 4 times a second, so one step longer than this counts too; a weight-sync call, which waits on "
+               "the trainer under its own timeout, does not): it is declared dead like a replica whose process "
+               "ended, and its requests fail with a 503. 0: never.")
     # $RLSERVE_FUSED=0 (the benchmarks' before/after switch) sets the default here, at the edge, as in LLM(...);
     # the engine reads only its config, and the model runner applies the choice once.
     _flag(p, "fused_kernels", type=_bool, nargs="?", const=True, default=os.environ.get("RLSERVE_FUSED", "1") != "0",

@@ -25,8 +25,18 @@ def freeze_startup_heap() -> None:
 
     Once per process, at the end of start-up: a frozen object is never collected by the collector (reference
     counting still frees it), so freezing per request would leak every cycle a request leaves behind."""
+    global _frozen_at_startup
     gc.collect()
     gc.freeze()
+    _frozen_at_startup = gc.get_freeze_count()
+
+
+_frozen_at_startup = 0  # objects frozen by freeze_startup_heap (get_freeze_count walks them all: counted once)
+
+
+def froze_startup_heap() -> bool:
+    """Whether this process froze its start-up heap (a library caller's own freeze is not ours to undo)."""
+    return _frozen_at_startup > 0
 
 
 class GcPauses:
@@ -53,7 +63,7 @@ class GcPauses:
 
     def stats(self) -> dict:
         return {"num_gc_collections": list(self.num_collections), "gc_seconds": list(self.seconds),
-                "max_gc_pause_seconds": self.max_pause_seconds, "num_gc_frozen_objects": gc.get_freeze_count()}
+                "max_gc_pause_seconds": self.max_pause_seconds, "num_gc_frozen_objects": _frozen_at_startup}
 
     def close(self) -> None:
         if self._on_gc in gc.callbacks:

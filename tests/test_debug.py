@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+from rlserve import debug
 from rlserve.debug import GcPauses
 
 
@@ -22,3 +23,17 @@ def test_gc_pauses_counts_each_pass_by_generation_until_closed():
     gc.collect()
     assert pauses.stats()["num_gc_collections"] == counted
     assert pauses._on_gc not in gc.callbacks
+
+
+def test_freeze_startup_heap_counts_what_it_froze_once(monkeypatch):
+    monkeypatch.setattr(debug, "_frozen_at_startup", 0)
+    assert not debug.froze_startup_heap()
+    pauses = GcPauses()
+    try:
+        debug.freeze_startup_heap()
+        assert debug.froze_startup_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0 and pauses.stats()["num_gc_frozen_objects"] == frozen
+    finally:
+        gc.unfreeze()  # this is pytest's process: give its heap back to the collector
+        pauses.close()

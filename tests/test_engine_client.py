@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
+import time
 import types
 
 import pytest
@@ -26,7 +27,8 @@ async def _client():
     client = EngineClient(types.SimpleNamespace(), 1, tokenizer=None)
     client.output = client.ctx.socket(zmq.PULL)
     addr = client._bind(client.output, "out")
-    handle = types.SimpleNamespace(is_alive=lambda: True, remote=False)
+    handle = types.SimpleNamespace(is_alive=lambda: True, remote=False, killed=[])
+    handle.kill = lambda: handle.killed.append(True)
     client.replicas = [Replica(0, handle, socket=None)]
     peers = zmq.Context()
     replica = peers.socket(zmq.PUSH)
@@ -72,7 +74,7 @@ def test_a_replica_running_another_rlserve_is_refused_and_named():
             assert client.startup_error is not None
             assert "replica 0 runs another rlserve" in client.startup_error
             assert "install the same rlserve on every node" in client.startup_error
-            assert client.replicas[0].info is None
+            assert client.replicas[0].info is None and client.replicas[0].handle.killed  # its GPUs are freed
         async with _client() as (client, replica):  # the same message with this rlserve's protocol is welcome
             info = {"protocol": msg.PROTOCOL}
             replica.send(pickle.dumps(msg.EngineReady(0, info, pid=1)))
@@ -90,7 +92,8 @@ def test_the_output_reader_ending_fails_every_waiter_instead_of_leaving_it_hangi
             answer = await _call(client, 3)
             pending = asyncio.get_running_loop().create_future()
             client.pending["req-0"] = pending
-            client.output.close(linger=0)  # the reader's next recv fails: not a shutdown (the context is open)
+            await asyncio.sleep(0.2)  # the reader waits in recv: closing the socket cancels that wait
+            client.output.close(linger=0)  # not a shutdown (the context is open): a failure
             with pytest.raises(EngineUnavailable, match="output reader task stopped"):
                 await asyncio.wait_for(pending, 10)
             with pytest.raises(EngineUnavailable, match="output reader task stopped"):
@@ -98,5 +101,34 @@ def test_the_output_reader_ending_fails_every_waiter_instead_of_leaving_it_hangi
             assert client.dead is not None and not client.is_alive
             with pytest.raises(EngineUnavailable, match="engine is dead"):
                 client.check_alive()  # new requests hear it at once
+
+    asyncio.run(run())
+
+
+def test_a_silent_replica_is_hung_unless_a_weight_sync_call_holds_it():
+    """The watchdog: silence past --replica_timeout is a hang; a health probe's Ping waiting on the replica does not
+    excuse it (it does not hold the loop), a weight update waiting on the trainer does (its own timeout)."""
+    async def run():
+        async with _client() as (client, replica):
+            client.replica_timeout_s = 0.5
+            r = client.replicas[0]
+            r.started.set()
+            r.last_heard = time.monotonic()
+            assert not client._is_hung(r)
+            client.call_replica[1] = 0  # a Ping in flight
+            r.last_heard = time.monotonic() - 1
+            assert client._is_hung(r)
+            client.call_replica[2] = 0  # an UpdateWeights in flight
+            client.weight_calls.add(2)
+            assert not client._is_hung(r)
+            client.weight_calls.discard(2)
+            client.ready.set()
+            waiter = asyncio.get_running_loop().create_future()
+            client.pending["req-0"] = waiter
+            r.request_ids.add("req-0")
+            client.request_replica["req-0"] = 0
+            with pytest.raises(EngineUnavailable, match=r"replica 0 sent nothing for 0.5s \(--replica_timeout\): hung"):
+                await asyncio.wait_for(waiter, 10)  # the watcher (every 0.5 s) declares it
+            assert r.dead is not None and r.handle.killed
 
     asyncio.run(run())

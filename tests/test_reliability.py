@@ -607,19 +607,19 @@ def test_a_hung_engine_fails_in_flight_requests_and_the_server_exits(tiny_model,
     that says so instead of waiting for good, and the server exits with no child left (a supervisor restarts it)."""
     (tmp_path / "sitecustomize.py").write_text(HANGING_RUNNER)
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    server = start_server(tiny_model, "--replica_timeout", "3", env={"PYTHONPATH": path})
+    server = start_server(tiny_model, "--replica_timeout", "8", env={"PYTHONPATH": path})
     try:
         children = server.children()
         assert children
         with httpx.Client(base_url=server.url, timeout=60) as http:
             assert_serves(http)  # a few steps of the 40
-            time.sleep(4)  # idle longer than the timeout: an idle replica still reports, and is not hung
+            time.sleep(9)  # idle longer than the timeout: an idle replica still reports, and is not hung
             assert_serves(http)
             with ThreadPoolExecutor(3) as pool:
                 responses = list(pool.map(lambda _: post(server.url, LONG, 60), range(3)))
             for r in responses:
                 assert r.status_code == 503, r.text
-                assert "engine replica 0 sent nothing for 3s (--replica_timeout): hung" in error_of(r)
+                assert "engine replica 0 sent nothing for 8s (--replica_timeout): hung" in error_of(r)
             assert http.get("/health/").status_code == 503
         assert_exits(server, children, 1)
     finally:

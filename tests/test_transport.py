@@ -51,11 +51,21 @@ def _api_side(zap: bool = True):
         client.ctx.destroy(linger=0)
 
 
-def _peer(ctx: zmq.Context, kind: int, addr: str, keys: CurveKeys | None) -> zmq.Socket:
+def _peer(ctx: zmq.Context, kind: int, addr: str, keys: CurveKeys | None, admitted: bool = False) -> zmq.Socket:
+    """A socket that dials ``addr``; ``admitted``: returns once its CURVE handshake has succeeded (10 s at most),
+    so that a test's messages cannot go out before the peer is there to be dealt some."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     secure_connecting_socket(sock, keys)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED) if admitted else None
     sock.connect(addr)
+    if monitor is not None:
+        try:
+            assert monitor.poll(10_000), "the CURVE handshake did not succeed within 10 s"
+            monitor.recv_multipart()
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
     return sock
 
 
@@ -96,10 +106,11 @@ def _deal_to_a_replica_and_strangers(zap: bool, num_messages: int = 8) -> tuple[
                 "no CURVE": _peer(peers, zmq.PULL, addr, None),  # refused by the mechanism mismatch alone
                 # a CURVE client that knows the server's public key, with a key pair the server does not admit
                 "another key": _peer(peers, zmq.PULL, addr, CurveKeys(client.curve.server_public, b"",
-                                                                      other.client_public, other.client_secret)),
+                                                                      other.client_public, other.client_secret),
+                                     admitted=not zap),
             }
-            replica = _peer(peers, zmq.PULL, addr, client.curve.for_replica())
-            await asyncio.sleep(0.5)  # every connection attempted (and, for admitted peers, made) before sending
+            replica = _peer(peers, zmq.PULL, addr, client.curve.for_replica(), admitted=True)
+            await asyncio.sleep(0.5)  # the refused strangers' attempts made too
             for i in range(num_messages):
                 await inbox.send_pyobj(i)
             got = []

@@ -174,10 +174,15 @@ class EngineDead:
 def _protocol_fingerprint() -> str:
     """A digest of the modules whose classes travel pickled between the API server and the replicas: a replica
     on another node running another rlserve would otherwise fail on the first message that differs, or worse,
-    unpickle it into the wrong fields. It says "same source", nothing finer."""
+    unpickle it into the wrong fields. It says "same source, same Python, same numpy major", nothing finer."""
+    import sys
+
+    import numpy
+
     import rlserve.outputs
     import rlserve.sampling
-    digest = hashlib.sha256()
+    # pickles of numpy arrays and of Python objects also depend on these
+    digest = hashlib.sha256(f"python {sys.version_info[:2]} numpy {numpy.__version__.split('.')[0]}".encode())
     for module_file in (__file__, rlserve.outputs.__file__, rlserve.sampling.__file__):
         digest.update(Path(module_file).read_bytes())
     return digest.hexdigest()[:16]

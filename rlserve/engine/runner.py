@@ -224,7 +224,9 @@ class ModelRunner:
             # A graph is destroyed when its last reference goes: in a cycle, by a collection -- which skips what the
             # process froze at start-up (debug.freeze_startup_heap), the graphs included. Unfreeze first: this
             # is the process's teardown, nothing is lost by it.
-            gc.unfreeze()
+            from rlserve.debug import froze_startup_heap
+            if froze_startup_heap():
+                gc.unfreeze()
             gc.collect()
 
     # -- block-table rows --------------------------------------------------------------------------

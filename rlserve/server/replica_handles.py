@@ -58,6 +58,18 @@ class LocalReplica:
         return f"exited with code {self.process.exitcode}"
 
     def kill(self) -> None:
+        """SIGKILL the replica and its tensor-parallel workers: a worker stuck in a collective would otherwise
+        hold its GPU until NCCL's own timeout, after the replica is gone."""
+        import psutil
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:  # already gone
+            children = []
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
         self.process.kill()
 
     def join(self, timeout_s: float) -> None:

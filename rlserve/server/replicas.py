@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 30.0  # a live replica reads its input between steps; a full pipe this long means a hung one
 REPLICA_TIMEOUT_S = 300.0  # silence that means a hung replica (as vLLM's execute-model timeout): see EngineClient
+# What may keep a replica's loop from reporting while it waits on the trainer, under the call's own timeout.
+WEIGHT_SYNC_OPS = (msg.InitWeightSync, msg.BeginWeightUpdate, msg.UpdateWeights, msg.FinishWeightUpdate)
 
 
 class ClientDisconnected(ServerError):
@@ -104,6 +106,7 @@ class EngineClient:
         self.request_replica: dict[str, int] = {}
         self.calls: dict[int, asyncio.Future] = {}
         self.call_replica: dict[int, int] = {}  # call id -> the replica that answers it
+        self.weight_calls: set[int] = set()  # call ids of weight-sync operations: they may hold a replica's loop
         self.call_ids = itertools.count()
         self.ready = asyncio.Event()
         self.startup_error: str | None = None
@@ -118,6 +121,7 @@ class EngineClient:
         self.counters = {"requests_ok": 0, "requests_failed": 0, "requests_aborted": 0,
                          "prompt_tokens": 0, "generation_tokens": 0}
         self._tasks: list[asyncio.Task] = []
+        self.stopping = False  # shutdown began: the background tasks are cancelled on purpose
 
     @property
     def world_size(self) -> int:
@@ -173,6 +177,7 @@ class EngineClient:
         return Replica(index, handle, sock, generation=generation)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
+        self.stopping = True
         for replica in self.replicas:
             if replica.dead is None and replica.handle.is_alive():
                 try:
@@ -400,6 +405,8 @@ class EngineClient:
         future = asyncio.get_running_loop().create_future()
         self.calls[call_id] = future
         self.call_replica[call_id] = r.index
+        if isinstance(op, WEIGHT_SYNC_OPS):
+            self.weight_calls.add(call_id)
         try:
             await self.send(r, msg.UtilityCall(call_id, op), starting=True)
             return await asyncio.wait_for(future, timeout_s)
@@ -409,6 +416,7 @@ class EngineClient:
         finally:
             self.calls.pop(call_id, None)
             self.call_replica.pop(call_id, None)
+            self.weight_calls.discard(call_id)
 
     async def call_all(self, op: msg.Utility, timeout_s: float = 30.0) -> list:
         """Call every live replica (every replica, unless replica deaths are tolerated: then a dead one has
@@ -466,6 +474,7 @@ class EngineClient:
 
     # -- receiving ---------------------------------------------------------------------------------
     async def _read_outputs(self) -> None:
+        dropped, last_logged = 0, -1e9
         while True:
             try:
                 frame = await self.output.recv()
@@ -476,8 +485,12 @@ class EngineClient:
             try:  # a frame that does not unpickle is dropped, and the reader goes on with the next one
                 m = pickle.loads(frame)
             except Exception as e:
-                logger.error("dropped a message of %d bytes from a replica that does not unpickle (%s: %s): does "
-                             "every replica run the same rlserve as the API server?", len(frame), type(e).__name__, e)
+                dropped += 1
+                if time.monotonic() - last_logged > 10:  # at most one line per 10 s: a skewed replica sends many
+                    last_logged = time.monotonic()
+                    logger.error("dropped a message of %d bytes from a replica that does not unpickle (%s: %s; %d "
+                                 "so far): does every replica run the same rlserve, Python and numpy as the API "
+                                 "server?", len(frame), type(e).__name__, e, dropped)
                 continue
             try:
                 self._dispatch(m)
@@ -492,9 +505,10 @@ class EngineClient:
     def _task_ended(self, task: asyncio.Task) -> None:
         """The output reader and the replica watcher run for the server's life. If one ends otherwise than by
         shutdown, no output would reach a request again: the engine is dead, and every waiter hears it now."""
-        if task.cancelled() or self.dead is not None or self.ctx.closed:
+        if self.stopping or self.dead is not None or self.ctx.closed:
             return
-        error = task.exception()
+        # Cancelled by anyone but shutdown (pyzmq cancels a pending recv when its socket closes): a failure too.
+        error = asyncio.CancelledError("cancelled") if task.cancelled() else task.exception()
         name = {"_read_outputs": "output reader", "_watch_replicas": "replica watcher"}.get(
             task.get_coro().__name__, task.get_coro().__name__)
         message = f"the API server's {name} task stopped" + (f": {type(error).__name__}: {error}" if error else "")
@@ -523,7 +537,7 @@ class EngineClient:
     def _dispatch(self, m) -> None:
         if isinstance(m, (msg.StepOutputs, msg.EngineReady, msg.EngineDead)) and not self._current(m):
             return
-        if isinstance(m, (msg.StepOutputs, msg.EngineReady)):
+        if isinstance(m, (msg.StepOutputs, msg.EngineReady, msg.EngineDead)):
             self.replicas[m.replica].last_heard = time.monotonic()
         if isinstance(m, msg.StepOutputs):
             if m.stats is not None:
@@ -570,6 +584,7 @@ class EngineClient:
                 self._mark_dead(m.replica, f"engine replica {m.replica} runs another rlserve than the API server "
                                            f"(message protocol {m.info.get('protocol')} vs {msg.PROTOCOL}): install "
                                            f"the same rlserve on every node")
+                self.replicas[m.replica].handle.kill()  # it would hold its GPUs (its Ray bundle) for nothing
                 return
             self.replicas[m.replica].info = m.info
             self.replicas[m.replica].started.set()
@@ -673,16 +688,16 @@ class EngineClient:
                     if self.replicas[r.index] is r:  # not restarted meanwhile
                         self._mark_dead(r.index, f"engine replica {r.index} {r.handle.exit_reason()}")
                 elif self._is_hung(r):
-                    self._mark_dead(r.index, f"engine replica {r.index} sent nothing for {self.replica_timeout_s:.0f}s "
+                    self._mark_dead(r.index, f"engine replica {r.index} sent nothing for {self.replica_timeout_s:g}s "
                                              f"(--replica_timeout): hung")
                     r.handle.kill()  # its GPU (or its Ray bundle) is freed; a restart makes a new one
 
     def _is_hung(self, r: Replica) -> bool:
-        """Silent past the timeout, started, and not inside a utility call (a weight update waits on the trainer
-        under the call's own timeout)."""
+        """Silent past the timeout, started, and not inside a weight-sync call (which waits on the trainer under
+        its own timeout). Other calls (a health probe's Ping) do not hold the loop and do not exempt it."""
         return (self.replica_timeout_s > 0 and r.dead is None and r.started.is_set()
                 and time.monotonic() - r.last_heard > self.replica_timeout_s
-                and r.index not in self.call_replica.values())
+                and not any(self.call_replica.get(c) == r.index for c in self.weight_calls))
 
     # -- restarting (Ray) ----------------------------------------------------------------------------
     async def restart_replica(self, index: int, timeout_s: float = 600.0) -> dict:
