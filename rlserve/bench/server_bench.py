@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -178,8 +179,8 @@ async def load_generator(url: str, workload: Workload, concurrency: int, logprob
 def run_server_bench(workload_name: str | Workload, device: str | None = None, output: str | None = None,
                      concurrency: int | None = None, data_parallel_size: int = 1, tensor_parallel_size: int = 1,
                      model_root: str | None = None, repeats: int = 3, server_args: list[str] | None = None) -> dict:
-    """Offline, server JSON and server binary, each best of ``repeats`` (runs alternate JSON and binary so that
-    a slow spell of a shared machine does not land on one of them only). ``server_args``: more `rlserve serve`
+    """Offline, server JSON and server binary, each best of ``repeats``, every run and the median kept too (runs
+    alternate JSON and binary so that a slow spell of a shared machine does not land on one of them only). ``server_args``: more `rlserve serve`
     flags (e.g. ``--ray_address auto``), recorded in the result."""
     from rlserve import LLM
     workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
@@ -216,9 +217,10 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
         for layout, key in (("json", "server"), ("binary", "server_binary")):
             seconds, tokens, parts = min(runs[layout], key=lambda run: run[0])
             assert tokens == workload.num_generated_tokens(), (tokens, workload.num_generated_tokens())
+            all_seconds = sorted(run[0] for run in runs[layout])
             result[key] = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds,
-                           "response_format": layout, "parts": parts,
-                           "all_seconds": [run[0] for run in runs[layout]]}
+                           "response_format": layout, "parts": parts, "all_seconds": all_seconds,
+                           "median_seconds": statistics.median(all_seconds)}
             if "offline" in result:
                 result[key]["http_overhead"] = 1 - result[key]["tokens_per_s"] / result["offline"]["tokens_per_s"]
         if concurrency:
@@ -245,6 +247,9 @@ def _print(result: dict) -> None:
     for key, label in (("server", "server /generate/, JSON"), ("server_binary", "server /generate/, binary")):
         s = result[key]
         note = f"HTTP overhead {s['http_overhead']:.1%}" if "http_overhead" in s else ""
+        if len(s.get("all_seconds", [])) > 1:  # best of N hides the spread: show it
+            note = (f"{note}; " if note else "") + (f"runs {min(s['all_seconds']):.2f}-{max(s['all_seconds']):.2f} s, "
+                                                    f"median {s['median_seconds']:.2f}")
         if s.get("parts"):
             p = s["parts"]
             note = (f"{note}; " if note else "") + (
