@@ -16,7 +16,7 @@
 #                         API process); the server at DP=2 with --async_scheduling
 #   ray-stage             copy the Ray parts this call carries to /tmp/raywh
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
-#   ray-vs-local          rl-small through the server, DP=2: local replicas, then Ray replicas on a one-node cluster
+#   ray-vs-local          rl-small through the server, DP=2: local and Ray replicas (one-node cluster), alternated twice
 #   sweep-7b|sweep-32b    rlserve sweep --gpus 2 on rl-7b / rl-32b (TP=1, TP=2, DP=2 where it fits)
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
@@ -79,12 +79,18 @@ run_step() {
         && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ray-site /tmp/raywh/*.whl 2>&1 \
         | tail -n 3; python3 -c "import ray; print('ray', ray.__version__)" ;;
     ray-vs-local)
-      timeout 250 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size 2 \
-        --output "$OUT/rl-small-server-dp2-local.json" 2>&1 | tail -n 8
+      # local and Ray replicas alternated twice (a slow spell of the host does not land on one side only), 3 runs
+      # each time; the JSON keeps every run and the median
       python3 -m ray.scripts.scripts start --head --num-gpus 2 --disable-usage-stats --include-dashboard=false \
         > "$OUT/ray-start.txt" 2>&1
-      timeout 300 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size 2 \
-        --server_args "--ray_address auto" --output "$OUT/rl-small-server-dp2-ray.json" 2>&1 | tail -n 8
+      for round in 1 2; do
+        for side in local ray; do
+          args="--log_level warning"; [ $side = ray ] && args="$args --ray_address auto"
+          timeout 140 python3 -m rlserve.cli bench --workload rl-small --through_server --data_parallel_size 2 \
+            --repeats 3 --server_args="$args" --output "$OUT/rl-small-server-dp2-$side-$round.json" 2>&1 \
+            | grep "server /gen"
+        done
+      done
       python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 ;;
     vllm-stage) mkdir -p /tmp/vllmwh && cp .whl/vllm/c*/* /tmp/vllmwh/ && ls /tmp/vllmwh | wc -l ;;
     vllm-install)
