@@ -209,3 +209,46 @@ def test_replica_processes_cpu_threads(monkeypatch):
     limit_cpu_threads("cuda", 2)  # the user's call
     limit_cpu_threads("cpu", 2)  # CPU replicas still split the cores: they would spin against each other
     assert calls == [1, 4, 4]
+
+
+def test_top_logprob_rows_take_the_steps_width_and_keep_their_rows():
+    """A sample's top-N storage: its width is the step's when the vocabulary is smaller than N (fixed at the first
+    row), a wider step's extra columns belong to another request, and rows survive growth."""
+    import numpy as np
+
+    from rlserve.engine.sequence import TopLogprobRows
+    narrow = TopLogprobRows(5)
+    narrow.append(np.arange(3, dtype=np.int32)[None], np.zeros((1, 3), np.float32), 0)
+    assert narrow.since(0).ids.shape == (1, 3)
+    rows = TopLogprobRows(2)
+    steps = [np.arange(i, i + 8, dtype=np.int32).reshape(2, 4) for i in range(40)]
+    for step in steps:
+        rows.append(step, -step.astype(np.float32), 1)
+    out = rows.since(0)
+    assert out.ids.tolist() == [step[1, :2].tolist() for step in steps]
+    assert out.logprobs.tolist() == [(-step[1, :2]).tolist() for step in steps]
+    assert rows.since(38).ids.tolist() == [steps[38][1, :2].tolist(), steps[39][1, :2].tolist()]
+
+
+def test_requests_asking_different_top_n_in_one_batch_each_get_their_own(tiny_model):
+    """One batch, the same greedy prompt asked with logprobs 0, 2, 5 and more than the vocabulary: each sample gets
+    one row per token of its own width (the vocabulary at most), and the narrower rows are the wider ones' first
+    columns. More than the vocabulary was a crash after the first token (the storage's first growth)."""
+    import numpy as np
+    llm = LLM(tiny_model, device="cpu", max_logprobs=1000)  # a server flag above the vocabulary
+    vocab = llm.info.vocab_size
+    asked = [0, 2, 5, vocab + 10]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=n) for n in asked]
+    outs = llm.generate([[5, 6, 7, 8]] * len(asked), params)
+    widest = outs[-1].outputs[0]
+    assert widest.finish_reason == "length" and widest.top_n.ids.shape == (6, vocab)
+    for n, out in zip(asked, outs):
+        c = out.outputs[0]
+        assert c.finish_reason == "length" and c.token_ids == widest.token_ids
+        if n == 0:
+            assert not c.top_logprobs
+            continue
+        assert c.top_n.ids.shape == (6, min(n, vocab))
+        assert (c.top_n.ids == widest.top_n.ids[:, :n]).all()
+        # the same row in another batch position: BLAS may differ in the last bits
+        assert np.allclose(c.top_n.logprobs, widest.top_n.logprobs[:, :n], rtol=0, atol=1e-5)

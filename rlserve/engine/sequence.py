@@ -86,9 +86,12 @@ class TopLogprobRows:
         self.num_rows += 1
 
     def _grow(self, step_width: int) -> None:
-        if self.num_rows == 0:
-            self.num_top = min(self.num_top, step_width)
         capacity = max(16, 2 * self.num_rows)
+        if self.num_rows == 0:  # the width is fixed now, and there is nothing to copy
+            self.num_top = min(self.num_top, step_width)
+            self.ids = np.empty((capacity, self.num_top), np.int32)
+            self.logprobs = np.empty((capacity, self.num_top), np.float32)
+            return
         ids, logprobs = np.empty((capacity, self.num_top), np.int32), np.empty((capacity, self.num_top), np.float32)
         ids[:self.num_rows], logprobs[:self.num_rows] = self.ids[:self.num_rows], self.logprobs[:self.num_rows]
         self.ids, self.logprobs = ids, logprobs

@@ -86,8 +86,9 @@ def _rank_group(completions: list[CompletionOutput], members: list[int], num_top
     bad = (np.isnan(sampled) | np.logical_or.reduce(np.isnan(top_values) | (top_values == PAD_VALUE), axis=0)
            | (sampled == PAD_VALUE) | (tokens == PAD_ID) | np.logical_or.reduce(top_ids == PAD_ID, axis=0)
            | (tokens != wide_tokens))
-    for gap in range(1, num_top):  # a token id twice: trl_logprobs's dict keeps its first place, last value
-        bad |= np.logical_or.reduce(top_ids[gap:] == top_ids[:-gap], axis=0)
+    if num_top > 1:  # a token id twice: trl_logprobs's dict keeps its first place, last value (one sort, not N^2)
+        ranked = np.sort(top_ids, axis=0)
+        bad |= np.logical_or.reduce(ranked[1:] == ranked[:-1], axis=0)
     # Row by row ([R, N+1]), the entries in the order trl_logprobs's dict has them: the top N by rank, then the
     # sampled entry or the padding. Sorted stably by -logprob: the top N are in order already, and the sampled
     # entry goes after every one at least as likely (it came last); the padding stays at the end.
