@@ -172,23 +172,17 @@ class TimedProcessor:
 
     def __init__(self, client: EngineClient):
         self.seconds = 0.0
-        process, resolve = client.processor.process, client._resolve
+        client.processor.process = self._timed(client.processor.process)
+        client._resolve = self._timed(client._resolve)
 
-        def timed_process(update):
+    def _timed(self, fn):
+        def timed(arg):
             start = time.perf_counter()
             try:
-                return process(update)
+                return fn(arg)
             finally:
                 self.seconds += time.perf_counter() - start
-
-        def timed_resolve(state):
-            start = time.perf_counter()
-            try:
-                return resolve(state)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        client.processor.process, client._resolve = timed_process, timed_resolve
+        return timed
 
 
 async def _one_batch(client: EngineClient, timer: TimedProcessor, prompts, params: SamplingParams,

@@ -513,6 +513,11 @@ class EngineClient:
             task.get_coro().__name__, task.get_coro().__name__)
         message = f"the API server's {name} task stopped" + (f": {type(error).__name__}: {error}" if error else "")
         logger.error("%s", message)
+        self._die(message)
+
+    def _die(self, message: str) -> None:
+        """The engine as a whole is dead: startup ends with the reason, every request and utility call waiting
+        fails with a 503 naming it, and ``on_dead`` stops the server."""
         self.dead = message
         if not self.ready.is_set():
             self.startup_error = message
@@ -649,20 +654,11 @@ class EngineClient:
         if self.tolerate_replica_death and self.ready.is_set():
             self._fail_replica(r, EngineUnavailable(message))
             return
-        self.dead = message
-        if not self.ready.is_set():
-            self.startup_error = message
-            self.ready.set()
         # The server stops now (on_dead): requests on the other replicas fail too, and those replicas free them.
         for other in self.replicas:
             if other.dead is None and other.request_ids:
                 self.send_soon(other, msg.AbortRequests(list(other.request_ids)))
-        self._fail_all(EngineUnavailable(message))
-        for future in self.calls.values():
-            if not future.done():
-                future.set_exception(EngineUnavailable(message))
-        if self.on_dead is not None:
-            self.on_dead(message)
+        self._die(message)
 
     def _fail_replica(self, r: Replica, exception: Exception) -> None:
         """Fail what one replica holds -- its requests and its utility calls -- and nothing else."""
