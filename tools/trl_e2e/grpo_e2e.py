@@ -118,6 +118,7 @@ class Server:
         else:
             cmd += ["--gpu_memory_utilization", "0.3"]
             env["CUDA_VISIBLE_DEVICES"] = str(args.server_gpu)
+        cmd += args.server_arg
         self.log = log
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -431,6 +432,8 @@ def main() -> None:
     p.add_argument("--server-python", default=sys.executable)
     p.add_argument("--trainer-python", default=sys.executable)
     p.add_argument("--server-start-timeout", type=float, default=300)
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="one more argument for rlserve serve (repeatable), e.g. --server-arg=--async_scheduling")
     p.add_argument("--timeout", type=int, default=0, help="per-phase limit in seconds (0: phase default)")
     args = p.parse_args()
     out = Path(args.out)
