@@ -223,6 +223,11 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
         assert 0 < parts["server_generate_s"] and 0 <= parts["server_build_s"] and 0 < parts["client_decode_s"]
         # the server's own time and the client's decoding fit inside the wall time: what is left is the HTTP part
         assert 0 < parts["http_and_rest_s"] < result[key]["seconds"]
+        # each replica's steps during the run: some, and their time inside the server's generate phase
+        (replica,) = parts["replicas"]
+        assert replica["replica"] == 0 and replica["steps"] >= TINY.max_tokens
+        assert 0 < replica["step_s"] <= parts["server_generate_s"] and replica["gc_s"] >= 0
+        assert [run["seconds"] for run in result[key]["runs"]] == result[key]["all_seconds"]
 
 
 def test_server_timing_header_is_parsed_as_seconds():

@@ -74,6 +74,7 @@ async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True,
     async with httpx.AsyncClient(timeout=3600) as client:
         if reset_cache:  # outside the timed window
             (await client.post(url + "/reset_prefix_cache/")).raise_for_status()
+        before = await _replica_counters(client, url) if parts is not None else None
         start = time.perf_counter()
         server, decode_s = [], 0.0
 
@@ -89,12 +90,24 @@ async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True,
 
         answers = await asyncio.gather(*(one(p) for p in payloads))
         seconds = time.perf_counter() - start
+        if before is not None:  # where each replica's time went during the run: inside its steps, in its GC
+            after = await _replica_counters(client, url)
+            parts["replicas"] = [{k: a[k] - b[k] for k in a} | {"replica": i}
+                                 for i, (b, a) in enumerate(zip(before, after))]
     if parts is not None and len(server) == 1 and {"generate", "build"} <= server[0].keys():
         parts.update(server_generate_s=server[0]["generate"], server_build_s=server[0]["build"],
                      client_decode_s=decode_s)
-        parts["http_and_rest_s"] = seconds - sum(parts.values())
+        parts["http_and_rest_s"] = seconds - sum(v for v in parts.values() if isinstance(v, float))
     tokens = sum(len(ids) for a in answers for ids in a["completion_ids"])
     return seconds, tokens
+
+
+async def _replica_counters(client, url: str) -> list[dict]:
+    """Each replica's cumulative steps, seconds inside them and seconds stopped in the cyclic GC."""
+    r = await client.get(url + "/server_info/")
+    r.raise_for_status()
+    return [{"steps": rep.get("num_steps", 0), "step_s": rep.get("step_seconds_total", 0.0),
+             "gc_s": sum(rep.get("gc_seconds", []) or [0.0])} for rep in r.json()["replicas"]]
 
 
 def _float32_values(rng, count: int) -> list[float]:
@@ -220,7 +233,8 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
             all_seconds = sorted(run[0] for run in runs[layout])
             result[key] = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds,
                            "response_format": layout, "parts": parts, "all_seconds": all_seconds,
-                           "median_seconds": statistics.median(all_seconds)}
+                           "median_seconds": statistics.median(all_seconds),
+                           "runs": [{"seconds": run[0], "parts": run[2]} for run in runs[layout]]}  # in run order
             if "offline" in result:
                 result[key]["http_overhead"] = 1 - result[key]["tokens_per_s"] / result["offline"]["tokens_per_s"]
         if concurrency:
@@ -250,11 +264,13 @@ def _print(result: dict) -> None:
         if len(s.get("all_seconds", [])) > 1:  # best of N hides the spread: show it
             note = (f"{note}; " if note else "") + (f"runs {min(s['all_seconds']):.2f}-{max(s['all_seconds']):.2f} s, "
                                                     f"median {s['median_seconds']:.2f}")
-        if s.get("parts"):
+        if (s.get("parts") or {}).get("server_generate_s") is not None:
             p = s["parts"]
             note = (f"{note}; " if note else "") + (
                 f"server generate {p['server_generate_s']:.2f} + build {p['server_build_s'] * 1e3:.0f} ms, client "
                 f"decode {p['client_decode_s'] * 1e3:.0f} ms, rest {p['http_and_rest_s'] * 1e3:.0f} ms")
+        for rep in (s.get("parts") or {}).get("replicas", []):
+            note += f"; r{rep['replica']} {rep['steps']} steps {rep['step_s']:.2f} s gc {rep['gc_s'] * 1e3:.0f} ms"
         table.add_row(label, f"{s['seconds']:.2f}", f"{s['tokens_per_s']:,.0f}", note)
     codec = result.get("codec")
     if codec:

@@ -69,6 +69,7 @@ class EngineCoreProc:
         self.last_stats = 0.0
         self.max_running = 0
         self.mean_step_seconds = 0.0  # exponential moving average
+        self.step_seconds_total = 0.0  # cumulative (a benchmark differences two readings), beside the engine's num_steps
         self.last_weight_sync_seconds: float | None = None
         self.num_multi_request_steps = 0
         self.should_exit = False
@@ -138,7 +139,9 @@ class EngineCoreProc:
     def step(self) -> None:
         start = time.perf_counter()
         updates = self.engine.step()
-        self.mean_step_seconds = 0.9 * self.mean_step_seconds + 0.1 * (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.mean_step_seconds = 0.9 * self.mean_step_seconds + 0.1 * seconds
+        self.step_seconds_total += seconds
         running = len(self.engine.scheduler.running)
         self.max_running = max(self.max_running, running)
         seqs = self.engine.scheduler.running
@@ -156,7 +159,8 @@ class EngineCoreProc:
     def stats(self) -> dict:
         stats = self.engine.stats()
         stats.update(replica=self.replica, paused=self.paused, max_running_seqs=self.max_running,
-                     mean_step_seconds=self.mean_step_seconds, last_weight_sync_seconds=self.last_weight_sync_seconds,
+                     mean_step_seconds=self.mean_step_seconds,
+                     step_seconds_total=self.step_seconds_total, last_weight_sync_seconds=self.last_weight_sync_seconds,
                      num_multi_request_steps=self.num_multi_request_steps,
                      weight_sync_connected=self.weight_sync is not None,
                      weight_sync_error=self.weight_sync_error, weights_partial=self.engine.weights_partial,

@@ -175,6 +175,7 @@ class EngineCollector:
             yield g
         counters = {
             "num_steps": ("rlserve_engine_steps", "Engine steps"),
+            "step_seconds_total": ("rlserve_engine_step_seconds", "Seconds spent inside engine steps"),
             "num_multi_request_steps": ("rlserve_batched_steps", "Engine steps that ran several requests"),
             "num_preemptions": ("rlserve_preemptions", "Sequences preempted for recompute"),
             "prefix_cache_hit_tokens": ("rlserve_prefix_cache_hit_tokens", "Prompt tokens found in the cache"),

@@ -10,7 +10,8 @@
 #   bench-small|bench-7b  rlserve bench --workload rl-small|rl-7b --modes seeded,plain (transformers beside it)
 #   async-small|async-7b  the same without transformers, --async_scheduling off then on (issue 15's overlap), and
 #                         pytest -m gpu on test_gpu.py's async test (no hidden host sync in launch, = sync tokens)
-#   dp-scaling            rl-small through the server: DP=1 (with offline) and DP=2, same request (fixed work)
+#   dp-scaling            rl-small through the server: DP=1 (with offline) and DP=2, same request (fixed work), 5 runs
+#                         each (DP_REPEATS), every run with each replica's steps, seconds in them and GC seconds
 #   dp-diag               what bounds DP=2: offline rl-small with 64 and 32 prompts (a DP=2 replica's half), sync and
 #                         --async_scheduling; two offline 32-prompt engines at once, one per GPU (DP=2 without the
 #                         API process); the server at DP=2 with --async_scheduling
@@ -21,6 +22,7 @@
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
+#                         (VS_ASYNC=1: rlserve with --async_scheduling)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,20 +47,14 @@ run_step() {
           --output "$OUT/$w${flag:+-async}.json" 2>&1 | tail -n 8
       done ;;
     dp-scaling)
-      # fixed work (one 64 x 8 batch) at DP=1 and DP=2, sync then --async_scheduling; DP=2 with the replicas' old
-      # CPU thread count (torch's default) beside the new one; the scaled view (2x the prompts on 2 replicas)
-      bench="python3 -m rlserve.cli bench --workload rl-small --through_server --repeats 2"
-      for a in "" --async_scheduling; do
-        for dp in 1 2; do
-          timeout 150 $bench --data_parallel_size $dp --server_args="--log_level warning $a" \
-            --output "$OUT/rl-small-server-dp$dp${a:+-async}.json" 2>&1 | grep "offline\|server /gen"
-        done
-      done
-      OMP_NUM_THREADS=$(python3 -c "import torch; print(torch.get_num_threads())") timeout 150 $bench \
-        --data_parallel_size 2 --server_args="--log_level warning" --output "$OUT/rl-small-server-dp2-torchthreads.json" \
-        2>&1 | grep "server /gen"
-      timeout 150 $bench --data_parallel_size 2 --num_prompts 128 --server_args="--log_level warning --async_scheduling" \
-        --output "$OUT/rl-small-server-dp2-async-scaled.json" 2>&1 | grep "server /gen" ;;
+      # fixed work (one 64 x 8 batch) at DP=1 and DP=2, 5 runs each (every run kept, with each replica's steps,
+      # seconds inside them and GC seconds during it): --async_scheduling, then DP=2 sync
+      bench="python3 -m rlserve.cli bench --workload rl-small --through_server --repeats ${DP_REPEATS:-5}"
+      for cfg in "1 --async_scheduling" "2 --async_scheduling" "2 "; do
+        set -- $cfg; dp=$1; a=${2:-}
+        timeout 200 $bench --data_parallel_size $dp --server_args="--log_level warning $a" \
+          --output "$OUT/rl-small-server-dp$dp${a:+-async}.json" 2>&1 | grep -A3 "offline\|server /gen"
+      done ;;
     dp-diag)
       for flag in "" --async_scheduling; do
         for np in 64 32; do
@@ -100,7 +96,8 @@ run_step() {
     vs-vllm-small|vs-vllm-medium|vs-vllm-7b)
       w=rl-${1#vs-vllm-}
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
-        --workload "$w" --modes seeded,plain --no_baseline --against vllm --output "$OUT/$w-vs-vllm.json" 2>&1 | tail -n 20 ;;
+        --workload "$w" --modes seeded,plain --no_baseline --against vllm ${VS_ASYNC:+--async_scheduling} \
+        --output "$OUT/$w-vs-vllm${VS_ASYNC:+-async}.json" 2>&1 | tail -n 20 ;;
     sweep-7b|sweep-32b)
       w=rl-${1#sweep-}
       timeout 560 python3 -m rlserve.cli sweep --gpus 2 --workload "$w" --output_dir "$OUT/sweep-$w" 2>&1 | tail -n 15 ;;
