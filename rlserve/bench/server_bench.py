@@ -208,7 +208,8 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
               "timed": "request sent to every answer decoded to TRL's dict (orjson, or binary.decode)"}
     if data_parallel_size == 1 and tensor_parallel_size == 1:
         llm = LLM(str(model_dir), device=str(dev), load_format="dummy" if random_weights else "auto",
-                  dtype="bfloat16" if dev.type == "cuda" else "float32")
+                  dtype="bfloat16" if dev.type == "cuda" else "float32",
+                  async_scheduling="--async_scheduling" in (server_args or []))  # the server's engine, offline
         # Best of N: run-to-run noise on small shared machines is larger than what is measured here.
         result["offline"] = min((run_rlserve(llm, workload, MODES["logprobs0"]) for _ in range(repeats)),
                                 key=lambda r: r["seconds"])
@@ -221,6 +222,8 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
         for layout in ("json", "binary"):  # warm-up, on other prompts than the timed ones
             warm = [dict(p, max_tokens=8) for p in _payloads(workload, 0, layout, seed=WARM_UP_SEED)[:1]]
             asyncio.run(_post_all(server.url, warm))
+        info = httpx.get(server.url + "/server_info/", timeout=30).json()
+        result["replica_cpus"] = [r.get("cpu_affinity") for r in info["replicas"]]  # bound or not (cpu_affinity.py)
         runs: dict[str, list] = {"json": [], "binary": []}
         for _ in range(repeats):
             for layout in runs:
