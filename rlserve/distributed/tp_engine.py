@@ -199,8 +199,6 @@ def run_tp_worker(config: EngineConfig, rank: int, store_port: int, pipe, attent
         if config.resolved_device().type == "cuda":
             from rlserve.engine.core_proc import limit_cpu_threads  # a GPU worker's host side: one thread
             limit_cpu_threads("cuda", 1)
-            from rlserve.engine.cpu_affinity import bind_to_gpu_core
-            bind_to_gpu_core(_rank_config(config, rank).resolved_device().index or 0)
         loaded = load_worker(_rank_config(config, rank), tp, attention_backend)
         freeze_startup_heap()  # the shard is loaded: rank 0's step waits on every pause of ours
         pipe.send(("ok", "ready"))

@@ -158,10 +158,9 @@ class EngineCoreProc:
 
     def stats(self) -> dict:
         stats = self.engine.stats()
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None  # cpu_affinity.py
         stats.update(replica=self.replica, paused=self.paused, max_running_seqs=self.max_running,
                      mean_step_seconds=self.mean_step_seconds,
-                     step_seconds_total=self.step_seconds_total, cpu_affinity=cpus, last_weight_sync_seconds=self.last_weight_sync_seconds,
+                     step_seconds_total=self.step_seconds_total, last_weight_sync_seconds=self.last_weight_sync_seconds,
                      num_multi_request_steps=self.num_multi_request_steps,
                      weight_sync_connected=self.weight_sync is not None,
                      weight_sync_error=self.weight_sync_error, weights_partial=self.engine.weights_partial,
@@ -439,14 +438,6 @@ def run_engine_core(config: EngineConfig, replica: int, num_replicas: int, input
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         limit_cpu_threads(config.resolved_device().type, num_replicas)
-        if config.resolved_device().type == "cuda":
-            import torch
-            from rlserve.engine.cpu_affinity import bind_to_gpu_core
-            torch.cuda.set_device(config.resolved_device())  # asking for its PCI address opens no other GPU
-            bind_to_gpu_core(config.resolved_device().index or 0)
-    else:  # a Ray actor: Ray places it; its tensor-parallel workers do not bind themselves either
-        from rlserve.engine.cpu_affinity import SWITCH_ENV
-        os.environ[SWITCH_ENV] = "off"
     proc = None
     try:
         proc = EngineCoreProc(config, replica, input_addr, output_addr, tp_rank_base,

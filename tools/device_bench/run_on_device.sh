@@ -49,14 +49,12 @@ run_step() {
     dp-scaling)
       # fixed work (one 64 x 8 batch) at DP=1 and DP=2, 5 runs each (every run kept, with each replica's steps,
       # seconds inside them and GC seconds during it): --async_scheduling, then DP=2 sync; DP_CONFIGS picks
-      # others ("DP:FLAGS", FLAGS ending in "unbound": RLSERVE_CPU_AFFINITY=off)
+      # others ("DP:FLAGS")
       bench="python3 -m rlserve.cli bench --workload rl-small --through_server --repeats ${DP_REPEATS:-5}"
       for cfg in ${DP_CONFIGS:-"1:--async_scheduling" "2:--async_scheduling" "2:"}; do
-        dp=${cfg%%:*}; a=${cfg#*:}; tag=""
-        case $a in *unbound*) a=${a%unbound}; tag=-unbound;; esac
-        RLSERVE_CPU_AFFINITY=${tag:+off} timeout 200 $bench --data_parallel_size $dp \
-          --server_args="--log_level warning $a" --output "$OUT/rl-small-server-dp$dp${a:+-async}$tag.json" 2>&1 \
-          | grep "offline\|server /gen"
+        dp=${cfg%%:*}; a=${cfg#*:}
+        timeout 200 $bench --data_parallel_size $dp --server_args="--log_level warning $a" \
+          --output "$OUT/rl-small-server-dp$dp${a:+-async}.json" 2>&1 | grep "offline\|server /gen"
       done ;;
     dp-diag)
       for flag in "" --async_scheduling; do
