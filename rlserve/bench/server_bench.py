@@ -103,11 +103,14 @@ async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True,
 
 
 async def _replica_counters(client, url: str) -> list[dict]:
-    """Each replica's cumulative steps, seconds inside them and seconds stopped in the cyclic GC."""
+    """Each replica's cumulative steps, seconds inside them, seconds stopped in the cyclic GC and its passes per
+    generation (a full, generation-2, pass walks every live sequence's lists)."""
     r = await client.get(url + "/server_info/")
     r.raise_for_status()
     return [{"steps": rep.get("num_steps", 0), "step_s": rep.get("step_seconds_total", 0.0),
-             "gc_s": sum(rep.get("gc_seconds", []) or [0.0])} for rep in r.json()["replicas"]]
+             "gc_s": sum(rep.get("gc_seconds", []) or [0.0]),
+             **{f"gc{g}_passes": n for g, n in enumerate(rep.get("num_gc_collections", [0, 0, 0]))}}
+            for rep in r.json()["replicas"]]
 
 
 def _float32_values(rng, count: int) -> list[float]:

@@ -18,6 +18,7 @@
 #   ray-stage             copy the Ray parts this call carries to /tmp/raywh
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
 #   ray-vs-local          rl-small through the server, DP=2: local and Ray replicas (one-node cluster), alternated twice
+#   profile-small|profile-7b  one decode step split by phase (profile_step), torch.profiler's top CUDA operators
 #   sweep-7b|sweep-32b    rlserve sweep --gpus 2 on rl-7b / rl-32b (TP=1, TP=2, DP=2 where it fits)
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
@@ -99,6 +100,12 @@ run_step() {
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
         --workload "$w" --modes seeded,plain --no_baseline --against vllm ${VS_ASYNC:+--async_scheduling} \
         --output "$OUT/$w-vs-vllm${VS_ASYNC:+-async}.json" 2>&1 | tail -n 20 ;;
+    profile-small|profile-7b)
+      # where a decode step's time goes (the engine's own step with timing hooks), and torch.profiler's top
+      # operators by CUDA time (the Chrome trace stays on the machine: too large to come back)
+      w=rl-${1#profile-}
+      timeout 300 python3 -m rlserve.bench.profile_step --workload "$w" --output "$OUT/profile-$w.json" \
+        --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30; cp /tmp/prof-$w/ops-*.txt "$OUT/" 2>/dev/null ;;
     sweep-7b|sweep-32b)
       w=rl-${1#sweep-}
       timeout 560 python3 -m rlserve.cli sweep --gpus 2 --workload "$w" --output_dir "$OUT/sweep-$w" 2>&1 | tail -n 15 ;;

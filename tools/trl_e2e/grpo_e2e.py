@@ -440,7 +440,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, args.repo)
     model_dir = make_model(out)
-    summary = {"trl": trl_version(args.trl_path), "device": args.device, "phases": []}
+    summary = {"trl": trl_version(args.trl_path), "device": args.device, "server_args": args.server_arg,
+               "phases": []}
     for phase in args.phases.split(","):
         print(f"== {phase} ...", flush=True)
         r = run_phase(args, phase, model_dir, out)
