@@ -69,7 +69,7 @@ class EngineCoreProc:
         self.last_stats = 0.0
         self.max_running = 0
         self.mean_step_seconds = 0.0  # exponential moving average
-        self.step_seconds_total = 0.0  # cumulative, beside the engine's num_steps: a benchmark differences two
+        self.step_seconds_total = 0.0  # cumulative, like num_steps: a benchmark subtracts two readings
         self.last_weight_sync_seconds: float | None = None
         self.num_multi_request_steps = 0
         self.should_exit = False
