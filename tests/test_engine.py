@@ -252,3 +252,39 @@ def test_requests_asking_different_top_n_in_one_batch_each_get_their_own(tiny_mo
         assert (c.top_n.ids == widest.top_n.ids[:, :n]).all()
         # the same row in another batch position: BLAS may differ in the last bits
         assert np.allclose(c.top_n.logprobs, widest.top_n.logprobs[:, :n], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_finished_or_aborted_request_is_freed_without_the_garbage_collector(tiny_model, async_scheduling):
+    """A request and its samples point at each other; once it is let go the engine breaks that cycle, so that
+    reference counting frees the request's token and logprob lists at once, rather than leaving them to a
+    collector pass that walks them all (a 512-sample request is ~10^6 list items)."""
+    import gc
+
+    from rlserve.engine.sequence import Request
+
+    def live_requests():
+        return [o for o in gc.get_objects() if type(o) is Request]
+
+    llm = LLM(tiny_model, device="cpu", async_scheduling=async_scheduling)
+    engine = llm.engine
+    gc.collect()
+    gc.disable()
+    try:
+        outputs = llm.generate([[5, 6, 7], [8, 9]], SamplingParams(n=3, max_tokens=6, ignore_eos=True, logprobs=0))
+        assert [len(c.token_ids) for o in outputs for c in o.outputs] == [6] * 6
+        del outputs
+        assert live_requests() == []
+        # aborted mid-decode, and aborted before its prompt was computed (samples made empty to report the abort)
+        engine.add_request("mid", [5, 6, 7], SamplingParams(n=2, max_tokens=50, ignore_eos=True))
+        for _ in range(4):
+            engine.step()
+        engine.add_request("queued", [9, 9], SamplingParams(n=2, max_tokens=50, ignore_eos=True))
+        updates = engine.abort_request("mid") + engine.abort_request("queued")
+        assert len(updates) == 4 and all(u.finish_reason == "abort" for u in updates)
+        while engine.has_unfinished():  # a step still in flight (async scheduling)
+            engine.step()
+        del updates
+        assert live_requests() == []
+    finally:
+        gc.enable()

@@ -119,7 +119,9 @@ class EngineCore:
             return []
         ended = self.scheduler.abort_request(request)
         self.runner.release(ended)
-        return [self._update(seq) for seq in ended]
+        updates = [self._update(seq) for seq in ended]
+        request.seqs = []  # see _stepped
+        return updates
 
     def abort_all(self) -> list[SeqUpdate]:
         updates = []
@@ -183,8 +185,13 @@ class EngineCore:
         finished = [seq for seq in touched if seq.status.is_finished]
         self.runner.release(finished)
         for seq in finished:
-            if seq.request.is_finished:
-                self.requests.pop(seq.request.request_id, None)
+            request = seq.request
+            if request.is_forked and request.seqs and request.is_finished:
+                self.requests.pop(request.request_id, None)
+                # Its samples point at it and it at them: a reference cycle that would keep every token and
+                # logprob list of the request alive until a collector pass, and make full passes walk them (a
+                # 512-sample request is ~10^6 list items). Letting go of the samples frees it all at once.
+                request.seqs = []
         return updates
 
     def drain(self) -> None:
