@@ -281,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def serve_engine_config(argv: list[str]):
+    """The EngineConfig `rlserve serve ARGV` would run (every spelling of every flag, as serve parses them)."""
+    from rlserve.server.launcher import engine_config_from_args
+    parser = argparse.ArgumentParser(prog="rlserve")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return engine_config_from_args(parser.parse_args(["serve", *argv]))
+
+
 def _extra_parsers():
     """Subcommands that live with their feature: sweep (distributed), demo (the RL loop)."""
     from rlserve.bench.sweep import add_sweep_parser

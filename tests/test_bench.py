@@ -211,7 +211,7 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
     run = server_bench.run_server_bench
     monkeypatch.setattr(server_bench, "run_server_bench", lambda *a, **k: run(*a, **k, model_root=str(tmp_path)))
     out = tmp_path / "r.json"
-    assert cli.main(["bench", "--workload", "cpu-tiny", "--through_server", "--repeats", "1", "--server_args",
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--through_server", "--repeats", "2", "--server_args",
                      "--max_num_seqs 4 --seed 3", "--output", str(out)]) == 0
     assert started == [["--max_num_seqs", "4", "--seed", "3"]]
     result = json.loads(out.read_text())
@@ -227,7 +227,9 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
         (replica,) = parts["replicas"]
         assert replica["replica"] == 0 and replica["steps"] >= TINY.max_tokens
         assert 0 < replica["step_s"] <= parts["server_generate_s"] and replica["gc_s"] >= 0
-        assert [run["seconds"] for run in result[key]["runs"]] == result[key]["all_seconds"]
+        assert sorted(run["seconds"] for run in result[key]["runs"]) == result[key]["all_seconds"]
+    # the offline figure beside them runs the server's engine, as `serve` parsed --server_args
+    assert result["offline_engine"] == {"async_scheduling": False, "max_num_seqs": 4, "seed": 3}
 
 
 def test_server_timing_header_is_parsed_as_seconds():
@@ -274,3 +276,21 @@ def test_num_prompts_runs_the_workload_with_fewer_prompts(tmp_path, monkeypatch,
     assert replace(TINY, num_prompts=2).prompts() == TINY.prompts()[:2]
     assert cli.main(["bench", "--workload", "cpu-tiny", "--num_prompts", "0"]) == 2
     assert "--num_prompts must be at least 1" in capsys.readouterr().err
+
+
+def test_the_offline_engine_beside_a_server_reads_the_server_flags_as_serve_does():
+    """`--async-scheduling`, `--async_scheduling=true`, `--async_scheduling false`: what the server runs, the
+    offline figure it is compared with runs too."""
+    import torch
+
+    from rlserve.bench.server_bench import bench_server_args
+    from rlserve.cli import serve_engine_config
+
+    def config(*extra):
+        return serve_engine_config(["--model", "m", *bench_server_args(torch.device("cpu"), True, 1, 1, list(extra))])
+
+    assert not config().async_scheduling and config().dtype == "bfloat16" and config().load_format == "dummy"
+    for flags in (["--async-scheduling"], ["--async_scheduling"], ["--async_scheduling=true"]):
+        assert config(*flags).async_scheduling, flags
+    assert not config("--async_scheduling", "false").async_scheduling
+    assert config("--max-num-seqs", "8", "--seed", "5").max_num_seqs == 8

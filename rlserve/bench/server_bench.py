@@ -10,6 +10,7 @@ import asyncio
 import json
 import statistics
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
@@ -22,13 +23,20 @@ from rlserve.server import binary
 from rlserve.server.process import ServerProcess
 
 
-def start_bench_server(model_dir: Path, device: torch.device, random_weights: bool, dp: int, tp: int,
-                       extra: list[str] | None = None) -> ServerProcess:
-    """A server for a benchmark: its device and parallel sizes, random weights for models not on disk."""
+def bench_server_args(device: torch.device, random_weights: bool, dp: int, tp: int,
+                      extra: list[str] | None = None) -> list[str]:
+    """A benchmark server's flags: its device and parallel sizes, random weights for models not on disk, then the
+    caller's (which win)."""
     args = ["--device", str(device), "--data_parallel_size", str(dp), "--tensor_parallel_size", str(tp)]
     if random_weights:
         args += ["--load_format", "dummy", "--dtype", "bfloat16"]
-    return ServerProcess(str(model_dir), *args, *(extra or []), startup_timeout=900, poll_s=0.5)
+    return args + list(extra or [])
+
+
+def start_bench_server(model_dir: Path, device: torch.device, random_weights: bool, dp: int, tp: int,
+                       extra: list[str] | None = None) -> ServerProcess:
+    return ServerProcess(str(model_dir), *bench_server_args(device, random_weights, dp, tp, extra),
+                         startup_timeout=900, poll_s=0.5)
 
 
 def _payloads(workload: Workload, logprobs: int | None, response_format: str = "json",
@@ -92,8 +100,8 @@ async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True,
         seconds = time.perf_counter() - start
         if before is not None:  # where each replica's time went during the run: inside its steps, in its GC
             after = await _replica_counters(client, url)
-            parts["replicas"] = [{k: a[k] - b[k] for k in a} | {"replica": i}
-                                 for i, (b, a) in enumerate(zip(before, after))]
+            parts["replicas"] = [{k: a[k] - b[k] for k in a if k != "replica"} | {"replica": a["replica"]}
+                                 for b, a in zip(before, after)]
     if parts is not None and len(server) == 1 and {"generate", "build"} <= server[0].keys():
         parts.update(server_generate_s=server[0]["generate"], server_build_s=server[0]["build"],
                      client_decode_s=decode_s)
@@ -107,7 +115,7 @@ async def _replica_counters(client, url: str) -> list[dict]:
     generation (a full, generation-2, pass walks every live sequence's lists)."""
     r = await client.get(url + "/server_info/")
     r.raise_for_status()
-    return [{"steps": rep.get("num_steps", 0), "step_s": rep.get("step_seconds_total", 0.0),
+    return [{"replica": rep["replica"], "steps": rep.get("num_steps", 0), "step_s": rep.get("step_seconds_total", 0.0),
              "gc_s": sum(rep.get("gc_seconds", []) or [0.0]),
              **{f"gc{g}_passes": n for g, n in enumerate(rep.get("num_gc_collections", [0, 0, 0]))}}
             for rep in r.json()["replicas"]]
@@ -199,6 +207,7 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
     alternate JSON and binary so that a slow spell of a shared machine does not land on one of them only). ``server_args``: more `rlserve serve`
     flags (e.g. ``--ray_address auto``), recorded in the result."""
     from rlserve import LLM
+    from rlserve.cli import serve_engine_config
     workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
     dev = torch.device(device or ("cuda" if workload.device == "cuda" and torch.cuda.is_available() else "cpu"))
     root = Path(model_root or Path.home() / ".cache" / "rlserve" / "bench")
@@ -234,11 +243,14 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
     finally:
         server.stop(60)
     if data_parallel_size == 1 and tensor_parallel_size == 1:
-        # The offline engine runs after the server has exited: an offline async engine's GPU memory was not back
-        # for the server's replica when it ran first (2 x H200, a79ec9d); the order does not matter on CPU.
-        llm = LLM(str(model_dir), device=str(dev), load_format="dummy" if random_weights else "auto",
-                  dtype="bfloat16" if dev.type == "cuda" else "float32",
-                  async_scheduling="--async_scheduling" in (server_args or []))  # the server's engine, offline
+        # The server's engine, offline: its flags as `serve` parses them (every spelling of async scheduling, batch
+        # limits, seed ...). It runs after the server has exited: an offline async engine's GPU memory was not
+        # back for the server's replica when it ran first (2 x H200, a79ec9d).
+        config = serve_engine_config(["--model", str(model_dir),
+                                      *bench_server_args(dev, random_weights, 1, 1, server_args)])
+        llm = LLM(**{f.name: getattr(config, f.name) for f in fields(config)})
+        result["offline_engine"] = {"async_scheduling": config.async_scheduling,
+                                    "max_num_seqs": config.max_num_seqs, "seed": config.seed}
         # Best of N: run-to-run noise on small shared machines is larger than what is measured here.
         result["offline"] = min((run_rlserve(llm, workload, MODES["logprobs0"]) for _ in range(repeats)),
                                 key=lambda r: r["seconds"])

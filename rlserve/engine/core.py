@@ -89,8 +89,8 @@ class EngineCore:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         request = Request(request_id, list(prompt_token_ids), params, seed, stream, grammar=grammar,
                           stop_strings=stop_strings)
+        self.scheduler.add_request(request)  # first: if it raises (a grammar's state), there is nothing to undo
         self.requests[request_id] = request
-        self.scheduler.add_request(request)
 
     def _check_runnable(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The two checks admission did against limits that may not be this replica's (a replica restarted on
@@ -186,7 +186,7 @@ class EngineCore:
         self.runner.release(finished)
         for seq in finished:
             request = seq.request
-            if request.is_forked and request.seqs and request.is_finished:
+            if request.seqs and request.is_finished:
                 self.requests.pop(request.request_id, None)
                 # Its samples point at it and it at them: a reference cycle that would keep every token and
                 # logprob list of the request alive until a collector pass, and make full passes walk them (a

@@ -250,6 +250,8 @@ class Scheduler:
         ended = []
         for i, item in enumerate(items):
             seq, request = item.seq, item.seq.request
+            if seq.status == SequenceStatus.FINISHED_ABORTED:  # aborted after this step was scheduled: gone
+                continue
             if chunks is not None:
                 request.add_prompt_logprobs(chunks[i])
             if seq.num_computed_tokens < seq.num_prompt_tokens:

@@ -49,13 +49,14 @@ run_step() {
       done ;;
     dp-scaling)
       # fixed work (one 64 x 8 batch) at DP=1 and DP=2, 5 runs each (every run kept, with each replica's steps,
-      # seconds inside them and GC seconds during it): --async_scheduling, then DP=2 sync; DP_CONFIGS picks
-      # others ("DP:FLAGS")
+      # seconds inside them and GC seconds during it): --async_scheduling, then sync; DP_CONFIGS picks others
+      # ("DP:FLAGS;DP:FLAGS", FLAGS may hold spaces)
       bench="python3 -m rlserve.cli bench --workload rl-small --through_server --repeats ${DP_REPEATS:-5}"
-      for cfg in ${DP_CONFIGS:-"1:--async_scheduling" "2:--async_scheduling" "2:"}; do
-        dp=${cfg%%:*}; a=${cfg#*:}
-        timeout 200 $bench --data_parallel_size $dp --server_args="--log_level warning $a" \
-          --output "$OUT/rl-small-server-dp$dp${a:+-async}.json" 2>&1 | grep "offline\|server /gen"
+      IFS=';' read -ra cfgs <<< "${DP_CONFIGS:-1:--async_scheduling;2:--async_scheduling;1:;2:}"
+      for cfg in "${cfgs[@]}"; do
+        dp=${cfg%%:*}; a=${cfg#*:}; tag=$(printf %s "$a" | tr -cs 'A-Za-z0-9.' '-'); tag=${tag#-}; tag=${tag%-}
+        timeout 200 $bench --data_parallel_size "$dp" --server_args="--log_level warning $a" \
+          --output "$OUT/rl-small-server-dp$dp${tag:+-$tag}.json" 2>&1 | grep "offline\|server /gen"
       done ;;
     dp-diag)
       for flag in "" --async_scheduling; do
@@ -98,8 +99,8 @@ run_step() {
     vs-vllm-small|vs-vllm-medium|vs-vllm-7b)
       w=rl-${1#vs-vllm-}
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
-        --workload "$w" --modes seeded,plain --no_baseline --against vllm ${VS_ASYNC:+--async_scheduling} \
-        --output "$OUT/$w-vs-vllm${VS_ASYNC:+-async}.json" 2>&1 | tail -n 20 ;;
+        --workload "$w" --modes seeded,plain --no_baseline --against vllm $([ "${VS_ASYNC:-0}" = 1 ] && echo --async_scheduling) \
+        --output "$OUT/$w-vs-vllm$([ "${VS_ASYNC:-0}" = 1 ] && echo -async).json" 2>&1 | tail -n 20 ;;
     profile-small|profile-7b)
       # where a decode step's time goes (the engine's own step with timing hooks), and torch.profiler's top
       # operators by CUDA time (the Chrome trace stays on the machine: too large to come back)
