@@ -97,16 +97,17 @@ run_step() {
         && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vllm-site /tmp/vllmwh/*.whl 2>&1 \
         | tail -n 3; PYTHONPATH=/tmp/vllm-site:$PYTHONPATH python3 -c "import vllm; print('vllm', vllm.__version__)" ;;
     vs-vllm-small|vs-vllm-medium|vs-vllm-7b)
-      w=rl-${1#vs-vllm-}
+      w=rl-${1#vs-vllm-}; async=""; [ "${VS_ASYNC:-0}" = 1 ] && async=--async_scheduling
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
-        --workload "$w" --modes seeded,plain --no_baseline --against vllm $([ "${VS_ASYNC:-0}" = 1 ] && echo --async_scheduling) \
-        --output "$OUT/$w-vs-vllm$([ "${VS_ASYNC:-0}" = 1 ] && echo -async).json" 2>&1 | tail -n 20 ;;
+        --workload "$w" --modes seeded,plain --no_baseline --against vllm $async \
+        --output "$OUT/$w-vs-vllm${async:+-async}.json" 2>&1 | tail -n 20 ;;
     profile-small|profile-7b)
       # where a decode step's time goes (the engine's own step with timing hooks), and torch.profiler's top
       # operators by CUDA time (the Chrome trace stays on the machine: too large to come back)
       w=rl-${1#profile-}
       timeout 300 python3 -m rlserve.bench.profile_step --workload "$w" --output "$OUT/profile-$w.json" \
-        --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30; cp /tmp/prof-$w/ops-*.txt "$OUT/" 2>/dev/null ;;
+        --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30
+      cp /tmp/prof-$w/ops-*.txt "$OUT/" 2>/dev/null ;;
     sweep-7b|sweep-32b)
       w=rl-${1#sweep-}
       timeout 560 python3 -m rlserve.cli sweep --gpus 2 --workload "$w" --output_dir "$OUT/sweep-$w" 2>&1 | tail -n 15 ;;

@@ -28,11 +28,12 @@ run_step() {
       v=${step#e2e-}
       d=/tmp/e2e-$v; rm -rf $d
       sargs=(); for a in ${E2E_SERVER_ARGS:-}; do sargs+=("--server-arg=$a"); done  # one word, one server flag
-      tag=$(printf %s "${E2E_SERVER_ARGS:-}" | tr -cs 'A-Za-z0-9.' '-'); tag=${tag:+-${tag#-}}; tag=${tag%-}
+      tag=$(printf %s "${E2E_SERVER_ARGS:-}" | tr -cs 'A-Za-z0-9.' '-'); tag=${tag#-}; tag=${tag%-}; tag=${tag:+-$tag}
       timeout ${E2E_TIMEOUT:-290} python3 tools/trl_e2e/grpo_e2e.py --trl-path /tmp/trl-$v.0 --repo "$PWD" --out $d \
         --phases ${E2E_PHASES:-http,grpo-unchanged} --timeout ${PHASE_TIMEOUT:-200} "${sargs[@]}" 2>&1 | tail -n 12
       cp $d/results.json "$OUT/e2e-$v$tag.json" 2>/dev/null
-      for f in $d/*.log; do echo "##### $f"; grep -v '" 200 \|RECORD line' $f | tail -n 60; done > "$OUT/e2e-$v$tag.logs.txt" ;;
+      for f in $d/*.log; do echo "##### $f"; grep -v '" 200 \|RECORD line' $f | tail -n 60; done \
+        > "$OUT/e2e-$v$tag.logs.txt" ;;
     pytest-trl)
       for v in 1.10 1.16; do
         PYTHONPATH=/tmp/trl-$v.0:$PYTHONPATH timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_trl.py -x \
