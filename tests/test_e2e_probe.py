@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from rlserve import Client
-from server_utils import running_server
+from server_utils import free_port, running_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "trl_e2e"))
 import grpo_e2e  # noqa: E402
@@ -37,7 +37,7 @@ def test_probe_passes_only_when_the_server_holds_moved_trained_weights(tiny_mode
         not_synced = grpo_e2e._probe(args, trainer)
         assert not not_synced["logprobs_close"] and not not_synced["equal"]
 
-        client = Client(base_url=server.url)
+        client = Client(base_url=server.url, group_port=free_port())  # not TRL's fixed default 51216
         client.init_communicator(device="cpu")
         push[0] = lambda: client.update_model_params(model)
         synced = grpo_e2e._probe(args, trainer)
