@@ -85,15 +85,16 @@ def install_hooks(timer: StepTimer, engine) -> None:
     timer.hook(scheduler, "update_from_output", "apply tokens (host)", on_device=False)
 
 
-def fill_engine(engine, workload, mode) -> None:
-    """Add every request of the workload and step until all are decoding, then five steps more."""
+def fill_engine(engine, workload, mode, warm_steps: int = 0) -> None:
+    """Add every request of the workload and step until all are decoding, then ``5 + warm_steps`` steps more
+    (``warm_steps`` moves the profiled steps to a longer context: half the generation length is the run's mean)."""
     from rlserve.bench.bench import sampling_params
     for i, (prompt, params) in enumerate(zip(workload.prompts(), sampling_params(workload, mode))):
         engine.add_request(f"p{i}", prompt, params)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or \
             engine.scheduler.waiting or len(engine.scheduler.running) < workload.num_sequences:
         engine.step()
-    for _ in range(5):
+    for _ in range(5 + warm_steps):
         engine.step()
 
 
@@ -111,7 +112,7 @@ def timed_steps(engine, steps: int, device: torch.device) -> tuple[float, list[i
 
 def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: str | None = None,
             device: str | None = None, torch_profiler: str | None = None, model_root: str | None = None,
-            engine_kwargs: dict | None = None) -> dict:
+            engine_kwargs: dict | None = None, warm_steps: int = 0) -> dict:
     from rlserve import LLM
     from rlserve.bench.bench import device_name, git_commit, prepare_model
     from rlserve.bench.workloads import MODES, Workload, get_workload
@@ -119,15 +120,15 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
     workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
     mode = MODES[mode_name]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if 3 * steps + 5 >= min(workload.max_tokens_per_prompt()):
-        raise ValueError(f"--steps {steps}: the shortest request ({min(workload.max_tokens_per_prompt())} tokens) "
-                         f"ends before the profiled steps do")
+    if 3 * steps + 5 + warm_steps >= min(workload.max_tokens_per_prompt()):
+        raise ValueError(f"--steps {steps} --warm_steps {warm_steps}: the shortest request "
+                         f"({min(workload.max_tokens_per_prompt())} tokens) ends before the profiled steps do")
     model_dir, random_weights = prepare_model(workload, Path(model_root or Path.home() / ".cache" / "rlserve" /
                                                              "bench"), dev)
     llm = LLM(str(model_dir), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
               load_format="dummy" if random_weights else "auto", **(engine_kwargs or {}))
     engine = llm.engine
-    fill_engine(engine, workload, mode)
+    fill_engine(engine, workload, mode, warm_steps)
     timer = StepTimer(dev)
     install_hooks(timer, engine)
     try:
@@ -138,7 +139,7 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
     phases = {k: v / steps * 1e3 for k, v in timer.times.items() if v > 0}
     phases["rest of the step (host)"] = max(0.0, profiled_s / steps * 1e3 - sum(phases.values()))
     report = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d"), "steps": steps, "mean_batch": sum(batch_sizes) / steps,
+              "date": time.strftime("%Y-%m-%d"), "steps": steps, "warm_steps": warm_steps, "mean_batch": sum(batch_sizes) / steps,
               "mode": mode.name, "logprobs": mode.logprobs, "ms_per_step": phases,
               "total_ms_per_step": profiled_s / steps * 1e3, "unprofiled_ms_per_step": unprofiled_s / steps * 1e3,
               "timed": "the engine's own step() with hooks on the methods it calls"}
@@ -166,7 +167,7 @@ def _torch_profile(engine, steps: int, device: torch.device, out_dir: Path, name
     trace = out_dir / f"trace-{name}.json"
     prof.export_chrome_trace(str(trace))
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=15)
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=90)
     (out_dir / f"ops-{name}.txt").write_text(table)
     print(table)
     return {"trace": str(trace), "ops_table": str(out_dir / f"ops-{name}.txt")}
@@ -185,5 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", default=None)
     parser.add_argument("--torch_profiler", "--torch-profiler", default=None, metavar="DIR")
+    parser.add_argument("--warm_steps", "--warm-steps", type=int, default=0,
+                        help="decode steps before the profiled ones (a longer context)")
     args = parser.parse_args()
-    profile(args.workload, args.steps, args.mode, args.output, args.device, args.torch_profiler)
+    profile(args.workload, args.steps, args.mode, args.output, args.device, args.torch_profiler,
+            warm_steps=args.warm_steps)

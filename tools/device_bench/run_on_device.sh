@@ -104,9 +104,10 @@ run_step() {
     profile-small|profile-7b)
       # where a decode step's time goes (the engine's own step with timing hooks), and torch.profiler's top
       # operators by CUDA time (the Chrome trace stays on the machine: too large to come back)
+      # (PROFILE_WARM=N: N decode steps first, a longer context)
       w=rl-${1#profile-}
       timeout 300 python3 -m rlserve.bench.profile_step --workload "$w" --output "$OUT/profile-$w.json" \
-        --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30
+        --warm_steps "${PROFILE_WARM:-0}" --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30
       cp /tmp/prof-$w/ops-*.txt "$OUT/" 2>/dev/null ;;
     sweep-7b|sweep-32b)
       w=rl-${1#sweep-}
