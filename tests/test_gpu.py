@@ -159,3 +159,49 @@ def test_async_scheduling_launch_never_waits_for_the_device_and_matches_sync(tin
     assert got == want and warm == want
     assert len(checked) >= 30  # 31 decode steps after the prefill: all but none fell back
     assert all(len(s.scheduled) == len(batch) for s in checked)
+
+
+def test_shared_prefix_attention_equals_transformers_and_the_unshared_path(small_model_dir):
+    """Samples of a prompt read its blocks once per group (_shared_prefix_kernel): in float32, greedy samples equal
+    transformers, and seeded samples (9 per prompt: a group of 8 and one alone) draw the same tokens as with the
+    feature off, with logprobs equal to transformers' log-softmax -- in CUDA graphs and eagerly. The steps did
+    run with groups (counted), so the test cannot pass by never using them."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).cuda().eval()
+    batch = prompts(4, seed=6, vocab=32000, low=100, high=300)
+    greedy = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, n=3)
+    seeded = SamplingParams(temperature=0.9, max_tokens=24, min_tokens=24, n=9, seed=5, logprobs=0)
+    results = {}
+    for shared, eager in ((True, False), (True, True), (False, False)):
+        llm = LLM(str(small_model_dir), device="cuda", dtype="float32", enforce_eager=eager,
+                  gpu_memory_utilization=0.5, shared_prefix_attention=shared)
+        runner = llm.engine.runner
+        assert (runner.prefix_group_seqs > 0) == shared
+        grouped_steps = []
+        build = runner.build_step
+
+        def counting(*args, **kwargs):
+            step = build(*args, **kwargs)
+            grouped_steps.append(len(step.prefix_groups))
+            return step
+
+        runner.build_step = counting
+        outs = llm.generate(batch, greedy)
+        for prompt, out in zip(batch, outs):
+            want = hf_greedy(hf, prompt, 24)
+            assert [c.token_ids for c in out.outputs] == [want] * 3
+        results[shared, eager] = llm.generate(batch, seeded)
+        assert (max(grouped_steps) >= len(batch)) == shared, grouped_steps
+        del llm, runner, build
+        torch.cuda.empty_cache()
+    for shared_eager in ((True, False), (True, True)):
+        for got, want in zip(results[shared_eager], results[False, False]):
+            assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+    for prompt, out in zip(batch, results[True, False]):
+        for c in out.outputs:
+            ids = torch.tensor([prompt + c.token_ids], device="cuda")
+            with torch.no_grad():
+                logits = hf(ids).logits[0, len(prompt) - 1:-1].float() / 0.9
+            want = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids, device="cuda")[:, None])
+            torch.testing.assert_close(torch.tensor(c.sampled_logprobs, device="cuda"), want.squeeze(1),
+                                       atol=2e-3, rtol=0)
