@@ -10,6 +10,7 @@ import pytest
 
 INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")
 if INTERPRET:
     DEVICE = "cpu"
@@ -49,3 +50,122 @@ def test_draws_follow_the_distribution_and_depend_only_on_the_seed():
     assert (empirical - expected).abs().max() < (0.03 if INTERPRET else 0.006)
     again, _ = fused_sample(logits[:10].clone(), torch.ones(10, device=DEVICE), seeds[:10].clone())
     assert torch.equal(again, tokens[:10])  # the same seeds draw the same tokens in another batch
+
+
+# The single-program kernel that drew every row before the vocab was split into chunks (one program a row,
+# looping over the whole vocab), kept as the reference for the draw: a seed must draw the same token. Only
+# change: `tl.where(valid & alive, ...)` is written as two nested `where`s (the same values), since the
+# interpreter cannot AND a vector with a reduced scalar.
+@triton.jit
+def _reference_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, seed_ptr, token_ptr,
+                      logprob_ptr, vocab_size, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    inv_t = tl.load(inv_temperature_ptr + row)
+    greedy = tl.load(greedy_ptr + row) != 0
+    seed = tl.load(seed_ptr + row)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    best_score = tl.full((), float("-inf"), tl.float32)
+    best_index = tl.full((), 0, tl.int32)
+    best_x = tl.full((), 0.0, tl.float32)
+    for start in range(0, vocab_size, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < vocab_size
+        x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        alive = m_new > float("-inf")
+        s = tl.where(alive, s * tl.exp(m - m_new), s) \
+            + tl.sum(tl.where(alive, tl.where(valid, tl.exp(x - m_new), 0.0), 0.0), axis=0)
+        m = m_new
+        u = tl.rand(seed, offs)
+        gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-10)))
+        score = tl.where(valid, tl.where(greedy, x, x + gumbel), float("-inf"))
+        block_best = tl.max(score, axis=0)
+        block_index = tl.argmax(score, axis=0).to(tl.int32)
+        take = block_best > best_score
+        best_x = tl.where(take, tl.sum(tl.where(offs == start + block_index, x, 0.0), axis=0), best_x)
+        best_index = tl.where(take, start + block_index, best_index)
+        best_score = tl.where(take, block_best, best_score)
+    tl.store(token_ptr + row, best_index.to(tl.int64))
+    tl.store(logprob_ptr + row, best_x - (m + tl.log(s)))
+
+
+def _reference(logits, inv_t, greedy, seeds):
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _reference_kernel[(rows,)](logits, logits.stride(0), inv_t, greedy.to(torch.int8), seeds, tokens, logprobs,
+                               vocab, BLOCK=2048, num_warps=8)
+    return tokens, logprobs
+
+
+def _hard_rows(vocab: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that test the merge of chunks (BLOCK 256, chunks of 5 blocks = 1280 entries) -> (logits, greedy)."""
+    torch.manual_seed(1)
+    logits = torch.randn(12, vocab) * 2
+    inf = float("-inf")
+    logits[0, 4321] = 30.0  # the best token in the last chunk, sampled
+    logits[1, 4321] = 30.0  # ... and greedy
+    logits[2, :1280] = inf  # the first chunk only -inf
+    logits[3, 1280:2560] = inf  # a middle chunk only -inf, greedy
+    logits[3, 1000] = logits[3, 3000] = 25.0  # ... and a greedy tie across chunks: the lower index
+    logits[4, :] = inf  # all but one -inf, in a later chunk
+    logits[4, 3333] = 0.5
+    logits[5, :] = inf  # all but one -inf, greedy
+    logits[5, 2600] = -3.0
+    logits[6, :] = 1.0  # flat, greedy: a tie everywhere, token 0
+    logits[7, :3840] = inf  # only the last chunk (with its partial block) alive
+    logits[8, 4999] = 40.0  # the very last entry
+    logits[9, 1279] = logits[9, 1280] = 40.0  # a greedy tie across a chunk boundary
+    greedy = torch.zeros(12, dtype=torch.bool)
+    greedy[[1, 3, 5, 6, 9, 11]] = True
+    return logits, greedy
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf - -inf, discarded
+@pytest.mark.parametrize("num_chunks", [1, 3, 20])
+def test_chunked_draw_equals_the_single_program_kernel(num_chunks):
+    from rlserve.engine.sampler_triton import _gumbel_sample
+    logits, greedy = _hard_rows()
+    logits, greedy = logits.to(DEVICE), greedy.to(DEVICE)
+    rows = logits.shape[0]
+    temperature = torch.tensor([1.0, 0.0, 0.7, 0.0, 1.3, 0.0, 0.0, 2.0, 1.0, 0.0, 0.5, 0.0], device=DEVICE)
+    inv_t = 1.0 / torch.where(greedy, 1.0, temperature)
+    seeds = torch.arange(rows, dtype=torch.int64, device=DEVICE) * 104729 + 11
+    tokens, logprobs = _gumbel_sample(logits, inv_t, greedy, seeds, block=256, num_chunks=num_chunks)
+    ref_tokens, ref_logprobs = _reference(logits, inv_t, greedy, seeds)
+    assert torch.equal(tokens, ref_tokens)
+    want = torch.log_softmax(logits * inv_t[:, None], dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens[greedy], logits[greedy].argmax(dim=-1))  # torch's argmax: the first maximum
+    assert tokens[[0, 1, 4, 5, 8]].tolist() == [4321, 4321, 3333, 2600, 4999]
+    assert tokens[3].item() == 1000 and tokens[6].item() == 0 and tokens[9].item() == 1279
+    assert tokens[2].item() >= 1280 and tokens[7].item() >= 3840
+    assert logprobs[[4, 5]].tolist() == [0.0, 0.0]
+
+
+def test_random_rows_draw_as_the_single_program_kernel_for_every_split():
+    from rlserve.engine.sampler_triton import _gumbel_sample
+    torch.manual_seed(2)
+    rows, vocab = 8, 5000
+    logits = torch.randn(rows, vocab, device=DEVICE)  # flat enough that the noise decides
+    inv_t = torch.rand(rows, device=DEVICE) + 0.5
+    greedy = torch.zeros(rows, dtype=torch.bool, device=DEVICE)
+    seeds = torch.randint(0, 2**62, (rows,), dtype=torch.int64, device=DEVICE)
+    ref_tokens, _ = _reference(logits, inv_t, greedy, seeds)
+    for block, num_chunks in [(256, 4), (512, 3), (2048, None)]:
+        tokens, _ = _gumbel_sample(logits, inv_t, greedy, seeds, block=block, num_chunks=num_chunks)
+        assert torch.equal(tokens, ref_tokens), (block, num_chunks)
+
+
+def test_split_comes_from_static_shapes():
+    from rlserve.engine.sampler_triton import _split
+    assert _split(256, 152064, 2048, target_programs=4 * 132) == (3, 25 * 2048)  # the RL shape on an H200
+    assert _split(4096, 152064, 2048, target_programs=4 * 132) == (1, 75 * 2048)  # large batches: one chunk
+    assert _split(1, 152064, 2048, target_programs=4 * 132) == (75, 2048)  # one row: one block a chunk
+    assert _split(12, 5000, 256, num_chunks=3) == (3, 7 * 256)
+    assert _split(12, 5000, 256, num_chunks=100) == (20, 256)
+    assert _split(3, 7, 2048, num_chunks=4) == (1, 2048)
+    assert _split(3, 0, 2048, num_chunks=4) == (1, 2048)
