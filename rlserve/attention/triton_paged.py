@@ -308,6 +308,12 @@ def _decode_config(block_d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
 
 
+def _prefix_config(block_r: int, block_d: int, dtype: torch.dtype) -> dict:
+    """KV tile and launch options for _shared_prefix_kernel (its query tile has block_r rows)."""
+    return dict(BLOCK_N=_decode_config(block_d, dtype)["BLOCK_N"], num_warps=4 if block_r <= 32 else 8,
+                num_stages=2)
+
+
 def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # correctness reference path; small tiles avoid spills
         return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 64 else 16, num_warps=8, num_stages=2)
@@ -409,8 +415,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             NUM_HEADS=num_heads, GROUP=group, GROUP_SEQS=group_seqs, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-            BLOCK_R=block_r, BLOCK_N=config["BLOCK_N"], BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype),
-            num_warps=4 if block_r <= 32 else 8, num_stages=2)
+            BLOCK_R=block_r, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype),
+            **_prefix_config(block_r, block_d, q.dtype))
     else:
         kv_starts = seq_lens  # unused
         pre_m = pre_l = pre_acc = out
