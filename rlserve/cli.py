@@ -85,10 +85,6 @@ def add_serve_parser(sub) -> None:
     _flag(p, "fused_kernels", type=_bool, nargs="?", const=True, default=os.environ.get("RLSERVE_FUSED", "1") != "0",
           help="Use the fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA (default: true, "
                "unless $RLSERVE_FUSED=0; `false` runs PyTorch's per-layer ops, for comparisons).")
-    _flag(p, "shared_prefix_attention", type=_bool, nargs="?", const=True,
-          default=os.environ.get("RLSERVE_SHARED_PREFIX", "1") != "0",
-          help="Decoding samples of one prompt read its cache blocks once per group of up to 8 instead of once "
-               "each (CUDA; default: true, unless $RLSERVE_SHARED_PREFIX=0; `false` for comparisons).")
     _flag(p, "async_scheduling", type=_bool, nargs="?", const=True, default=False,
           help="Schedule and launch each engine step while the device still runs the one before (vLLM's "
                "--async-scheduling; default: false). Outputs equal the synchronous engine's in the CPU tests; on a "

@@ -48,9 +48,6 @@ class EngineConfig:
     # sync mode's in the CPU tests; on a GPU other batch shapes can change logits in the last bits. Not yet run or
     # measured on a GPU.
     async_scheduling: bool = False
-    # Decoding samples of one prompt read the prompt's shared cache blocks once per group instead of once each
-    # (attention/triton_paged.py, _shared_prefix_kernel); False: every sequence reads its whole context.
-    shared_prefix_attention: bool = True
     extra: dict = field(default_factory=dict)
 
     def logprobs_limit(self, vocab_size: int) -> int:

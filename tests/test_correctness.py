@@ -68,16 +68,13 @@ class EagerDecodeGraphs:
     def __init__(self, model, max_batch: int):
         self.model, self.max_batch, self.num_runs = model, max_batch, 0
 
-    def run(self, input_ids, positions, step_meta):
-        """What the graph sees of the step: its device tensors, every row a one-token query."""
+    def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables):
         self.num_runs += 1
-        b, seq_lens = input_ids.shape[0], step_meta.seq_lens
+        b = input_ids.shape[0]
         meta = AttentionMetadata(
-            slot_mapping=step_meta.slot_mapping, query_start_loc=torch.arange(b + 1, dtype=torch.int32),
-            seq_lens=seq_lens, block_tables=step_meta.block_tables, num_decodes=b, max_query_len=1,
-            max_seq_len=int(seq_lens.max()), query_lens_cpu=[1] * b, seq_lens_cpu=seq_lens.tolist(),
-            prefix_groups=step_meta.prefix_groups, prefix_lens=step_meta.prefix_lens,
-            kv_starts=step_meta.kv_starts)
+            slot_mapping=slot_mapping, query_start_loc=torch.arange(b + 1, dtype=torch.int32),
+            seq_lens=seq_lens, block_tables=block_tables, num_decodes=b, max_query_len=1,
+            max_seq_len=int(seq_lens.max()), query_lens_cpu=[1] * b, seq_lens_cpu=seq_lens.tolist())
         return self.model(input_ids, positions, meta)
 
 

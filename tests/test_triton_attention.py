@@ -190,58 +190,6 @@ def test_decode_split_kv(dtype, gqa, num_splits):
     _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
 
 
-def _share_prefix(cache: PagedCache, leader: int, members: list[int], num_blocks: int) -> None:
-    """Point the members' first ``num_blocks`` table entries at the leader's blocks (forked samples)."""
-    for m in members:
-        cache.block_tables[m, :num_blocks] = cache.block_tables[leader, :num_blocks]
-
-
-@pytest.mark.parametrize("dtype", _params(GPU_DTYPES, [torch.float32, torch.float16]))
-@pytest.mark.parametrize("gqa", _params([1, 4, 7], [7]))
-@pytest.mark.parametrize("num_splits", _params([None, 1, 3], [1, 3]))
-def test_decode_shared_prefix(dtype, gqa, num_splits):
-    """Groups of sequences reading their shared blocks once (_shared_prefix_kernel), then their own keys from
-    that state: = the reference on the same tables. Covers a prefix that ends inside a KV tile, a member whose
-    own part is one key, -1 member padding, a spare group (prefix 0), rows in no group, and seq_len-0 rows."""
-    gen = torch.Generator().manual_seed(6)
-    bs, head_dim = 8, 64
-    group_seqs = tp.shared_prefix_group_size(gqa)
-    # rows 0-3: one group, 3 shared blocks (24 keys: not a multiple of the KV tile); row 3's own part is 1 key
-    # rows 4-5: a group sharing 5 blocks; row 6: alone; rows 7-8: a group sharing 1 block
-    seq_lens = [40, 57, 31, 25, 90, 70, 33, 20, 9]
-    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
-    _share_prefix(cache, 0, [1, 2, 3], 3)
-    _share_prefix(cache, 4, [5], 5)
-    _share_prefix(cache, 7, [8], 1)
-    groups = [[0, 1, 2, 3], [4, 5], [7, 8], []]  # the last: a spare program (a graph's unused group)
-    prefix = [24, 40, 8, 0]
-    if group_seqs < 4:  # the first group in two parts, as the runner would cut it
-        groups[0:1] = [[0, 1], [2, 3]]
-        prefix[0:1] = [24, 24]
-    table = torch.full((len(groups), group_seqs), -1, dtype=torch.int32)
-    for g, rows in enumerate(groups):
-        table[g, :len(rows)] = torch.tensor(rows, dtype=torch.int32)
-    kv_starts = [0] * len(seq_lens)
-    for rows, n in zip(groups, prefix):
-        for r in rows:
-            kv_starts[r] = n
-    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
-    q = _queries(len(seq_lens) + 2, NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
-    pad = torch.zeros(2, dtype=torch.int32, device=DEVICE)  # two seq_len-0 rows (a graph's padding)
-    scale = head_dim ** -0.5
-
-    out = tp.decode_attention(
-        q, cache.k, cache.v, torch.cat([cache.block_tables, torch.zeros_like(cache.block_tables[:2])]),
-        torch.cat([meta.seq_lens, pad]), scale, num_splits=num_splits,
-        kv_starts=torch.cat([torch.tensor(kv_starts, dtype=torch.int32, device=DEVICE), pad]),
-        prefix_groups=table.to(DEVICE), prefix_lens=torch.tensor(prefix, dtype=torch.int32, device=DEVICE))
-    assert torch.isfinite(out[-2:]).all() and not out[-2:].float().any()
-    _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
-    plain = tp.decode_attention(q[:-2], cache.k, cache.v, cache.block_tables, meta.seq_lens, scale,
-                                num_splits=num_splits)
-    _check(out[:-2], plain.float(), dtype)
-
-
 def test_num_splits_is_static():
     """The split count depends on shapes only (CUDA-graph safe)."""
     dev = torch.device(DEVICE)

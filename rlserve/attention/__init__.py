@@ -24,9 +24,6 @@ class AttentionBackend:
     write_kv: Callable
     attend: Callable
     supports_cuda_graphs: bool
-    # query heads per KV head -> sequences per shared-prefix group (AttentionMetadata.prefix_groups); None: the
-    # backend reads every sequence's whole context and ignores groups.
-    prefix_group_size: Callable[[int], int] | None = None
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -38,8 +35,7 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
         return AttentionBackend("reference", reference.write_kv, reference.paged_attention, False)
     if name == "triton":
         from rlserve.attention import triton_paged
-        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True,
-                                triton_paged.shared_prefix_group_size)
+        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True)
     raise ValueError(f"attention backend must be 'auto', 'reference' or 'triton', got {name!r}")
 
 

@@ -28,11 +28,6 @@ class AttentionMetadata:
     # Host copies, so that backends can plan without a device sync.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
-    # Decodes sharing a prefix (samples of one prompt): each group's keys [0, prefix_lens[g]) are the same cache
-    # blocks, which a backend may read once for the whole group (triton_paged.decode_attention). Optional.
-    prefix_groups: torch.Tensor | None = None  # [NG, S] int32: decode rows of each group, -1 pads
-    prefix_lens: torch.Tensor | None = None  # [NG] int32: shared keys (0: no group)
-    kv_starts: torch.Tensor | None = None  # [num_decodes] int32: the row's group's prefix length, else 0
 
     @property
     def num_seqs(self) -> int:

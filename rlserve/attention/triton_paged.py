@@ -44,7 +44,7 @@ from rlserve.attention.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
-MAX_PREFIX_GROUP = 8  # sequences attending one shared prefix together (see shared_prefix_group_size)
+_HEAD_FASTEST = False  # decode's program order (tools/device_bench/decode_sweep.py measures both)
 
 
 @triton.jit
@@ -107,25 +107,24 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, sta
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_m, part_l, part_acc,
-                   kv_starts_ptr, pre_m, pre_l, pre_acc, qk_scale, num_splits,
+                   qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, HEAD_FASTEST: tl.constexpr,
                    DOT_PREC: tl.constexpr):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEAD_FASTEST:  # grid (B * KVH, 1, splits): a sequence's KV heads run side by side
+        b = tl.program_id(0) // (NUM_HEADS // GROUP)
+        kv_head = tl.program_id(0) % (NUM_HEADS // GROUP)
+    else:  # grid (B, KVH, splits)
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    # Keys [0, kv_start) were attended by _shared_prefix_kernel (their state is in pre_*); this program takes
-    # its split's part of [kv_start, seq_len): [start, end), a multiple of BLOCK_N long, possibly empty.
-    if HAS_PREFIX:
-        kv_start = tl.load(kv_starts_ptr + b)
-    else:
-        kv_start = 0
-    chunk = tl.cdiv(tl.cdiv(seq_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
-    start = kv_start + split * chunk
+    # This split's key range [start, end); a multiple of BLOCK_N long, possibly empty.
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
 
@@ -140,17 +139,9 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
     bt_row = bt_ptr + b64 * stride_bt
 
-    if HAS_PREFIX:  # split 0 continues from the shared prefix's state (an empty state when kv_start is 0)
-        pre_row = b64 * NUM_HEADS + heads  # [BLOCK_G]
-        take = g_ok & (kv_start > 0) & (split == 0)
-        m_i = tl.load(pre_m + pre_row, mask=take, other=float("-inf"))
-        l_i = tl.load(pre_l + pre_row, mask=take, other=0.0)
-        acc = tl.load(pre_acc + pre_row[:, None] * HEAD_DIM + offs_d[None, :], mask=take[:, None] & d_ok[None, :],
-                      other=0.0)
-    else:
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for n in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
                                      qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
@@ -170,53 +161,6 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
         tl.store(part_m + row, m_i, mask=g_ok)
         tl.store(part_l + row, l_i, mask=g_ok)
         tl.store(part_acc + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, groups_ptr, prefix_lens_ptr, pre_m, pre_l, pre_acc,
-                          qk_scale, stride_qb, stride_qh, stride_bt,
-                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_SEQS: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Keys [0, prefix_len) of a group of decoding sequences that share them (the same cache blocks): each K/V
-    tile is loaded once for every query head of every member, the rows of one ``[BLOCK_R, D]`` query tile
-    (row r: member ``r // GROUP``, head ``r % GROUP`` of this KV head). Writes each row's unnormalized state."""
-    grp = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    prefix_len = tl.load(prefix_lens_ptr + grp)
-    if prefix_len == 0:  # no group here (the graph's spare programs)
-        return
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    member = offs_r // GROUP
-    heads = kv_head * GROUP + offs_r % GROUP  # [BLOCK_R]
-    seq = tl.load(groups_ptr + grp * GROUP_SEQS + member, mask=member < GROUP_SEQS, other=-1)  # [BLOCK_R]
-    r_ok = seq >= 0
-    d_ok = offs_d < HEAD_DIM
-    seq64 = tl.where(r_ok, seq, 0).to(tl.int64)
-    q = tl.load(q_ptr + seq64[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_D]
-    leader = tl.load(groups_ptr + grp * GROUP_SEQS).to(tl.int64)  # member 0: its table holds the prefix
-    bt_row = bt_ptr + leader * stride_bt
-    q_pos = tl.zeros([BLOCK_R], dtype=tl.int32) + (prefix_len - 1)
-    full_end = prefix_len // BLOCK_N * BLOCK_N
-
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, prefix_len,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
-    for n in range(full_end, prefix_len, BLOCK_N):  # at most one partial tile
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, prefix_len,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
-    row = seq64 * NUM_HEADS + heads  # [BLOCK_R]
-    tl.store(pre_m + row, m_i, mask=r_ok)
-    tl.store(pre_l + row, l_i, mask=r_ok)
-    tl.store(pre_acc + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -308,12 +252,6 @@ def _decode_config(block_d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
 
 
-def _prefix_config(block_r: int, block_d: int, dtype: torch.dtype) -> dict:
-    """KV tile and launch options for _shared_prefix_kernel (its query tile has block_r rows)."""
-    return dict(BLOCK_N=_decode_config(block_d, dtype)["BLOCK_N"], num_warps=4 if block_r <= 32 else 8,
-                num_stages=2)
-
-
 def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # correctness reference path; small tiles avoid spills
         return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 64 else 16, num_warps=8, num_stages=2)
@@ -359,28 +297,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
 
 
-def shared_prefix_group_size(group: int) -> int:
-    """Sequences per shared-prefix group when ``group`` query heads share a KV head: the members' query heads
-    are the rows of one tile of at most 64 rows (and at most ``MAX_PREFIX_GROUP`` members)."""
-    return max(1, min(MAX_PREFIX_GROUP, 64 // group))
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                     kv_starts: torch.Tensor | None = None, prefix_groups: torch.Tensor | None = None,
-                     prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """q: [B, H, D]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 -> out [B, H, D].
 
     One query per sequence (position seq_len - 1, its K/V already stored); seq_len 0 rows give zeros.
     ``num_splits`` (default: ``choose_num_splits``) must not depend on seq_lens values for CUDA graphs;
-    with more than one split, fp32 partials ``[B, H, num_splits(, D)]`` are allocated per call.
-
-    Shared prefixes (optional, all three or none): ``prefix_groups`` [NG, S] int32 lists the rows of each group
-    of sequences (-1 pads) whose first ``prefix_lens[g]`` keys [NG] int32 are the same cache blocks -- the
-    block table of member 0 is read for them, once for the whole group; ``prefix_lens[g] == 0`` is no group.
-    ``kv_starts`` [B] int32 is each row's group's prefix length (0 outside groups): the row's own pass starts
-    there, from the prefix's softmax state. Shared blocks must be full and before each member's last block."""
+    with more than one split, fp32 partials ``[B, H, num_splits(, D)]`` are allocated per call."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -393,7 +317,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, q.device)
     block_d = triton.next_power_of_2(head_dim)
-    config = _decode_config(block_d, q.dtype)
     direct = num_splits == 1
     if direct:
         part_m = part_l = part_acc = out  # unused
@@ -401,34 +324,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    has_prefix = prefix_groups is not None and prefix_groups.shape[0] > 0
-    if has_prefix:
-        assert kv_starts is not None and prefix_lens is not None
-        pre_m = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
-        pre_l = torch.empty_like(pre_m)
-        pre_acc = torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=q.device)
-        group_seqs = prefix_groups.shape[1]
-        block_r = max(16, triton.next_power_of_2(group_seqs * group))
-        _shared_prefix_kernel[(prefix_groups.shape[0], num_kv_heads)](
-            q, k_cache, v_cache, block_tables, prefix_groups, prefix_lens, pre_m, pre_l, pre_acc,
-            scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            NUM_HEADS=num_heads, GROUP=group, GROUP_SEQS=group_seqs, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-            BLOCK_R=block_r, BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype),
-            **_prefix_config(block_r, block_d, q.dtype))
-    else:
-        kv_starts = seq_lens  # unused
-        pre_m = pre_l = pre_acc = out
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
+    grid = (batch * num_kv_heads, 1, num_splits) if _HEAD_FASTEST else (batch, num_kv_heads, num_splits)
+    _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
-        kv_starts, pre_m, pre_l, pre_acc, scale * _LOG2E, num_splits,
+        scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        DIRECT=direct, HAS_PREFIX=has_prefix, DOT_PREC=_dot_precision(q.dtype), **config)
+        DIRECT=direct, HEAD_FASTEST=_HEAD_FASTEST, DOT_PREC=_dot_precision(q.dtype),
+        **_decode_config(block_d, q.dtype))
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
@@ -472,8 +378,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     nd = meta.num_decodes
     if nd:
         decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                         out=out[:nd], kv_starts=meta.kv_starts, prefix_groups=meta.prefix_groups,
-                         prefix_lens=meta.prefix_lens)
+                         out=out[:nd])
     if meta.num_prefills:
         # query_start_loc[nd:] holds absolute row offsets into q, so q and out are passed whole.
         max_q = max(meta.query_lens_cpu[nd:], default=meta.max_query_len)

@@ -5,10 +5,6 @@ A decode step of B sequences replays the graph of the smallest captured size G >
 static buffers: rows [0, B) hold the step's tokens; rows [B, G) are padding (slot -1, so nothing is written
 to the cache, and sequence length 0, so attention reads nothing). The graph runs the whole model and the LM
 head runs after it, on the real rows only, and so does sampling.
-
-With shared-prefix attention (``group_seqs`` > 0) the graphs are captured with room for B // 2 groups (a group
-has at least two members); a step's groups fill the first rows of that table and the rest have prefix length 0,
-so their programs return at once; a step without groups replays the same graph with every length 0.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
-                 device: torch.device, group_seqs: int = 0):
+                 device: torch.device):
         self.model = model
         self.device = device
         self.sizes = [s for s in CAPTURE_SIZES if s <= max_batch] or [max_batch]
@@ -41,11 +37,6 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(g, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(g, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(g + 1, dtype=torch.int32, device=device)
-        self.group_seqs = group_seqs
-        if group_seqs:
-            self.kv_starts = torch.zeros(g, dtype=torch.int32, device=device)
-            self.prefix_groups = torch.full((self._group_room(g), group_seqs), -1, dtype=torch.int32, device=device)
-            self.prefix_lens = torch.zeros(self._group_room(g), dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
@@ -55,21 +46,11 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    @staticmethod
-    def _group_room(g: int) -> int:
-        return max(1, g // 2)
-
     def _meta(self, g: int) -> AttentionMetadata:
-        prefix = {}
-        if self.group_seqs:
-            room = self._group_room(g)
-            prefix = dict(kv_starts=self.kv_starts[:g], prefix_groups=self.prefix_groups[:room],
-                          prefix_lens=self.prefix_lens[:room])
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:g], query_start_loc=self.query_start_loc[:g + 1],
             seq_lens=self.seq_lens[:g], block_tables=self.block_tables[:g], num_decodes=g, max_query_len=1,
-            max_seq_len=self.max_model_len, query_lens_cpu=[1] * g, seq_lens_cpu=[self.max_model_len] * g,
-            **prefix)
+            max_seq_len=self.max_model_len, query_lens_cpu=[1] * g, seq_lens_cpu=[self.max_model_len] * g)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -100,29 +81,19 @@ class DecodeGraphs:
                 return g
         return None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One decode step of B sequences (device tensors of B rows; its metadata) -> hidden states [B, D], a
-        view into the graph's output that stays valid until the next replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """One decode step of B sequences (device tensors of B rows; block_tables [B, n]) -> hidden states
+        [B, D], a view into the graph's output that stays valid until the next replay."""
         b = input_ids.shape[0]
         g = self.size_for(b)
-        block_tables = meta.block_tables
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.seq_lens[:b].copy_(meta.seq_lens)
+        self.slot_mapping[:b].copy_(slot_mapping)
+        self.seq_lens[:b].copy_(seq_lens)
         self.block_tables[:b, :block_tables.shape[1]].copy_(block_tables)
         if g > b:  # padding rows: write nothing, read nothing
             self.slot_mapping[b:g].fill_(-1)
             self.seq_lens[b:g].zero_()
-        if self.group_seqs:
-            groups = 0 if meta.prefix_groups is None else meta.prefix_groups.shape[0]
-            if groups:
-                self.kv_starts[:b].copy_(meta.kv_starts)
-                self.prefix_groups[:groups].copy_(meta.prefix_groups)
-                self.prefix_lens[:groups].copy_(meta.prefix_lens)
-                self.kv_starts[b:g].zero_()
-            else:
-                self.kv_starts[:g].zero_()
-            self.prefix_lens[groups:self._group_room(g)].zero_()
         self.graphs[g].replay()
         return self.hidden[g][:b]

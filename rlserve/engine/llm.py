@@ -25,8 +25,6 @@ class LLM:
                  enforce_eager: bool = False, **engine_kwargs: Any):
         # $RLSERVE_FUSED=0 (the benchmarks' before/after switch) is read here, at the edge, as by `rlserve serve`.
         engine_kwargs.setdefault("fused_kernels", os.environ.get("RLSERVE_FUSED", "1") != "0")
-        # $RLSERVE_SHARED_PREFIX=0: the same kind of switch for shared-prefix decode attention.
-        engine_kwargs.setdefault("shared_prefix_attention", os.environ.get("RLSERVE_SHARED_PREFIX", "1") != "0")
         self.config = EngineConfig(
             model=model, revision=revision, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,

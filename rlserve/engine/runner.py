@@ -56,10 +56,6 @@ class StepInput:
     # draw's row in it (rank 0 reads those; the other ranks receive the tokens from rank 0).
     ahead_index: list[int] = field(default_factory=list)
     ahead_rows: list[int] = field(default_factory=list)
-    # Decodes sharing their first blocks (samples of one prompt): each group's sequence indices and the number of
-    # keys they share (AttentionMetadata.prefix_groups).
-    prefix_groups: list[list[int]] = field(default_factory=list)
-    prefix_lens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -89,8 +85,6 @@ class ModelRunner:
         self.use_fused_kernels = config.fused_kernels and fused.enabled(self.device, info.dtype)
         fused.use_fused_kernels(model, self.use_fused_kernels)
         self.num_steps = 0
-        # Sequences per shared-prefix group of decode attention (0: off; the backend reads whole contexts).
-        self.prefix_group_seqs = self._prefix_group_seqs(model) if config.shared_prefix_attention else 0
         self.graphs = None  # DecodeGraphs, once captured
         self.broadcast_step = None  # set under tensor parallelism: sends each step to the other ranks
         self.gumbel_sample = _gumbel_sampler(self.device)  # the draw rule of every row (sampler.py)
@@ -117,14 +111,6 @@ class ModelRunner:
             self.penalties.pending_draws = self._pending_draws
             self.penalties.upload = self._upload  # pinned, without a wait on CUDA (sync mode: as it always was)
         self._host = torch.device("cpu")
-
-    def _prefix_group_seqs(self, model: torch.nn.Module) -> int:
-        from rlserve.layers.attention import Attention
-        layer = next((m for m in model.modules() if isinstance(m, Attention)), None)
-        if self.backend.prefix_group_size is None or layer is None:
-            return 0
-        size = self.backend.prefix_group_size(layer.num_heads // layer.num_kv_heads)
-        return size if size >= 2 else 0
 
     # -- KV cache ----------------------------------------------------------------------------------
     @staticmethod
@@ -224,7 +210,7 @@ class ModelRunner:
             return
         from rlserve.engine.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self.model, self.info.max_num_seqs, self.max_blocks_per_seq,
-                                   self.info.max_model_len, self.device, self.prefix_group_seqs)
+                                   self.info.max_model_len, self.device)
         self.graphs.capture()
 
     def release_cuda_graphs(self) -> None:
@@ -360,11 +346,9 @@ class ModelRunner:
         step = StepInput(block_copies=block_copies)
         input_ids, positions, table_writes = step.input_ids, step.positions, step.table_writes
         num_tokens = 0
-        decode_tables = []
         for item in items:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             if n == 1:
-                decode_tables.append(seq.block_table)
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])
                 else:  # async scheduling: its token is the previous step's draw, still on the device
@@ -382,9 +366,6 @@ class ModelRunner:
             step.rows.append(self._row(seq, table_writes))
             if item.samples:
                 step.sample_rows.append(num_tokens - 1)
-        if self.prefix_group_seqs and len(decode_tables) > 1:
-            step.prefix_groups, step.prefix_lens = shared_prefixes(
-                decode_tables, step.seq_lens, self.block_size, self.prefix_group_seqs, MIN_SHARED_PREFIX)
         return step
 
     @torch.inference_mode()
@@ -398,7 +379,7 @@ class ModelRunner:
         if step.prompt_logprobs is not None:
             scoring = prompt_logprobs.to_device(step.prompt_logprobs, self.device)
         if self.graphs is not None and meta.num_prefills == 0 and meta.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(input_ids, positions, meta)
+            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
         else:
             hidden = self.model(input_ids, positions, meta)
         scored = None if scoring is None else prompt_logprobs.score(self.model, hidden, scoring)
@@ -431,21 +412,13 @@ class ModelRunner:
             r, c, b = zip(*step.table_writes)
             self.block_tables[self._upload(r), self._upload(c)] = self._upload(b, torch.int32)
         t, s = len(step.input_ids), len(step.seq_lens)
-        groups = _prefix_group_lists(step, self.prefix_group_seqs)
         # One host-to-device copy for the per-token and per-sequence integers.
         packed = self._to_device(step.input_ids + step.positions + step.query_lens + step.seq_lens + step.rows
-                                 + step.sample_rows + groups + step.ahead_index + step.ahead_rows)
+                                 + step.sample_rows + step.ahead_index + step.ahead_rows)
         ids, pos = packed[:t], packed[t:2 * t]
         qlens, lens = packed[2 * t:2 * t + s], packed[2 * t + s:2 * t + 2 * s]
         end = 2 * t + 3 * s + len(step.sample_rows)
         row_idx, samples = packed[2 * t + 2 * s:2 * t + 3 * s], packed[2 * t + 3 * s:end]
-        prefix = {}
-        if groups:
-            nd, ng = step.num_decodes, len(step.prefix_lens)
-            shared = packed[end:end + len(groups)].to(torch.int32)
-            prefix = dict(kv_starts=shared[:nd], prefix_groups=shared[nd:-ng].view(ng, self.prefix_group_seqs),
-                          prefix_lens=shared[-ng:])
-            end += len(groups)
         if step.ahead_index:
             self._feed_draws(ids, packed[end:])
         max_blocks = -(-max(step.seq_lens) // bs)
@@ -460,7 +433,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=starts, seq_lens=lens.to(torch.int32), block_tables=tables,
             num_decodes=step.num_decodes, max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens),
-            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens, **prefix)
+            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens)
         return ids, pos, meta, samples
 
     def _feed_draws(self, ids: torch.Tensor, ahead: torch.Tensor) -> None:
@@ -525,54 +498,3 @@ def _gumbel_sampler(device: torch.device):
         logger.warning("Triton is not installed: sampling on CUDA draws by inverse CDF")
         return None
     return gumbel_sample
-
-
-# -- shared prefixes of decoding sequences -----------------------------------------------------------------
-MIN_SHARED_PREFIX = 64  # keys: a shorter shared prefix is not worth its group's extra kernel work
-
-
-def shared_prefixes(tables: list[list[int]], seq_lens: list[int], block_size: int, group_seqs: int,
-                    min_tokens: int = MIN_SHARED_PREFIX) -> tuple[list[list[int]], list[int]]:
-    """Groups of decoding sequences (indices into ``tables``) whose first blocks are the same cache blocks -- a
-    prompt's forked samples -- in parts of at most ``group_seqs``, and the number of keys each group shares.
-
-    A shared block is full and read-only this step: it lies before the block of every member's last key
-    (``seq_len - 1``), which copy-on-write has made the member's own before the step runs. Sequences are keyed
-    by their first block; a group shares the longest run of equal leading blocks of all its members."""
-    by_first: dict[int, list[int]] = {}
-    for index, table in enumerate(tables):
-        if table:
-            by_first.setdefault(table[0], []).append(index)
-    groups, lens = [], []
-    for members in by_first.values():
-        if len(members) < 2:
-            continue
-        blocks = min((seq_lens[i] - 1) // block_size for i in members)
-        lead = tables[members[0]][:blocks]
-        for i in members[1:]:
-            table = tables[i]
-            if table[:blocks] != lead:
-                blocks = next(k for k in range(blocks) if table[k] != lead[k])
-                lead = lead[:blocks]
-        if blocks == 0 or blocks * block_size < min_tokens:
-            continue
-        for first in range(0, len(members), group_seqs):
-            part = members[first:first + group_seqs]
-            if len(part) > 1:
-                groups.append(part)
-                lens.append(blocks * block_size)
-    return groups, lens
-
-
-def _prefix_group_lists(step: StepInput, group_seqs: int) -> list[int]:
-    """The step's shared-prefix groups as integers for the upload: each decode's kv start, each group's members
-    (padded with -1 to ``group_seqs``), each group's prefix length; empty when there is no group."""
-    if not step.prefix_groups:
-        return []
-    kv_starts = [0] * step.num_decodes
-    members = []
-    for part, n in zip(step.prefix_groups, step.prefix_lens):
-        for i in part:
-            kv_starts[i] = n
-        members += part + [-1] * (group_seqs - len(part))
-    return kv_starts + members + step.prefix_lens

@@ -18,8 +18,8 @@
 #   ray-stage             copy the Ray parts this call carries to /tmp/raywh
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
 #   ray-vs-local          rl-small through the server, DP=2: local and Ray replicas (one-node cluster), alternated twice
-#   shared-small|shared-7b  rlserve bench --async_scheduling with shared-prefix decode attention off, then on
 #   gpu-kernels           pytest -m gpu: the Triton decode-attention and sampler tests, tests/test_gpu.py
+#   decode-sweep          decode attention alone at the rl-7b / rl-small shapes over launch configs and grid orders
 #   profile-small|profile-7b  one decode step split by phase (profile_step), torch.profiler's top CUDA operators
 #   sweep-7b|sweep-32b    rlserve sweep --gpus 2 on rl-7b / rl-32b (TP=1, TP=2, DP=2 where it fits)
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
@@ -103,16 +103,11 @@ run_step() {
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
         --workload "$w" --modes seeded,plain --no_baseline --against vllm $async \
         --output "$OUT/$w-vs-vllm${async:+-async}.json" 2>&1 | tail -n 20 ;;
-    shared-small|shared-7b)
-      # shared-prefix decode attention off, then on (RLSERVE_SHARED_PREFIX), --async_scheduling, seeded and plain
-      w=rl-${1#shared-}
-      for on in 0 1; do
-        RLSERVE_SHARED_PREFIX=$on timeout 280 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain \
-          --no_baseline --async_scheduling --output "$OUT/$w-shared$on.json" 2>&1 | tail -n 9
-      done ;;
     gpu-kernels)
       timeout 400 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode tests/test_sampler_triton.py \
         tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -n 15 ;;
+    decode-sweep)
+      timeout 400 python3 tools/device_bench/decode_sweep.py --out "$OUT" 2>&1 | grep -v Warning | tail -n 20 ;;
     profile-small|profile-7b)
       # where a decode step's time goes (the engine's own step with timing hooks), and torch.profiler's top
       # operators by CUDA time (the Chrome trace stays on the machine: too large to come back)
