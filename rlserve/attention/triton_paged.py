@@ -14,7 +14,8 @@ Design
   ``input_precision="ieee"``), online softmax in the log2 domain (``exp2``, scale folded with ``log2(e)``),
   fp32 running max ``m``, sum ``l`` and accumulator ``acc``. Loops are split into full tiles, which need no
   masks, and a masked tail/diagonal part.
-* Decode (``decode_attention``): grid ``(B, KVH, num_splits)``. One program holds all ``G = H / KVH`` query
+* Decode (``decode_attention``): grid ``(B * KVH, 1, num_splits)``, a sequence's KV heads adjacent (``_HEAD_FASTEST``;
+  ``(B, KVH, num_splits)`` otherwise). One program holds all ``G = H / KVH`` query
   heads of its KV head as the rows of a ``[BLOCK_G, D]`` tile (``BLOCK_G = max(16, next_pow2(G))``, padded
   rows are zero and never stored), so each K/V tile is loaded once for the whole group and both products are
   tensor-core ``tl.dot``\\ s. Flash-decoding: the context is cut into ``num_splits`` ranges computed *inside*
@@ -44,7 +45,10 @@ from rlserve.attention.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
-_HEAD_FASTEST = False  # decode's program order (tools/device_bench/decode_sweep.py measures both)
+# Decode's program order: a sequence's KV heads side by side (grid (B * KVH, 1, splits)), so that each token's K
+# and V rows of all KV heads are read at about the same time. decode_sweep.py on one H200 (b3565b3, rl-7b shape,
+# context 786): 102.8 us against 107.2 us with the sequence-major order, each at its best config.
+_HEAD_FASTEST = True
 
 
 @triton.jit
@@ -247,9 +251,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _decode_config(block_d: int, dtype: torch.dtype) -> dict:
-    """KV tile and launch options for decode (fp32 tiles are halved to stay clear of register spills)."""
-    block_n = 64 if block_d <= 128 else 32
-    return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
+    """KV tile and launch options for decode (fp32 tiles are halved to stay clear of register spills). Head dim
+    <= 128: the best of decode_sweep.py's grid on one H200 at the rl-7b and rl-small shapes (b3565b3)."""
+    if block_d <= 128:
+        return dict(BLOCK_N=32 if dtype == torch.float32 else 64, num_warps=2, num_stages=2)
+    return dict(BLOCK_N=16 if dtype == torch.float32 else 32, num_warps=4, num_stages=3)
 
 
 def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:

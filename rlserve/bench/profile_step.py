@@ -139,7 +139,8 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
     phases = {k: v / steps * 1e3 for k, v in timer.times.items() if v > 0}
     phases["rest of the step (host)"] = max(0.0, profiled_s / steps * 1e3 - sum(phases.values()))
     report = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d"), "steps": steps, "warm_steps": warm_steps, "mean_batch": sum(batch_sizes) / steps,
+              "date": time.strftime("%Y-%m-%d"), "steps": steps, "warm_steps": warm_steps,
+              "mean_batch": sum(batch_sizes) / steps,
               "mode": mode.name, "logprobs": mode.logprobs, "ms_per_step": phases,
               "total_ms_per_step": profiled_s / steps * 1e3, "unprofiled_ms_per_step": unprofiled_s / steps * 1e3,
               "timed": "the engine's own step() with hooks on the methods it calls"}
