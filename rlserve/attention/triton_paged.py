@@ -14,8 +14,7 @@ Design
   ``input_precision="ieee"``), online softmax in the log2 domain (``exp2``, scale folded with ``log2(e)``),
   fp32 running max ``m``, sum ``l`` and accumulator ``acc``. Loops are split into full tiles, which need no
   masks, and a masked tail/diagonal part.
-* Decode (``decode_attention``): grid ``(B * KVH, 1, num_splits)``, a sequence's KV heads adjacent (``_HEAD_FASTEST``;
-  ``(B, KVH, num_splits)`` otherwise). One program holds all ``G = H / KVH`` query
+* Decode (``decode_attention``): grid ``(B, KVH, num_splits)``. One program holds all ``G = H / KVH`` query
   heads of its KV head as the rows of a ``[BLOCK_G, D]`` tile (``BLOCK_G = max(16, next_pow2(G))``, padded
   rows are zero and never stored), so each K/V tile is loaded once for the whole group and both products are
   tensor-core ``tl.dot``\\ s. Flash-decoding: the context is cut into ``num_splits`` ranges computed *inside*
@@ -45,10 +44,6 @@ from rlserve.attention.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
-# Decode's program order: a sequence's KV heads side by side (grid (B * KVH, 1, splits)), so that each token's K
-# and V rows of all KV heads are read at about the same time. decode_sweep.py on one H200 (b3565b3, rl-7b shape,
-# context 786): 102.8 us against 107.2 us with the sequence-major order, each at its best config.
-_HEAD_FASTEST = True
 
 
 @triton.jit
@@ -116,14 +111,9 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, HEAD_FASTEST: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
-    if HEAD_FASTEST:  # grid (B * KVH, 1, splits): a sequence's KV heads run side by side
-        b = tl.program_id(0) // (NUM_HEADS // GROUP)
-        kv_head = tl.program_id(0) % (NUM_HEADS // GROUP)
-    else:  # grid (B, KVH, splits)
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     # This split's key range [start, end); a multiple of BLOCK_N long, possibly empty.
@@ -251,11 +241,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _decode_config(block_d: int, dtype: torch.dtype) -> dict:
-    """KV tile and launch options for decode (fp32 tiles are halved to stay clear of register spills). Head dim
-    <= 128: the best of decode_sweep.py's grid on one H200 at the rl-7b and rl-small shapes (b3565b3)."""
-    if block_d <= 128:
-        return dict(BLOCK_N=32 if dtype == torch.float32 else 64, num_warps=2, num_stages=2)
-    return dict(BLOCK_N=16 if dtype == torch.float32 else 32, num_warps=4, num_stages=3)
+    """KV tile and launch options for decode (fp32 tiles are halved to stay clear of register spills)."""
+    block_n = 64 if block_d <= 128 else 32
+    return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
 
 
 def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:
@@ -330,8 +318,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    grid = (batch * num_kv_heads, 1, num_splits) if _HEAD_FASTEST else (batch, num_kv_heads, num_splits)
-    _decode_kernel[grid](
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -339,8 +326,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        DIRECT=direct, HEAD_FASTEST=_HEAD_FASTEST, DOT_PREC=_dot_precision(q.dtype),
-        **_decode_config(block_d, q.dtype))
+        DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), **_decode_config(block_d, q.dtype))
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),

@@ -19,7 +19,7 @@
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
 #   ray-vs-local          rl-small through the server, DP=2: local and Ray replicas (one-node cluster), alternated twice
 #   gpu-kernels           pytest -m gpu: the Triton decode-attention and sampler tests, tests/test_gpu.py
-#   decode-sweep          decode attention alone at the rl-7b / rl-small shapes over launch configs and grid orders
+#   decode-sweep          decode attention alone at the rl-7b / rl-small shapes over launch configs
 #   profile-small|profile-7b  one decode step split by phase (profile_step), torch.profiler's top CUDA operators
 #   sweep-7b|sweep-32b    rlserve sweep --gpus 2 on rl-7b / rl-32b (TP=1, TP=2, DP=2 where it fits)
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
@@ -104,8 +104,11 @@ run_step() {
         --workload "$w" --modes seeded,plain --no_baseline --against vllm $async \
         --output "$OUT/$w-vs-vllm${async:+-async}.json" 2>&1 | tail -n 20 ;;
     gpu-kernels)
-      timeout 400 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode tests/test_sampler_triton.py \
-        tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -n 15 ;;
+      # (-k applies to every path of a pytest line: the decode selection runs alone)
+      timeout 250 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 \
+        | tail -n 3
+      timeout 250 python3 -m pytest -q -m gpu tests/test_sampler_triton.py tests/test_gpu.py -p no:cacheprovider 2>&1 \
+        | tail -n 8 ;;
     decode-sweep)
       timeout 400 python3 tools/device_bench/decode_sweep.py --out "$OUT" 2>&1 | grep -v Warning | tail -n 20 ;;
     profile-small|profile-7b)
