@@ -124,7 +124,7 @@ def _hard_rows(vocab: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf - -inf, discarded
-@pytest.mark.parametrize("num_chunks", [1, 3, 20])
+@pytest.mark.parametrize("num_chunks", [1, 3, 4, 20])  # 4: the chunks of 1280 entries _hard_rows is built on
 def test_chunked_draw_equals_the_single_program_kernel(num_chunks):
     from rlserve.engine.sampler_triton import _gumbel_sample
     logits, greedy = _hard_rows()
