@@ -23,7 +23,7 @@ from rlserve.engine.kv_cache import BlockManager
 from rlserve.engine.messages import SeqUpdate
 from rlserve.engine.runner import LaunchedStep
 from rlserve.engine.scheduler import Scheduler, SchedulerOutput
-from rlserve.engine.sequence import Request, Sequence, stream_seed
+from rlserve.engine.sequence import Request, Sequence, SequenceStatus, stream_seed
 from rlserve.engine.stop_strings import StopStrings
 from rlserve.engine.structured import GrammarCompiler
 from rlserve.engine.validation import Limits, check_fits, check_prompt_ids
@@ -181,8 +181,9 @@ class EngineCore:
     def _stepped(self, touched: list[Sequence]) -> list[SeqUpdate]:
         """After a step's draws are applied: the updates to send, finished sequences' rows and requests let go."""
         self.num_steps += 1
-        updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status.is_finished]
-        finished = [seq for seq in touched if seq.status.is_finished]
+        done = SequenceStatus.FINISHED_STOPPED  # and every status after it: status.is_finished, inline (hot)
+        updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
+        finished = [seq for seq in touched if seq.status >= done]
         self.runner.release(finished)
         for seq in finished:
             request = seq.request

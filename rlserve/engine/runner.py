@@ -270,8 +270,11 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         """Run a step up to its draws, without waiting for the device."""
-        order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens != 1)
-        items = [sched.scheduled[i] for i in order]
+        scheduled = sched.scheduled
+        order = [i for i, item in enumerate(scheduled) if item.num_new_tokens == 1]  # decodes first, in order
+        if len(order) < len(scheduled):
+            order += [i for i, item in enumerate(scheduled) if item.num_new_tokens != 1]
+        items = [scheduled[i] for i in order]
         step = self.build_step(items, sched.block_copies)
         if sched.prompt_logprobs is not None:
             flat_start = dict(zip(items, itertools.accumulate(step.query_lens, initial=0)))
@@ -300,7 +303,7 @@ class ModelRunner:
         for pos, item in zip(order, items):  # rows follow the sorted order; report them in the original
             if item.samples:
                 first_row[pos] = row
-                row += item.seq.num_samples_to_draw
+                row += 1 if item.seq.request.is_forked else item.seq.request.params.n  # num_samples_to_draw
                 if k in batch.failed_items:
                     failed[pos] = batch.failed_items[k]
                 k += 1

@@ -87,7 +87,8 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
             row = request.sampling_row
             if row is None:
                 row = request.sampling_row = _RequestRow(request.params, vocab_size, eos_token_ids)
-            num_out = seq.num_scheduled_tokens - seq.num_prompt_tokens  # with a draw in flight (async scheduling)
+            # with a draw in flight (async scheduling): seq.num_scheduled_tokens, inline (a hot loop)
+            num_out = len(seq.token_ids) + seq.num_pending_tokens - seq.num_prompt_tokens
             if request.is_forked and not row.checks:  # the common case, one row, nothing to mask
                 logits_index.append(r)
                 values.append(row.values)

@@ -148,7 +148,7 @@ class Scheduler:
             break  # the sequence itself gave way: nothing after it can fit either
 
         # New work only when nothing had to give way this step. A parent counts as all its samples.
-        num_live = sum(s.num_samples_to_draw for s in self.running)
+        num_live = sum(s.num_samples_to_draw for s in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and not out.num_preempted:
             seq = self.waiting[0]
             if num_live + seq.num_samples_to_draw > self.max_num_seqs and num_live > 0:
@@ -212,20 +212,31 @@ class Scheduler:
         ended while the step ran (async scheduling: an abort, or a stop in the step before) drops its draw."""
         bm = self.block_manager
         touched: list[Sequence] = []
-        token_ids, logprobs = result.token_ids, result.logprobs
+        token_ids, logprobs, failed = result.token_ids, result.logprobs, result.failed
         bs = bm.block_size
+        finished = SequenceStatus.FINISHED_STOPPED  # and every status after it
         for i, (item, row) in enumerate(zip(out.scheduled, result.first_row)):
             seq = item.seq
             if item.samples:
                 seq.num_pending_tokens -= 1
-            if seq.status.is_finished:
+            if seq.status >= finished:
                 continue
-            if min(seq.num_computed_tokens, seq.num_tokens) // bs > seq.num_registered_blocks:
+            if min(seq.num_computed_tokens, len(seq.token_ids)) // bs > seq.num_registered_blocks:
                 bm.register_computed_blocks(seq)
             if row < 0:
                 continue
+            if seq.request.is_forked and seq.grammar_state is None and seq.stop_state is None \
+                    and seq.top_logprobs is None and i not in failed:
+                # The common draw (one sample; no grammar, stop string or top-N, nothing that can raise): the work
+                # of _apply_token, inline, without the general path's try and fork check.
+                seq.append_token(token_ids[row], weight_version)
+                if seq.request.params.logprobs is not None:
+                    seq.sampled_logprobs.append(None if logprobs is None else logprobs[row])
+                self._check_stop(seq)
+                touched.append(seq)
+                continue
             targets = self._fork(seq) if seq.is_unforked_parent else (seq,)
-            error = result.failed.get(i)
+            error = failed.get(i)
             for target in targets:
                 if error is not None:
                     target.finish(SequenceStatus.FINISHED_ERROR, error)
@@ -240,7 +251,7 @@ class Scheduler:
         if out.prompt_logprobs is not None:
             touched += self._update_prompt_logprobs(out.prompt_logprobs, result.prompt_logprobs)
         for seq in touched:
-            if seq.status.is_finished:
+            if seq.status >= finished:
                 self._remove(seq)
         return touched
 
@@ -311,9 +322,10 @@ class Scheduler:
         return [parent] + children
 
     def _check_stop(self, seq: Sequence) -> None:
-        params = seq.params
+        params = seq.request.params
         token = seq.token_ids[-1]
-        num_out = len(seq.token_ids) - seq.num_prompt_tokens
+        num_tokens = len(seq.token_ids)
+        num_out = num_tokens - seq.num_prompt_tokens
         if num_out >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 seq.finish(SequenceStatus.FINISHED_STOPPED, None)
@@ -329,7 +341,7 @@ class Scheduler:
         if seq.grammar_state is not None and seq.grammar_state.is_terminated():
             seq.finish(SequenceStatus.FINISHED_STOPPED)  # the grammar is complete: only EOS could follow
             return
-        if num_out >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if num_out >= params.max_tokens or num_tokens >= self.max_model_len:
             seq.finish(SequenceStatus.FINISHED_LENGTH)
 
     # -- removal (finish, abort) -------------------------------------------------------------------
