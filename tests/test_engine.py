@@ -289,3 +289,18 @@ def test_a_finished_or_aborted_request_is_freed_without_the_garbage_collector(ti
         assert live_requests() == []
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_the_common_draw_path_equals_the_general_one(tiny_model, async_scheduling):
+    """apply_output applies a plain one-sample draw inline; a stop string that never matches, or top-1 logprobs,
+    send the same draws through the general path (_apply_token). Tokens, logprobs and finish reasons agree."""
+    llm = LLM(tiny_model, device="cpu", dtype="float32", async_scheduling=async_scheduling)
+    batch = prompts(4, seed=11)
+    base = SamplingParams(temperature=0.9, max_tokens=24, seed=5, n=3, logprobs=0, stop_token_ids=[17])
+    runs = [llm.generate(batch, p) for p in (base, base.clone(stop=["\x00\x01never\x02"]), base.clone(logprobs=1))]
+
+    def view(outs):
+        return [[(c.token_ids, c.sampled_logprobs, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
+    assert view(runs[0]) == view(runs[1]) == view(runs[2])
+    assert_no_leak(llm)

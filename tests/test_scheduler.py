@@ -246,3 +246,24 @@ def test_module_imports_no_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_failed_draw_after_the_fork_ends_that_sample_alone():
+    """A decode draw the runner reports failed (StepResult.failed) ends its sample with the error -- also on the
+    common one-sample path of apply_output -- and its sibling draws on."""
+    s = make_scheduler()
+    req = add(s, "a", 5, n=2, max_tokens=8, logprobs=0)
+    run_step(s)  # the prompt, the fork and both samples' first token
+    out = s.schedule()
+    s.advance(out)
+    rows = list(range(len(out.scheduled)))
+    failed_index = next(i for i, item in enumerate(out.scheduled) if item.seq.sample_index == 0)
+    s.apply_output(out, StepResult([7] * len(rows), rows, logprobs=[-0.5] * len(rows),
+                                   failed={failed_index: "boom"}), weight_version=3)
+    first, second = req.seqs
+    assert (first.status, first.stop_reason) == (SequenceStatus.FINISHED_ERROR, "boom")
+    assert first.num_output_tokens == 1 and first.sampled_logprobs == [None]  # nothing drawn after the fork's
+    assert second.status == SequenceStatus.RUNNING
+    assert second.output_token_ids == [7, 7] and second.sampled_logprobs == [None, -0.5]
+    assert second.weight_versions == [0, 3]
+    assert first not in s.running and [x.num_pending_tokens for x in req.seqs] == [0, 0]

@@ -286,6 +286,7 @@ class Scheduler:
 
     def _apply_token(self, seq: Sequence, token_id: int, weight_version: int, logprob, result: StepResult,
                      row: int) -> None:
+        # apply_output does this inline for the common draw: a change here belongs there too (a test compares them).
         seq.append_token(token_id, weight_version)
         if seq.params.logprobs is not None:
             seq.sampled_logprobs.append(logprob)
