@@ -34,7 +34,10 @@ if [ -d .whl/common ] && [ ! -e /tmp/site/.done ]; then
     && touch /tmp/site/.done
 fi
 export PYTHONPATH=/tmp/site:/tmp/ray-site:$PWD
-cleanup() { pkill -9 -f "rlserve.cli serve" 2>/dev/null; python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1; }
+cleanup() {
+  pkill -9 -f "rlserve.cli serve" 2>/dev/null; python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+  [ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
+}
 trap cleanup EXIT
 run_step() {
   echo "=== $1 $(date +%T)"
@@ -125,4 +128,13 @@ run_step() {
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
-for step in "$@"; do run_step "$step"; done
+# The GPUs' SM clock, power and throttle reasons every 200 ms while the steps run (a 700 W cap pulled the clocks down
+# under the 7B GEMMs in the seventh session; a slow run can then be told from a throttled one): $OUT/gpu-clocks.csv
+if command -v nvidia-smi >/dev/null; then
+  fields=timestamp,index,clocks.sm,power.draw,temperature.gpu,utilization.gpu
+  fields=$fields,clocks_event_reasons.sw_power_cap,clocks_event_reasons.hw_slowdown
+  nvidia-smi --query-gpu=$fields --format=csv -lms 200 > "$OUT/gpu-clocks.csv" 2>/dev/null &
+  smi=$!
+fi
+for step in "$@"; do echo "$(date +%T.%N) $step" >> "$OUT/steps.txt"; run_step "$step"; done
+[ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
