@@ -3,7 +3,9 @@
 It starts the replicas (where they run is ``replica_handles``' business: local child processes over ipc://,
 or Ray actors anywhere on a cluster over tcp://), sends each request to the least-loaded live one
 (outstanding tokens), gathers their outputs through one ``OutputProcessor`` and resolves the awaiting HTTP
-handlers. It never blocks the event loop: sockets are asyncio ZMQ sockets, and every wait has a timeout.
+handlers. The prompts of one HTTP request are a ``RequestGroup``: ``generate`` submits one and awaits its
+outputs; a streamed one (``submit(stream=True)``) also collects every step's updates, which ``next_updates``
+hands out. It never blocks the event loop: sockets are asyncio ZMQ sockets, and every wait has a timeout.
 
 Failures: a replica that reports itself dead, or whose process (actor) is gone, fails its in-flight requests
 with a 503 that names it and the cause. Locally that marks the whole client dead (``on_dead`` stops the
@@ -35,7 +37,7 @@ from rlserve.engine import messages as msg
 from rlserve.engine.output_processor import OutputProcessor, RequestState
 from rlserve.engine.validation import PROMPT, InvalidRequest, Limits, admit
 from rlserve.engine.transport import ClientKeyAuthenticator, CurveKeys, secure_bound_socket
-from rlserve.outputs import RequestOutput
+from rlserve.outputs import CompletionOutput, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, Conflict, EngineUnavailable, NotFound, ServerError
 from rlserve.server.replica_handles import LocalReplica, RayPlacement, RayReplica
@@ -75,6 +77,26 @@ class Replica:
     last_heard: float = 0.0  # monotonic time of its last message (its loop sends stats every 0.25 s)
 
 
+@dataclass
+class StreamedUpdate:
+    """One update of a streamed sample: its prompt's index in the group, the update (new tokens and logprobs)
+    and the sample's output so far (at its finish, with its final text)."""
+    prompt_index: int
+    update: msg.SeqUpdate
+    output: CompletionOutput
+
+
+@dataclass
+class RequestGroup:
+    """The engine requests of one HTTP request, one per prompt, and what a stream of them has not handed out."""
+    request_ids: list[str]
+    futures: list[asyncio.Future] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)  # the ones that reached their replica
+    gathered: asyncio.Future | None = None  # of every future, once all were sent
+    updates: list[StreamedUpdate] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set with each update, and when a request ends
+
+
 class EngineClient:
     def __init__(self, config: EngineConfig, data_parallel_size: int, tokenizer, log_level: str = "info",
                  placement: RayPlacement | None = None, advertise_host: str = "127.0.0.1",
@@ -103,6 +125,7 @@ class EngineClient:
         self.output_addr = ""
         self.replicas: list[Replica] = []
         self.pending: dict[str, asyncio.Future] = {}  # request id -> future of its RequestOutput
+        self.streams: dict[str, tuple[int, RequestGroup]] = {}  # streamed request id -> (prompt index, group)
         self.request_replica: dict[str, int] = {}
         self.calls: dict[int, asyncio.Future] = {}
         self.call_replica: dict[int, int] = {}  # call id -> the replica that answers it
@@ -277,22 +300,43 @@ class EngineClient:
     async def generate(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
                        detokenize: bool = False, is_disconnected=None,
                        request_id: str | None = None, field: str = "prompts") -> list[RequestOutput]:
-        """Run every prompt (with its n samples) on a replica; outputs in input order. Validates everything
-        first, so a bad prompt queues nothing. ``is_disconnected``: an async callable; when it turns true, the
-        request is aborted and its KV blocks freed. ``request_id`` (the caller's, e.g. ``X-Request-Id``): the
-        engine requests are ``{request_id}-{i}``, one per prompt, so that ``abort([request_id])`` finds them.
-        ``field``: the request field the prompts came from, named in 400s about one of them."""
+        """Run every prompt (with its n samples) on a replica; outputs in input order (see ``submit`` for the
+        arguments). ``is_disconnected``: an async callable; when it turns true, the request is aborted and its KV
+        blocks freed."""
+        group = await self.submit(prompts, params, detokenize, request_id, field)
+        try:
+            while True:
+                done, _ = await asyncio.wait([group.gathered], timeout=0.25)
+                if done:
+                    return group.gathered.result()
+                if is_disconnected is not None and await is_disconnected():
+                    # Aborted below; counted as aborted when their "abort" outputs come back (_resolve).
+                    logger.info("client went away: aborting %d request(s)", len(group.request_ids))
+                    raise ClientDisconnected("client disconnected")
+        except BaseException:
+            await self._abort_quietly(self.release(group))
+            raise
+
+    async def submit(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
+                     detokenize: bool = False, request_id: str | None = None, field: str = "prompts",
+                     stream: bool = False) -> RequestGroup:
+        """Validate every prompt, then send each (with its n samples) to a replica; returns once they are sent.
+        A bad prompt queues nothing. ``request_id`` (the caller's, e.g. ``X-Request-Id``): the engine requests
+        are ``{request_id}-{i}``, one per prompt, so that ``abort([request_id])`` finds them. ``field``: the
+        request field the prompts came from, named in 400s about one of them. ``stream``: the replicas send
+        every step's new tokens, gathered in the group for ``next_updates``. The caller ends with ``release``
+        (and aborts what it returns) unless the group ran to its end."""
         self.check_serving()
         admitted = self.admit(prompts, params, field)
-        group = request_id if request_id else uuid.uuid4().hex[:12]
-        request_ids = [f"{group}-{i}" for i in range(len(prompts))]
+        group_id = request_id if request_id else uuid.uuid4().hex[:12]
+        request_ids = [f"{group_id}-{i}" for i in range(len(prompts))]
         if request_id and any(r in self.pending for r in request_ids):
             raise Conflict(f"request id {request_id!r} is already in use by a running request", param="request_id")
-        futures, sent, gathered = [], [], None
+        group = RequestGroup(request_ids)
         loop = asyncio.get_running_loop()
         try:
             batches: dict[int, list[msg.AddRequest]] = {}
-            for rid, (text, ids), run_params in zip(request_ids, prompts, admitted):
+            for i, (rid, (text, ids), run_params) in enumerate(zip(request_ids, prompts, admitted)):
                 routable = self.routable_replicas()
                 if not routable:
                     raise EngineUnavailable("no engine replica is serving")
@@ -304,37 +348,72 @@ class EngineClient:
                 future = loop.create_future()
                 future.cost = cost
                 self.pending[rid] = future
-                futures.append(future)
+                group.futures.append(future)
                 self.processor.add_request(rid, text, ids, params, detokenize)
-                add = msg.AddRequest(rid, ids, run_params)
-                batches.setdefault(replica.index, []).append(add)
+                if stream:
+                    self.streams[rid] = (i, group)
+                    future.add_done_callback(lambda _: group.wake.set())  # a failure ends the stream at once
+                batches.setdefault(replica.index, []).append(msg.AddRequest(rid, ids, run_params, stream=stream))
             for index, batch in batches.items():  # one message per replica: its prompts start together
                 await self.send(self.replicas[index], msg.AddRequests(batch))
-                sent += [m.request_id for m in batch]
+                group.sent += [m.request_id for m in batch]
                 self.counters["prompt_tokens"] += sum(len(m.prompt_token_ids) for m in batch)
-            gathered = asyncio.gather(*futures)
-            while True:
-                done, _ = await asyncio.wait([gathered], timeout=0.25)
-                if done:
-                    return gathered.result()
-                if is_disconnected is not None and await is_disconnected():
-                    # Aborted below; counted as aborted when their "abort" outputs come back (_resolve).
-                    logger.info("client went away: aborting %d request(s)", len(request_ids))
-                    raise ClientDisconnected("client disconnected")
         except BaseException:
-            if gathered is not None:  # nobody awaits these outputs any more: consume what they end with
-                gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
-            for rid in [r for r in request_ids if r not in sent]:  # never reached a replica: forget it
-                self.processor.states.pop(rid, None)
-                future = self.pending.get(rid)
-                self._finish(rid)
-                if future is not None:
-                    future.cancel()
-            try:
-                await self.abort([r for r in sent if r in self.pending])
-            except EngineUnavailable:
-                pass
+            await self._abort_quietly(self.release(group))
             raise
+        group.gathered = asyncio.gather(*group.futures)
+        return group
+
+    async def next_updates(self, group: RequestGroup, is_disconnected=None) -> list[StreamedUpdate] | None:
+        """The updates of a streamed group that came since the last call, waiting for one if none did; None once
+        every request of the group finished (after its last updates were handed out). Raises what a request
+        failed with, or ``ClientDisconnected`` when ``is_disconnected`` (checked every 0.25 s) turns true; the
+        caller then ``release``s the group and aborts."""
+        while True:
+            group.wake.clear()
+            if group.updates:
+                updates, group.updates = group.updates, []
+                return updates
+            if group.gathered.done():
+                group.gathered.result()  # raises a request's failure
+                return None
+            try:
+                await asyncio.wait_for(group.wake.wait(), 0.25)
+            except asyncio.TimeoutError:
+                if is_disconnected is not None and await is_disconnected():
+                    logger.info("client went away: aborting %d streamed request(s)", len(group.request_ids))
+                    raise ClientDisconnected("client disconnected") from None
+
+    def release(self, group: RequestGroup) -> list[str]:
+        """Let go of a group nobody waits for any more: requests never sent are forgotten, and their outputs
+        consumed. Returns the sent requests still running, for the caller to abort."""
+        if group.gathered is not None:  # nobody awaits these outputs any more: consume what they end with
+            group.gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
+        for rid in group.request_ids:
+            self.streams.pop(rid, None)
+        for rid in [r for r in group.request_ids if r not in group.sent]:  # never reached a replica: forget it
+            self.processor.states.pop(rid, None)
+            future = self.pending.get(rid)
+            self._finish(rid)
+            if future is not None:
+                future.cancel()
+        return [r for r in group.sent if r in self.pending]
+
+    async def _abort_quietly(self, request_ids: list[str]) -> None:
+        try:
+            await self.abort(request_ids)
+        except EngineUnavailable:
+            pass
+
+    def abort_soon(self, request_ids: list[str]) -> None:
+        """``abort`` in the background, from code that cannot await (a cancelled response's cleanup)."""
+        by_replica: dict[int, list[str]] = {}
+        for request_id in request_ids:
+            replica = self.request_replica.get(request_id)
+            if replica is not None:
+                by_replica.setdefault(replica, []).append(request_id)
+        for replica, ids in by_replica.items():
+            self.send_soon(self.replicas[replica], msg.AbortRequests(ids))
 
     def find_requests(self, ids: list[str]) -> list[str]:
         """The engine requests of the callers' ids: each id itself, or ``{id}-{i}`` (see ``generate``)."""
@@ -560,6 +639,8 @@ class EngineClient:
                         f"request {update.request_id}: sample {update.index} failed in the engine: "
                         f"{update.stop_reason}"))
                     continue
+                stream = self.streams.get(update.request_id)
+                state = self.processor.states.get(update.request_id) if stream is not None else None
                 try:
                     done = self.processor.process(update)
                 except Exception as e:  # fails this request only; the others of the step go on
@@ -567,6 +648,10 @@ class EngineClient:
                     self._fail_request(update.request_id, ServerError(
                         f"could not process the output of request {update.request_id}: {type(e).__name__}: {e}"))
                     continue
+                if state is not None:  # before its future resolves: a stream hands out every update first
+                    index, group = stream
+                    group.updates.append(StreamedUpdate(index, update, state.outputs[update.index]))
+                    group.wake.set()
                 if done is not None:
                     self._resolve(done)
         elif isinstance(m, msg.UtilityResult):
@@ -630,6 +715,7 @@ class EngineClient:
         if exception is not None and request_id in self.pending:
             self.counters["requests_failed"] += 1
         future = self.pending.pop(request_id, None)
+        self.streams.pop(request_id, None)
         replica = self.request_replica.pop(request_id, None)
         if replica is not None:
             r = self.replicas[replica]

@@ -7,14 +7,16 @@ level of a chat completion): per prompt position, None for the first, then ``{st
 "rank", "decoded_token"}}`` for the prompt token and the top K. Unlike vLLM, which ignores the temperature for
 prompt logprobs, they are log_softmax(logits / temperature): the request's temperature says how to score.
 
-``stream=true`` is answered as a server-sent event stream carrying the whole result in one chunk per choice
-(generation is batched; there is no token-by-token stream yet).
+``stream=true`` streams token by token as vLLM does (``openai_stream.py``): text (or chat ``delta``) chunks of
+each choice as its tokens come, interleaved between choices, each naming its choice index; the finish reason
+on a choice's last chunk; ``stream_options.include_usage`` adds a last chunk with the usage and no choices;
+then ``data: [DONE]``. The concatenated deltas of a choice are its non-streamed text. Validation errors are
+HTTP errors, before any event; a client that goes away aborts the request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
@@ -28,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
+from rlserve.server.openai_stream import ResponseStream
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
 from rlserve.server.security import check_num_prompts
 
@@ -47,6 +50,7 @@ class OpenAISampling(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
     # vLLM's extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -121,7 +125,8 @@ def _usage(outputs: list[RequestOutput]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | None:
+def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool, text_offset: int = 0) -> dict | None:
+    """``text_offset``: the offset of the first token's text (a streamed chunk's, past the earlier ones)."""
     if c.sampled_logprobs is None:
         return None
     tokens = [_token_str(engine, t, as_ids) for t in c.token_ids]
@@ -133,7 +138,7 @@ def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool) -> dict | No
                 entries.setdefault(_token_str(engine, tid, as_ids), lp)  # then the better-ranked one
         entries = dict(sorted(entries.items(), key=lambda item: -item[1]))
         top.append(entries)
-    offsets, at = [], 0
+    offsets, at = [], text_offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
@@ -179,23 +184,41 @@ def _prompt_logprobs(engine, pl: PromptLogprobs | None, as_ids: bool, names: dic
     return entries
 
 
-async def _generate(request: Request, prompts, params: SamplingParams, field: str) -> list[RequestOutput]:
+async def _serving_engine(request: Request):
     engine = engine_of(request)
     if request.app.state.draining:
         raise EngineUnavailable("server is shutting down")
     engine.check_alive()
     await engine.end_named_param_run()  # it may land the weights that replicas restarted after a push await
     engine.check_serving()
+    return engine
+
+
+async def _generate(request: Request, prompts, params: SamplingParams, field: str) -> list[RequestOutput]:
+    engine = await _serving_engine(request)
     return await engine.generate(prompts, params, detokenize=True, is_disconnected=request.is_disconnected,
                                  request_id=request.headers.get("x-request-id"), field=field)
 
 
-def _sse(chunks: list[dict]) -> StreamingResponse:
-    async def events():
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-    return StreamingResponse(events(), media_type="text/event-stream")
+async def _stream(request: Request, body: OpenAISampling, prompts, params: SamplingParams, field: str, *,
+                  chat: bool, model: str) -> StreamingResponse:
+    """Submit the request (its errors are HTTP errors), then answer with its token-by-token event stream."""
+    engine = await _serving_engine(request)
+    group = await engine.submit(prompts, params, detokenize=True, request_id=request.headers.get("x-request-id"),
+                                field=field, stream=True)
+    as_ids = body.return_tokens_as_token_ids
+    if chat:
+        def format_logprobs(delta, _offset):
+            return _chat_logprobs(engine, delta, as_ids)
+    else:
+        def format_logprobs(delta, offset):
+            return _completion_logprobs(engine, delta, as_ids, offset)
+    names = {}
+    stream = ResponseStream(engine, group, prompts, params, chat=chat, model=model,
+                            include_usage=bool((body.stream_options or {}).get("include_usage")),
+                            return_token_ids=body.return_token_ids, format_logprobs=format_logprobs,
+                            format_prompt_logprobs=lambda pl: _prompt_logprobs(engine, pl, as_ids, names))
+    return StreamingResponse(stream.events(request.is_disconnected), media_type="text/event-stream")
 
 
 @route(router, "POST", "/v1/completions")
@@ -212,6 +235,8 @@ async def completions(request: Request, body: CompletionRequest):
     check_num_prompts(request, len(prompt), "prompt", body.n)
     items = tokenize_prompts(engine, prompt, "prompt")
     params = body.params(body.logprobs, body.max_tokens)
+    if body.stream:
+        return await _stream(request, body, items, params, "prompt", chat=False, model=model)
     outputs = await _generate(request, items, params, "prompt")
 
     def respond():
@@ -229,8 +254,6 @@ async def completions(request: Request, body: CompletionRequest):
                 choices.append(choice)
         result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": model, "choices": choices, "usage": _usage(outputs)}
-        if body.stream:
-            return _sse([dict(result, choices=[ch]) for ch in choices])
         return json_response(result)
 
     # Prompt logprobs of a batch of long prompts make a large answer: built off the event loop.
@@ -256,6 +279,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         ids = engine.render_chat(body.messages, body.chat_template_kwargs, body.tools)
     except Exception as e:
         raise BadRequest(f"messages: cannot apply the chat template: {e}", param="messages") from None
+    if body.stream:
+        return await _stream(request, body, [(None, ids)], params, "messages", chat=True, model=model)
     outputs = await _generate(request, [(None, ids)], params, "messages")
     out = outputs[0]
     choices = []
@@ -273,12 +298,6 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         result["prompt_token_ids"] = out.prompt_token_ids
     if body.prompt_logprobs is not None:
         result["prompt_logprobs"] = _prompt_logprobs(engine, out.prompt_logprobs, body.return_tokens_as_token_ids, {})
-    if body.stream:
-        chunks = [{"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
-                   "model": model, "choices": [{"index": ch["index"], "delta": ch["message"],
-                                                "finish_reason": ch["finish_reason"], "logprobs": ch["logprobs"]}]}
-                  for ch in choices]
-        return _sse(chunks)
     return json_response(result)
 
 

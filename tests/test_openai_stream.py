@@ -1,0 +1,180 @@
+"""Token-by-token ``stream=true`` on /v1/completions and /v1/chat/completions against a real ``rlserve serve``:
+vLLM's chunk layout, the deltas of each choice concatenating to the non-streamed text of the same seeded
+request (with and without stop strings), the usage chunk, and a client that goes away mid-stream."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from server_utils import running_server
+from test_openai import MESSAGES, PROMPTS, assert_serves, wait_idle
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with running_server(tiny_model) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def stream_events(http, path: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed request; asserts the stream ends with [DONE]."""
+    with http.stream("POST", path, json=dict(body, stream=True)) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]" and "[DONE]" not in data[:-1]
+    return [json.loads(d) for d in data[:-1]]
+
+
+def by_choice(chunks: list[dict]) -> dict[int, list[dict]]:
+    choices: dict[int, list[dict]] = {}
+    for chunk in chunks:
+        assert len(chunk["choices"]) <= 1
+        for c in chunk["choices"]:
+            choices.setdefault(c["index"], []).append(c)
+    return choices
+
+
+def assert_finish_only_last(choices: dict[int, list[dict]]) -> None:
+    for parts in choices.values():
+        assert parts[-1]["finish_reason"] in ("stop", "length")
+        assert all(p["finish_reason"] is None for p in parts[:-1])
+
+
+def test_completions_stream_token_by_token_equals_non_streamed(http, tiny_model):
+    body = dict(model=tiny_model, prompt=PROMPTS, n=2, max_tokens=16, temperature=1.0, seed=11,
+                ignore_eos=True)
+    whole = http.post("/v1/completions", json=body).json()["choices"]
+    chunks = stream_events(http, "/v1/completions", body)
+    assert all(c["object"] == "text_completion" and c["model"] == tiny_model for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+    choices = by_choice(chunks)
+    assert sorted(choices) == [0, 1, 2, 3]  # prompt index * n + sample index, as the non-streamed response
+    for index, parts in choices.items():
+        assert len([p for p in parts if p["text"]]) >= 2, parts  # it really streams
+        assert "".join(p["text"] for p in parts) == whole[index]["text"]
+        assert parts[-1]["finish_reason"] == whole[index]["finish_reason"] == "length"
+    assert_finish_only_last(choices)
+    # choices interleave: the first chunk of the last choice comes before the last chunk of the first
+    positions = {i: [n for n, c in enumerate(chunks) if c["choices"][0]["index"] == i] for i in choices}
+    assert positions[3][0] < positions[0][-1]
+
+
+def test_completions_stream_logprobs_per_delta(http, tiny_model):
+    body = dict(model=tiny_model, prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=3, logprobs=2,
+                ignore_eos=True, return_token_ids=True)
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    parts = by_choice(stream_events(http, "/v1/completions", body))[0]
+    streamed = {key: [v for p in parts if p["logprobs"] for v in p["logprobs"][key]]
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert streamed == {key: whole["logprobs"][key] for key in streamed}
+    assert [t for p in parts for t in p["token_ids"]] == whole["token_ids"]
+
+
+def test_chat_stream_role_first_then_content(http, client, tiny_model):
+    body = dict(model=tiny_model, messages=MESSAGES, n=2, max_tokens=16, temperature=1.0, seed=5,
+                ignore_eos=True)
+    whole = http.post("/v1/chat/completions", json=body).json()["choices"]
+    chunks = stream_events(http, "/v1/chat/completions", body)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks) and chunks[0]["id"].startswith("chatcmpl-")
+    choices = by_choice(chunks)
+    assert sorted(choices) == [0, 1]
+    for index, parts in choices.items():
+        assert parts[0]["delta"]["role"] == "assistant"
+        assert all("role" not in p["delta"] for p in parts[1:])
+        assert len([p for p in parts if p["delta"].get("content")]) >= 2
+        assert "".join(p["delta"].get("content", "") for p in parts) == whole[index]["message"]["content"]
+    assert_finish_only_last(choices)
+    # and through the SDK
+    sdk = {}
+    for chunk in client.chat.completions.create(model=tiny_model, messages=MESSAGES, n=2, max_tokens=16,
+                                                temperature=1.0, seed=5, stream=True,
+                                                extra_body={"ignore_eos": True}):
+        for c in chunk.choices:
+            sdk[c.index] = sdk.get(c.index, "") + (c.delta.content or "")
+    assert sdk == {c["index"]: c["message"]["content"] for c in whole}
+
+
+def test_stream_with_stop_strings_equals_the_cut_text(http, tiny_model):
+    body = dict(model=tiny_model, prompt=PROMPTS[1], n=3, max_tokens=40, temperature=1.0, seed=5,
+                ignore_eos=True)
+    full = http.post("/v1/completions", json=body).json()["choices"]
+    # Two-character stops taken from each sample's text: every sample stops, and the held-back tail matters.
+    stops = sorted({c["text"][6:8] for c in full if len(c["text"]) >= 8 and "\ufffd" not in c["text"][6:8]})
+    assert stops
+    cut = http.post("/v1/completions", json=dict(body, stop=stops)).json()["choices"]
+    assert any(c["finish_reason"] == "stop" for c in cut)
+    choices = by_choice(stream_events(http, "/v1/completions", dict(body, stop=stops)))
+    for c in cut:
+        parts = choices[c["index"]]
+        streamed = "".join(p["text"] for p in parts)
+        assert streamed == c["text"] and not any(stop in streamed for stop in stops)
+        assert parts[-1]["finish_reason"] == c["finish_reason"] and parts[-1]["stop_reason"] == c["stop_reason"]
+    assert_finish_only_last(choices)
+    # chat, with the stop string kept
+    chat = dict(model=tiny_model, messages=MESSAGES, max_tokens=30, temperature=1.0, seed=9, ignore_eos=True,
+                stop=stops, include_stop_str_in_output=True)
+    want = http.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    parts = by_choice(stream_events(http, "/v1/chat/completions", chat))[0]
+    assert "".join(p["delta"].get("content", "") for p in parts) == want
+
+
+def test_include_usage_adds_a_last_chunk_without_choices(http, tiny_model):
+    body = dict(model=tiny_model, prompt=PROMPTS, n=2, max_tokens=5, temperature=0, ignore_eos=True,
+                stream_options={"include_usage": True})
+    whole = http.post("/v1/completions", json=dict(body, stream_options=None)).json()
+    chunks = stream_events(http, "/v1/completions", body)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    chat = stream_events(http, "/v1/chat/completions", dict(model=tiny_model, messages=MESSAGES, max_tokens=4,
+                                                            stream_options={"include_usage": True}))
+    assert chat[-1]["choices"] == [] and chat[-1]["usage"]["completion_tokens"] >= 1
+    plain = stream_events(http, "/v1/completions", dict(body, stream_options=None))
+    assert all("usage" not in c for c in plain)
+
+
+def test_stream_errors_are_http_errors_before_any_event(http, client, tiny_model):
+    r = http.post("/v1/completions", json=dict(model=tiny_model, prompt="hi", max_tokens=4, temperature=-1,
+                                              stream=True))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = http.post("/v1/chat/completions", json=dict(model=tiny_model, messages=MESSAGES, max_tokens=2048,
+                                                   stream=True))
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    assert_serves(client, tiny_model)
+
+
+def test_client_gone_mid_stream_aborts_the_request(server, http, client, tiny_model):
+    for path, body in [("/v1/completions", dict(prompt=PROMPTS[0], n=4)),
+                       ("/v1/chat/completions", dict(messages=MESSAGES, n=4, stop=["\x00\x01"]))]:
+        wait_idle(http)
+        before = http.get("/server_info/").json()["counters"]["requests_aborted"]
+        with httpx.Client(base_url=server.url, timeout=30) as gone:
+            with gone.stream("POST", path, json=dict(body, model=tiny_model, max_tokens=1900, ignore_eos=True,
+                                                     stream=True)) as r:
+                assert r.status_code == 200
+                first = next(line for line in r.iter_lines() if line.startswith("data: "))
+                assert json.loads(first[len("data: "):])["choices"]
+        # the response is closed: the engine request ends as aborted, long before its 1900 tokens
+        deadline = time.monotonic() + 30
+        while http.get("/server_info/").json()["counters"]["requests_aborted"] == before:
+            assert time.monotonic() < deadline, "the streamed request was not aborted"
+            time.sleep(0.1)
+        wait_idle(http)
+        assert_serves(client, tiny_model)
