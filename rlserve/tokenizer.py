@@ -60,6 +60,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def held_back(self) -> str:
+        """The text ``add`` has not emitted yet: a trailing incomplete character (decoded as U+FFFD), or ""."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
     def add(self, token_id: int) -> str:
         """Append one token; returns the new text (possibly empty)."""
         self.ids.append(token_id)

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from rlserve.sampling import SamplingParams
 from server_utils import running_server
 from test_openai import MESSAGES, PROMPTS, assert_serves, wait_idle
 
@@ -178,3 +179,50 @@ def test_client_gone_mid_stream_aborts_the_request(server, http, client, tiny_mo
             time.sleep(0.1)
         wait_idle(http)
         assert_serves(client, tiny_model)
+
+
+def _sentencepiece_like_tokenizer():
+    """A Metaspace vocabulary with Llama-2's legacy decoder: decoding with the prompt as context keeps the first
+    output token's leading space, a plain decode of the output drops it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "▁Say": 4, "▁foo": 5}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+@pytest.mark.parametrize("stop", [["zz"], ["zzz"]])
+def test_a_stop_string_sample_that_ends_otherwise_streams_its_final_text(stop):
+    """With stop strings, a sample that ends by length (or EOS, or an abort) gets the text of the engine's stop
+    detokenizer (prompt as context), so the streamed deltas -- decoded the same way -- add up to it exactly, on a
+    tokenizer where a decode without context differs (the leading space)."""
+    from rlserve.engine.stop_strings import StopStrings
+    from rlserve.server.openai_stream import SampleText
+    tokenizer = _sentencepiece_like_tokenizer()
+    prompt, tokens = [4], [1, 2, 3, 5, 2]
+    params = SamplingParams(stop=stop, max_tokens=len(tokens))
+    state = StopStrings(tokenizer, prompt, params).new_state()
+    assert all(state.add(t, can_stop=True) is None for t in tokens)  # no stop string: it ends by length
+    final = state.final_text()  # what EngineCore._update sends for a finished sample with stop strings
+    assert final != tokenizer.decode(tokens)  # the case the test is about: context matters here
+    text = SampleText(tokenizer, prompt, params)
+    assert "".join(text.add([t]) for t in tokens) + text.add([], final) == final
+
+
+def test_a_stop_string_sample_that_ends_by_length_carries_the_detokenizers_text(llm):
+    """EngineCore._update: a finished sample with stop strings sends its stop detokenizer's text even when no
+    stop string ended it (a streamed response's final delta is cut from it)."""
+    core = llm.engine
+    core.add_request("length-with-stops", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0,
+                                                                   stop=["\x00never"]))
+    updates = []
+    for _ in range(50):
+        updates += core.step()
+        if not core.has_unfinished():
+            break
+    final = [u for u in updates if u.finish_reason is not None]
+    assert len(final) == 1 and final[0].finish_reason == "length"
+    assert final[0].text is not None and final[0].text == llm.tokenizer.decode(final[0].token_ids)

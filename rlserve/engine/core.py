@@ -223,8 +223,9 @@ class EngineCore:
             finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason,
             weight_versions=list(seq.weight_versions), num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=prompt_logprobs,
-            # the cut text when a stop string ended it; otherwise the API decodes the tokens as for any request
-            text=seq.stop_state.cut if seq.stop_state is not None and seq.status.is_finished else None)
+            # With stop strings, the text their detokenizer made (cut, when one ended the sample; decoded with the
+            # prompt as context either way, as a streamed response's deltas are); otherwise the API decodes the tokens
+            text=seq.stop_state.final_text() if seq.stop_state is not None and seq.status.is_finished else None)
 
     # -- weights and cache -------------------------------------------------------------------------
     def validate_weights(self, metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:

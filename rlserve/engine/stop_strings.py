@@ -43,6 +43,11 @@ class StopState:
     def text(self) -> str:
         return self.cut if self.cut is not None else self.detokenizer.text
 
+    def final_text(self) -> str:
+        """The finished sample's text: cut at its stop string, or else all of it, a trailing incomplete character
+        included (as a plain decode of its tokens shows it)."""
+        return self.cut if self.cut is not None else self.detokenizer.text + self.detokenizer.held_back()
+
     def add(self, token_id: int, can_stop: bool) -> str | None:
         """Append a sampled token; returns the stop string it completed (``can_stop``: min_tokens are out)."""
         delta = self.detokenizer.add(token_id)

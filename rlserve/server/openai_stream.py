@@ -13,6 +13,7 @@ response is cancelled or closed) -- lets the group go and aborts what still runs
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -33,9 +34,10 @@ class SampleText:
     hands out what remains of the sample's final text, the non-streamed one.
 
     Invariant: what was handed out is a prefix of the final text. It decodes as the final text was made: with
-    stop strings the engine cuts the text of an ``IncrementalDetokenizer`` with prompt context, the same as this
-    one; without, the final text is a plain decode of the tokens, which one without context follows. A stop
-    string ends in the step that completes it, so it starts within the held-back tail."""
+    stop strings the engine sends the text of its ``IncrementalDetokenizer`` with prompt context (cut or not:
+    ``StopState.final_text``), the same as this one; without, the final text is a plain decode of the tokens, which
+    one without context follows. A stop string ends in the step that completes it, so it starts within the
+    held-back tail."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         context = prompt_token_ids if params.stop else []
@@ -164,7 +166,10 @@ class ResponseStream:
             for event in self.opening():
                 yield event
             while (updates := await self.engine.next_updates(self.group, is_disconnected)) is not None:
-                events = self.events_of(updates)
+                if any(u.update.prompt_logprobs is not None for u in updates):  # large: formatted off the loop
+                    events = await asyncio.to_thread(self.events_of, updates)
+                else:
+                    events = self.events_of(updates)
                 if events:
                     yield events
             if self.include_usage:

@@ -389,15 +389,20 @@ class EngineClient:
         consumed. Returns the sent requests still running, for the caller to abort."""
         if group.gathered is not None:  # nobody awaits these outputs any more: consume what they end with
             group.gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # By identity: once this group's requests ended, a new request may reuse their ids (X-Request-Id).
+        own = dict(zip(group.request_ids, group.futures))
         for rid in group.request_ids:
-            self.streams.pop(rid, None)
+            entry = self.streams.get(rid)
+            if entry is not None and entry[1] is group:
+                del self.streams[rid]
         for rid in [r for r in group.request_ids if r not in group.sent]:  # never reached a replica: forget it
-            self.processor.states.pop(rid, None)
             future = self.pending.get(rid)
+            if future is None or future is not own.get(rid):
+                continue
+            self.processor.states.pop(rid, None)
             self._finish(rid)
-            if future is not None:
-                future.cancel()
-        return [r for r in group.sent if r in self.pending]
+            future.cancel()
+        return [r for r in group.sent if r in own and self.pending.get(r) is own[r]]
 
     async def _abort_quietly(self, request_ids: list[str]) -> None:
         try:
