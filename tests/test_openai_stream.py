@@ -8,30 +8,11 @@ import json
 import time
 
 import httpx
-import openai
 import pytest
 
 from rlserve.sampling import SamplingParams
-from server_utils import running_server
-from test_openai import MESSAGES, PROMPTS, assert_serves, wait_idle
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    with running_server(tiny_model) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
+# server, client and http: test_openai's module fixtures (imported, each module gets its own server)
+from test_openai import MESSAGES, PROMPTS, assert_serves, client, http, server, wait_idle  # noqa: F401
 
 
 def stream_events(http, path: str, body: dict) -> list[dict]:
