@@ -60,17 +60,20 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def _window(self) -> tuple[str, str]:
+        """The decoded window before the unemitted tokens, and with them."""
+        return (self._decode(self.ids[self.prefix_offset:self.read_offset]),
+                self._decode(self.ids[self.prefix_offset:]))
+
     def held_back(self) -> str:
         """The text ``add`` has not emitted yet: a trailing incomplete character (decoded as U+FFFD), or ""."""
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix, full = self._window()
         return full[len(prefix):] if len(full) > len(prefix) else ""
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the new text (possibly empty)."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix, full = self._window()
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
             delta = full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

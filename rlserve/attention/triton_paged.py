@@ -259,12 +259,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """The CUDA device's streaming multiprocessors (cached): what static launch grids are sized from."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """KV splits for decode from static quantities only (no seq_lens): aim for ~2 programs per SM.
 
     Measured on H200 (B=4, 8 KV heads, L=8192): 9 splits reach ~2.4 TB/s; doubling them is slower."""
     if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = sm_count(device)
     else:
         sms = 8  # Triton interpreter: keep splitting exercised
     programs = batch * num_kv_heads

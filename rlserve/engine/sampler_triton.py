@@ -22,11 +22,11 @@ logits (bf16 or fp32), rows needing top-k/top-p/min-p, penalties or masks from t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from rlserve.attention.triton_paged import sm_count
 
 BLOCK = 2048  # vocab entries per loop step of one program
 PROGRAMS_PER_SM = 4  # aim for this many (row, chunk) programs per SM
@@ -106,11 +106,6 @@ def _gumbel_merge_kernel(logits_ptr, stride_row, inv_temperature_ptr, m_ptr, s_p
     tl.store(logprob_ptr + row, best_x - (m_row + tl.log(s_row)))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split(rows: int, vocab: int, block: int, target_programs: int | None = None,
            num_chunks: int | None = None) -> tuple[int, int]:
     """-> (chunks per row, vocab entries per chunk, a multiple of block); every chunk holds some vocab.
@@ -136,8 +131,7 @@ def _gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, is_greed
     if not rows:
         return tokens, logprobs
     if num_chunks is None and device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        chunks, chunk_size = _split(rows, vocab, block, target_programs=PROGRAMS_PER_SM * _sm_count(index))
+        chunks, chunk_size = _split(rows, vocab, block, target_programs=PROGRAMS_PER_SM * sm_count(device))
     else:
         chunks, chunk_size = _split(rows, vocab, block, num_chunks=CPU_CHUNKS if num_chunks is None else num_chunks)
     inv_temperature = inv_temperature.float().contiguous()
