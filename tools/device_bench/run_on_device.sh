@@ -27,7 +27,7 @@
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
 #                         (VS_ASYNC=1: rlserve with --async_scheduling; VS_STEPS=K: with --num_scheduler_steps K)
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
-#                         alternated (STEPS_LIST="1 8" picks others), seeded and plain, no baseline
+#                         alternated (STEPS_LIST="1 8", STEPS_ROUNDS=2 pick others), seeded and plain, no baseline
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -111,7 +111,7 @@ run_step() {
         --output "$OUT/$w-vs-vllm${async:+-async}-steps$steps.json" 2>&1 | tail -n 20 ;;
     steps-small|steps-medium|steps-7b)
       w=rl-${1#steps-}
-      for round in 1 2; do
+      for round in $(seq "${STEPS_ROUNDS:-2}"); do
         for k in ${STEPS_LIST:-1 8}; do
           timeout 280 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain --no_baseline --async_scheduling \
             --num_scheduler_steps "$k" --output "$OUT/$w-async-steps$k-$round.json" 2>&1 | grep "rlserve" | sed "s/^/[K=$k] /"
