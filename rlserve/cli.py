@@ -91,6 +91,11 @@ def add_serve_parser(sub) -> None:
                "GPU other batch shapes (an extra row, another CUDA-graph bucket) can change logits in the last bits. "
                "Not yet run or measured on a GPU. Steps that need the previous step's tokens on the host first "
                "(structured outputs, prompt logprobs, any prompt's first draw, n=1 included) run one at a time.")
+    _flag(p, "num_scheduler_steps", type=int, default=1,
+          help="Run up to this many decode steps per launch when every running sequence decodes plainly (vLLM V0's "
+               "--num-scheduler-steps; default: 1). Same tokens as one step at a time, less host work per token; "
+               "tokens reach the API (and a stream) this many at a time. Sequences with structured outputs, "
+               "penalties, top-N logprobs or min_tokens not reached, and tensor parallelism, run one step at a time.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "
@@ -206,6 +211,9 @@ def add_bench_parser(sub) -> None:
     _flag(p, "async_scheduling", action="store_true",
           help="rlserve's engine with host/device overlap (serve's --async_scheduling); with --through_server, "
                "pass it in --server_args instead.")
+    _flag(p, "num_scheduler_steps", type=int, default=1,
+          help="rlserve's engine with up to this many decode steps per launch (serve's --num_scheduler_steps); with "
+               "--through_server, pass it in --server_args instead.")
     _flag(p, "repeats", type=int, default=3, help="With --through_server: best of this many runs of each path.")
     _flag(p, "num_prompts", type=int, default=None,
           help="Run the workload with this many prompts (same n and lengths; the first ones of its seed): half of "
@@ -223,6 +231,8 @@ def cmd_bench(args) -> int:
     engine_kwargs = {"enforce_eager": True} if args.enforce_eager else {}
     if args.async_scheduling:
         engine_kwargs["async_scheduling"] = True
+    if args.num_scheduler_steps != 1:
+        engine_kwargs["num_scheduler_steps"] = args.num_scheduler_steps
     if args.through_server and args.against:
         print("rlserve bench: --against vllm runs the offline engines; it does not combine with --through_server",
               file=sys.stderr)

@@ -48,6 +48,11 @@ class EngineConfig:
     # sync mode's in the CPU tests; on a GPU other batch shapes can change logits in the last bits. Not yet run or
     # measured on a GPU.
     async_scheduling: bool = False
+    # Up to this many decode steps per launch (vLLM V0's --num-scheduler-steps): a step whose sequences all decode
+    # plainly (engine/multi_step.py says which) runs them back to back on the device, each feeding its draws to the
+    # next, and the host applies the tokens once. The same tokens as one step at a time (the draws are counter-based);
+    # the host's work per token shrinks. Tensor parallelism runs one step at a time.
+    num_scheduler_steps: int = 1
     extra: dict = field(default_factory=dict)
 
     def logprobs_limit(self, vocab_size: int) -> int:
@@ -71,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be >= 1, got {self.num_scheduler_steps}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value < 1:

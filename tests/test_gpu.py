@@ -159,3 +159,46 @@ def test_async_scheduling_launch_never_waits_for_the_device_and_matches_sync(tin
     assert got == want and warm == want
     assert len(checked) >= 30  # 31 decode steps after the prefill: all but none fell back
     assert all(len(s.scheduled) == len(batch) for s in checked)
+
+
+def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_model_dir, monkeypatch):
+    """``num_scheduler_steps=8`` (bf16, CUDA graphs): a burst feeds each step's draws to the next on the device and
+    draws with each output position's seeds, so tokens and logprobs equal one step at a time, bit for bit (no
+    sample stops by content: the batches are the same); with async scheduling too, where every burst's launch
+    runs under ``set_sync_debug_mode("error")`` (no hidden host sync)."""
+    batch = prompts(24, seed=4, vocab=32000, low=5, high=100)
+    params = [SamplingParams(temperature=0, max_tokens=45, ignore_eos=True, logprobs=0),
+              SamplingParams(temperature=1.0, max_tokens=45, ignore_eos=True, seed=7, n=3, logprobs=0)]
+
+    def run(llm):
+        return [[[(c.token_ids, c.sampled_logprobs) for c in o.outputs] for o in llm.generate(batch, p)] for p in params]
+
+    results, bursts = {}, {}
+    for steps, use_async in ((1, False), (8, False), (8, True)):
+        llm = LLM(str(small_model_dir), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.5,
+                  num_scheduler_steps=steps, async_scheduling=use_async)
+        assert llm.engine.runner.graphs is not None
+        if use_async:
+            run(llm)  # first-use compilation, unchecked
+            launch, checked = llm.engine.runner.launch, []
+
+            def strict_launch(sched, launch=launch, checked=checked):
+                if sched.num_steps == 1:
+                    return launch(sched)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return launch(sched)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    checked.append(sched)
+
+            monkeypatch.setattr(llm.engine.runner, "launch", strict_launch)
+        before = llm.stats()["num_multi_steps"]
+        results[steps, use_async] = run(llm)
+        bursts[steps, use_async] = llm.stats()["num_multi_steps"] - before
+        del llm
+        torch.cuda.empty_cache()
+    assert results[8, False] == results[1, False] and results[8, True] == results[1, False]
+    # 44 decode steps after the first draw: 5 bursts of 8 and one of 4, per generate call
+    assert bursts == {(1, False): 0, (8, False): 12, (8, True): 12}
+    assert len(checked) == 12

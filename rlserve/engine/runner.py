@@ -6,7 +6,8 @@ It owns the model, the KV cache tensor and the attention backend. It knows nothi
 Per step: copy-on-write block copies → inputs (token ids, positions, slot mapping, block tables, sequence
 lengths; decodes first) → forward (a CUDA-graph replay for decode batches on GPU) → logits of the rows that
 sample → sampler (one draw rule per device; when no row needs more than temperature, the model's logits go
-straight to the GPU draw kernel) → one host sync to return the tokens. A step that computes a prompt whose
+straight to the GPU draw kernel) → one host sync to return the tokens. A multi-step launch (``multi_step.py``)
+repeats forward and draw on the device, each step's tokens the next one's inputs, before that one sync. A step that computes a prompt whose
 logprobs were asked for also scores its prompt positions (``prompt_logprobs.py``).
 
 Block tables live on the device, one row per running sequence, and are updated only where a sequence's
@@ -15,6 +16,7 @@ table changed; each step gathers its rows. Slots are computed on the device from
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -68,6 +70,7 @@ class LaunchedStep:
     scored: tuple | None  # prompt logprobs' (values, ids) on the device
     prompt_logprobs: prompt_logprobs.PromptLogprobsInput | None
     copied: object | None = None  # a torch.cuda.Event recorded after the host copies
+    num_steps: int = 1  # a multi-step launch: ``draws`` holds its steps one after the other
 
 
 class ModelRunner:
@@ -280,6 +283,8 @@ class ModelRunner:
             flat_start = dict(zip(items, itertools.accumulate(step.query_lens, initial=0)))
             step.prompt_logprobs = prompt_logprobs.plan(sched.prompt_logprobs,
                                                         [flat_start[item] for item in sched.prompt_logprobs])
+        if sched.num_steps > 1:
+            return self._launch_burst(sched, items, step)
         if self.broadcast_step is not None:  # tensor parallel: the other ranks run the same forward
             self.broadcast_step(step)
         logits, scored = self.forward(step)
@@ -312,6 +317,41 @@ class ModelRunner:
             self._keep_draws(sched, launched)
         return launched
 
+    def _launch_burst(self, sched: SchedulerOutput, items: list[ScheduledSeq], step: StepInput) -> LaunchedStep:
+        """A multi-step launch (``multi_step.py``): ``sched.num_steps`` decode steps of the same sequences, one row
+        each, back to back on the device. Step k+1 reads step k's draws as its tokens, its positions and context
+        lengths one more, its KV slots from the same block tables (the scheduler allocated every step's); each
+        step draws with the seeds of its output position. The draws come back as one [num_steps * S] column."""
+        if self.broadcast_step is not None:
+            raise RuntimeError("multi-step decoding does not run under tensor parallelism")  # the scheduler's rule
+        steps, bs = sched.num_steps, self.block_size
+        self.num_steps += 1
+        self.copy_blocks(step.block_copies)
+        ids, pos, meta, _ = self._device_inputs(step, extra_tokens=steps - 1)
+        seq_index = torch.arange(len(items), device=self.device)
+        batch, draws = None, []
+        for k in range(steps):
+            if k:
+                ids, pos = draws[-1].token_ids, pos + 1
+                meta = dataclasses.replace(
+                    meta, slot_mapping=meta.block_tables[seq_index, pos // bs].long() * bs + pos % bs,
+                    seq_lens=meta.seq_lens + 1, max_seq_len=meta.max_seq_len + 1,
+                    seq_lens_cpu=[n + 1 for n in meta.seq_lens_cpu])
+            logits = self.model.compute_logits(self._run_model(ids, pos, meta))
+            if batch is None:  # as launch builds it; a burst is never a fallback step (async_step.must_apply_first)
+                batch = prepare_sampling(items, logits.shape[-1], self.info.eos_token_ids,
+                                         self._host if self._uploads_ahead else self.device, self.penalties,
+                                         num_steps=steps)
+                if self._uploads_ahead:
+                    batch = batch_to_device(batch, self.device)
+            draws.append(self._sample(logits, dataclasses.replace(batch, seeds=batch.step_seeds[k])))
+        first_row = list(range(len(items)))  # every item a decode, in order (launch sorts nothing)
+        failed = dict(batch.failed_items)
+        launched = LaunchedStep(concat_outputs(draws), first_row, failed, None, None, num_steps=steps)
+        if self.config.async_scheduling:
+            self._keep_draws(sched, launched)
+        return launched
+
     @torch.inference_mode()
     def collect(self, launched: LaunchedStep) -> StepResult:
         """A launched step's draws on the host: the step's one wait for the device."""
@@ -331,7 +371,7 @@ class ModelRunner:
         """Async scheduling: keep the drawn tokens on the device for the next step's inputs, and start copying the
         draws to pinned host memory, so that applying them waits for that copy, not for the next step."""
         draws = launched.draws
-        self._draws = draws.token_ids
+        self._draws = draws.token_ids[-len(launched.first_row):] if launched.num_steps > 1 else draws.token_ids
         self._draw_row = {item.seq.seq_id: row for item, row in zip(sched.scheduled, launched.first_row) if row >= 0}
         if self.device.type != "cuda":
             return
@@ -381,10 +421,7 @@ class ModelRunner:
         scoring = None
         if step.prompt_logprobs is not None:
             scoring = prompt_logprobs.to_device(step.prompt_logprobs, self.device)
-        if self.graphs is not None and meta.num_prefills == 0 and meta.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
-        else:
-            hidden = self.model(input_ids, positions, meta)
+        hidden = self._run_model(input_ids, positions, meta)
         scored = None if scoring is None else prompt_logprobs.score(self.model, hidden, scoring)
         if not step.sample_rows:  # e.g. only prefill chunks that end before their prompt does
             return None, scored
@@ -392,6 +429,12 @@ class ModelRunner:
             return self.model.compute_logits(hidden), scored
         # A one-token chunk of a prompt (the token budget cut it) runs among the decodes but draws nothing.
         return self.model.compute_logits(hidden[sample_rows]), scored
+
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The hidden states of a step: a CUDA-graph replay for a decode batch that has a graph, else the model."""
+        if self.graphs is not None and meta.num_prefills == 0 and meta.num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        return self.model(input_ids, positions, meta)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Draw every sample row. A request forking into more samples than a step runs sequences is drawn
@@ -409,7 +452,9 @@ class ModelRunner:
             return SamplerOutput(tokens, logprobs if batch.max_num_logprobs >= 0 else None, None, None)
         return sample(logits.float(), batch, self.gumbel_sample)
 
-    def _device_inputs(self, step: StepInput):
+    def _device_inputs(self, step: StepInput, extra_tokens: int = 0):
+        """The step's device tensors: token ids, positions, attention metadata, the sampling rows' token indices.
+        ``extra_tokens``: the block tables' width also covers that many more tokens (a multi-step launch)."""
         dev, bs = self.device, self.block_size
         if step.table_writes:
             r, c, b = zip(*step.table_writes)
@@ -424,7 +469,7 @@ class ModelRunner:
         row_idx, samples = packed[2 * t + 2 * s:2 * t + 3 * s], packed[2 * t + 3 * s:end]
         if step.ahead_index:
             self._feed_draws(ids, packed[end:])
-        max_blocks = -(-max(step.seq_lens) // bs)
+        max_blocks = -(-(max(step.seq_lens) + extra_tokens) // bs)
         tables = self.block_tables[row_idx, :max_blocks]  # [B, max_blocks]
         if step.num_decodes == s:
             token_seq = torch.arange(s, device=dev)

@@ -56,6 +56,7 @@ class SamplingBatch:
     max_num_logprobs: int = -1  # -1: no row wants logprobs; 0: sampled only; N: plus the top N
     raw_logprob_rows: torch.Tensor | None = None  # [S] bool: rows that want raw (unprocessed) logprobs
     failed_items: dict[int, str] = field(default_factory=dict)  # item -> error: its rows are placeholders
+    step_seeds: torch.Tensor | None = None  # [K, S]: a multi-step launch's seeds, step k's at output position + k
 
 
 @dataclass

@@ -67,13 +67,16 @@ class _RequestRow:
 
 
 def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: tuple[int, ...],
-                     device: torch.device, penalties: PenaltyState | None = None) -> SamplingBatch:
+                     device: torch.device, penalties: PenaltyState | None = None, num_steps: int = 1) -> SamplingBatch:
     """Per-row sampling tensors for the sequences that sample this step (a forking parent: one row per
     sample). Stages no row uses are left out, so the sampler skips them. An item whose rows cannot be made
     gets greedy placeholder rows and is listed in ``failed_items``: it fails alone.
 
     ``penalties``: the runner's persistent penalty state, whose penalised rows this brings up to date (None: a
-    state built from scratch for this batch alone, as a test or a one-off batch wants)."""
+    state built from scratch for this batch alone, as a test or a one-off batch wants).
+
+    ``num_steps`` > 1: a multi-step launch's batch, whose ``step_seeds`` [K, S] hold each step's seeds (the rows'
+    output positions advance by one a step); its other columns serve every step."""
     logits_index, values, streams, positions = [], [], [], []
     banned_rows, banned_ids, penalty_rows, grammar_states = [], [], [], []
     max_logprobs = -1
@@ -130,11 +133,16 @@ def prepare_sampling(items: list[ScheduledSeq], vocab_size: int, eos_token_ids: 
     temperature, greedy, top_k, top_p, min_p, rep, pres, freq, raw = zip(*values)
     dev = device
     num_rows = len(logits_index)
+    step_seeds = None
+    if num_steps > 1:
+        positions = np.add.outer(np.arange(num_steps), np.array(positions, dtype=np.int64)).ravel()
+        step_seeds = torch.from_numpy(row_seeds(streams * num_steps, positions).reshape(num_steps, num_rows)).to(dev)
     batch = SamplingBatch(
         logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
         temperature=torch.tensor(temperature, dtype=torch.float32, device=dev),
         is_greedy=torch.tensor(greedy, dtype=torch.bool, device=dev),
-        seeds=torch.from_numpy(row_seeds(streams, positions)).to(dev),
+        seeds=step_seeds[0] if step_seeds is not None else torch.from_numpy(row_seeds(streams, positions)).to(dev),
+        step_seeds=step_seeds,
         all_greedy=all(greedy), any_greedy=any(greedy), max_num_logprobs=max_logprobs,
         needs_gather=num_rows != len(items), failed_items=failed)
     if min(top_k) < vocab_size:

@@ -10,6 +10,10 @@ Async scheduling (``async_step.py``) splits ``update_from_output`` in two: ``adv
 draws pending) and ``apply_output`` once the draws are on the host, so that the next step can be scheduled in
 between; ``schedule`` then counts pending draws as tokens (``Sequence.num_scheduled_tokens``).
 
+Multi-step decoding (``multi_step.py``): a step of plain decodes may run ``num_steps`` > 1 decode steps in one
+launch; ``schedule`` allocates the KV slots of all of them, ``advance`` counts them all as computed, and
+``apply_output`` appends each sequence's ``num_steps`` draws (those after a stop are dropped).
+
 Prompt logprobs: a request that asks for them computes every prompt position (no prefix-cache hit may skip
 one), and the steps that compute its prompt list it in ``SchedulerOutput.prompt_logprobs`` so that the runner
 scores those positions; a score-only request (max_tokens=0) ends when its prompt is computed, drawing nothing.
@@ -29,6 +33,7 @@ import numpy as np
 
 from rlserve.engine.async_step import can_run_ahead
 from rlserve.engine.kv_cache import BlockManager
+from rlserve.engine.multi_step import burst_length
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
 from rlserve.engine.validation import check_fits
 
@@ -51,6 +56,8 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)  # gave their blocks back this step
     # The scheduled items computing a prompt whose logprobs were asked for (None when there are none).
     prompt_logprobs: list[ScheduledSeq] | None = None
+    # Decode steps this launch runs (multi_step.py): each item then computes num_steps tokens and draws as many.
+    num_steps: int = 1
 
     @property
     def num_preempted(self) -> int:
@@ -68,7 +75,8 @@ class SchedulerOutput:
 @dataclass
 class StepResult:
     """What the runner drew, one row per sample, as columns. Scheduled item i's rows start at
-    ``first_row[i]`` (-1: it did not sample); a forking parent has one row per sample."""
+    ``first_row[i]`` (-1: it did not sample); a forking parent has one row per sample. A multi-step launch's
+    columns hold its steps one after the other: step k's draw of row r is at ``k * len(first_row) + r``."""
     token_ids: list[int]
     first_row: list[int]
     logprobs: list[float] | None = None  # the sampled tokens' (when any row asked)
@@ -83,7 +91,7 @@ class StepResult:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...]):
+                 max_model_len: int, eos_token_ids: tuple[int, ...], num_scheduler_steps: int = 1):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -92,6 +100,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_scheduler_steps = num_scheduler_steps
+        self.num_multi_steps = 0  # launches that ran more than one decode step
         self.scoring: set[Sequence] = set()  # parents computing a prompt whose logprobs were asked for
 
     # -- admission ---------------------------------------------------------------------------------
@@ -183,7 +193,27 @@ class Scheduler:
             for item in out.prompt_logprobs:
                 if item.seq.params.scores_only:
                     item.samples = False
+        elif self.num_scheduler_steps > 1 and out.scheduled:
+            self._extend_to_burst(out)
         return out
+
+    def _extend_to_burst(self, out: SchedulerOutput) -> None:
+        """Make a step of plain decodes a multi-step launch where ``multi_step.burst_length`` allows, and the free
+        blocks hold every step's KV slot (all or nothing: short of blocks, it stays one step)."""
+        steps = burst_length(out.scheduled, self.num_scheduler_steps, self.max_model_len)
+        if steps == 1:
+            return
+        bm = self.block_manager
+        # Each sequence already has the slot of its first token (its partly filled block made private, if shared).
+        needed = sum(max(bm.blocks_for(item.seq.num_computed_tokens + steps) - len(item.seq.block_table), 0)
+                     for item in out.scheduled)
+        if needed > bm.num_free_blocks:
+            return
+        for item in out.scheduled:
+            copies = bm.append_slots(item.seq, steps)
+            assert not copies, "a burst's first slot was not made private when it was scheduled"
+        out.num_steps = steps
+        self.num_multi_steps += 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -202,6 +232,11 @@ class Scheduler:
     def advance(self, out: SchedulerOutput) -> None:
         """Count a launched step's tokens as computed and its draws as pending. Async scheduling calls this at
         launch, so that the next step can be scheduled before this one's draws are applied."""
+        if out.num_steps > 1:  # a burst of decodes: each computes num_steps tokens and draws as many
+            for item in out.scheduled:
+                item.seq.num_computed_tokens += out.num_steps
+                item.seq.num_pending_tokens += out.num_steps
+            return
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             if item.samples:
@@ -210,6 +245,8 @@ class Scheduler:
     def apply_output(self, out: SchedulerOutput, result: StepResult, weight_version: int) -> list[Sequence]:
         """Apply an advanced step's draws; returns the sequences that got tokens (or finished). A sequence that
         ended while the step ran (async scheduling: an abort, or a stop in the step before) drops its draw."""
+        if out.num_steps > 1:
+            return self._apply_burst(out, result, weight_version)
         bm = self.block_manager
         touched: list[Sequence] = []
         token_ids, logprobs, failed = result.token_ids, result.logprobs, result.failed
@@ -250,6 +287,38 @@ class Scheduler:
                 row += 1
         if out.prompt_logprobs is not None:
             touched += self._update_prompt_logprobs(out.prompt_logprobs, result.prompt_logprobs)
+        for seq in touched:
+            if seq.status >= finished:
+                self._remove(seq)
+        return touched
+
+    def _apply_burst(self, out: SchedulerOutput, result: StepResult, weight_version: int) -> list[Sequence]:
+        """``apply_output`` for a multi-step launch: each sequence's draws in step order, up to the one that ends it
+        (the rest are dropped). Only plain decodes burst (``multi_step.can_burst``): one row each, no fork."""
+        bm = self.block_manager
+        touched: list[Sequence] = []
+        token_ids, logprobs, failed = result.token_ids, result.logprobs, result.failed
+        steps, stride = out.num_steps, len(out.scheduled)
+        finished = SequenceStatus.FINISHED_STOPPED  # and every status after it
+        for i, (item, row) in enumerate(zip(out.scheduled, result.first_row)):
+            seq = item.seq
+            seq.num_pending_tokens -= steps
+            if seq.status >= finished:
+                continue
+            if min(seq.num_computed_tokens, len(seq.token_ids)) // bm.block_size > seq.num_registered_blocks:
+                bm.register_computed_blocks(seq)
+            touched.append(seq)
+            if i in failed:
+                seq.finish(SequenceStatus.FINISHED_ERROR, failed[i])
+                continue
+            wants_logprobs = seq.request.params.logprobs is not None
+            for at in range(row, row + steps * stride, stride):
+                seq.append_token(token_ids[at], weight_version)
+                if wants_logprobs:
+                    seq.sampled_logprobs.append(None if logprobs is None else logprobs[at])
+                self._check_stop(seq)
+                if seq.status >= finished:
+                    break
         for seq in touched:
             if seq.status >= finished:
                 self._remove(seq)

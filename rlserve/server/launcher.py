@@ -135,7 +135,8 @@ def engine_config_from_args(args) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks, load_format=args.load_format,
         fused_kernels=args.fused_kernels, max_logprobs=args.max_logprobs,
-        trust_remote_code=args.trust_remote_code, async_scheduling=args.async_scheduling)
+        trust_remote_code=args.trust_remote_code, async_scheduling=args.async_scheduling,
+        num_scheduler_steps=args.num_scheduler_steps)
 
 
 def serve(args) -> int:

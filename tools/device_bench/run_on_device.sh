@@ -25,7 +25,9 @@
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
-#                         (VS_ASYNC=1: rlserve with --async_scheduling)
+#                         (VS_ASYNC=1: rlserve with --async_scheduling; VS_STEPS=K: with --num_scheduler_steps K)
+#   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
+#                         alternated (STEPS_LIST="1 8", STEPS_ROUNDS=2 pick others), seeded and plain, no baseline
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -103,9 +105,18 @@ run_step() {
         | tail -n 3; PYTHONPATH=/tmp/vllm-site:$PYTHONPATH python3 -c "import vllm; print('vllm', vllm.__version__)" ;;
     vs-vllm-small|vs-vllm-medium|vs-vllm-7b)
       w=rl-${1#vs-vllm-}; async=""; [ "${VS_ASYNC:-0}" = 1 ] && async=--async_scheduling
+      steps=${VS_STEPS:-1}
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
-        --workload "$w" --modes seeded,plain --no_baseline --against vllm $async \
-        --output "$OUT/$w-vs-vllm${async:+-async}.json" 2>&1 | tail -n 20 ;;
+        --workload "$w" --modes seeded,plain --no_baseline --against vllm $async --num_scheduler_steps "$steps" \
+        --output "$OUT/$w-vs-vllm${async:+-async}-steps$steps.json" 2>&1 | tail -n 20 ;;
+    steps-small|steps-medium|steps-7b)
+      w=rl-${1#steps-}
+      for round in $(seq "${STEPS_ROUNDS:-2}"); do
+        for k in ${STEPS_LIST:-1 8}; do
+          timeout 280 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain --no_baseline --async_scheduling \
+            --num_scheduler_steps "$k" --output "$OUT/$w-async-steps$k-$round.json" 2>&1 | grep "rlserve" | sed "s/^/[K=$k] /"
+        done
+      done ;;
     gpu-kernels)
       # (-k applies to every path of a pytest line: the decode selection runs alone)
       timeout 250 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 \

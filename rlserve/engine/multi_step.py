@@ -1,0 +1,53 @@
+"""Multi-step decoding's one rule: which steps may run several decode steps in one launch, and how many
+(``EngineConfig.num_scheduler_steps``, vLLM V0's ``--num-scheduler-steps``).
+
+A burst of K steps runs on the device back to back: step k's drawn tokens are step k+1's inputs, its positions
+and context lengths one more, its KV slots in blocks the scheduler allocated for all K tokens before the launch.
+The host then applies K tokens per sequence at once. What it saves is the host's work per step (schedule, build
+and upload inputs, sampling inputs, the device-to-host wait, apply) on all but one step of K; on a small model that
+work is as long as the device's step (BENCHMARKS.md), so the device idles, or with async scheduling the host
+bounds the step.
+
+Draws are counter-based (a row's seed is a hash of its stream and output position, ``sampling_batch.py``), so a
+burst draws exactly the tokens the same steps would one at a time. A sequence may join a burst only when nothing
+of its next K draws depends on the host in between (``can_burst``):
+
+- its request has forked into its samples (a prompt's first draw forks it on the host);
+- no grammar (the next step's allowed-token mask needs the draw), no top-N logprobs (rows of [S, N] per step),
+  no repetition / presence / frequency penalty (counts updated per draw), ``min_tokens`` already reached (stop
+  tokens are masked until then).
+
+And a step bursts only when every sequence in it is such a decode and no prompt's logprobs are scored in it. K is
+cut to the fewest draws any sequence of the step may still make (``max_tokens``, ``max_model_len``), so no
+sequence draws past its length. One that stops by content (EOS, a stop token, a stop string) mid-burst computes the
+rest of the burst for nothing; its later draws are dropped when the burst is applied, and the KV slots they wrote
+go back with its blocks. Torch-free: the scheduler reads it.
+"""
+
+from __future__ import annotations
+
+
+def can_burst(seq, num_output_tokens: int) -> bool:
+    """May ``seq`` draw several tokens without the host between them? ``num_output_tokens``: its output length
+    as the scheduler sees it (draws in flight included)."""
+    p = seq.request.params
+    return (seq.request.is_forked and seq.grammar_state is None and seq.top_logprobs is None
+            and not p.uses_penalties and p.min_tokens <= num_output_tokens)
+
+
+def burst_length(scheduled, max_steps: int, max_model_len: int) -> int:
+    """How many decode steps a scheduled step (its ``ScheduledSeq`` items) may run in one launch: 1 unless every
+    item is a one-token decode that draws and ``can_burst``; then ``max_steps`` cut to the fewest draws left."""
+    steps = max_steps
+    for item in scheduled:
+        if steps == 1:
+            break
+        seq = item.seq
+        if item.num_new_tokens != 1 or not item.samples:
+            return 1
+        num_tokens = seq.num_scheduled_tokens
+        num_out = num_tokens - seq.num_prompt_tokens
+        if not can_burst(seq, num_out):
+            return 1
+        steps = min(steps, seq.params.max_tokens - num_out, max_model_len - num_tokens)
+    return max(steps, 1)
