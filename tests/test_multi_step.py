@@ -197,6 +197,17 @@ def test_prefix_cache_hits_and_blocks_written_by_bursts(engines):
     assert sum(r[0] for r in again) > sum(r[0] for r in cached)
 
 
+def test_blocks_completed_by_a_last_burst_are_cached(engines):
+    """A sample that ends in a burst has computed the KV of all its tokens but the last, as with K=1: the blocks
+    that burst filled go to the prefix cache too. A next turn (prompt + completion, as multi-turn RL sends) hits
+    them. Prompt lengths 41..44 with 24 tokens: the final burst (3 draws, from 21 tokens) fills a 16-token block."""
+    batch = [list(range(100 + n, 100 + 2 * n)) for n in (41, 42, 43, 44)]
+    first = same(engines, batch, SamplingParams(temperature=0, max_tokens=24, logprobs=0, ignore_eos=True))
+    turn = [p + r[1][0] for p, r in zip(batch, first)]
+    again = same(engines, turn, SamplingParams(temperature=0, max_tokens=4, logprobs=0, ignore_eos=True))
+    assert [r[0] for r in again] == [64, 64, 64, 64]  # K=1's: (len(prompt) + 23) // 16 blocks each
+
+
 # -- 5. scheduling variants -------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", [
     dict(num_kv_blocks=12, block_size=8),  # forces preemption
@@ -218,7 +229,9 @@ def test_preemption_chunked_prefill_and_waiting(tiny_model, variant):
 
 
 def test_no_burst_while_requests_wait(tiny_model):
-    """max_num_seqs=2 and 6 prompts: a step with a request waiting to be admitted is one step, never a burst."""
+    """max_num_seqs=2 and 6 prompts: a step with a request waiting to be admitted is one step, never a burst (the
+    rule: a burst only when nothing waits). Otherwise a sample that stops by content early in a burst keeps its
+    slot empty for the rest of the burst while a request waits for it (tokens are the same either way)."""
     batch = prompts(6, seed=18)
     params = [SamplingParams(temperature=1.0, seed=9, max_tokens=n, logprobs=0, ignore_eos=True)
               for n in (11, 6, 9, 14, 7, 10)]
