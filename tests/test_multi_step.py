@@ -228,10 +228,11 @@ def test_preemption_chunked_prefill_and_waiting(tiny_model, variant):
         assert all(n > 0 for name, n in bursts(llms).items() if name != "k1")
 
 
-def test_no_burst_while_requests_wait(tiny_model):
-    """max_num_seqs=2 and 6 prompts: a step with a request waiting to be admitted is one step, never a burst (the
-    rule: a burst only when nothing waits). Otherwise a sample that stops by content early in a burst keeps its
-    slot empty for the rest of the burst while a request waits for it (tokens are the same either way)."""
+def test_bursts_run_while_requests_wait(tiny_model):
+    """max_num_seqs=2 and 6 prompts: requests waiting for room do not stop the running samples from bursting (the
+    rule, multi_step.py: a sample that ends early in a burst frees its room at the burst's end, at most K - 1 steps
+    later; stopping every burst while anything waits would lose them whenever a batch exceeds max_num_seqs), and
+    the tokens are those of one step at a time."""
     batch = prompts(6, seed=18)
     params = [SamplingParams(temperature=1.0, seed=9, max_tokens=n, logprobs=0, ignore_eos=True)
               for n in (11, 6, 9, 14, 7, 10)]
@@ -244,7 +245,7 @@ def test_no_burst_while_requests_wait(tiny_model):
 
     got = drive(LLM(tiny_model, device="cpu", max_num_seqs=2, num_scheduler_steps=K), batch, params, check=check)
     assert got == want
-    assert seen and all(n == 0 for n in seen), seen
+    assert any(n > 0 for n in seen), seen
 
 
 # -- 6. context end ------------------------------------------------------------------------------------------

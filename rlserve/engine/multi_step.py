@@ -21,7 +21,10 @@ And a step bursts only when every sequence in it is such a decode and no prompt'
 cut to the fewest draws any sequence of the step may still make (``max_tokens``, ``max_model_len``), so no
 sequence draws past its length. One that stops by content (EOS, a stop token, a stop string) mid-burst computes the
 rest of the burst for nothing; its later draws are dropped when the burst is applied, and the KV slots they wrote
-go back with its blocks. Torch-free: the scheduler reads it.
+go back with its blocks. Requests waiting for room do not stop a burst: a sample that ends early in one frees its
+room at the burst's end, at most K - 1 steps late, where stopping every burst while anything waits would lose them
+all whenever a batch holds more samples than ``max_num_seqs`` (vLLM V0's multi-step did the same). Torch-free: the
+scheduler reads it.
 """
 
 from __future__ import annotations

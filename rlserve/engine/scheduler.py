@@ -305,8 +305,6 @@ class Scheduler:
             seq.num_pending_tokens -= steps
             if seq.status >= finished:
                 continue
-            if min(seq.num_computed_tokens, len(seq.token_ids)) // bm.block_size > seq.num_registered_blocks:
-                bm.register_computed_blocks(seq)
             touched.append(seq)
             if i in failed:
                 seq.finish(SequenceStatus.FINISHED_ERROR, failed[i])
@@ -319,6 +317,10 @@ class Scheduler:
                 self._check_stop(seq)
                 if seq.status >= finished:
                     break
+            # After the tokens: the burst computed the KV of all but its last draw, so the blocks it filled hash
+            # now (before the tokens, only its first one's would; a sample ending here would never offer the rest).
+            if min(seq.num_computed_tokens, len(seq.token_ids)) // bm.block_size > seq.num_registered_blocks:
+                bm.register_computed_blocks(seq)
         for seq in touched:
             if seq.status >= finished:
                 self._remove(seq)
