@@ -89,7 +89,7 @@ def add_serve_parser(sub) -> None:
           help="Schedule and launch each engine step while the device still runs the one before (vLLM's "
                "--async-scheduling; default: false). Outputs equal the synchronous engine's in the CPU tests; on a "
                "GPU other batch shapes (an extra row, another CUDA-graph bucket) can change logits in the last bits. "
-               "Not yet run or measured on a GPU. Steps that need the previous step's tokens on the host first "
+               "Steps that need the previous step's tokens on the host first "
                "(structured outputs, prompt logprobs, any prompt's first draw, n=1 included) run one at a time.")
     _flag(p, "num_scheduler_steps", type=int, default=1,
           help="Run up to this many decode steps per launch when every running sequence decodes plainly (vLLM V0's "

@@ -45,8 +45,7 @@ class EngineConfig:
     fused_kernels: bool = True
     # Overlap the host's work with the device's (vLLM's --async-scheduling): step t+1 is scheduled and launched
     # before step t's tokens are applied, which are fed to it on the device (engine/async_step.py). Outputs equal
-    # sync mode's in the CPU tests; on a GPU other batch shapes can change logits in the last bits. Not yet run or
-    # measured on a GPU.
+    # sync mode's in the CPU tests and its GPU test; on a GPU other batch shapes can change logits in the last bits.
     async_scheduling: bool = False
     # Up to this many decode steps per launch (vLLM V0's --num-scheduler-steps): a step whose sequences all decode
     # plainly (engine/multi_step.py says which) runs them back to back on the device, each feeding its draws to the

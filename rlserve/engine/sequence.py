@@ -146,8 +146,9 @@ class Sequence:
         self.token_ids = token_ids
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0
-        # Tokens drawn on the device but not applied yet (async scheduling: at most 2, the step being applied and
-        # the one launched after it). ``num_tokens`` counts only applied tokens; the scheduler sees both.
+        # Tokens drawn on the device but not applied yet (async scheduling: those of the launch being applied and of
+        # the one launched after it, K each for a multi-step launch). ``num_tokens`` counts only applied tokens; the
+        # scheduler sees both.
         self.num_pending_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of this sequence's full blocks, by index
