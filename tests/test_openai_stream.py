@@ -142,6 +142,48 @@ def test_stream_errors_are_http_errors_before_any_event(http, client, tiny_model
     assert_serves(client, tiny_model)
 
 
+def test_a_grammar_the_replica_refuses_is_a_400_before_any_event(http, client, tiny_model):
+    """Only the replica compiles a grammar: the stream waits for the request's first updates before it answers, so
+    the refusal is an HTTP 400 naming the field, as without stream=true, not an error event after a 200."""
+    for path, body in [("/v1/completions", dict(prompt="hi")), ("/v1/chat/completions", dict(messages=MESSAGES))]:
+        body = dict(body, model=tiny_model, max_tokens=4, structured_outputs={"regex": "a(?=b)"})
+        plain = http.post(path, json=body)
+        streamed = http.post(path, json=dict(body, stream=True))
+        assert plain.status_code == streamed.status_code == 400, streamed.text
+        assert streamed.json()["error"]["param"] == plain.json()["error"]["param"] == "structured_outputs"
+        assert "regex" in streamed.json()["error"]["message"]
+    wait_idle(http)
+    assert_serves(client, tiny_model)
+
+
+def test_an_unexpected_failure_mid_stream_is_an_error_event_then_done():
+    """Not a ServerError (a bug of the server's): the stream still ends with an error event and [DONE], and the
+    group is let go and its running requests aborted."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from rlserve.server.openai_stream import ResponseStream
+
+    released, aborted = [], []
+
+    async def next_updates(group, is_disconnected=None):
+        raise RuntimeError("boom")
+
+    engine = SimpleNamespace(tokenizer=None, next_updates=next_updates,
+                             release=lambda group: released.append(group) or ["r0"], abort_soon=aborted.extend)
+    stream = ResponseStream(engine, "group", [], SamplingParams(max_tokens=4), chat=False, model="m",
+                            include_usage=False, return_token_ids=False, format_logprobs=lambda *a: None)
+    stream.first, stream.started = [], True  # as if start() had returned an empty first batch
+
+    async def collect():
+        return [event async for event in stream.events()]
+
+    events = asyncio.run(collect())
+    assert json.loads(events[0][len("data: "):])["error"] == {"message": "RuntimeError: boom", "type": "internal_error",
+                                                             "code": 500}
+    assert events[-1] == "data: [DONE]\n\n" and released == ["group"] and aborted == ["r0"]
+
+
 def test_client_gone_mid_stream_aborts_the_request(server, http, client, tiny_model):
     for path, body in [("/v1/completions", dict(prompt=PROMPTS[0], n=4)),
                        ("/v1/chat/completions", dict(messages=MESSAGES, n=4, stop=["\x00\x01"]))]:

@@ -6,8 +6,9 @@ turns them into chunks: ``text_completion`` chunks with a ``text`` delta, or ``c
 optional usage chunk with no choices (``stream_options.include_usage``), then ``data: [DONE]``. A request that
 fails mid-stream ends with an ``error`` event (the status line went out with the first chunk).
 
-It knows nothing about routing or validation: the route submits the request (400s come before any event), and
-the stream only reads the group's updates and, however it ends -- finished, failed, the client gone (the
+It knows nothing about routing or validation: the route submits the request (400s come before any event) and
+awaits ``start``, the group's first updates, so that what only a replica can refuse (a grammar it cannot compile,
+a prompt its KV cache cannot hold) is an HTTP error too; the stream then only reads the group's updates and, however it ends -- finished, failed, the client gone (the
 response is cancelled or closed) -- lets the group go and aborts what still runs.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +27,8 @@ from rlserve.sampling import SamplingParams
 from rlserve.server.errors import ServerError
 from rlserve.server.replicas import ClientDisconnected, EngineClient, RequestGroup, StreamedUpdate
 from rlserve.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class SampleText:
@@ -91,6 +95,19 @@ class ResponseStream:
                         for p, (_, ids) in enumerate(prompts) for s in range(params.n)}
         self.prompt_logprobs: dict[int, list | None] = {}  # prompt index -> its formatted prompt logprobs
         self.num_completion_tokens = 0
+        self.first: list[StreamedUpdate] | None = None  # the group's first updates (``start``)
+        self.started = False
+
+    async def start(self, is_disconnected=None) -> None:
+        """Wait for the group's first updates, before any byte of the response is sent: a request that its
+        replica refuses fails here, as an HTTP error (a replica reports a refusal before any token). Whatever
+        this raises, the group is let go and what runs is aborted."""
+        try:
+            self.first = await self.engine.next_updates(self.group, is_disconnected)
+            self.started = True
+        except BaseException:
+            self.engine.abort_soon(self.engine.release(self.group))
+            raise
 
     def _event(self, choices: list[dict], **extra) -> str:
         chunk = dict(self.head, choices=choices, **extra)
@@ -163,21 +180,29 @@ class ResponseStream:
         """The response body. Closed or cancelled (the client went away), or ended any way, it lets the group go
         and aborts its running requests; the cleanup does not await, since a cancelled task cannot."""
         try:
+            if not self.started:  # (the route awaits start first; errors then are events, not statuses)
+                await self.start(is_disconnected)
             for event in self.opening():
                 yield event
-            while (updates := await self.engine.next_updates(self.group, is_disconnected)) is not None:
+            updates = self.first
+            while updates is not None:
                 if any(u.update.prompt_logprobs is not None for u in updates):  # large: formatted off the loop
                     events = await asyncio.to_thread(self.events_of, updates)
                 else:
                     events = self.events_of(updates)
                 if events:
                     yield events
+                updates = await self.engine.next_updates(self.group, is_disconnected)
             if self.include_usage:
                 yield self.usage_event()
         except ClientDisconnected:
             return
         except ServerError as e:  # the status line is sent: the failure goes in the stream, as vLLM does
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.status}})}\n\n"
+        except Exception as e:  # a bug of this server's: still an error event, and the stream ends properly
+            logger.exception("streamed response failed")
+            error = {"message": f"{type(e).__name__}: {e}", "type": "internal_error", "code": 500}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             self.engine.abort_soon(self.engine.release(self.group))
         yield "data: [DONE]\n\n"

@@ -202,7 +202,8 @@ async def _generate(request: Request, prompts, params: SamplingParams, field: st
 
 async def _stream(request: Request, body: OpenAISampling, prompts, params: SamplingParams, field: str, *,
                   chat: bool, model: str) -> StreamingResponse:
-    """Submit the request (its errors are HTTP errors), then answer with its token-by-token event stream."""
+    """Submit the request and wait for its first updates (errors until then are HTTP errors), then answer with its
+    token-by-token event stream."""
     engine = await _serving_engine(request)
     group = await engine.submit(prompts, params, detokenize=True, request_id=request.headers.get("x-request-id"),
                                 field=field, stream=True)
@@ -218,6 +219,7 @@ async def _stream(request: Request, body: OpenAISampling, prompts, params: Sampl
                             include_usage=bool((body.stream_options or {}).get("include_usage")),
                             return_token_ids=body.return_token_ids, format_logprobs=format_logprobs,
                             format_prompt_logprobs=lambda pl: _prompt_logprobs(engine, pl, as_ids, names))
+    await stream.start(request.is_disconnected)  # a request its replica refuses is an HTTP error, not an event
     return StreamingResponse(stream.events(request.is_disconnected), media_type="text/event-stream")
 
 
