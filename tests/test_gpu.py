@@ -193,9 +193,9 @@ def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_mode
                     checked.append(sched)
 
             monkeypatch.setattr(llm.engine.runner, "launch", strict_launch)
-        before = llm.stats()["num_multi_steps"]
+        before = llm.stats()["num_multi_step_launches"]
         results[steps, use_async] = run(llm)
-        bursts[steps, use_async] = llm.stats()["num_multi_steps"] - before
+        bursts[steps, use_async] = llm.stats()["num_multi_step_launches"] - before
         del llm
         torch.cuda.empty_cache()
     assert results[8, False] == results[1, False] and results[8, True] == results[1, False]

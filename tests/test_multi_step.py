@@ -9,7 +9,7 @@ Each case runs the same prompts through K=1 (the reference), K=4, and K=4 with a
 finish reasons, stop reasons, text and weight versions must be identical. Logprob values are compared exactly
 where no sample ends by content (EOS, stop token, stop string) while others still run; where one does, the burst
 still runs its row for the remaining inner steps (its tokens dropped) and the CPU kernels' rounding depends on
-the batch (see test_async_scheduling): those values are compared to 1e-5. ``stats()["num_multi_steps"]`` (the
+the batch (see test_async_scheduling): those values are compared to 1e-5. ``stats()["num_multi_step_launches"]`` (the
 bursts that ran more than one decode step) shows that bursts happened -- or, for the fall-backs, that they did
 not; the K=1 engine must always report 0, so that the count can fail.
 """
@@ -36,7 +36,7 @@ def make(model, **kwargs) -> dict[str, LLM]:
 
 
 def bursts(llms) -> dict[str, int]:
-    return {name: llm.stats()["num_multi_steps"] for name, llm in llms.items()}
+    return {name: llm.stats()["num_multi_step_launches"] for name, llm in llms.items()}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def drive(llm, batch, params, between=None, at_step=None, check=None, max_steps=
             break
         if step == at_step and between is not None:
             take(between(llm) or [])
-        state = dict(bursts=llm.stats()["num_multi_steps"], waiting=len(engine.scheduler.waiting),
+        state = dict(bursts=llm.stats()["num_multi_step_launches"], waiting=len(engine.scheduler.waiting),
                      fewest_out=min((s.num_output_tokens for s in engine.scheduler.running), default=None))
         take(engine.step())
         if check is not None:
@@ -142,7 +142,7 @@ def test_min_tokens_bursts_only_once_reached(tiny_model):
     seen = []
 
     def check(llm, state):
-        if llm.stats()["num_multi_steps"] > state["bursts"]:
+        if llm.stats()["num_multi_step_launches"] > state["bursts"]:
             seen.append(state["fewest_out"])
 
     llm = LLM(tiny_model, device="cpu", num_scheduler_steps=K)
@@ -240,7 +240,7 @@ def test_bursts_run_while_requests_wait(tiny_model):
     seen = []
 
     def check(llm, state):
-        if llm.stats()["num_multi_steps"] > state["bursts"]:
+        if llm.stats()["num_multi_step_launches"] > state["bursts"]:
             seen.append(state["waiting"])
 
     got = drive(LLM(tiny_model, device="cpu", max_num_seqs=2, num_scheduler_steps=K), batch, params, check=check)
@@ -268,7 +268,7 @@ def test_abort_between_steps_reports_no_later_token(tiny_model, async_scheduling
     aborted = []
 
     def abort(llm):
-        assert llm.stats()["num_multi_steps"] > 0  # a burst ran (or, async, is in flight) before the abort
+        assert llm.stats()["num_multi_step_launches"] > 0  # a burst ran (or, async, is in flight) before the abort
         aborted.extend(llm.engine.abort_request("r1"))
         return aborted
 
@@ -336,7 +336,7 @@ def test_burst_kv_slots_across_block_boundaries(tiny_model):
         # the same through generate (exact logprobs), prompts then in the prefix cache of this engine
         got[name] = outputs(llm.generate(batch, params))
         if name != "k1":
-            assert llm.stats()["num_multi_steps"] > 0
+            assert llm.stats()["num_multi_step_launches"] > 0
     for name in ("k4", "k4_async"):
         assert_same(got["k1"], got[name], exact_logprobs=True)
 
@@ -348,7 +348,7 @@ def test_tensor_parallel_never_bursts(tiny_model):
     want = [[c.token_ids for c in r.outputs] for r in LLM(tiny_model, device="cpu").generate(batch, params)]
     with LLM(tiny_model, device="cpu", tensor_parallel_size=2, num_scheduler_steps=K) as llm:
         assert [[c.token_ids for c in r.outputs] for r in llm.generate(batch, params)] == want
-        assert llm.stats()["num_multi_steps"] == 0
+        assert llm.stats()["num_multi_step_launches"] == 0
 
 
 # -- 9. the server flag -----------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_server_flag_both_spellings(tiny_model):
         assert {i: "".join(parts) for i, parts in streamed.items()} == {c["index"]: c["text"] for c in whole}
         assert all(c["text"] for c in whole)
         replica = http.get("/server_info/").json()["replicas"][0]
-        assert replica["num_multi_steps"] > 0
+        assert replica["num_multi_step_launches"] > 0
 
 
 # -- 10. config -------------------------------------------------------------------------------------------------

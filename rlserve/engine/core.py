@@ -297,6 +297,6 @@ class EngineCore:
             "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
             "prefix_cache_hit_tokens": bm.num_hit_tokens, "prefix_cache_queried_tokens": bm.num_queried_tokens,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
-            "num_multi_steps": self.scheduler.num_multi_steps,
+            "num_multi_step_launches": self.scheduler.num_multi_step_launches,
             "weight_version": self.weight_version, "device": str(self.info.device),
         }

@@ -101,7 +101,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_scheduler_steps = num_scheduler_steps
-        self.num_multi_steps = 0  # launches that ran more than one decode step
+        self.num_multi_step_launches = 0  # launches that ran more than one decode step
         self.scoring: set[Sequence] = set()  # parents computing a prompt whose logprobs were asked for
 
     # -- admission ---------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ class Scheduler:
             copies = bm.append_slots(item.seq, steps)
             assert not copies, "a burst's first slot was not made private when it was scheduled"
         out.num_steps = steps
-        self.num_multi_steps += 1
+        self.num_multi_step_launches += 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

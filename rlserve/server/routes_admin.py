@@ -177,6 +177,8 @@ class EngineCollector:
             "num_steps": ("rlserve_engine_steps", "Engine steps"),
             "step_seconds_total": ("rlserve_engine_step_seconds", "Seconds spent inside engine steps"),
             "num_multi_request_steps": ("rlserve_batched_steps", "Engine steps that ran several requests"),
+            "num_multi_step_launches": ("rlserve_multi_step_launches",
+                                        "Launches that ran several decode steps (--num_scheduler_steps)"),
             "num_preemptions": ("rlserve_preemptions", "Sequences preempted for recompute"),
             "prefix_cache_hit_tokens": ("rlserve_prefix_cache_hit_tokens", "Prompt tokens found in the cache"),
             "prefix_cache_queried_tokens": ("rlserve_prefix_cache_queried_tokens", "Prompt tokens looked up"),
