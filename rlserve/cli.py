@@ -95,7 +95,7 @@ def add_serve_parser(sub) -> None:
           help="Run up to this many decode steps per launch when every running sequence decodes plainly (vLLM V0's "
                "--num-scheduler-steps; default: 1). Same tokens as one step at a time, less host work per token; "
                "tokens reach the API (and a stream) this many at a time. Sequences with structured outputs, "
-               "penalties, top-N logprobs or min_tokens not reached, and tensor parallelism, run one step at a time.")
+               "penalties or min_tokens not reached, and tensor parallelism, run one step at a time.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "

@@ -1,7 +1,6 @@
 """Multi-step decoding (``EngineConfig.num_scheduler_steps``, vLLM V0's name) gives what one step at a time gives.
 
-A pure decode step whose sequences are all "simple" (forked, no grammar, no penalties, min_tokens reached, no
-top-N logprobs) runs up to K decode steps in one launch; the host applies each sequence's K tokens afterwards,
+A pure decode step whose sequences are all "simple" (forked, no grammar, no penalties, min_tokens reached) runs up to K decode steps in one launch; the host applies each sequence's K tokens afterwards,
 cutting K to the fewest tokens any sequence may still draw and dropping the tokens a sample drew after a stop by
 content. Draws are counter-based (seed, output position), so tokens must equal K=1's.
 
@@ -159,13 +158,22 @@ def test_fallbacks_match_and_do_not_burst(engines):
     guided = same(engines, batch, SamplingParams(temperature=1.0, seed=6, max_tokens=12,
                                                  structured_outputs={"regex": "[a-c]{3,8}"}), burst=False)
     assert all(re.fullmatch("[a-c]{3,8}", r[1][3]) for r in guided)
-    same(engines, batch, SamplingParams(temperature=1.0, seed=7, max_tokens=12, logprobs=2, ignore_eos=True),
-         burst=False)
     # One sample that is not simple holds back the whole batch.
-    for odd in (dict(repetition_penalty=1.2), dict(logprobs=1), dict(frequency_penalty=0.5)):
+    for odd in (dict(repetition_penalty=1.2), dict(frequency_penalty=0.5), dict(min_tokens=12)):
         mixed = [SamplingParams(temperature=1.0, seed=8 + i, max_tokens=12, ignore_eos=True,
                                 **(odd if i == 2 else dict(logprobs=0))) for i in range(len(batch))]
         same(engines, batch, mixed, burst=False)
+
+
+def test_top_n_logprobs_burst_and_match(engines):
+    """Each step's [S, N] top logprobs come back stacked like its draws: ids and values equal one step at a time,
+    alone and beside samples that ask for none or for another N."""
+    batch = prompts(4, seed=3)
+    same(engines, batch, SamplingParams(temperature=1.0, seed=7, max_tokens=12, logprobs=2, ignore_eos=True))
+    same(engines, batch, SamplingParams(temperature=0, max_tokens=10, logprobs=5, ignore_eos=True))
+    mixed = [SamplingParams(temperature=1.0, seed=8 + i, max_tokens=12, ignore_eos=True, logprobs=[None, 0, 1, 3][i])
+             for i in range(len(batch))]
+    same(engines, batch, mixed)
 
 
 def test_prompt_logprobs_match(engines):

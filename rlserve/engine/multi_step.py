@@ -13,9 +13,10 @@ burst draws exactly the tokens the same steps would one at a time. A sequence ma
 of its next K draws depends on the host in between (``can_burst``):
 
 - its request has forked into its samples (a prompt's first draw forks it on the host);
-- no grammar (the next step's allowed-token mask needs the draw), no top-N logprobs (rows of [S, N] per step),
-  no repetition / presence / frequency penalty (counts updated per draw), ``min_tokens`` already reached (stop
-  tokens are masked until then).
+- no grammar (the next step's allowed-token mask needs the draw), no repetition / presence / frequency penalty
+  (counts updated per draw), ``min_tokens`` already reached (stop tokens are masked until then).
+
+Top-N logprobs burst: each step's [S, N] rows come back stacked like its draws.
 
 And a step bursts only when every sequence in it is such a decode and no prompt's logprobs are scored in it. K is
 cut to the fewest draws any sequence of the step may still make (``max_tokens``, ``max_model_len``), so no
@@ -34,8 +35,8 @@ def can_burst(seq, num_output_tokens: int) -> bool:
     """May ``seq`` draw several tokens without the host between them? ``num_output_tokens``: its output length
     as the scheduler sees it (draws in flight included)."""
     p = seq.request.params
-    return (seq.request.is_forked and seq.grammar_state is None and seq.top_logprobs is None
-            and not p.uses_penalties and p.min_tokens <= num_output_tokens)
+    return (seq.request.is_forked and seq.grammar_state is None and not p.uses_penalties
+            and p.min_tokens <= num_output_tokens)
 
 
 def burst_length(scheduled, max_steps: int, max_model_len: int) -> int:

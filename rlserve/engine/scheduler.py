@@ -294,7 +294,8 @@ class Scheduler:
 
     def _apply_burst(self, out: SchedulerOutput, result: StepResult, weight_version: int) -> list[Sequence]:
         """``apply_output`` for a multi-step launch: each sequence's draws in step order, up to the one that ends it
-        (the rest are dropped). Only plain decodes burst (``multi_step.can_burst``): one row each, no fork."""
+        (the rest are dropped). Only plain decodes burst (``multi_step.can_burst``): one row each, no fork, no
+        grammar."""
         bm = self.block_manager
         touched: list[Sequence] = []
         token_ids, logprobs, failed = result.token_ids, result.logprobs, result.failed
@@ -314,6 +315,8 @@ class Scheduler:
                 seq.append_token(token_ids[at], weight_version)
                 if wants_logprobs:
                     seq.sampled_logprobs.append(None if logprobs is None else logprobs[at])
+                    if seq.top_logprobs is not None:
+                        seq.top_logprobs.append(result.top_ids, result.top_logprobs, at)
                 self._check_stop(seq)
                 if seq.status >= finished:
                     break
