@@ -93,9 +93,12 @@ def add_serve_parser(sub) -> None:
                "(structured outputs, prompt logprobs, any prompt's first draw, n=1 included) run one at a time.")
     _flag(p, "num_scheduler_steps", type=int, default=1,
           help="Run up to this many decode steps per launch when every running sequence decodes plainly (vLLM V0's "
-               "--num-scheduler-steps; default: 1). Same tokens as one step at a time, less host work per token; "
-               "tokens reach the API (and a stream) this many at a time. Sequences with structured outputs, "
-               "penalties or min_tokens not reached, and tensor parallelism, run one step at a time.")
+               "--num-scheduler-steps; default: 1): less host work per token. The draws are counter-based, so the "
+               "tokens are one step at a time's where the batches are the same (a sample that ends inside a burst "
+               "keeps its row to the end, which on a GPU can change logits in the last bits). Tokens reach the API "
+               "(and a stream) this many at a time; aborts, weight updates and waiting requests wait for the burst. "
+               "A step holding a prefill or any sequence with structured outputs, penalties or min_tokens not "
+               "reached runs one step; so does tensor parallelism.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "

@@ -177,10 +177,14 @@ def test_top_n_logprobs_burst_and_match(engines):
 
 
 def test_prompt_logprobs_match(engines):
+    """The prompt is scored one step at a time; the decodes after it burst."""
     batch = prompts(4, seed=5)
+    before = bursts(engines)
     results = {name: llm.generate(batch, SamplingParams(temperature=0, max_tokens=9, prompt_logprobs=2,
                                                         ignore_eos=True))
                for name, llm in engines.items()}
+    after = bursts(engines)
+    assert after["k1"] == 0 and after["k4"] > before["k4"] and after["k4_async"] > before["k4_async"]
     for name in ("k4", "k4_async"):
         for a, b in zip(results["k1"], results[name]):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -232,8 +236,7 @@ def test_preemption_chunked_prefill_and_waiting(tiny_model, variant):
          burst=None)
     if "num_kv_blocks" in variant:
         assert all(llm.stats()["num_preemptions"] > 0 for llm in llms.values())
-    if "max_num_seqs" in variant:
-        assert all(n > 0 for name, n in bursts(llms).items() if name != "k1")
+    assert all(n > 0 for name, n in bursts(llms).items() if name != "k1")  # every variant still bursts
 
 
 def test_bursts_run_while_requests_wait(tiny_model):
@@ -260,10 +263,16 @@ def test_bursts_run_while_requests_wait(tiny_model):
 def test_context_end_cuts_the_burst(tiny_model):
     """max_tokens None: each sample runs to max_model_len; no burst draws past it."""
     llms = make(tiny_model, max_model_len=32)
+    positions = []
+    for llm in llms.values():  # every position any step computes, bursts' inner steps included
+        run_model = llm.engine.runner._run_model
+        llm.engine.runner._run_model = lambda ids, pos, meta, run=run_model: positions.append(int(pos.max())) or \
+            run(ids, pos, meta)
     batch = prompts(4, seed=13)
     ended = same(llms, batch, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, logprobs=0))
     assert [len(r[1][0]) for r in ended] == [32 - len(p) for p in batch]
     assert all(r[1][1] == "length" for r in ended)
+    assert max(positions) == 30  # the last token (position 31) is drawn, never computed; nothing past the context
 
 
 # -- 7. by hand: abort, weight update ------------------------------------------------------------------------
@@ -319,7 +328,8 @@ def test_weight_update_and_cache_reset_between_steps(tiny_models):
 def test_burst_kv_slots_across_block_boundaries(tiny_model):
     """block_size 4: bursts start at every offset in a block and cross into new ones (forked samples first copy
     their shared last block). After every synchronous step each running sequence holds exactly the blocks of its
-    computed tokens, all but its last token computed -- as with K=1 -- and the logprobs are exact."""
+    computed tokens, all but its last token computed -- as with K=1. Samples end by length at different steps, so
+    a burst keeps rows past their last draw beside the others: logprobs to 1e-5 (see the module's docstring)."""
     batch = prompts(6, seed=19, low=2, high=11)
     params = [SamplingParams(temperature=0, max_tokens=17 + i, logprobs=0, ignore_eos=True) for i in range(3)] + \
              [SamplingParams(temperature=1.0, seed=i, n=2, max_tokens=15 + i, logprobs=0, ignore_eos=True)
@@ -335,6 +345,8 @@ def test_burst_kv_slots_across_block_boundaries(tiny_model):
                 break
             engine.step()
             bm.check_invariants()
+            for seq in engine.scheduler.running:  # no block past the last token its max_tokens lets it compute
+                assert len(seq.block_table) <= bm.blocks_for(seq.num_prompt_tokens + seq.params.max_tokens - 1), name
             if not llm.config.async_scheduling:
                 for seq in engine.scheduler.running:
                     assert seq.num_computed_tokens == len(seq.token_ids) - 1, (name, seq.num_computed_tokens)
@@ -346,7 +358,7 @@ def test_burst_kv_slots_across_block_boundaries(tiny_model):
         if name != "k1":
             assert llm.stats()["num_multi_step_launches"] > 0
     for name in ("k4", "k4_async"):
-        assert_same(got["k1"], got[name], exact_logprobs=True)
+        assert_same(got["k1"], got[name], exact_logprobs=False)
 
 
 # -- tensor parallelism ---------------------------------------------------------------------------------------

@@ -15,7 +15,11 @@ from rlserve.attention.metadata import AttentionMetadata
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' keys and values.  k, v: [T, KVH, D]; caches: [N, BS, KVH, D]."""
+    """Store the new tokens' keys and values.  k, v: [T, KVH, D]; caches: [N, BS, KVH, D]. A slot of -1 is not
+    written (a multi-step launch's row past its last kept draw; CUDA-graph padding)."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):  # (a host sync on a GPU: this backend is the CPU path and the kernels' oracle)
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)

@@ -18,11 +18,13 @@ of its next K draws depends on the host in between (``can_burst``):
 
 Top-N logprobs burst: each step's [S, N] rows come back stacked like its draws.
 
-And a step bursts only when every sequence in it is such a decode and no prompt's logprobs are scored in it. K is
-cut to the fewest draws any sequence of the step may still make (``max_tokens``, ``max_model_len``), so no
-sequence draws past its length. One that stops by content (EOS, a stop token, a stop string) mid-burst computes the
-rest of the burst for nothing; its later draws are dropped when the burst is applied, and the KV slots they wrote
-go back with its blocks. Requests waiting for room do not stop a burst: a sample that ends early in one frees its
+And a step bursts only when every sequence in it is such a decode and no prompt's logprobs are scored in it: one
+sequence that is not holds the whole step to one decode step (``plan_burst``). K is cut so that no row's position
+passes ``max_model_len``. A sequence with fewer tokens left to its ``max_tokens`` keeps that many draws: its row
+runs the rest of the burst for nothing, its KV not written and no block allocated for it, so the sequences near
+their end in a continuous batch do not cut the burst of the others. One that stops by content (EOS, a stop token,
+a stop string) mid-burst computes the rest of the burst for nothing too; its later draws are dropped when the burst
+is applied, and the KV slots they wrote go back with its blocks. Requests waiting for room do not stop a burst: a sample that ends early in one frees its
 room at the burst's end, at most K - 1 steps late, where stopping every burst while anything waits would lose them
 all whenever a batch holds more samples than ``max_num_seqs`` (vLLM V0's multi-step did the same). Torch-free: the
 scheduler reads it.
@@ -39,19 +41,26 @@ def can_burst(seq, num_output_tokens: int) -> bool:
             and p.min_tokens <= num_output_tokens)
 
 
-def burst_length(scheduled, max_steps: int, max_model_len: int) -> int:
-    """How many decode steps a scheduled step (its ``ScheduledSeq`` items) may run in one launch: 1 unless every
-    item is a one-token decode that draws and ``can_burst``; then ``max_steps`` cut to the fewest draws left."""
-    steps = max_steps
+def plan_burst(scheduled, max_steps: int, max_model_len: int) -> tuple[int, list[int]]:
+    """How many decode steps a scheduled step (its ``ScheduledSeq`` items) may run in one launch, and how many
+    draws each item keeps: (1, []) unless every item is a one-token decode that draws and ``can_burst``. K is
+    ``max_steps`` cut so that every row's positions stay inside ``max_model_len`` (a launch cannot drop a row
+    half-way), and to the most draws any item has left; an item with fewer draws left (``max_tokens``) keeps
+    that many, its later steps computed for nothing, their KV not written (``ModelRunner._launch_burst``)."""
+    if max_steps == 1:
+        return 1, []
+    steps, left = max_steps, []
     for item in scheduled:
-        if steps == 1:
-            break
         seq = item.seq
         if item.num_new_tokens != 1 or not item.samples:
-            return 1
+            return 1, []
         num_tokens = seq.num_scheduled_tokens
         num_out = num_tokens - seq.num_prompt_tokens
         if not can_burst(seq, num_out):
-            return 1
-        steps = min(steps, seq.params.max_tokens - num_out, max_model_len - num_tokens)
-    return max(steps, 1)
+            return 1, []
+        steps = min(steps, max_model_len - num_tokens)
+        left.append(seq.params.max_tokens - num_out)
+    steps = min(steps, max(left, default=1))
+    if steps <= 1:
+        return 1, []
+    return steps, [min(steps, n) for n in left]

@@ -320,8 +320,10 @@ class ModelRunner:
     def _launch_burst(self, sched: SchedulerOutput, items: list[ScheduledSeq], step: StepInput) -> LaunchedStep:
         """A multi-step launch (``multi_step.py``): ``sched.num_steps`` decode steps of the same sequences, one row
         each, back to back on the device. Step k+1 reads step k's draws as its tokens, its positions and context
-        lengths one more, its KV slots from the same block tables (the scheduler allocated every step's); each
-        step draws with the seeds of its output position. The draws come back as one [num_steps * S] column."""
+        lengths one more, its KV slots from the same block tables (the scheduler allocated every kept draw's);
+        each step draws with the seeds of its output position. A row past its kept draws (``sched.burst_draws``:
+        it reached max_tokens) writes no KV and reads token 0, its draws dropped. The draws come back as one
+        [num_steps * S] column."""
         if self.broadcast_step is not None:
             raise RuntimeError("multi-step decoding does not run under tensor parallelism")  # the scheduler's rule
         steps, bs = sched.num_steps, self.block_size
@@ -329,14 +331,19 @@ class ModelRunner:
         self.copy_blocks(step.block_copies)
         ids, pos, meta, _ = self._device_inputs(step, extra_tokens=steps - 1)
         seq_index = torch.arange(len(items), device=self.device)
+        # Each row's kept draws, where one keeps fewer than the launch's steps (None: none does).
+        kept = self._upload(sched.burst_draws) if min(sched.burst_draws) < steps else None
         batch, draws = None, []
         for k in range(steps):
             if k:
                 ids, pos = draws[-1].token_ids, pos + 1
-                meta = dataclasses.replace(
-                    meta, slot_mapping=meta.block_tables[seq_index, pos // bs].long() * bs + pos % bs,
-                    seq_lens=meta.seq_lens + 1, max_seq_len=meta.max_seq_len + 1,
-                    seq_lens_cpu=[n + 1 for n in meta.seq_lens_cpu])
+                slots = meta.block_tables[seq_index, pos // bs].long() * bs + pos % bs
+                if kept is not None:  # rows past their last kept draw: no KV write, a harmless token
+                    live = kept > k
+                    slots, ids = torch.where(live, slots, -1), torch.where(live, ids, 0)
+                meta = dataclasses.replace(meta, slot_mapping=slots, seq_lens=meta.seq_lens + 1,
+                                           max_seq_len=meta.max_seq_len + 1,
+                                           seq_lens_cpu=[n + 1 for n in meta.seq_lens_cpu])
             logits = self.model.compute_logits(self._run_model(ids, pos, meta))
             if batch is None:  # as launch builds it; a burst is never a fallback step (async_step.must_apply_first)
                 batch = prepare_sampling(items, logits.shape[-1], self.info.eos_token_ids,

@@ -33,7 +33,7 @@ import numpy as np
 
 from rlserve.engine.async_step import can_run_ahead
 from rlserve.engine.kv_cache import BlockManager
-from rlserve.engine.multi_step import burst_length
+from rlserve.engine.multi_step import plan_burst
 from rlserve.engine.sequence import Request, Sequence, SequenceStatus
 from rlserve.engine.validation import check_fits
 
@@ -56,8 +56,10 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)  # gave their blocks back this step
     # The scheduled items computing a prompt whose logprobs were asked for (None when there are none).
     prompt_logprobs: list[ScheduledSeq] | None = None
-    # Decode steps this launch runs (multi_step.py): each item then computes num_steps tokens and draws as many.
+    # Decode steps this launch runs (multi_step.py), and how many of them each item computes and draws (at most
+    # num_steps: fewer for one that reaches its max_tokens sooner). Empty for a one-step launch.
     num_steps: int = 1
+    burst_draws: list[int] = field(default_factory=list)
 
     @property
     def num_preempted(self) -> int:
@@ -65,6 +67,8 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
+        if self.num_steps > 1:
+            return sum(self.burst_draws)
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
@@ -198,21 +202,22 @@ class Scheduler:
         return out
 
     def _extend_to_burst(self, out: SchedulerOutput) -> None:
-        """Make a step of plain decodes a multi-step launch where ``multi_step.burst_length`` allows, and the free
-        blocks hold every step's KV slot (all or nothing: short of blocks, it stays one step)."""
-        steps = burst_length(out.scheduled, self.num_scheduler_steps, self.max_model_len)
+        """Make a step of plain decodes a multi-step launch where ``multi_step.plan_burst`` allows, and the free
+        blocks hold the KV slot of every draw each sequence keeps (all or nothing: short of blocks, it stays one
+        step; a burst never preempts)."""
+        steps, draws = plan_burst(out.scheduled, self.num_scheduler_steps, self.max_model_len)
         if steps == 1:
             return
         bm = self.block_manager
         # Each sequence already has the slot of its first token (its partly filled block made private, if shared).
-        needed = sum(max(bm.blocks_for(item.seq.num_computed_tokens + steps) - len(item.seq.block_table), 0)
-                     for item in out.scheduled)
+        needed = sum(max(bm.blocks_for(item.seq.num_computed_tokens + n) - len(item.seq.block_table), 0)
+                     for item, n in zip(out.scheduled, draws))
         if needed > bm.num_free_blocks:
             return
-        for item in out.scheduled:
-            copies = bm.append_slots(item.seq, steps)
+        for item, n in zip(out.scheduled, draws):
+            copies = bm.append_slots(item.seq, n)
             assert not copies, "a burst's first slot was not made private when it was scheduled"
-        out.num_steps = steps
+        out.num_steps, out.burst_draws = steps, draws
         self.num_multi_step_launches += 1
 
     def _preempt(self, seq: Sequence) -> None:
@@ -232,10 +237,10 @@ class Scheduler:
     def advance(self, out: SchedulerOutput) -> None:
         """Count a launched step's tokens as computed and its draws as pending. Async scheduling calls this at
         launch, so that the next step can be scheduled before this one's draws are applied."""
-        if out.num_steps > 1:  # a burst of decodes: each computes num_steps tokens and draws as many
-            for item in out.scheduled:
-                item.seq.num_computed_tokens += out.num_steps
-                item.seq.num_pending_tokens += out.num_steps
+        if out.num_steps > 1:  # a burst of decodes: each computes its draws' tokens and draws as many
+            for item, n in zip(out.scheduled, out.burst_draws):
+                item.seq.num_computed_tokens += n
+                item.seq.num_pending_tokens += n
             return
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -299,11 +304,11 @@ class Scheduler:
         bm = self.block_manager
         touched: list[Sequence] = []
         token_ids, logprobs, failed = result.token_ids, result.logprobs, result.failed
-        steps, stride = out.num_steps, len(out.scheduled)
+        stride = len(out.scheduled)
         finished = SequenceStatus.FINISHED_STOPPED  # and every status after it
-        for i, (item, row) in enumerate(zip(out.scheduled, result.first_row)):
+        for i, (item, row, n) in enumerate(zip(out.scheduled, result.first_row, out.burst_draws)):
             seq = item.seq
-            seq.num_pending_tokens -= steps
+            seq.num_pending_tokens -= n
             if seq.status >= finished:
                 continue
             touched.append(seq)
@@ -311,15 +316,18 @@ class Scheduler:
                 seq.finish(SequenceStatus.FINISHED_ERROR, failed[i])
                 continue
             wants_logprobs = seq.request.params.logprobs is not None
-            for at in range(row, row + steps * stride, stride):
-                seq.append_token(token_ids[at], weight_version)
-                if wants_logprobs:
-                    seq.sampled_logprobs.append(None if logprobs is None else logprobs[at])
-                    if seq.top_logprobs is not None:
-                        seq.top_logprobs.append(result.top_ids, result.top_logprobs, at)
-                self._check_stop(seq)
-                if seq.status >= finished:
-                    break
+            try:  # an error here (a stop string's detokenizer, say) ends this sample only, as in apply_output
+                for at in range(row, row + n * stride, stride):
+                    seq.append_token(token_ids[at], weight_version)
+                    if wants_logprobs:
+                        seq.sampled_logprobs.append(None if logprobs is None else logprobs[at])
+                        if seq.top_logprobs is not None:
+                            seq.top_logprobs.append(result.top_ids, result.top_logprobs, at)
+                    self._check_stop(seq)
+                    if seq.status >= finished:
+                        break
+            except Exception as e:
+                seq.finish(SequenceStatus.FINISHED_ERROR, f"{type(e).__name__}: {e}")
             # After the tokens: the burst computed the KV of all but its last draw, so the blocks it filled hash
             # now (before the tokens, only its first one's would; a sample ending here would never offer the rest).
             if min(seq.num_computed_tokens, len(seq.token_ids)) // bm.block_size > seq.num_registered_blocks:

@@ -174,7 +174,7 @@ class EngineCollector:
                     g.add_metric([str(r.index)], float(stats[key]))
             yield g
         counters = {
-            "num_steps": ("rlserve_engine_steps", "Engine steps"),
+            "num_steps": ("rlserve_engine_steps", "Engine steps (a multi-step launch counts once)"),
             "step_seconds_total": ("rlserve_engine_step_seconds", "Seconds spent inside engine steps"),
             "num_multi_request_steps": ("rlserve_batched_steps", "Engine steps that ran several requests"),
             "num_multi_step_launches": ("rlserve_multi_step_launches",
