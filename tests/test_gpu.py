@@ -202,3 +202,30 @@ def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_mode
     # 44 decode steps after the first draw: 5 bursts of 8 and one of 4, per generate call
     assert bursts == {(1, False): 0, (8, False): 12, (8, True): 12}
     assert len(checked) == 12
+
+
+def test_multi_step_rows_past_their_max_tokens_float32(tiny_models):
+    """Samples of one burst with different max_tokens: one that reaches its own runs on to the burst's end with
+    slot -1 (no KV write) and token 0, its draws dropped, while the others keep drawing. float32 greedy tokens equal
+    one step at a time's -- with CUDA graphs, eager, async scheduling, and a waiting queue (max_num_seqs 16 for 24
+    prompts) -- every sample ends at its max_tokens, and every block comes back."""
+    model = tiny_models["qwen2"]
+    batch = prompts(24, seed=12)
+    params = [SamplingParams(temperature=0, max_tokens=17 + 3 * (i % 8), logprobs=0, ignore_eos=True)
+              for i in range(len(batch))]
+    variants = {"k1": dict(num_scheduler_steps=1), "k8": dict(num_scheduler_steps=8),
+                "k8-async": dict(num_scheduler_steps=8, async_scheduling=True),
+                "k8-eager": dict(num_scheduler_steps=8, enforce_eager=True),
+                "k8-waiting": dict(num_scheduler_steps=8, max_num_seqs=16)}
+    results = {}
+    for name, flags in variants.items():
+        llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3, **flags)
+        results[name] = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+        assert [len(t) for t in results[name]] == [p.max_tokens for p in params], name
+        assert (llm.stats()["num_multi_step_launches"] > 0) == (name != "k1"), name
+        bm = llm.engine.block_manager
+        bm.check_invariants()
+        assert bm.num_free_blocks == bm.num_blocks, name
+        del llm
+        torch.cuda.empty_cache()
+    assert all(got == results["k1"] for got in results.values())
