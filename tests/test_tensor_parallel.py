@@ -138,8 +138,11 @@ def test_server_tp2_weight_sync_reaches_every_rank(tiny_models, tmp_path):
 
 def test_sweep_measures_every_layout_and_names_the_best(tiny_models, tmp_path):
     from rlserve.bench.sweep import run_sweep
+    # every layout's server with the fast flags for RL rollouts (a flag a server refuses would fail its start)
+    flags = ["--async_scheduling", "--num_scheduler_steps", "4"]
     report = run_sweep("cpu-tiny", 2, model=tiny_models["qwen2"], device="cpu", output_dir=str(tmp_path),
-                       num_prompts=4, max_tokens=8)
+                       num_prompts=4, max_tokens=8, server_args=flags)
+    assert report["server_args"] == flags
     layouts = {(r["tensor_parallel_size"], r["data_parallel_size"]) for r in report["results"]}
     assert layouts == {(1, 1), (1, 2), (2, 1)}
     assert all(r["generated_tokens"] == 4 * 4 * 8 for r in report["results"])

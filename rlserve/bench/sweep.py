@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,8 @@ def allowed_layouts(hf_config, num_devices: int) -> list[tuple[int, int]]:
 
 def run_sweep(workload_name: str, num_devices: int, model: str | None = None, device: str | None = None,
               output_dir: str = "bench_results", num_prompts: int | None = None, max_tokens: int | None = None,
-              logprobs: int | None = 0) -> dict:
+              logprobs: int | None = 0, server_args: list[str] | None = None) -> dict:
+    """``server_args``: more `rlserve serve` flags for every layout's server (e.g. ``--async_scheduling``)."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -64,7 +66,7 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
         task = progress.add_task(f"sweeping {len(layouts)} layouts", total=len(layouts))
         for tp, dp in layouts:
             progress.update(task, description=f"tp={tp} dp={dp}")
-            server = start_bench_server(model_dir, dev, random_weights, dp, tp)
+            server = start_bench_server(model_dir, dev, random_weights, dp, tp, server_args)
             try:
                 # Warm up on other prompts; _post_all resets the prefix cache before the timed run.
                 warm = _payloads(workload, logprobs, seed=WARM_UP_SEED)[:1]
@@ -79,7 +81,7 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
     report = {"workload": workload.name, "model": str(model or workload.name), "device": device_name(dev),
               "num_devices": num_devices, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
               "prompts": workload.num_prompts, "n": workload.n, "max_tokens": workload.max_tokens,
-              "logprobs": logprobs, "results": results,
+              "logprobs": logprobs, "server_args": list(server_args or []), "results": results,
               "best": {"tensor_parallel_size": best["tensor_parallel_size"],
                        "data_parallel_size": best["data_parallel_size"], "tokens_per_s": best["tokens_per_s"]}}
     table = Table(title=f"rlserve sweep: {workload.name} on {num_devices} x {device_name(dev)}")
@@ -127,6 +129,9 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--output_dir", "--output-dir", default="bench_results")
     p.add_argument("--num_prompts", "--num-prompts", type=int, default=None, help="override the workload's")
     p.add_argument("--max_tokens", "--max-tokens", type=int, default=None, help="override the workload's")
+    p.add_argument("--server_args", "--server-args", default="",
+                   help="more `rlserve serve` flags for every layout, one string (e.g. \"--async_scheduling "
+                        "--num_scheduler_steps 8\", the fast setting for RL rollouts on small models)")
     p.set_defaults(handler=lambda args: 0 if run_sweep(
         args.workload, args.gpus, args.model, args.device, args.output_dir, args.num_prompts,
-        args.max_tokens) else 1)
+        args.max_tokens, server_args=shlex.split(args.server_args)) else 1)
