@@ -160,19 +160,11 @@ def test_an_unexpected_failure_mid_stream_is_an_error_event_then_done():
     """Not a ServerError (a bug of the server's): the stream still ends with an error event and [DONE], and the
     group is let go and its running requests aborted."""
     import asyncio
-    from types import SimpleNamespace
-
-    from rlserve.server.openai_stream import ResponseStream
-
-    released, aborted = [], []
 
     async def next_updates(group, is_disconnected=None):
         raise RuntimeError("boom")
 
-    engine = SimpleNamespace(tokenizer=None, next_updates=next_updates,
-                             release=lambda group: released.append(group) or ["r0"], abort_soon=aborted.extend)
-    stream = ResponseStream(engine, "group", [], SamplingParams(max_tokens=4), chat=False, model="m",
-                            include_usage=False, return_token_ids=False, format_logprobs=lambda *a: None)
+    stream, released, aborted = _fake_stream(next_updates)
     stream.first, stream.started = [], True  # as if start() had returned an empty first batch
 
     async def collect():
@@ -182,6 +174,74 @@ def test_an_unexpected_failure_mid_stream_is_an_error_event_then_done():
     assert json.loads(events[0][len("data: "):])["error"] == {"message": "RuntimeError: boom", "type": "internal_error",
                                                              "code": 500}
     assert events[-1] == "data: [DONE]\n\n" and released == ["group"] and aborted == ["r0"]
+
+
+def _fake_stream(next_updates):
+    """A ResponseStream over a fake engine; returns it and the lists of released groups and aborted ids."""
+    from types import SimpleNamespace
+
+    from rlserve.server.openai_stream import ResponseStream
+    released, aborted = [], []
+    engine = SimpleNamespace(tokenizer=None, next_updates=next_updates,
+                             release=lambda group: released.append(group) or ["r0"], abort_soon=aborted.extend)
+    stream = ResponseStream(engine, "group", [], SamplingParams(max_tokens=4), chat=False, model="m",
+                            include_usage=False, return_token_ids=False, format_logprobs=lambda *a: None)
+    return stream, released, aborted
+
+
+def test_a_response_that_never_starts_its_body_still_aborts_its_requests():
+    """The client leaves before the first byte: the server cancels the response (or sending the headers fails)
+    before the body is iterated, so the body's own cleanup never runs; EventStreamResponse closes the stream."""
+    import asyncio
+
+    from rlserve.server.openai_stream import EventStreamResponse
+
+    async def never(group, is_disconnected=None):
+        await asyncio.sleep(3600)
+
+    stream, released, aborted = _fake_stream(never)
+    stream.first, stream.started = [], True
+
+    async def send(message):
+        raise OSError("client gone")  # the headers cannot be sent
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def respond():
+        from starlette.requests import ClientDisconnect
+        try:
+            await EventStreamResponse(stream)({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        except ClientDisconnect:  # starlette's word for the failed send
+            pass
+
+    asyncio.run(asyncio.wait_for(respond(), 10))
+    assert released == ["group"] and aborted == ["r0"]  # once
+
+
+def test_start_waits_a_bounded_time_and_releases_once_when_it_fails(monkeypatch):
+    """start(): a first update that does not come within START_WAIT_S starts the stream anyway (a queued request's
+    client gets its headers); one that fails lets the group go and aborts, once, and raises."""
+    import asyncio
+
+    from rlserve.server import openai_stream
+    monkeypatch.setattr(openai_stream, "START_WAIT_S", 0.05)
+
+    async def slow(group, is_disconnected=None):
+        await asyncio.sleep(3600)
+
+    stream, released, aborted = _fake_stream(slow)
+    asyncio.run(asyncio.wait_for(stream.start(), 10))
+    assert stream.started and stream.first == [] and released == aborted == []
+
+    async def refused(group, is_disconnected=None):
+        raise openai_stream.ServerError("no such grammar", param="structured_outputs")
+
+    stream, released, aborted = _fake_stream(refused)
+    with pytest.raises(openai_stream.ServerError):
+        asyncio.run(stream.start())
+    stream.close()  # a second close (the response's) does nothing more
+    assert released == ["group"] and aborted == ["r0"]
 
 
 def test_client_gone_mid_stream_aborts_the_request(server, http, client, tiny_model):

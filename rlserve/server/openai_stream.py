@@ -7,8 +7,9 @@ optional usage chunk with no choices (``stream_options.include_usage``), then ``
 fails mid-stream ends with an ``error`` event (the status line went out with the first chunk).
 
 It knows nothing about routing or validation: the route submits the request (400s come before any event) and
-awaits ``start``, the group's first updates, so that what only a replica can refuse (a grammar it cannot compile,
-a prompt its KV cache cannot hold) is an HTTP error too; the stream then only reads the group's updates and, however it ends -- finished, failed, the client gone (the
+awaits ``start``, the group's first updates (at most ``START_WAIT_S``), so that what only a replica can refuse (a
+grammar it cannot compile, a prompt its KV cache cannot hold: a replica refuses at admission, before any step) is
+an HTTP error too; the stream then only reads the group's updates and, however it ends -- finished, failed, the client gone (the
 response is cancelled or closed) -- lets the group go and aborts what still runs.
 """
 
@@ -22,6 +23,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from fastapi.responses import StreamingResponse
+
 from rlserve.outputs import CompletionOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import ServerError
@@ -29,6 +32,11 @@ from rlserve.server.replicas import ClientDisconnected, EngineClient, RequestGro
 from rlserve.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
+
+# How long a streamed response waits for its requests' first updates before it sends its headers: long enough for a
+# replica's refusal at admission (within one engine step), short enough that a queued request's client and any proxy
+# between get their 200 without waiting for the queue and the prefill.
+START_WAIT_S = 1.0
 
 
 class SampleText:
@@ -97,17 +105,27 @@ class ResponseStream:
         self.num_completion_tokens = 0
         self.first: list[StreamedUpdate] | None = None  # the group's first updates (``start``)
         self.started = False
+        self.closed = False
 
     async def start(self, is_disconnected=None) -> None:
-        """Wait for the group's first updates, before any byte of the response is sent: a request that its
-        replica refuses fails here, as an HTTP error (a replica reports a refusal before any token). Whatever
-        this raises, the group is let go and what runs is aborted."""
+        """Wait for the group's first updates (at most ``START_WAIT_S``), before any byte of the response is sent:
+        a request that its replica refuses fails here, as an HTTP error. Whatever this raises, the group is let go
+        and what runs is aborted."""
         try:
-            self.first = await self.engine.next_updates(self.group, is_disconnected)
-            self.started = True
+            self.first = await asyncio.wait_for(self.engine.next_updates(self.group, is_disconnected), START_WAIT_S)
+        except asyncio.TimeoutError:  # nothing yet (a queue, a long prefill): the stream starts, errors are events
+            self.first = []
         except BaseException:
-            self.engine.abort_soon(self.engine.release(self.group))
+            self.close()
             raise
+        self.started = True
+
+    def close(self) -> None:
+        """Let the group go and abort what still runs; once, however the response ended (``EventStreamResponse``
+        calls it even when the body was never iterated: a client gone before the first byte)."""
+        if not self.closed:
+            self.closed = True
+            self.engine.abort_soon(self.engine.release(self.group))
 
     def _event(self, choices: list[dict], **extra) -> str:
         chunk = dict(self.head, choices=choices, **extra)
@@ -204,5 +222,21 @@ class ResponseStream:
             error = {"message": f"{type(e).__name__}: {e}", "type": "internal_error", "code": 500}
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
-            self.engine.abort_soon(self.engine.release(self.group))
+            self.close()
         yield "data: [DONE]\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """The ``text/event-stream`` response of a ``ResponseStream``, which it closes however the response ends: the
+    body's own cleanup runs only once the body has started, and a client that leaves before the first byte (the
+    response cancelled, or the headers' send failing) would otherwise leave its requests running."""
+
+    def __init__(self, stream: ResponseStream, is_disconnected=None):
+        super().__init__(stream.events(is_disconnected), media_type="text/event-stream")
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()

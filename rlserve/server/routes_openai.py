@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from rlserve.sampling import SamplingParams
 from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
-from rlserve.server.openai_stream import ResponseStream
+from rlserve.server.openai_stream import EventStreamResponse, ResponseStream
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
 from rlserve.server.security import check_num_prompts
 
@@ -220,7 +220,7 @@ async def _stream(request: Request, body: OpenAISampling, prompts, params: Sampl
                             return_token_ids=body.return_token_ids, format_logprobs=format_logprobs,
                             format_prompt_logprobs=lambda pl: _prompt_logprobs(engine, pl, as_ids, names))
     await stream.start(request.is_disconnected)  # a request its replica refuses is an HTTP error, not an event
-    return StreamingResponse(stream.events(request.is_disconnected), media_type="text/event-stream")
+    return EventStreamResponse(stream, request.is_disconnected)
 
 
 @route(router, "POST", "/v1/completions")
