@@ -73,22 +73,22 @@ def test_greedy_seeded_and_logprobs_are_identical(engines):
                                         logprobs=2, ignore_eos=True))
 
 
-def test_n_samples_eos_stop_tokens_and_min_tokens(engines):
+def early_stop_cases() -> list[tuple[list, object, object]]:
+    """(prompts, params, check of the outputs) where samples end by content while others run on -- EOS (n=3), stop
+    token ids after min_tokens, stop strings: the cases that end a sample before its step (or burst) does."""
     batch = prompts(seed=1)
-    natural = same(engines, batch, SamplingParams(temperature=1.0, n=3, max_tokens=40, logprobs=1),
-                   exact_logprobs=False)
-    assert any(s[1] == "stop" for r in natural for s in r[1:])  # some samples ended on EOS
     stopping = [SamplingParams(temperature=1.0, seed=i, max_tokens=30, min_tokens=i % 3 * 4,
                                stop_token_ids=list(range(i * 20, i * 20 + 12)), logprobs=0) for i in range(len(batch))]
-    stopped = same(engines, batch, stopping, exact_logprobs=False)
-    assert any(r[1][1] == "stop" and isinstance(r[1][2], int) for r in stopped)
+    return [(batch, SamplingParams(temperature=1.0, n=3, max_tokens=40, logprobs=1),
+             lambda got: any(s[1] == "stop" for r in got for s in r[1:])),  # some samples ended on EOS
+            (batch, stopping, lambda got: any(r[1][1] == "stop" and isinstance(r[1][2], int) for r in got)),
+            (prompts(seed=2), SamplingParams(temperature=1.0, seed=3, max_tokens=40, stop=["a", "e", "o"]),
+             lambda got: any(r[1][2] in ("a", "e", "o") for r in got))]
 
 
-def test_stop_strings(engines):
-    batch = prompts(seed=2)
-    stopped = same(engines, batch, SamplingParams(temperature=1.0, seed=3, max_tokens=40, stop=["a", "e", "o"]),
-                   exact_logprobs=False)
-    assert any(r[1][2] in ("a", "e", "o") for r in stopped)
+def test_samples_ending_by_eos_stop_tokens_and_stop_strings(engines):
+    for batch, params, check in early_stop_cases():
+        assert check(same(engines, batch, params, exact_logprobs=False))
 
 
 def test_penalties_counted_from_the_device_match(engines):

@@ -23,7 +23,7 @@ import pytest
 from conftest import assert_no_leak
 from rlserve import LLM, SamplingParams
 from server_utils import running_server
-from test_async_scheduling import assert_same, outputs, prompts
+from test_async_scheduling import assert_same, early_stop_cases, outputs, prompts
 
 K = 4
 ENGINES = {"k1": dict(num_scheduler_steps=1), "k4": dict(num_scheduler_steps=K),
@@ -77,26 +77,14 @@ def test_greedy_seeded_topk_and_n_samples_are_identical(engines):
 
 
 # -- 2. stops by content ---------------------------------------------------------------------------------
-def test_eos_and_stop_token_ids_mid_burst(engines):
-    batch = prompts(seed=1)
-    natural = same(engines, batch, SamplingParams(temperature=1.0, n=3, max_tokens=40, logprobs=0),
-                   exact_logprobs=False)
-    assert any(s[1] == "stop" for r in natural for s in r[1:])  # some samples ended on EOS
-    assert any(s[1] == "length" for r in natural for s in r[1:])
-    stopping = [SamplingParams(temperature=1.0, seed=i, max_tokens=30, min_tokens=i % 3 * 4,
-                               stop_token_ids=list(range(i * 20, i * 20 + 12)), logprobs=0) for i in range(len(batch))]
-    stopped = same(engines, batch, stopping, exact_logprobs=False)
-    assert any(r[1][1] == "stop" and isinstance(r[1][2], int) for r in stopped)
-
-
-def test_stop_strings_mid_burst(engines):
-    batch = prompts(seed=2)
-    stopped = same(engines, batch, SamplingParams(temperature=1.0, seed=3, max_tokens=40, stop=["a", "e", "o"]),
-                   exact_logprobs=False)
-    assert any(r[1][2] in ("a", "e", "o") for r in stopped)
-    # the stop string kept in the text, and a multi-character stop
-    same(engines, batch, SamplingParams(temperature=1.0, seed=4, max_tokens=40, stop=["ab", "e"],
-                                        include_stop_str_in_output=True, ignore_eos=True), exact_logprobs=False)
+def test_samples_ending_mid_burst(engines):
+    """EOS, stop token ids and stop strings (test_async_scheduling's cases); a stop string kept in the text and a
+    multi-character one."""
+    for batch, params, check in early_stop_cases():
+        assert check(same(engines, batch, params, exact_logprobs=False))
+    same(engines, prompts(seed=2), SamplingParams(temperature=1.0, seed=4, max_tokens=40, stop=["ab", "e"],
+                                                  include_stop_str_in_output=True, ignore_eos=True),
+         exact_logprobs=False)
 
 
 def drive(llm, batch, params, between=None, at_step=None, check=None, max_steps=500):
