@@ -243,12 +243,28 @@ class Fuzzer:
                 assert http.post("/resume/").status_code == 200
 
 
-def test_fuzz_valid_and_invalid_requests_then_a_normal_request_and_no_kv_blocks_held(server, http):
-    fuzzer = Fuzzer(server.url, SEED, time.monotonic() + DURATION_S)
+FAST_RL_FLAGS = ("--async_scheduling", "--num_scheduler_steps", "4")  # overlap and multi-step decoding
+
+
+@pytest.mark.parametrize("flags", [(), FAST_RL_FLAGS], ids=["default", "async-multistep"])
+def test_fuzz_valid_and_invalid_requests_then_a_normal_request_and_no_kv_blocks_held(tiny_model, server, http, flags):
+    """The same fuzz against the default engine and against one with async scheduling and multi-step decoding (a
+    server of its own, half the time)."""
+    if flags:
+        with running_server(tiny_model, *SERVER_ARGS, *flags) as other, \
+                httpx.Client(base_url=other.url, timeout=60) as other_http:
+            run_fuzz(other, other_http, DURATION_S / 2)
+            assert other_http.get("/server_info/").json()["replicas"][0]["num_multi_step_launches"] > 0
+    else:
+        run_fuzz(server, http, DURATION_S)
+
+
+def run_fuzz(server, http, duration_s: float) -> None:
+    fuzzer = Fuzzer(server.url, SEED, time.monotonic() + duration_s)
     try:
         with ThreadPoolExecutor(NUM_THREADS) as pool:
             for f in [pool.submit(fuzzer.run) for _ in range(NUM_THREADS)]:
-                f.result(DURATION_S + 180)
+                f.result(duration_s + 180)
     finally:
         http.post("/resume/")  # whatever happened, leave the server running
     print(f"fuzz: seed {SEED}, {fuzzer.num_actions} actions {fuzzer.counts}")
