@@ -24,10 +24,11 @@ passes ``max_model_len``. A sequence with fewer tokens left to its ``max_tokens`
 runs the rest of the burst for nothing, its KV not written and no block allocated for it, so the sequences near
 their end in a continuous batch do not cut the burst of the others. One that stops by content (EOS, a stop token,
 a stop string) mid-burst computes the rest of the burst for nothing too; its later draws are dropped when the burst
-is applied, and the KV slots they wrote go back with its blocks. Requests waiting for room do not stop a burst: a sample that ends early in one frees its
-room at the burst's end, at most K - 1 steps late, where stopping every burst while anything waits would lose them
-all whenever a batch holds more samples than ``max_num_seqs`` (vLLM V0's multi-step did the same). Torch-free: the
-scheduler reads it.
+is applied, and the KV slots they wrote go back with its blocks.
+
+Requests waiting for room do not stop a burst: a sample that ends early in one frees its room at the burst's end,
+at most K - 1 steps late, where stopping every burst while anything waits would lose them all whenever a batch
+holds more samples than ``max_num_seqs`` (vLLM V0's multi-step did the same). Torch-free: the scheduler reads it.
 """
 
 from __future__ import annotations

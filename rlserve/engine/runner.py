@@ -7,8 +7,8 @@ Per step: copy-on-write block copies → inputs (token ids, positions, slot mapp
 lengths; decodes first) → forward (a CUDA-graph replay for decode batches on GPU) → logits of the rows that
 sample → sampler (one draw rule per device; when no row needs more than temperature, the model's logits go
 straight to the GPU draw kernel) → one host sync to return the tokens. A multi-step launch (``multi_step.py``)
-repeats forward and draw on the device, each step's tokens the next one's inputs, before that one sync. A step that computes a prompt whose
-logprobs were asked for also scores its prompt positions (``prompt_logprobs.py``).
+repeats forward and draw on the device, each step's tokens the next one's inputs, before that one sync. A step
+that computes a prompt whose logprobs were asked for also scores its prompt positions (``prompt_logprobs.py``).
 
 Block tables live on the device, one row per running sequence, and are updated only where a sequence's
 table changed; each step gathers its rows. Slots are computed on the device from them.

@@ -9,8 +9,9 @@ fails mid-stream ends with an ``error`` event (the status line went out with the
 It knows nothing about routing or validation: the route submits the request (400s come before any event) and
 awaits ``start``, the group's first updates (at most ``START_WAIT_S``), so that what only a replica can refuse (a
 grammar it cannot compile, a prompt its KV cache cannot hold: a replica refuses at admission, before any step) is
-an HTTP error too; the stream then only reads the group's updates and, however it ends -- finished, failed, the client gone (the
-response is cancelled or closed) -- lets the group go and aborts what still runs.
+an HTTP error too. The stream then only reads the group's updates and, however it ends -- finished, failed, the
+client gone (the response is cancelled or closed, or never started: ``EventStreamResponse``) -- lets the group go
+and aborts what still runs.
 """
 
 from __future__ import annotations
