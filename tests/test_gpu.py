@@ -171,7 +171,8 @@ def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_mode
               SamplingParams(temperature=1.0, max_tokens=45, ignore_eos=True, seed=7, n=3, logprobs=0)]
 
     def run(llm):
-        return [[[(c.token_ids, c.sampled_logprobs) for c in o.outputs] for o in llm.generate(batch, p)] for p in params]
+        return [[[(c.token_ids, c.sampled_logprobs) for c in o.outputs] for o in llm.generate(batch, p)]
+                for p in params]
 
     results, bursts = {}, {}
     for steps, use_async in ((1, False), (8, False), (8, True)):

@@ -404,7 +404,7 @@ def run_phase(args, phase: str, model_dir: Path, out: Path) -> dict:
     server.stop()
     res = {"phase": phase, "status": status, "returncode": proc.returncode, "seconds": round(time.monotonic() - t0, 1),
            "server_weight_version": info.get("weight_version"), "server_counters": info.get("counters"),
-           # launches that ran several decode steps (--num_scheduler_steps): that the flag was in effect, not only passed
+           # launches of several decode steps (--num_scheduler_steps): the flag was in effect, not only passed
            "server_multi_step_launches": sum(r.get("num_multi_step_launches", 0) for r in info.get("replicas", []))}
     if result.exists():
         res["result"] = json.loads(result.read_text())
