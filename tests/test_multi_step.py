@@ -1,16 +1,16 @@
 """Multi-step decoding (``EngineConfig.num_scheduler_steps``, vLLM V0's name) gives what one step at a time gives.
 
 A pure decode step whose sequences are all "simple" (forked, no grammar, no penalties, min_tokens reached) runs up
-to K decode steps in one launch; the host applies each sequence's K tokens afterwards, cutting K to the fewest
-tokens any sequence may still draw and dropping the tokens a sample drew after a stop by content. Draws are counter-
-based (seed, output position), so tokens must equal K=1's. Each case runs the same prompts through K=1 (the
-reference), K=4, and K=4 with async scheduling. Token ids, finish reasons, stop reasons, text and weight versions
-must be identical. Logprob values are compared exactly where no sample ends by content (EOS, stop token, stop
-string) while others still run; where one does, the burst still runs its row for the remaining inner steps (its
-tokens dropped) and the CPU kernels' rounding depends on the batch (see test_async_scheduling): those values are
-compared to 1e-5. ``stats()["num_multi_step_launches"]`` (the bursts that ran more than one decode step) shows that
-bursts happened -- or, for the fall-backs, that they did not; the K=1 engine must always report 0, so that the count
-can fail.
+to K decode steps in one launch; the host applies each sequence's draws afterwards, up to its end: a sample with
+fewer tokens left to its max_tokens keeps that many draws, and one that stops by content drops the draws after its
+stop. K is cut only so that no position passes max_model_len. Draws are counter-based (seed, output position), so
+tokens must equal K=1's. Each case runs the same prompts through K=1 (the reference), K=4, and K=4 with async
+scheduling. Token ids, finish reasons, stop reasons, text and weight versions must be identical. Logprob values are
+compared exactly where no sample ends (by content or by its max_tokens) while others still run; where one does, the
+burst still runs its row for the remaining inner steps (its tokens dropped) and the CPU kernels' rounding depends on
+the batch (see test_async_scheduling): those values are compared to 1e-5. ``stats()["num_multi_step_launches"]``
+(the bursts that ran more than one decode step) shows that bursts happened -- or, for the fall-backs, that they did
+not; the K=1 engine must always report 0, so that the count can fail.
 """
 
 from __future__ import annotations
