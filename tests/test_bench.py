@@ -229,7 +229,8 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
         assert 0 < replica["step_s"] <= parts["server_generate_s"] and replica["gc_s"] >= 0
         assert sorted(run["seconds"] for run in result[key]["runs"]) == result[key]["all_seconds"]
     # the offline figure beside them runs the server's engine, as `serve` parsed --server_args
-    assert result["offline_engine"] == {"async_scheduling": False, "max_num_seqs": 4, "seed": 3}
+    assert result["offline_engine"] == {"async_scheduling": False, "num_scheduler_steps": 1, "max_num_seqs": 4,
+                                        "seed": 3}
 
 
 def test_server_timing_header_is_parsed_as_seconds():
