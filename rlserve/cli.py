@@ -98,7 +98,7 @@ def add_serve_parser(sub) -> None:
                "keeps its row to the end, which on a GPU can change logits in the last bits). Tokens reach the API "
                "(and a stream) this many at a time; aborts, weight updates and waiting requests wait for the burst. "
                "A step holding a prefill or any sequence with structured outputs, penalties or min_tokens not "
-               "reached runs one step; so does tensor parallelism.")
+               "reached runs one step.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "

@@ -51,7 +51,7 @@ class EngineConfig:
     # plainly (engine/multi_step.py says which) runs them back to back on the device, each feeding its draws to the
     # next, and the host applies the tokens once: the host's work per token shrinks. The draws are counter-based: the
     # same tokens as one step at a time where the batches are the same (a sample that ends inside a burst keeps its
-    # row to the end; on a GPU that can change others' logits in the last bits). Tensor parallelism runs one step.
+    # row to the end; on a GPU that can change others' logits in the last bits).
     num_scheduler_steps: int = 1
     extra: dict = field(default_factory=dict)
 

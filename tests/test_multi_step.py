@@ -350,13 +350,23 @@ def test_burst_kv_slots_across_block_boundaries(tiny_model):
 
 
 # -- tensor parallelism ---------------------------------------------------------------------------------------
-def test_tensor_parallel_never_bursts(tiny_model):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_tensor_parallel_2_bursts_with_the_tokens_of_one_step_at_a_time(tiny_model, async_scheduling):
+    """Rank 0 draws each step's tokens and broadcasts them; the worker runs the same steps with them (and, async,
+    the next launch's fed draws). Samples of different max_tokens (rows past their kept draws) and a stop string."""
     batch = prompts(3, seed=10)
-    params = SamplingParams(temperature=1.0, seed=11, max_tokens=10, n=2, ignore_eos=True)
-    want = [[c.token_ids for c in r.outputs] for r in LLM(tiny_model, device="cpu").generate(batch, params)]
-    with LLM(tiny_model, device="cpu", tensor_parallel_size=2, num_scheduler_steps=K) as llm:
-        assert [[c.token_ids for c in r.outputs] for r in llm.generate(batch, params)] == want
-        assert llm.stats()["num_multi_step_launches"] == 0
+    params = [SamplingParams(temperature=1.0, seed=11, max_tokens=10, n=2, ignore_eos=True, logprobs=0),
+              [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True) for i in range(len(batch))],
+              SamplingParams(temperature=1.0, seed=12, max_tokens=16, stop=["a", "e"])]
+
+    def run(llm):
+        return [[[(c.token_ids, c.finish_reason) for c in r.outputs] for r in llm.generate(batch, p)] for p in params]
+
+    want = run(LLM(tiny_model, device="cpu"))
+    with LLM(tiny_model, device="cpu", tensor_parallel_size=2, num_scheduler_steps=K,
+             async_scheduling=async_scheduling) as llm:
+        assert run(llm) == want
+        assert llm.stats()["num_multi_step_launches"] > 0
 
 
 # -- 9. the server flag -----------------------------------------------------------------------------------------

@@ -226,7 +226,10 @@ class TensorParallelWorker:
         while True:
             kind, payload = self.pipe.recv()
             if kind == "step":
-                self.runner.forward(payload)
+                if payload.num_steps > 1:  # a multi-step launch: each step's tokens come from rank 0
+                    self.runner.follow_burst(payload)
+                else:
+                    self.runner.forward(payload)
             elif kind == "load_weights":
                 self.model.load_weights(payload)
                 self.pipe.send(("ok", None))

@@ -57,10 +57,8 @@ class EngineCore:
         self.info.startup_seconds = loaded.startup_seconds
         info = self.info
         self.block_manager = BlockManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        # Multi-step launches run on one rank only: tensor parallelism runs one decode step at a time.
-        num_scheduler_steps = config.num_scheduler_steps if config.tensor_parallel_size == 1 else 1
         self.scheduler = Scheduler(self.block_manager, info.max_num_seqs, info.max_num_batched_tokens,
-                                   info.max_model_len, info.eos_token_ids, num_scheduler_steps)
+                                   info.max_model_len, info.eos_token_ids, config.num_scheduler_steps)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens; longest context that fits: %d tokens "
                     "(max_model_len %d)", info.num_kv_blocks, config.block_size, info.kv_capacity_tokens,
                     min(info.max_model_len, info.kv_capacity_tokens), info.max_model_len)

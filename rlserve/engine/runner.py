@@ -58,6 +58,9 @@ class StepInput:
     # draw's row in it (rank 0 reads those; the other ranks receive the tokens from rank 0).
     ahead_index: list[int] = field(default_factory=list)
     ahead_rows: list[int] = field(default_factory=list)
+    # A multi-step launch (multi_step.py): its decode steps, and each row's kept draws when one keeps fewer.
+    num_steps: int = 1
+    burst_kept: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -319,32 +322,18 @@ class ModelRunner:
 
     def _launch_burst(self, sched: SchedulerOutput, items: list[ScheduledSeq], step: StepInput) -> LaunchedStep:
         """A multi-step launch (``multi_step.py``): ``sched.num_steps`` decode steps of the same sequences, one row
-        each, back to back on the device. Step k+1 reads step k's draws as its tokens, its positions and context
-        lengths one more, its KV slots from the same block tables (the scheduler allocated every kept draw's);
-        each step draws with the seeds of its output position. A row past its kept draws (``sched.burst_draws``:
-        it reached max_tokens) writes no KV and reads token 0, its draws dropped. The draws come back as one
-        [num_steps * S] column."""
-        if self.broadcast_step is not None:
-            raise RuntimeError("multi-step decoding does not run under tensor parallelism")  # the scheduler's rule
-        steps, bs = sched.num_steps, self.block_size
-        self.num_steps += 1
-        self.copy_blocks(step.block_copies)
-        ids, pos, meta, _ = self._device_inputs(step, extra_tokens=steps - 1)
-        seq_index = torch.arange(len(items), device=self.device)
-        # Each row's kept draws, where one keeps fewer than the launch's steps (None: none does).
-        kept = self._upload(sched.burst_draws) if min(sched.burst_draws) < steps else None
+        each, back to back on the device (``_burst``); each step draws with the seeds of its output position. Under
+        tensor parallelism the other ranks run the same steps (``follow_burst``), receiving each step's tokens.
+        The draws come back as one [num_steps * S] column."""
+        steps = step.num_steps = sched.num_steps
+        if min(sched.burst_draws) < steps:
+            step.burst_kept = sched.burst_draws
+        if self.broadcast_step is not None:  # tensor parallel: the other ranks run the same steps
+            self.broadcast_step(step)
         batch, draws = None, []
-        for k in range(steps):
-            if k:
-                ids, pos = draws[-1].token_ids, pos + 1
-                slots = meta.block_tables[seq_index, pos // bs].long() * bs + pos % bs
-                if kept is not None:  # rows past their last kept draw: no KV write, a harmless token
-                    live = kept > k
-                    slots, ids = torch.where(live, slots, -1), torch.where(live, ids, 0)
-                meta = dataclasses.replace(meta, slot_mapping=slots, seq_lens=meta.seq_lens + 1,
-                                           max_seq_len=meta.max_seq_len + 1,
-                                           seq_lens_cpu=[n + 1 for n in meta.seq_lens_cpu])
-            logits = self.model.compute_logits(self._run_model(ids, pos, meta))
+
+        def draw(k: int, logits: torch.Tensor) -> torch.Tensor:
+            nonlocal batch
             if batch is None:  # as launch builds it; a burst is never a fallback step (async_step.must_apply_first)
                 batch = prepare_sampling(items, logits.shape[-1], self.info.eos_token_ids,
                                          self._host if self._uploads_ahead else self.device, self.penalties,
@@ -352,12 +341,47 @@ class ModelRunner:
                 if self._uploads_ahead:
                     batch = batch_to_device(batch, self.device)
             draws.append(self._sample(logits, dataclasses.replace(batch, seeds=batch.step_seeds[k])))
+            return self.tp.broadcast_from_first(draws[-1].token_ids)
+
+        self._burst(step, draw)
         first_row = list(range(len(items)))  # every item a decode, in order (launch sorts nothing)
-        failed = dict(batch.failed_items)
-        launched = LaunchedStep(concat_outputs(draws), first_row, failed, None, None, num_steps=steps)
+        launched = LaunchedStep(concat_outputs(draws), first_row, dict(batch.failed_items), None, None,
+                                num_steps=steps)
         if self.config.async_scheduling:
             self._keep_draws(sched, launched)
         return launched
+
+    @torch.inference_mode()
+    def follow_burst(self, step: StepInput) -> None:
+        """A tensor-parallel rank other than the first in a multi-step launch: the same steps, each one's tokens
+        received from the first rank, which drew them."""
+        num_rows = len(step.seq_lens)
+        self._burst(step, lambda k, logits: self.tp.broadcast_from_first(
+            torch.empty(num_rows, dtype=torch.int64, device=self.device)))
+
+    def _burst(self, step: StepInput, draw) -> None:
+        """The device loop of a multi-step launch, on every rank: ``step.num_steps`` forwards of the same rows, step
+        k+1's tokens step k's draws (``draw(k, logits)`` gives them), its positions and context lengths one more,
+        its KV slots from the same block tables (the scheduler allocated every kept draw's). A row past its kept
+        draws (``step.burst_kept``: it reached max_tokens) writes no KV (slot -1) and reads token 0; its draws are
+        dropped when applied."""
+        steps, bs = step.num_steps, self.block_size
+        self.num_steps += 1
+        self.copy_blocks(step.block_copies)
+        ids, pos, meta, _ = self._device_inputs(step, extra_tokens=steps - 1)
+        seq_index = torch.arange(len(step.seq_lens), device=self.device)
+        kept = self._upload(step.burst_kept) if step.burst_kept else None
+        for k in range(steps):
+            if k:
+                pos = pos + 1
+                slots = meta.block_tables[seq_index, pos // bs].long() * bs + pos % bs
+                if kept is not None:  # rows past their last kept draw: no KV write, a harmless token
+                    live = kept > k
+                    slots, ids = torch.where(live, slots, -1), torch.where(live, ids, 0)
+                meta = dataclasses.replace(meta, slot_mapping=slots, seq_lens=meta.seq_lens + 1,
+                                           max_seq_len=meta.max_seq_len + 1,
+                                           seq_lens_cpu=[n + 1 for n in meta.seq_lens_cpu])
+            ids = draw(k, self.model.compute_logits(self._run_model(ids, pos, meta)))
 
     @torch.inference_mode()
     def collect(self, launched: LaunchedStep) -> StepResult:
