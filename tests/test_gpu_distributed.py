@@ -51,6 +51,27 @@ def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which, capl
     assert results[0] == results[1]
 
 
+def test_tp2_multi_step_bursts_give_the_greedy_tokens_of_tp1(tiny_models):
+    """``num_scheduler_steps=8`` under TP=2 with async scheduling: rank 0 broadcasts each inner step's draws over
+    NCCL and the worker replays the same CUDA graphs with them; samples of different max_tokens end mid-burst."""
+    import torch.distributed as dist
+    batch = prompts(8, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=20 + 4 * i, ignore_eos=True) for i in range(len(batch))]
+    results = []
+    for flags in (dict(tensor_parallel_size=1), dict(tensor_parallel_size=2, num_scheduler_steps=8,
+                                                     async_scheduling=True)):
+        llm = LLM(tiny_models["llama"], device="cuda", dtype="float32", gpu_memory_utilization=0.4, **flags)
+        results.append([o.outputs[0].token_ids for o in llm.generate(batch, params)])
+        bursts = llm.stats()["num_multi_step_launches"]
+        llm.shutdown()
+        assert not dist.is_initialized()
+        assert (bursts > 0) == (flags["tensor_parallel_size"] == 2)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[0] == results[1]
+
+
 def test_nccl_weight_sync_from_gpu0_into_a_server_on_gpu1(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
     other = make_tiny_model(tmp_path / "b", "qwen2", seed=91)
