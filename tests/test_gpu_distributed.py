@@ -51,25 +51,33 @@ def test_tp2_float32_greedy_equals_tp1(tiny_models, small_model_dir, which, capl
     assert results[0] == results[1]
 
 
-def test_tp2_multi_step_bursts_give_the_greedy_tokens_of_tp1(tiny_models):
-    """``num_scheduler_steps=8`` under TP=2 with async scheduling: rank 0 broadcasts each inner step's draws over
-    NCCL and the worker replays the same CUDA graphs with them; samples of different max_tokens end mid-burst."""
+def test_tp2_multi_step_bursts_give_the_tokens_of_one_step_at_a_time(tiny_models):
+    """``num_scheduler_steps=8`` under TP=2, sync and with async scheduling: rank 0 broadcasts each inner step's
+    draws over NCCL and the worker replays the same CUDA graphs with them. float32 greedy samples of different
+    max_tokens (ending mid-burst) equal TP=1's; seeded samples (the Gumbel draw, logprobs) of one max_tokens equal
+    TP=2 one step at a time, logprobs included (the same batches)."""
     import torch.distributed as dist
     batch = prompts(8, seed=3)
-    params = [SamplingParams(temperature=0, max_tokens=20 + 4 * i, ignore_eos=True) for i in range(len(batch))]
-    results = []
-    for flags in (dict(tensor_parallel_size=1), dict(tensor_parallel_size=2, num_scheduler_steps=8,
-                                                     async_scheduling=True)):
+    greedy = [SamplingParams(temperature=0, max_tokens=20 + 4 * i, ignore_eos=True) for i in range(len(batch))]
+    seeded = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=24, ignore_eos=True, logprobs=0)
+    results = {}
+    for name, flags in {"tp1": dict(tensor_parallel_size=1), "tp2": dict(tensor_parallel_size=2),
+                        "tp2-k8": dict(tensor_parallel_size=2, num_scheduler_steps=8),
+                        "tp2-k8-async": dict(tensor_parallel_size=2, num_scheduler_steps=8, async_scheduling=True)
+                        }.items():
         llm = LLM(tiny_models["llama"], device="cuda", dtype="float32", gpu_memory_utilization=0.4, **flags)
-        results.append([o.outputs[0].token_ids for o in llm.generate(batch, params)])
+        results[name] = ([o.outputs[0].token_ids for o in llm.generate(batch, greedy)],
+                         [[(c.token_ids, c.sampled_logprobs) for c in o.outputs] for o in llm.generate(batch, seeded)])
         bursts = llm.stats()["num_multi_step_launches"]
         llm.shutdown()
         assert not dist.is_initialized()
-        assert (bursts > 0) == (flags["tensor_parallel_size"] == 2)
+        assert (bursts > 0) == ("k8" in name), name
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    assert results[0] == results[1]
+    for name in ("tp2-k8", "tp2-k8-async"):
+        assert results[name][0] == results["tp1"][0], name
+        assert results[name][1] == results["tp2"][1], name
 
 
 def test_nccl_weight_sync_from_gpu0_into_a_server_on_gpu1(tiny_models, tmp_path):

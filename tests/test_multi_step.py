@@ -369,6 +369,36 @@ def test_tensor_parallel_2_bursts_with_the_tokens_of_one_step_at_a_time(tiny_mod
         assert llm.stats()["num_multi_step_launches"] > 0
 
 
+def test_tensor_parallel_draw_failure_mid_burst_leaves_the_group_usable(tiny_model, monkeypatch):
+    """Rank 0's draw fails in a burst's third step: the worker runs the whole burst regardless, so rank 0 finishes
+    the burst's collectives (zeros for tokens) before it raises; the request fails, and the next one gets the tokens
+    of one step at a time -- instead of a broadcast paired with a leftover one (a hang, or wrong tokens)."""
+    import threading
+    batch = prompts(3, seed=14)
+    params = SamplingParams(temperature=1.0, seed=15, max_tokens=12, ignore_eos=True)
+    want = [[c.token_ids for c in r.outputs] for r in LLM(tiny_model, device="cpu").generate(batch, params)]
+    with LLM(tiny_model, device="cpu", tensor_parallel_size=2, num_scheduler_steps=K) as llm:
+        sample, calls = llm.engine.runner._sample, []
+
+        def failing_sample(logits, batch):
+            calls.append(1)
+            if len(calls) == 3:  # call 1: the prompts' step; 2 and 3: the first burst's steps 1 and 2
+                raise RuntimeError("draw failed")
+            return sample(logits, batch)
+
+        monkeypatch.setattr(llm.engine.runner, "_sample", failing_sample)
+        with pytest.raises(RuntimeError, match="draw failed"):
+            llm.generate(batch, params)
+        monkeypatch.setattr(llm.engine.runner, "_sample", sample)
+        got = []
+        worker = threading.Thread(target=lambda: got.append(llm.generate(batch, params)), daemon=True)
+        worker.start()
+        worker.join(120)
+        assert got, "the request after the failed burst did not finish: the TP group is out of step"
+        assert [[c.token_ids for c in r.outputs] for r in got[0]] == want
+        assert llm.stats()["num_multi_step_launches"] > 1
+
+
 # -- 9. the server flag -----------------------------------------------------------------------------------------
 def test_server_flag_both_spellings(tiny_model):
     import argparse

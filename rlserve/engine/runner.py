@@ -328,22 +328,35 @@ class ModelRunner:
         steps = step.num_steps = sched.num_steps
         if min(sched.burst_draws) < steps:
             step.burst_kept = sched.burst_draws
+        assert step.prompt_logprobs is None, "a burst never scores a prompt (multi_step.plan_burst)"
         if self.broadcast_step is not None:  # tensor parallel: the other ranks run the same steps
             self.broadcast_step(step)
-        batch, draws = None, []
+        batch, draws, error = None, [], None
 
         def draw(k: int, logits: torch.Tensor) -> torch.Tensor:
-            nonlocal batch
-            if batch is None:  # as launch builds it; a burst is never a fallback step (async_step.must_apply_first)
-                batch = prepare_sampling(items, logits.shape[-1], self.info.eos_token_ids,
-                                         self._host if self._uploads_ahead else self.device, self.penalties,
-                                         num_steps=steps)
-                if self._uploads_ahead:
-                    batch = batch_to_device(batch, self.device)
-            draws.append(self._sample(logits, dataclasses.replace(batch, seeds=batch.step_seeds[k])))
-            return self.tp.broadcast_from_first(draws[-1].token_ids)
+            nonlocal batch, error
+            if error is None:
+                try:
+                    if batch is None:  # as launch builds it; a burst is never a fallback step (must_apply_first)
+                        batch = prepare_sampling(items, logits.shape[-1], self.info.eos_token_ids,
+                                                 self._host if self._uploads_ahead else self.device, self.penalties,
+                                                 num_steps=steps)
+                        if self._uploads_ahead:
+                            batch = batch_to_device(batch, self.device)
+                    draws.append(self._sample(logits, dataclasses.replace(batch, seeds=batch.step_seeds[k])))
+                except Exception as e:
+                    if self.tp.size == 1:
+                        raise
+                    error = e
+                else:
+                    return self.tp.broadcast_from_first(draws[-1].token_ids)
+            # Drawing failed on rank 0 under tensor parallelism: the other ranks run the whole burst regardless, so
+            # this one keeps their collectives paired to its end (zeros for tokens), then raises.
+            return self.tp.broadcast_from_first(torch.zeros(len(items), dtype=torch.int64, device=self.device))
 
         self._burst(step, draw)
+        if error is not None:
+            raise error
         first_row = list(range(len(items)))  # every item a decode, in order (launch sorts nothing)
         launched = LaunchedStep(concat_outputs(draws), first_row, dict(batch.failed_items), None, None,
                                 num_steps=steps)
