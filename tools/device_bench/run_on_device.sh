@@ -58,12 +58,14 @@ run_step() {
       # fixed work (one 64 x 8 batch) at DP=1 and DP=2, 5 runs each (every run kept, with each replica's steps,
       # seconds inside them and GC seconds during it): --async_scheduling, then sync; DP_CONFIGS picks others
       # ("DP:FLAGS;DP:FLAGS", FLAGS may hold spaces)
+      # (DP_PROMPTS=128: the scaled view, 2x the prompts)
       bench="python3 -m rlserve.cli bench --workload rl-small --through_server --repeats ${DP_REPEATS:-5}"
+      [ -n "${DP_PROMPTS:-}" ] && bench="$bench --num_prompts $DP_PROMPTS"
       IFS=';' read -ra cfgs <<< "${DP_CONFIGS:-1:--async_scheduling;2:--async_scheduling;1:;2:}"
       for cfg in "${cfgs[@]}"; do
         dp=${cfg%%:*}; a=${cfg#*:}; tag=$(printf %s "$a" | tr -cs 'A-Za-z0-9.' '-'); tag=${tag#-}; tag=${tag%-}
         timeout 200 $bench --data_parallel_size "$dp" --server_args="--log_level warning $a" \
-          --output "$OUT/rl-small-server-dp$dp${tag:+-$tag}.json" 2>&1 | grep "offline\|server /gen"
+          --output "$OUT/rl-small-server-dp$dp${tag:+-$tag}${DP_PROMPTS:+-p$DP_PROMPTS}.json" 2>&1 | grep "offline\|server /gen"
       done ;;
     dp-diag)
       for flag in "" --async_scheduling; do
