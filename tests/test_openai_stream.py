@@ -68,6 +68,9 @@ def test_completions_stream_logprobs_per_delta(http, tiny_model):
                 for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
     assert streamed == {key: whole["logprobs"][key] for key in streamed}
     assert [t for p in parts for t in p["token_ids"]] == whole["token_ids"]
+    # the prompt's ids once, with the choice's first chunk (as the non-streamed choice has them)
+    assert parts[0]["prompt_token_ids"] == whole["prompt_token_ids"] and all("prompt_token_ids" not in p
+                                                                             for p in parts[1:])
 
 
 def test_chat_stream_role_first_then_content(http, client, tiny_model):
@@ -92,6 +95,11 @@ def test_chat_stream_role_first_then_content(http, client, tiny_model):
         for c in chunk.choices:
             sdk[c.index] = sdk.get(c.index, "") + (c.delta.content or "")
     assert sdk == {c["index"]: c["message"]["content"] for c in whole}
+    # return_token_ids: the prompt's ids once, at the top level of the first chunk (as the non-streamed response)
+    body = dict(body, return_token_ids=True)
+    want = http.post("/v1/chat/completions", json=body).json()["prompt_token_ids"]
+    chunks = stream_events(http, "/v1/chat/completions", body)
+    assert chunks[0]["prompt_token_ids"] == want and all("prompt_token_ids" not in c for c in chunks[1:])
 
 
 def test_stream_with_stop_strings_equals_the_cut_text(http, tiny_model):

@@ -81,6 +81,7 @@ class Choice:
     num_token_chars: int = 0  # completions' logprobs: the text_offset of the next token
     finished: bool = False
     sent_prompt_logprobs: bool = False
+    sent_prompt_ids: bool = False  # return_token_ids: the prompt's ids go with the choice's first chunk
 
 
 class ResponseStream:
@@ -135,11 +136,18 @@ class ResponseStream:
         return f"data: {json.dumps(chunk)}\n\n"
 
     def opening(self) -> list[str]:
-        """Chat's first chunk of each choice, before any token: the role."""
+        """Chat's first chunk of each choice, before any token: the role; with return_token_ids the first one
+        carries the prompt's ids at its top level (as the non-streamed chat response places them)."""
         if not self.chat:
             return []
-        return [self._event([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for c in self.choices.values()]
+        events = []
+        for c in self.choices.values():
+            extra = {}
+            if self.return_token_ids and not events:
+                extra["prompt_token_ids"] = self.prompts[0][1]
+            events.append(self._event([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}], **extra))
+        return events
 
     def events_of(self, updates: list[StreamedUpdate]) -> str:
         """The chunks of one batch of updates: one per choice that has something new, in their order."""
@@ -182,6 +190,9 @@ class ResponseStream:
                      "stop_reason": update.stop_reason if finish_reason else None}
         if self.return_token_ids:
             chunk["token_ids"] = update.token_ids
+            if not self.chat and not choice.sent_prompt_ids:  # a completion choice's first chunk, as vLLM sends it
+                choice.sent_prompt_ids = True
+                chunk["prompt_token_ids"] = self.prompts[u.prompt_index][1]
         if not choice.sent_prompt_logprobs and u.prompt_index in self.prompt_logprobs:
             choice.sent_prompt_logprobs = True
             chunk["prompt_logprobs"] = self.prompt_logprobs[u.prompt_index]
