@@ -315,15 +315,10 @@ class Scheduler:
             if i in failed:
                 seq.finish(SequenceStatus.FINISHED_ERROR, failed[i])
                 continue
-            wants_logprobs = seq.request.params.logprobs is not None
             try:  # an error here (a stop string's detokenizer, say) ends this sample only, as in apply_output
                 for at in range(row, row + n * stride, stride):
-                    seq.append_token(token_ids[at], weight_version)
-                    if wants_logprobs:
-                        seq.sampled_logprobs.append(None if logprobs is None else logprobs[at])
-                        if seq.top_logprobs is not None:
-                            seq.top_logprobs.append(result.top_ids, result.top_logprobs, at)
-                    self._check_stop(seq)
+                    self._apply_token(seq, token_ids[at], weight_version, None if logprobs is None else logprobs[at],
+                                      result, at)
                     if seq.status >= finished:
                         break
             except Exception as e:
