@@ -304,3 +304,25 @@ def test_the_common_draw_path_equals_the_general_one(tiny_model, async_schedulin
         return [[(c.token_ids, c.sampled_logprobs, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
     assert view(runs[0]) == view(runs[1]) == view(runs[2])
     assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_shutdown_gives_the_kv_cache_and_weights_back_at_once(tiny_model, async_scheduling):
+    """``LLM.shutdown()`` (or leaving ``with LLM(...)``) drops the runner's KV cache and weights then, not when the
+    garbage collector reaches the engine's reference cycles: the next engine on a GPU sizes its KV cache from the
+    memory left. Afterwards generate refuses plainly, and a new LLM serves."""
+    import weakref
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM(tiny_model, device="cpu", async_scheduling=async_scheduling) as llm:
+        want = tokens(llm.generate([[5, 6, 7]], params))
+        kv = weakref.ref(llm.engine.runner.kv_cache)
+        weight = weakref.ref(next(llm.engine.runner.model.parameters()))
+        llm.engine.add_request("in-flight", [8, 9], params)
+        llm.engine.step()  # under async scheduling a step is in flight at shutdown
+    assert kv() is None and weight() is None
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate([[5, 6, 7]], params)
+    llm.shutdown()  # twice is harmless
+    again = LLM(tiny_model, device="cpu", async_scheduling=async_scheduling)
+    assert tokens(again.generate([[5, 6, 7]], params)) == want

@@ -41,8 +41,7 @@ def test_float32_greedy_equals_transformers_tiny(tiny_models, family):
         outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=64, min_tokens=64))
         for prompt, out in zip(batch, outs):
             assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 64)
-        del llm
-        torch.cuda.empty_cache()
+        llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
 
 
 def test_float32_greedy_equals_transformers_rl_small_shape(small_model_dir):
@@ -65,8 +64,7 @@ def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir):
                   gpu_memory_utilization=0.5)
         assert (llm.engine.runner.graphs is None) == eager
         results[eager] = [[[c.token_ids for c in o.outputs] for o in llm.generate(batch, p)] for p in params]
-        del llm
-        torch.cuda.empty_cache()
+        llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
     assert results[False] == results[True]
 
 
@@ -134,8 +132,7 @@ def test_async_scheduling_launch_never_waits_for_the_device_and_matches_sync(tin
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     sync_llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3)
     want = [o.outputs[0].token_ids for o in sync_llm.generate(batch, params)]
-    del sync_llm
-    torch.cuda.empty_cache()
+    sync_llm.shutdown()
     llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3, async_scheduling=True)
     assert llm.engine.runner.graphs is not None  # the decode steps replay CUDA graphs, as in production
     warm = [o.outputs[0].token_ids for o in llm.generate(batch, params)]  # first-use compilation, unchecked
@@ -197,8 +194,7 @@ def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_mode
         before = llm.stats()["num_multi_step_launches"]
         results[steps, use_async] = run(llm)
         bursts[steps, use_async] = llm.stats()["num_multi_step_launches"] - before
-        del llm
-        torch.cuda.empty_cache()
+        llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
     assert results[8, False] == results[1, False] and results[8, True] == results[1, False]
     # 44 decode steps after the first draw: 5 bursts of 8 and one of 4, per generate call
     assert bursts == {(1, False): 0, (8, False): 12, (8, True): 12}
@@ -220,6 +216,7 @@ def test_multi_step_rows_past_their_max_tokens_float32(tiny_models):
                 "k8-waiting": dict(num_scheduler_steps=8, max_num_seqs=16)}
     results = {}
     for name, flags in variants.items():
+        before = torch.cuda.memory_allocated()
         llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3, **flags)
         results[name] = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
         assert [len(t) for t in results[name]] == [p.max_tokens for p in params], name
@@ -227,6 +224,6 @@ def test_multi_step_rows_past_their_max_tokens_float32(tiny_models):
         bm = llm.engine.block_manager
         bm.check_invariants()
         assert bm.num_free_blocks == bm.num_blocks, name
-        del llm
-        torch.cuda.empty_cache()
+        llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
+        assert torch.cuda.memory_allocated() <= before + 2**20, name  # five engines at 0.3 fit one after another
     assert all(got == results["k1"] for got in results.values())

@@ -281,7 +281,11 @@ class EngineCore:
             group.close()
 
     def shutdown(self) -> None:
-        """Release what the engine started (tensor-parallel workers); a single-process core has nothing."""
+        """Release what the engine holds: a single-process core, its device memory (the runner's graphs, KV cache
+        and weights, ``ModelRunner.free_device_memory``); a tensor-parallel one overrides this to stop its workers."""
+        self.in_flight = None  # its device work ends before the memory goes (release_cuda_graphs synchronizes)
+        self.model = None
+        self.runner.free_device_memory()
 
     def reset_prefix_cache(self) -> None:
         self.drain()  # the step in flight registers its blocks when applied: under the epoch they were computed in

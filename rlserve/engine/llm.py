@@ -35,6 +35,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.engine.model_dir, revision)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self._is_shut_down = False
 
     @property
     def info(self):
@@ -48,6 +49,8 @@ class LLM:
                  detokenize: bool = True) -> list[RequestOutput]:
         """``prompts``: a string, a list of strings, a list of token ids, a list of token-id lists, or dicts
         with "prompt" or "prompt_token_ids". One SamplingParams for all, or one per prompt."""
+        if self._is_shut_down:
+            raise RuntimeError("this LLM was shut down; make a new one")
         items = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -143,7 +146,9 @@ class LLM:
         return self.engine.stats()
 
     def shutdown(self) -> None:
-        """Stop tensor-parallel worker processes, if any (also done when the LLM is garbage-collected)."""
+        """Give back the GPU memory (weights, KV cache, graphs) now, and stop tensor-parallel worker processes, if
+        any; garbage collection does it too, later. The LLM is unusable after it."""
+        self._is_shut_down = True
         self.engine.shutdown()
 
     def __enter__(self):

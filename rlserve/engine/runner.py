@@ -235,6 +235,20 @@ class ModelRunner:
                 gc.unfreeze()
             gc.collect()
 
+    def free_device_memory(self) -> None:
+        """Give back the device memory this runner holds -- decode graphs, KV cache, weights -- when a single-process
+        engine shuts down, so that ``LLM.shutdown()`` (or leaving ``with LLM(...)``) frees the GPU for the next
+        engine without waiting for the garbage collector: the layers hold views of the KV cache and the runner
+        sits in reference cycles. The runner is unusable after it."""
+        if self.model is None:
+            return
+        self.release_cuda_graphs()
+        self.model = self.kv_cache = self._staging = self._draws = None
+        self.block_tables = self.penalties = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # -- block-table rows --------------------------------------------------------------------------
     def _row(self, seq: Sequence, pending: list[tuple[int, int, int]]) -> int:
         """The device row of a sequence's block table; queues (row, column, block) writes for what changed."""
