@@ -225,5 +225,7 @@ def test_multi_step_rows_past_their_max_tokens_float32(tiny_models):
         bm.check_invariants()
         assert bm.num_free_blocks == bm.num_blocks, name
         llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
-        assert torch.cuda.memory_allocated() <= before + 2**20, name  # five engines at 0.3 fit one after another
+        # Its KV cache (~40 GiB at 0.3 of an H200) is gone, not waiting for the collector: five engines at 0.3 fit
+        # one after another. What stays is the process's CUDA libraries' workspaces (~100 MiB after the first).
+        assert torch.cuda.memory_allocated() < before + 2**30, name
     assert all(got == results["k1"] for got in results.values())
