@@ -15,7 +15,7 @@ from rich.console import Console
 
 from rlserve.bench import bench, vllm_baseline
 from rlserve.bench.roofline import roofline_seconds
-from rlserve.bench.workloads import CPU_TINY, MODES, BenchError, Workload, request_params
+from rlserve.bench.workloads import CPU_TINY, MODES, WARM_UP_TOKENS, BenchError, Workload, request_params
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(CPU_TINY, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -129,6 +129,10 @@ def test_against_vllm_puts_it_in_the_same_table_and_json(tmp_path, fake_vllm):
         warm, timed = calls[1 + 3 * i], calls[3 + 3 * i]
         assert timed["prompts"] == TINY.prompts()
         assert not set(map(tuple, warm["prompts"])) & set(map(tuple, TINY.prompts()))
+        # the whole batch's shape, briefly: what a first use costs is paid before the clock starts, as for rlserve
+        assert len(warm["prompts"]) == len(TINY.prompts())
+        assert [p["max_tokens"] for p in warm["params"]] == [min(p["max_tokens"], WARM_UP_TOKENS)
+                                                              for p in timed["params"]]
         assert timed["params"] == [dict(p, detokenize=False) for p in request_params(TINY, MODES[mode])]
 
 

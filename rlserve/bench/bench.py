@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlserve.bench.workloads import (MODES, WARM_UP_SEED, BenchError, Mode, Workload, get_workload,
+from rlserve.bench.workloads import (MODES, WARM_UP_SEED, WARM_UP_TOKENS, BenchError, Mode, Workload, get_workload,
                                      request_params)
 
 
@@ -61,8 +61,8 @@ def run_rlserve(llm, workload: Workload, mode: Mode) -> dict:
     """One timed ``generate`` of the whole workload on a cold prefix cache: the warm-up runs other prompts
     (another seed) in the same mode, then the cache is reset, so that no figure depends on what ran before."""
     params = sampling_params(workload, mode)
-    warm_up = workload.prompts(seed=WARM_UP_SEED)[:4]
-    llm.generate(warm_up, [p.clone(max_tokens=8) for p in params[:4]], detokenize=False)
+    warm_up = workload.prompts(seed=WARM_UP_SEED)
+    llm.generate(warm_up, [p.clone(max_tokens=min(p.max_tokens, WARM_UP_TOKENS)) for p in params], detokenize=False)
     llm.reset_prefix_cache()
     _sync(llm.info.device)
     hits_before = llm.stats().get("prefix_cache_hit_tokens", 0)
@@ -121,7 +121,7 @@ def run_bench(workload_name: str | Workload, device: str | None = None, baseline
         engine = engine_kwargs or {}
         job = vllm_baseline.make_job(
             model_dir, random_weights, dtype_name, engine.get("gpu_memory_utilization", 0.9),
-            workload.prompts(), workload.prompts(seed=WARM_UP_SEED)[:4],
+            workload.prompts(), workload.prompts(seed=WARM_UP_SEED), WARM_UP_TOKENS,
             {m: request_params(workload, MODES[m]) for m in modes}, workload.num_generated_tokens(),
             tensor_parallel_size=engine.get("tensor_parallel_size", 1),
             enforce_eager=engine.get("enforce_eager", False))

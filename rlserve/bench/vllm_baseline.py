@@ -50,13 +50,14 @@ def vllm_sampling_kwargs(params: dict) -> dict:
 
 
 def make_job(model_dir: Path, random_weights: bool, dtype: str, gpu_memory_utilization: float,
-             prompts: list[list[int]], warm_up_prompts: list[list[int]], params_by_mode: dict[str, list[dict]],
-             num_generated_tokens: int, tensor_parallel_size: int = 1, enforce_eager: bool = False) -> dict:
+             prompts: list[list[int]], warm_up_prompts: list[list[int]], warm_up_tokens: int,
+             params_by_mode: dict[str, list[dict]], num_generated_tokens: int, tensor_parallel_size: int = 1,
+             enforce_eager: bool = False) -> dict:
     """What the child runs; the engine settings are rlserve's own for the same run (tensor parallelism, eager)."""
     return {"model": str(model_dir), "load_format": "dummy" if random_weights else "auto", "dtype": dtype,
             "gpu_memory_utilization": gpu_memory_utilization, "tensor_parallel_size": tensor_parallel_size,
             "enforce_eager": enforce_eager, "prompts": prompts,
-            "warm_up_prompts": warm_up_prompts, "params": params_by_mode,
+            "warm_up_prompts": warm_up_prompts, "warm_up_tokens": warm_up_tokens, "params": params_by_mode,
             "num_generated_tokens": num_generated_tokens}
 
 
@@ -106,8 +107,10 @@ def _child(job_path: str, out_path: str) -> None:
     warm = [{"prompt_token_ids": ids} for ids in job["warm_up_prompts"]]
     for mode, params in job["params"].items():
         sampling = [SamplingParams(**vllm_sampling_kwargs(p)) for p in params]
-        llm.generate(prompts=warm, sampling_params=[SamplingParams(**vllm_sampling_kwargs(dict(p, max_tokens=8)))
-                                                    for p in params[:len(warm)]], use_tqdm=False)
+        warm_tokens = job["warm_up_tokens"]  # the same warm-up as rlserve's (workloads.WARM_UP_TOKENS)
+        llm.generate(prompts=warm, sampling_params=[
+            SamplingParams(**vllm_sampling_kwargs(dict(p, max_tokens=min(p["max_tokens"], warm_tokens))))
+            for p in params[:len(warm)]], use_tqdm=False)
         llm.reset_prefix_cache()
         begin = time.perf_counter()
         outputs = llm.generate(prompts=prompts, sampling_params=sampling, use_tqdm=False)
