@@ -117,6 +117,39 @@ def test_shutdown_with_a_dead_worker_skips_the_graphs_and_ends(tiny_models, monk
         assert len(greedy_tokens(again, prompts(n=1, seed=6))[0]) > 0
 
 
+def test_a_step_goes_to_every_worker_or_to_none():
+    """TP > 2 with one worker dead: the live ones must not get the step (they would wait in its collectives for
+    the dead one until NCCL's timeout); rank 0 raises before anything is sent."""
+    import threading
+
+    from rlserve.distributed.tp_engine import TensorParallelEngine
+
+    class Proc:
+        def __init__(self, name, alive):
+            self.name, self.exitcode, self._alive = name, None if alive else -9, alive
+
+        def is_alive(self):
+            return self._alive
+
+    class Pipe:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message)
+
+    engine = object.__new__(TensorParallelEngine)  # the pipes and processes alone: no model, no group
+    engine._pipe_lock = threading.Lock()
+    engine.workers = [Proc("tp1", True), Proc("tp2", True), Proc("tp3", False)]
+    engine.pipes = [Pipe(), Pipe(), Pipe()]
+    with pytest.raises(RuntimeError, match="tp3 died"):
+        engine._broadcast_step("a step")
+    assert [p.sent for p in engine.pipes] == [[], [], []]
+    engine.workers[2]._alive = True
+    engine._broadcast_step("a step")
+    assert [p.sent for p in engine.pipes] == [[("step", "a step")]] * 3
+
+
 def test_heads_not_divisible_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide the model's num_attention_heads \(4\)"):
         LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=3)

@@ -122,10 +122,13 @@ class TensorParallelEngine(EngineCore):
         return payload
 
     def _send_all(self, message) -> None:
+        """Every worker gets the message, or none does: with one dead, the others would enter the step's collectives
+        and wait for it (and for rank 0, which raises here) until NCCL's timeout."""
         with self._pipe_lock:
-            for proc, pipe in zip(self.workers, self.pipes):
+            for proc in self.workers:
                 if not proc.is_alive():
                     raise RuntimeError(f"tensor-parallel worker {proc.name} died (exit code {proc.exitcode})")
+            for pipe in self.pipes:
                 pipe.send(message)
 
     def _broadcast_step(self, step) -> None:
