@@ -18,7 +18,7 @@ import orjson
 import torch
 
 from rlserve.bench.bench import device_name, git_commit, prepare_model, run_rlserve
-from rlserve.bench.workloads import MODES, WARM_UP_SEED, Workload, get_workload
+from rlserve.bench.workloads import MODES, WARM_UP_SEED, WARM_UP_TOKENS, Workload, get_workload
 from rlserve.server import binary
 from rlserve.server.process import ServerProcess
 
@@ -222,7 +222,8 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
                                 server_args)
     try:
         for layout in ("json", "binary"):  # warm-up, on other prompts than the timed ones
-            warm = [dict(p, max_tokens=8) for p in _payloads(workload, 0, layout, seed=WARM_UP_SEED)[:1]]
+            warm = [dict(p, max_tokens=min(p["max_tokens"], WARM_UP_TOKENS))
+                    for p in _payloads(workload, 0, layout, seed=WARM_UP_SEED)]
             asyncio.run(_post_all(server.url, warm))
         runs: dict[str, list] = {"json": [], "binary": []}
         for _ in range(repeats):

@@ -20,7 +20,7 @@ import torch
 from rlserve.bench.bench import device_name, git_commit, prepare_model
 from rlserve.bench.charts import pyplot
 from rlserve.bench.server_bench import _payloads, _post_all, start_bench_server
-from rlserve.bench.workloads import WARM_UP_SEED, WORKLOADS, get_workload
+from rlserve.bench.workloads import WARM_UP_SEED, WARM_UP_TOKENS, WORKLOADS, get_workload
 
 
 def allowed_layouts(hf_config, num_devices: int) -> list[tuple[int, int]]:
@@ -69,8 +69,9 @@ def run_sweep(workload_name: str, num_devices: int, model: str | None = None, de
             server = start_bench_server(model_dir, dev, random_weights, dp, tp, server_args)
             try:
                 # Warm up on other prompts; _post_all resets the prefix cache before the timed run.
-                warm = _payloads(workload, logprobs, seed=WARM_UP_SEED)[:1]
-                asyncio.run(_post_all(server.url, [dict(p, max_tokens=8) for p in warm]))
+                warm = _payloads(workload, logprobs, seed=WARM_UP_SEED)  # the whole batch's shape, briefly
+                asyncio.run(_post_all(server.url, [dict(p, max_tokens=min(p["max_tokens"], WARM_UP_TOKENS))
+                                                   for p in warm]))
                 seconds, tokens = asyncio.run(_post_all(server.url, _payloads(workload, logprobs)))
             finally:
                 server.stop(60)
