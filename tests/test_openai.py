@@ -338,3 +338,74 @@ def test_client_gone_mid_generation_frees_kv_blocks(server, http, tiny_model):
     wait_idle(http)
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
         assert_serves(c, tiny_model)
+
+
+def _reference_completion_logprobs(decode, token_ids, sampled, tops, as_ids, text_offset):
+    """vLLM's completions logprobs, the plain way: a dict per token, the sampled token first, then the top N (a
+    top entry that names the same string as an earlier one is dropped), sorted by logprob."""
+    name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: decode([t]))
+    tokens = [name(t) for t in token_ids]
+    top = []
+    for i, token in enumerate(token_ids):
+        entries = {tokens[i]: sampled[i]}
+        for tid, lp in (tops[i] if tops else []):
+            if tid != token:
+                entries.setdefault(name(tid), lp)
+        top.append(dict(sorted(entries.items(), key=lambda item: -item[1])))
+    offsets, at = [], text_offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": list(sampled), "top_logprobs": top, "text_offset": offsets}
+
+
+def _reference_chat_logprobs(decode, token_ids, sampled, tops, as_ids):
+    name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: decode([t]))
+    return {"content": [{"token": name(t), "logprob": sampled[i], "bytes": list(name(t).encode()),
+                         "top_logprobs": [{"token": name(tid), "logprob": lp, "bytes": list(name(tid).encode())}
+                                          for tid, lp in (tops[i] if tops else [])]}
+                        for i, t in enumerate(token_ids)]}
+
+
+@pytest.mark.parametrize("as_ids", [True, False])
+@pytest.mark.parametrize("num_top", [0, 1, 3])
+def test_logprob_layouts_built_a_list_at_a_time_equal_the_plain_per_token_build(as_ids, num_top):
+    """The OpenAI routes build an RL batch's per-token logprob entries in bulk, names decoded once per answer;
+    the result equals the plain per-token build, key order included: for random answers with repeated tokens,
+    ties, a sampled token inside and outside the top N, and ids that decode to the same string."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    import orjson
+
+    from rlserve.outputs import CompletionOutput, TopLogprobs
+    from rlserve.server.routes_openai import _chat_logprobs, _completion_logprobs
+
+    def decode(ids):  # ids 0-9 all decode alike (lone bytes as "\ufffd"); others to a word of their own
+        return "\ufffd" if ids[0] < 10 else f" w{ids[0] % 37}é"
+
+    engine = SimpleNamespace(tokenizer=SimpleNamespace(decode=decode))
+    rng = random.Random(num_top * 2 + as_ids)
+    names, chat_names = {}, {}
+    for case in range(40):
+        length = rng.randrange(0, 12)
+        token_ids = [rng.randrange(0, 60) for _ in range(length)]
+        sampled = [rng.choice([-0.5, -1.0, -rng.random() * 5]) for _ in range(length)]
+        top_n = None
+        if num_top:
+            ids = np.array([[rng.choice([t, rng.randrange(0, 60)]) for _ in range(num_top)] for t in token_ids],
+                           dtype=np.int32).reshape(length, num_top)
+            values = np.array([sorted((rng.choice([-0.5, -1.0, -rng.random() * 5]) for _ in range(num_top)),
+                                      reverse=True) for _ in token_ids], dtype=np.float32).reshape(length, num_top)
+            top_n = TopLogprobs(ids, values)
+        c = CompletionOutput(index=0, token_ids=token_ids, sampled_logprobs=sampled, top_n=top_n)
+        offset = rng.choice([0, 7])
+        got = _completion_logprobs(engine, c, as_ids, offset, names)
+        want = _reference_completion_logprobs(decode, token_ids, sampled, c.top_logprobs, as_ids, offset)
+        assert orjson.dumps(got) == orjson.dumps(want), case  # the same values in the same key order
+        got = _chat_logprobs(engine, c, as_ids, chat_names)
+        assert orjson.dumps(got) == orjson.dumps(_reference_chat_logprobs(decode, token_ids, sampled,
+                                                                          c.top_logprobs, as_ids)), case
+    assert _completion_logprobs(engine, CompletionOutput(index=0, token_ids=[1]), as_ids) is None
+    assert _chat_logprobs(engine, CompletionOutput(index=0, token_ids=[1]), as_ids) is None
