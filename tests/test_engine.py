@@ -319,7 +319,9 @@ def test_shutdown_gives_the_kv_cache_and_weights_back_at_once(tiny_model, async_
         kv = weakref.ref(llm.engine.runner.kv_cache)
         weight = weakref.ref(next(llm.engine.runner.model.parameters()))
         llm.engine.add_request("in-flight", [8, 9], params)
-        llm.engine.step()  # under async scheduling a step is in flight at shutdown
+        llm.engine.step()  # the prompt's first draw: applied at once (async_step.must_apply_first)
+        llm.engine.step()  # a decode step: under async scheduling it is still in flight at shutdown
+        assert (llm.engine.in_flight is not None) == async_scheduling
     assert kv() is None and weight() is None
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate([[5, 6, 7]], params)
