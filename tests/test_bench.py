@@ -15,7 +15,7 @@ from rich.console import Console
 
 from rlserve.bench import bench, vllm_baseline
 from rlserve.bench.roofline import roofline_seconds
-from rlserve.bench.workloads import CPU_TINY, MODES, WARM_UP_TOKENS, BenchError, Workload, request_params
+from rlserve.bench.workloads import CPU_TINY, MODES, BenchError, Workload, request_params
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(CPU_TINY, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -104,8 +104,19 @@ def test_modes_map_to_the_same_sampling_in_rlserve_and_vllm():
         vllm_baseline.vllm_sampling_kwargs(dict(plain[0], top_k=5))
 
 
-def test_against_vllm_puts_it_in_the_same_table_and_json(tmp_path, fake_vllm):
+def test_against_vllm_puts_it_in_the_same_table_and_json(tmp_path, fake_vllm, monkeypatch):
     console = Console(file=io.StringIO(), width=200)
+    # Below TINY's max_tokens (6), so that the warm-up's cut shows (at 16 it would equal the timed run's lengths).
+    monkeypatch.setattr(bench, "WARM_UP_TOKENS", 4)
+    from rlserve import LLM
+    ours_calls = []
+    generate = LLM.generate
+
+    def spy(self, prompts, params=None, detokenize=True):
+        ours_calls.append({"prompts": prompts, "params": [dict(n=p.n, max_tokens=p.max_tokens, logprobs=p.logprobs,
+                                                               seed=p.seed) for p in params]})
+        return generate(self, prompts, params, detokenize=detokenize)
+    monkeypatch.setattr(LLM, "generate", spy)
     out = tmp_path / "result.json"
     result = bench.run_bench(TINY, baseline=False, output=str(out), model_root=str(tmp_path / "models"),
                              console=console, against=("vllm",))
@@ -131,8 +142,12 @@ def test_against_vllm_puts_it_in_the_same_table_and_json(tmp_path, fake_vllm):
         assert not set(map(tuple, warm["prompts"])) & set(map(tuple, TINY.prompts()))
         # the whole batch's shape, briefly: what a first use costs is paid before the clock starts, as for rlserve
         assert len(warm["prompts"]) == len(TINY.prompts())
-        assert [p["max_tokens"] for p in warm["params"]] == [min(p["max_tokens"], WARM_UP_TOKENS)
-                                                              for p in timed["params"]]
+        assert [p["max_tokens"] for p in warm["params"]] == [4] * len(TINY.prompts())
+        # rlserve's warm-up is the same: the same prompts, n, logprobs, seeds and lengths
+        ours_warm = ours_calls[2 * i]
+        assert ours_warm["prompts"] == warm["prompts"]
+        assert ours_warm["params"] == [{k: p[k] for k in ("n", "max_tokens", "logprobs", "seed")}
+                                       for p in warm["params"]]
         assert timed["params"] == [dict(p, detokenize=False) for p in request_params(TINY, MODES[mode])]
 
 
