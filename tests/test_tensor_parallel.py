@@ -182,3 +182,36 @@ def test_sweep_measures_every_layout_and_names_the_best(tiny_models, tmp_path):
     assert report["best"]["tokens_per_s"] == max(r["tokens_per_s"] for r in report["results"])
     assert (tmp_path / "sweep-cpu-tiny-2cpu.png").stat().st_size > 1000
     assert (tmp_path / "sweep-cpu-tiny-2cpu.json").exists()
+
+
+def test_a_replica_stops_its_engine_even_when_closing_the_weight_sync_fails():
+    """A replica's close(): with a tensor-parallel worker dead, telling the workers to close the weight sync
+    raises (``_send_all``); the engine's shutdown must run all the same -- it stops the live workers, which
+    ignore SIGTERM as the replica does, and the interpreter's exit would otherwise wait for them forever."""
+    from rlserve.engine.core_proc import EngineCoreProc
+
+    calls = []
+
+    class Engine:
+        def close_weight_sync(self, group):
+            calls.append("close_weight_sync")
+            raise RuntimeError("tensor-parallel worker rlserve-tp2 died (exit code -9)")
+
+        def shutdown(self):
+            calls.append("shutdown")
+
+    class Closes:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            calls.append(self.name)
+
+        def destroy(self, linger):
+            calls.append(self.name)
+
+    proc = object.__new__(EngineCoreProc)  # close() alone: no sockets, no model
+    proc.engine, proc.weight_sync, proc.join_generation = Engine(), None, 0
+    proc.gc_pauses, proc.ctx = Closes("gc_pauses"), Closes("ctx")
+    proc.close()
+    assert calls == ["close_weight_sync", "shutdown", "gc_pauses", "ctx"]

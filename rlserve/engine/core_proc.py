@@ -98,6 +98,9 @@ class EngineCoreProc:
         would wait forever on daemon workers that ignore SIGTERM as we do; then flush the outbox."""
         try:
             self._close_weight_sync()
+        except Exception:  # a dead tensor-parallel worker: the shutdown below must run all the same
+            logger.exception("closing the weight sync failed")
+        try:
             self.engine.shutdown()
         except Exception:
             logger.exception("engine shutdown failed")
