@@ -325,6 +325,8 @@ def test_shutdown_gives_the_kv_cache_and_weights_back_at_once(tiny_model, async_
     assert kv() is None and weight() is None
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate([[5, 6, 7]], params)
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.load_weights([])
     llm.shutdown()  # twice is harmless
     again = LLM(tiny_model, device="cpu", async_scheduling=async_scheduling)
     assert tokens(again.generate([[5, 6, 7]], params)) == want

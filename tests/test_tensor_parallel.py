@@ -98,7 +98,7 @@ def test_rank_0_drops_its_cuda_graphs_before_tearing_down_the_group(tiny_models,
     release = llm.engine.runner.release_cuda_graphs
     monkeypatch.setattr(llm.engine.runner, "release_cuda_graphs", lambda: (calls.append("graphs"), release()))
     llm.shutdown()
-    assert calls == ["graphs", "teardown"]
+    assert calls[:2] == ["graphs", "teardown"]  # then rank 0's memory goes (free_device_memory: no graphs left)
     assert not dist.is_initialized()
 
 
@@ -115,6 +115,20 @@ def test_shutdown_with_a_dead_worker_skips_the_graphs_and_ends(tiny_models, monk
     assert calls == [] and not dist.is_initialized()
     with LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2) as again:  # the process can start anew
         assert len(greedy_tokens(again, prompts(n=1, seed=6))[0]) > 0
+
+
+def test_tp_shutdown_gives_rank_0s_shard_back_at_once(tiny_models):
+    """As a single-process engine's: rank 0's weights and KV cache go at shutdown, not when the collector reaches
+    the engine <-> runner cycle; the LLM refuses afterwards."""
+    import weakref
+    llm = LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2)
+    assert len(greedy_tokens(llm, prompts(n=1, seed=7))[0]) > 0
+    kv = weakref.ref(llm.engine.runner.kv_cache)
+    weight = weakref.ref(next(llm.engine.runner.model.parameters()))
+    llm.shutdown()
+    assert kv() is None and weight() is None
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.load_weights([])
 
 
 def test_a_step_goes_to_every_worker_or_to_none():

@@ -55,7 +55,7 @@ def _init_group(config: EngineConfig, rank: int, store: dist.Store) -> TensorPar
     return TensorParallel(rank, size, dist.group.WORLD)
 
 
-def _teardown_default_group(runner, peers_alive: bool = True, timeout_s: float = 30.0) -> None:
+def _teardown_default_group(runner, peers_alive: bool = True, timeout_s: float = 30.0) -> bool:
     """Tear down this process's default group -- and with it every group registered with torch.distributed; a TP
     engine refuses to start beside another group, and the weight-sync groups are not registered there. The
     device work and the decode graphs go first (``runner.release_cuda_graphs``): graphs that captured the group's
@@ -80,6 +80,8 @@ def _teardown_default_group(runner, peers_alive: bool = True, timeout_s: float =
     done.join(timeout_s)
     if done.is_alive():
         logger.warning("tensor-parallel group teardown did not finish within %.0fs; left to process exit", timeout_s)
+        return False
+    return True
 
 
 class TensorParallelEngine(EngineCore):
@@ -174,14 +176,19 @@ class TensorParallelEngine(EngineCore):
                 pipe.send(("shutdown", None))
             except (BrokenPipeError, OSError):
                 pass
+        peers_alive = all(proc.is_alive() for proc in self.workers)
+        torn_down = True
         if self._group is not None and dist.is_initialized() and dist.group.WORLD is self._group:
-            _teardown_default_group(self.runner, peers_alive=all(proc.is_alive() for proc in self.workers))
+            torn_down = _teardown_default_group(self.runner, peers_alive=peers_alive)
         self._group = None
         for proc in self.workers:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
         torch.set_num_threads(self._num_threads)
+        if peers_alive and torn_down:  # else a graph replay may still wait on a peer: its memory goes at exit
+            self.model = None
+            self.runner.free_device_memory()  # rank 0's shard, as a single-process engine's shutdown does
 
     def __del__(self):
         try:

@@ -49,8 +49,7 @@ class LLM:
                  detokenize: bool = True) -> list[RequestOutput]:
         """``prompts``: a string, a list of strings, a list of token ids, a list of token-id lists, or dicts
         with "prompt" or "prompt_token_ids". One SamplingParams for all, or one per prompt."""
-        if self._is_shut_down:
-            raise RuntimeError("this LLM was shut down; make a new one")
+        self._check_open()
         items = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -136,8 +135,13 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 
+    def _check_open(self) -> None:
+        if self._is_shut_down:
+            raise RuntimeError("this LLM was shut down; make a new one")
+
     def load_weights(self, weights) -> int:
         """Load Hugging Face-named tensors into the engine; returns the new weight version."""
+        self._check_open()
         weights = list(weights)
         self.engine.validate_weights([(n, t.dtype, tuple(t.shape)) for n, t in weights])
         return self.engine.load_weights(weights)

@@ -245,6 +245,9 @@ class ModelRunner:
         self.release_cuda_graphs()
         self.model = self.kv_cache = self._staging = self._draws = None
         self.block_tables = self.penalties = None
+        from rlserve.debug import froze_startup_heap
+        if froze_startup_heap():  # a replica froze its start-up heap, the model's cycles among it (see above)
+            gc.unfreeze()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
