@@ -287,7 +287,7 @@ def test_v1_completions_with_logprobs_and_n_equal_the_offline_engine(http, llm, 
 def test_api_overhead_bench_on_a_tiny_shape(tmp_path, capsys):
     from rlserve.bench import api_overhead
     out = tmp_path / "ao.json"
-    for fmt in ("json", "binary"):
+    for fmt in ("json", "binary", "openai"):
         result = api_overhead.main(["--prompts", "4", "--n", "2", "--tokens", "16", "--repeats", "2",
                                     "--response_format", fmt, "--output", str(out)])
         saved = json.loads(out.read_text())

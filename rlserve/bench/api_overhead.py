@@ -9,7 +9,8 @@ ipc://) with the finished ``SeqUpdate``s a real core would send for that workloa
 float32 logprobs from a fixed seed; every sample finishes in the same step, as with ``ignore_eos``). The
 replicas pickle their messages before the clock starts (that is their process's work, not the API's), then
 send them together; the clock stops when ``EngineClient.generate`` returns. The response is then built by the
-route's own functions (routes_trl.trl_response / binary_response) and encoded as the route does (orjson).
+route's own functions (routes_trl.trl_response / binary_response, or routes_openai.completions_response for
+``--response_format openai``, the answer TRL >= 1.12 asks for) and encoded as the route does (orjson).
 
 Stages (ms, median of ``--repeats``): ``admit+send`` (admission of the prompts, pickling the ``AddRequests``, until
 the last replica holds its own), ``receive+unpickle`` (ZMQ receive, unpickling, dispatch), ``output
@@ -40,6 +41,7 @@ from rlserve.outputs import TopLogprobs
 from rlserve.sampling import SamplingParams
 from rlserve.server import binary
 from rlserve.server.replicas import EngineClient, Replica
+from rlserve.server.routes_openai import completions_response
 from rlserve.server.routes_trl import binary_response, trl_response
 from rlserve.server.routing import json_response
 
@@ -194,7 +196,11 @@ async def _one_batch(client: EngineClient, timer: TimedProcessor, prompts, param
     outputs = await client.generate(prompts, params, detokenize=False, request_id=f"b{batch}")
     done = time.perf_counter()
     sent = min(r.handle.sent_at for r in client.replicas)
-    layout = binary_response if response_format == "binary" else trl_response
+    if response_format == "openai":  # TRL >= 1.12's request: /v1/completions, token ids as names
+        def layout(outputs, _params):
+            return completions_response(None, outputs, "fake", as_ids=True, return_token_ids=True)
+    else:
+        layout = binary_response if response_format == "binary" else trl_response
     with binary.gc_paused():  # as routes_trl.run_generation
         start = time.perf_counter()
         payload = layout(outputs, params)
@@ -281,7 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--tokens", type=int, default=512, help="new tokens per sample")
     p.add_argument("--logprobs", type=int, default=0, help="-1: none (logprobs=None)")
-    p.add_argument("--response_format", choices=("json", "binary"), default="json")
+    p.add_argument("--response_format", choices=("json", "binary", "openai"), default="json",
+                   help="openai: the /v1/completions answer TRL >= 1.12 asks for (its text is empty here: the fake "
+                        "replicas' outputs are not detokenized)")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

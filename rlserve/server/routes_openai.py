@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rlserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from rlserve.sampling import SamplingParams
+from rlserve.server.binary import gc_paused
 from rlserve.server.errors import BadRequest, EngineUnavailable, NotFound
 from rlserve.server.openai_stream import EventStreamResponse, ResponseStream
 from rlserve.server.routing import engine_of, json_response, route, tokenize_prompts
@@ -251,6 +252,26 @@ async def _stream(request: Request, body: OpenAISampling, prompts, params: Sampl
     return EventStreamResponse(stream, request.is_disconnected)
 
 
+def completions_response(engine, outputs: list[RequestOutput], model: str, as_ids: bool,
+                         return_token_ids: bool) -> dict:
+    """A non-streamed /v1/completions answer (also timed by ``rlserve.bench.api_overhead --response_format
+    openai``): one choice per sample, prompt-major."""
+    choices, names, token_names = [], {}, {}
+    for o in outputs:
+        prompt_logprobs = _prompt_logprobs(engine, o.prompt_logprobs, as_ids, names)
+        for c in o.outputs:
+            choice = {"index": len(choices), "text": c.text, "finish_reason": c.finish_reason,
+                      "stop_reason": c.stop_reason,
+                      "logprobs": _completion_logprobs(engine, c, as_ids, names=token_names),
+                      "prompt_logprobs": prompt_logprobs}
+            if return_token_ids:
+                choice.update(prompt_token_ids=o.prompt_token_ids, token_ids=c.token_ids)
+            choice["weight_versions"] = c.weight_versions
+            choices.append(choice)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": _usage(outputs)}
+
+
 @route(router, "POST", "/v1/completions")
 async def completions(request: Request, body: CompletionRequest):
     engine = engine_of(request)
@@ -270,22 +291,9 @@ async def completions(request: Request, body: CompletionRequest):
     outputs = await _generate(request, items, params, "prompt")
 
     def respond():
-        choices, names, token_names = [], {}, {}
-        for o in outputs:
-            prompt_logprobs = _prompt_logprobs(engine, o.prompt_logprobs, body.return_tokens_as_token_ids, names)
-            for c in o.outputs:
-                choice = {"index": len(choices), "text": c.text, "finish_reason": c.finish_reason,
-                          "stop_reason": c.stop_reason,
-                          "logprobs": _completion_logprobs(engine, c, body.return_tokens_as_token_ids,
-                                                           names=token_names),
-                          "prompt_logprobs": prompt_logprobs}
-                if body.return_token_ids:
-                    choice.update(prompt_token_ids=o.prompt_token_ids, token_ids=c.token_ids)
-                choice["weight_versions"] = c.weight_versions
-                choices.append(choice)
-        result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                  "model": model, "choices": choices, "usage": _usage(outputs)}
-        return json_response(result)
+        with gc_paused():  # as the TRL routes: the collector's passes over ~10^6 new dicts and lists, not the work
+            return json_response(completions_response(engine, outputs, model, body.return_tokens_as_token_ids,
+                                                      body.return_token_ids))
 
     # Logprobs make an entry per token (an RL batch's answer is ~45 MB) and prompt logprobs per prompt token: such
     # an answer is built off the event loop, which meanwhile serves other requests' outputs and health checks.
