@@ -15,6 +15,7 @@ not; the K=1 engine must always report 0, so that the count can fail.
 
 from __future__ import annotations
 
+import random
 import re
 
 import httpx
@@ -441,3 +442,74 @@ def test_config_rejects_fewer_than_one_step():
     for bad in (0, -2):
         with pytest.raises(ValueError, match="num_scheduler_steps"):
             EngineConfig(model="m", num_scheduler_steps=bad)
+
+
+# -- randomized mixes ----------------------------------------------------------------------------------
+RANDOM_MAX_MODEL_LEN = 64  # prompts up to 63 tokens: the context's end cuts bursts
+
+
+def _random_params(rng: random.Random, prompt_len: int) -> SamplingParams:
+    p: dict = {"n": rng.choice([1, 1, 2, 3])}
+    if rng.random() < 0.4:
+        p["temperature"] = 0.0
+    else:
+        p["temperature"] = rng.choice([0.7, 1.0, 1.3])
+        p["seed"] = rng.randrange(1000)
+        if rng.random() < 0.3:
+            p["top_k"] = rng.choice([5, 20])
+    p["max_tokens"] = min(rng.choice([1, 2, 3, 4, 5, 7, 8, 9, 15, 17, 30]), RANDOM_MAX_MODEL_LEN - prompt_len)
+    if rng.random() < 0.2:
+        p["min_tokens"] = rng.randrange(0, p["max_tokens"] + 1)
+    if rng.random() < 0.3:
+        p["stop_token_ids"] = [rng.randrange(0, 256)]
+    if rng.random() < 0.3:
+        p["stop"] = [rng.choice("aeiou =/")]
+    if rng.random() < 0.5:
+        p["logprobs"] = rng.choice([0, 1, 5, 20])
+    if rng.random() < 0.1:
+        p["prompt_logprobs"] = rng.choice([0, 2])
+    if rng.random() < 0.1:
+        p["frequency_penalty"] = 0.5
+    if rng.random() < 0.1:
+        p["structured_outputs"] = {"regex": "[a-c]{2,9}"}
+    p["ignore_eos"] = rng.random() < 0.5
+    return SamplingParams(**p)
+
+
+def _view(results):
+    """Tokens, finish and stop reasons, text and the finite top-N ids (ties among -inf entries, e.g. a guided row's
+    masked tokens, may be ordered differently by another batch shape; their values are all -inf)."""
+    return [[(c.token_ids, c.finish_reason, c.stop_reason, c.text,
+              None if c.sampled_logprobs is None else len(c.sampled_logprobs),
+              None if c.top_logprobs is None else [[t for t, v in row if v > -1e30] for row in c.top_logprobs])
+             for c in r.outputs] + [None if r.prompt_logprobs is None else len(r.prompt_logprobs)]
+            for r in results]
+
+
+def test_random_mixes_match_one_step_at_a_time(tiny_model):
+    """A small randomized differential test (fixed seeds): K=1 against K=4 and K=8 with async scheduling, for mixes
+    of n, greedy and seeded draws, max_tokens around burst boundaries, min_tokens, stop strings and ids, top-N and
+    prompt logprobs, penalties and guided rows, with prompts near max_model_len. (A helper's hunt ran 670 such cases
+    on two model families, tight limits included; these six are its regression guard.)"""
+    common = dict(device="cpu", max_model_len=RANDOM_MAX_MODEL_LEN, block_size=4)
+    llms = {"k1": LLM(tiny_model, **common),
+            "k4_async": LLM(tiny_model, async_scheduling=True, num_scheduler_steps=4, **common),
+            "k8_async": LLM(tiny_model, async_scheduling=True, num_scheduler_steps=8, **common)}
+    try:
+        for case in range(6):
+            rng = random.Random(1000 + case)
+            prompts, params = [], []
+            for _ in range(rng.randrange(1, 5)):
+                length = rng.choice([1, 5, 20, 50, 60, 63])
+                prompts.append([rng.randrange(0, 256) for _ in range(length)])
+                params.append(_random_params(rng, length))
+            got = {name: _view(llm.generate(prompts, params)) for name, llm in llms.items()}
+            for name in ("k4_async", "k8_async"):
+                assert got[name] == got["k1"], (case, name)
+        for llm in llms.values():
+            assert_no_leak(llm)
+        assert llms["k4_async"].stats()["num_multi_step_launches"] > 0
+        assert llms["k8_async"].stats()["num_multi_step_launches"] > 0
+    finally:
+        for llm in llms.values():
+            llm.shutdown()
