@@ -155,9 +155,10 @@ def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool, text_offset:
         top = []
         for token_id, token, lp, row in zip(c.token_ids, tokens, c.sampled_logprobs, tops):
             entries = {token: lp}
-            for tid, top_lp in row:
+            row_names = _token_strs(engine, [tid for tid, _ in row], as_ids, names)
+            for (tid, top_lp), name in zip(row, row_names):
                 if tid != token_id:  # tokens that decode alike (e.g. lone bytes, "\ufffd"): the sampled one wins,
-                    entries.setdefault(_token_strs(engine, [tid], as_ids, names)[0], top_lp)  # then the better one
+                    entries.setdefault(name, top_lp)  # then the better-ranked one
             top.append(dict(sorted(entries.items(), key=_descending_logprob)))
     offsets = list(accumulate(map(len, tokens), initial=text_offset))
     offsets.pop()  # each token's start; the last sum is the end
