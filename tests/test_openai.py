@@ -388,16 +388,23 @@ def test_logprob_layouts_built_a_list_at_a_time_equal_the_plain_per_token_build(
     engine = SimpleNamespace(tokenizer=SimpleNamespace(decode=decode))
     rng = random.Random(num_top * 2 + as_ids)
     names, chat_names = {}, {}
-    for case in range(40):
+    for case in range(100):
         length = rng.randrange(0, 12)
         token_ids = [rng.randrange(0, 60) for _ in range(length)]
         sampled = [rng.choice([-0.5, -1.0, -rng.random() * 5]) for _ in range(length)]
         top_n = None
         if num_top:
-            ids = np.array([[rng.choice([t, rng.randrange(0, 60)]) for _ in range(num_top)] for t in token_ids],
+            # the sampled id inside the top N or not; now and then an id twice in a row (the better-ranked one wins)
+            ids = np.array([rng.sample(range(60), num_top) if rng.random() < 0.5 else
+                            [rng.choice([t, rng.randrange(0, 60)]) for _ in range(num_top)] for t in token_ids],
                            dtype=np.int32).reshape(length, num_top)
+            for row, t in zip(ids, token_ids):  # the sampled token at a random rank of a distinct-id row
+                if len(set(row.tolist())) == num_top and t not in row and rng.random() < 0.5:
+                    row[rng.randrange(num_top)] = t
+            # by rank, as the sampler gives them; now and then out of order (the build then sorts each dict)
             values = np.array([sorted((rng.choice([-0.5, -1.0, -rng.random() * 5]) for _ in range(num_top)),
-                                      reverse=True) for _ in token_ids], dtype=np.float32).reshape(length, num_top)
+                                      reverse=rng.random() < 0.9) for _ in token_ids],
+                              dtype=np.float32).reshape(length, num_top)
             top_n = TopLogprobs(ids, values)
         c = CompletionOutput(index=0, token_ids=token_ids, sampled_logprobs=sampled, top_n=top_n)
         offset = rng.choice([0, 7])

@@ -148,12 +148,11 @@ def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool, text_offset:
         return None
     names = {} if names is None else names
     tokens = _token_strs(engine, c.token_ids, as_ids, names)
-    tops = c.top_logprobs
-    if not tops:  # logprobs=0: the sampled token's entry alone
+    if c.top_n is None or not len(c.top_n):  # logprobs=0: the sampled token's entry alone
         top = [{token: lp} for token, lp in zip(tokens, c.sampled_logprobs)]
-    else:
+    elif (top := _ranked_entries_by_id(c, tokens) if as_ids else None) is None:
         top = []
-        for token_id, token, lp, row in zip(c.token_ids, tokens, c.sampled_logprobs, tops):
+        for token_id, token, lp, row in zip(c.token_ids, tokens, c.sampled_logprobs, c.top_logprobs):
             entries = {token: lp}
             row_names = _token_strs(engine, [tid for tid, _ in row], as_ids, names)
             for (tid, top_lp), name in zip(row, row_names):
@@ -168,6 +167,31 @@ def _completion_logprobs(engine, c: CompletionOutput, as_ids: bool, text_offset:
 
 def _descending_logprob(item: tuple[str, float]) -> float:
     return -item[1]
+
+
+def _ranked_entries_by_id(c: CompletionOutput, tokens: list[str]) -> list[dict] | None:
+    """``_completion_logprobs``' per-token dicts when names are ids (``token_id:<id>``, one per id, so that no two
+    entries of a row share a name) and every row of the top N is in descending order, as the sampler ranks it:
+    the sampled token's entry then only has to be put in its place -- after each top entry with a higher logprob,
+    before those with the same (it was first in) -- instead of a dict sorted per token. None (the general build
+    sorts) when a row is out of order, holds an id twice or a logprob is NaN. With logprobs=5, 262k tokens
+    (api_overhead --response_format openai --logprobs 5, CPU): build 975 -> 637 ms."""
+    values = c.top_n.logprobs.astype(np.float64)
+    sampled = np.asarray(c.sampled_logprobs, dtype=np.float64)
+    ids = c.top_n.ids
+    ranked = np.sort(ids, axis=1)
+    if (np.isnan(sampled).any() or not (values[:, :-1] >= values[:, 1:]).all()  # NaN fails >= as well
+            or (ranked[:, 1:] == ranked[:, :-1]).any()):  # an id twice in a row: the better-ranked one would win
+        return None
+    kept = ids != np.asarray(c.token_ids)[:, None]  # the sampled token's own top entry gives way to it
+    places = ((values > sampled[:, None]) & kept).sum(axis=1).tolist()
+    top = []
+    for token, lp, place, row_ids, row_values, row_kept in zip(tokens, c.sampled_logprobs, places, ids.tolist(),
+                                                               values.tolist(), kept.tolist()):
+        items = [(f"token_id:{t}", v) for t, v, k in zip(row_ids, row_values, row_kept) if k]
+        items.insert(place, (token, lp))
+        top.append(dict(items))
+    return top
 
 
 def _chat_logprobs(engine, c: CompletionOutput, as_ids: bool, names: dict[int, str] | None = None) -> dict | None:
