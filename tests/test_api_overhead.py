@@ -94,6 +94,34 @@ def before_binary_response(outputs: list[RequestOutput], params: SamplingParams)
 def assert_same_bytes(outputs, params) -> None:
     assert orjson.dumps(trl_response(outputs, params)) == orjson.dumps(before_trl_response(outputs, params))
     assert orjson.dumps(binary_response(outputs, params)) == orjson.dumps(before_binary_response(outputs, params))
+    assert_arrays_hold_the_json_answer(outputs, params)
+
+
+def assert_arrays_hold_the_json_answer(outputs, params) -> None:
+    """``binary.decode_arrays`` of the binary answer holds the JSON answer's values: ids equal, logprobs bit-equal
+    (a non-finite one, null in JSON, non-finite), each token's entries first in its row and the rest NaN / -1."""
+    as_json = orjson.loads(orjson.dumps(trl_response(outputs, params)))
+    arrays = binary.decode_arrays(orjson.loads(orjson.dumps(binary_response(outputs, params))))
+    assert arrays.keys() == as_json.keys()
+    for key in ("finish_reasons", "weight_version", "weight_versions"):
+        assert arrays[key] == as_json[key]
+    for key in ("prompt_ids", "completion_ids"):
+        assert all(a.dtype == np.int32 and a.flags.writeable for a in arrays[key])
+        assert [a.tolist() for a in arrays[key]] == as_json[key]
+    if as_json["logprobs"] is None:
+        assert arrays["logprobs"] is None and arrays["logprob_token_ids"] is None
+        return
+    widths = [len(entries) for row in as_json["logprobs"] for entries in row]
+    width = max(widths, default=1 if params.logprobs == 0 else 0)
+    for values, ids, json_values, json_ids in zip(arrays["logprobs"], arrays["logprob_token_ids"],
+                                                  as_json["logprobs"], as_json["logprob_token_ids"], strict=True):
+        assert values.shape == ids.shape == (len(json_values), width) and ids.dtype == np.int32
+        for t, (entries, entry_ids) in enumerate(zip(json_values, json_ids)):
+            n = len(entries)
+            assert ids[t, :n].tolist() == entry_ids and (ids[t, n:] == -1).all() and np.isnan(values[t, n:]).all()
+            for got, want in zip(values[t, :n].tolist(), entries):
+                assert (not math.isfinite(got)) if want is None else (got == want and
+                                                                       math.copysign(1, got) == math.copysign(1, want))
 
 
 # -- the builders: byte-for-byte as before ----------------------------------------------------------------

@@ -235,9 +235,11 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
     assert started == [["--max_num_seqs", "4", "--seed", "3"]]
     result = json.loads(out.read_text())
     assert result["server_args"] == ["--max_num_seqs", "4", "--seed", "3"]
-    for key in ("offline", "server", "server_binary"):
+    for key in ("offline", "server", "server_binary", "server_arrays"):
         assert result[key]["generated_tokens"] == TINY.num_generated_tokens()
-    for key in ("server", "server_binary"):  # the wall time split by the server's Server-Timing header
+    assert [(result[k]["response_format"], result[k]["client_arrays"]) for k in
+            ("server", "server_binary", "server_arrays")] == [("json", False), ("binary", False), ("binary", True)]
+    for key in ("server", "server_binary", "server_arrays"):  # the wall time split by the server's Server-Timing
         parts = result[key]["parts"]
         assert 0 < parts["server_generate_s"] and 0 <= parts["server_build_s"] and 0 < parts["client_decode_s"]
         # the server's own time and the client's decoding fit inside the wall time: what is left is the HTTP part
@@ -250,6 +252,13 @@ def test_through_server_passes_server_args_and_times_every_token(tmp_path, monke
     # the offline figure beside them runs the server's engine, as `serve` parsed --server_args
     assert result["offline_engine"] == {"async_scheduling": False, "num_scheduler_steps": 1, "max_num_seqs": 4,
                                         "seed": 3}
+
+
+def test_codec_bench_times_every_layout_on_the_same_answer():
+    from rlserve.bench.server_bench import codec_bench
+    result = codec_bench(num_sequences=16, length=8, repeats=1)
+    assert result["arrays"]["bytes"] == result["binary"]["bytes"] < result["json"]["bytes"]
+    assert all(result[k]["client_decode_s"] > 0 for k in ("json", "binary", "arrays"))
 
 
 def test_server_timing_header_is_parsed_as_seconds():

@@ -17,6 +17,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -673,6 +674,16 @@ def test_client_trl_methods(server, llm):
             as_json = client.generate(TOKEN_PROMPTS[:3], **kwargs)
             client.reset_prefix_cache()
             assert client.generate(TOKEN_PROMPTS[:3], **kwargs, binary_response=True) == as_json
+            client.reset_prefix_cache()  # as_arrays: the same values, an array per sequence
+            arrays = client.generate(TOKEN_PROMPTS[:3], **kwargs, as_arrays=True)
+            assert [a.tolist() for a in arrays["completion_ids"]] == as_json["completion_ids"]
+            if logprobs is None:
+                assert arrays["logprobs"] is None
+                continue
+            for key in ("logprobs", "logprob_token_ids"):  # every token has logprobs + 1 or logprobs entries
+                got = [[row[~np.isnan(v)].tolist() if key == "logprobs" else row[row >= 0].tolist()
+                        for row, v in zip(a, values)] for a, values in zip(arrays[key], arrays["logprobs"])]
+                assert got == as_json[key]
     # TRL's constructor style: host and server_port
     with Client(host="127.0.0.1", server_port=server.port) as client:
         assert client.get_world_size() == 1

@@ -1,6 +1,6 @@
 """``rlserve bench --through_server``: the workload through a real HTTP server beside the offline engine, with
 the answer in JSON (TRL's layout) and in the binary layout (rlserve/server/binary.py), both timed up to the
-client holding TRL's dict; a codec measurement of an RL-batch-sized answer without the model; and a load
+client holding TRL's dict, and the binary layout again up to the client holding numpy arrays (``as_arrays``); a codec measurement of an RL-batch-sized answer without the model; and a load
 generator (``--concurrency C``) reporting throughput, latency percentiles and failures. Every timed run starts
 on a cold prefix cache: the warm-up uses prompts of another seed and the cache is reset before each run."""
 
@@ -51,11 +51,17 @@ def _payloads(workload: Workload, logprobs: int | None, response_format: str = "
             for m, prompts in groups.items()]
 
 
-def _decode(content: bytes) -> dict:
-    """TRL's dict from an answer in either layout, as ``rlserve.Client.generate`` returns it."""
+# Each timed layout: what the server is asked for, and whether the client decodes it into numpy arrays.
+LAYOUTS = {"json": ("json", False), "binary": ("binary", False), "arrays": ("binary", True)}
+RESULT_KEYS = {"json": "server", "binary": "server_binary", "arrays": "server_arrays"}
+
+
+def _decode(content: bytes, as_arrays: bool = False) -> dict:
+    """TRL's dict from an answer in either layout, as ``rlserve.Client.generate`` returns it; ``as_arrays``: a binary
+    answer's arrays (``Client.generate(..., as_arrays=True)``)."""
     with binary.gc_paused():
         answer = orjson.loads(content)
-        return binary.decode(answer) if answer.get("format") == binary.FORMAT else answer
+        return binary.decode(answer, as_arrays) if answer.get("format") == binary.FORMAT else answer
 
 
 def server_timing(header: str | None) -> dict[str, float]:
@@ -74,7 +80,7 @@ def server_timing(header: str | None) -> dict[str, float]:
 
 
 async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True,
-                    parts: dict | None = None) -> tuple[float, int]:
+                    parts: dict | None = None, as_arrays: bool = False) -> tuple[float, int]:
     """Seconds from sending the requests to holding every answer decoded to TRL's dict, and the tokens.
     ``parts``, when given and there is one request (with several, one's decoding overlaps another's time on the
     server), is filled with where the time went: the server's own ``generate`` (admission to the last output) and
@@ -92,7 +98,7 @@ async def _post_all(url: str, payloads: list[dict], reset_cache: bool = True,
             r.raise_for_status()
             server.append(server_timing(r.headers.get("server-timing")))
             t0 = time.perf_counter()
-            answer = _decode(r.content)
+            answer = _decode(r.content, as_arrays)
             decode_s += time.perf_counter() - t0
             return answer
 
@@ -156,6 +162,13 @@ def codec_bench(num_sequences: int = 512, length: int = 512, repeats: int = 3) -
             decode_s.append(time.perf_counter() - start)
         result[name] = {"bytes": len(body), "server_encode_s": min(encode_s), "client_decode_s": min(decode_s),
                         "total_s": min(encode_s) + min(decode_s)}
+    decode_s = []
+    for _ in range(repeats):  # the binary body again, decoded to numpy arrays
+        start = time.perf_counter()
+        _decode(body, as_arrays=True)
+        decode_s.append(time.perf_counter() - start)
+    result["arrays"] = dict(result["binary"], client_decode_s=min(decode_s),
+                            total_s=result["binary"]["server_encode_s"] + min(decode_s))
     return result
 
 
@@ -217,7 +230,8 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
               "data_parallel_size": data_parallel_size,
               "tensor_parallel_size": tensor_parallel_size, "server_args": list(server_args or []),
               "repeats": repeats, "cold_prefix_cache": True,
-              "timed": "request sent to every answer decoded to TRL's dict (orjson, or binary.decode)"}
+              "timed": "request sent to every answer decoded to TRL's dict (orjson, or binary.decode) or, for "
+                       "server_arrays, to numpy arrays (binary.decode_arrays)"}
     server = start_bench_server(model_dir, dev, random_weights, data_parallel_size, tensor_parallel_size,
                                 server_args)
     try:
@@ -225,18 +239,20 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
             warm = [dict(p, max_tokens=min(p["max_tokens"], WARM_UP_TOKENS))
                     for p in _payloads(workload, 0, layout, seed=WARM_UP_SEED)]
             asyncio.run(_post_all(server.url, warm))
-        runs: dict[str, list] = {"json": [], "binary": []}
+        runs: dict[str, list] = {layout: [] for layout in LAYOUTS}
         for _ in range(repeats):
-            for layout in runs:
+            for layout, (wire, as_arrays) in LAYOUTS.items():
                 parts: dict = {}
-                seconds, tokens = asyncio.run(_post_all(server.url, _payloads(workload, 0, layout), parts=parts))
+                seconds, tokens = asyncio.run(_post_all(server.url, _payloads(workload, 0, wire), parts=parts,
+                                                        as_arrays=as_arrays))
                 runs[layout].append((seconds, tokens, parts))
-        for layout, key in (("json", "server"), ("binary", "server_binary")):
+        for layout, key in RESULT_KEYS.items():
             seconds, tokens, parts = min(runs[layout], key=lambda run: run[0])
             assert tokens == workload.num_generated_tokens(), (tokens, workload.num_generated_tokens())
             all_seconds = sorted(run[0] for run in runs[layout])
             result[key] = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds,
-                           "response_format": layout, "parts": parts, "all_seconds": all_seconds,
+                           "response_format": LAYOUTS[layout][0], "client_arrays": LAYOUTS[layout][1],
+                           "parts": parts, "all_seconds": all_seconds,
                            "median_seconds": statistics.median(all_seconds),
                            "runs": [{"seconds": run[0], "parts": run[2]} for run in runs[layout]]}  # in run order
         if concurrency:
@@ -257,7 +273,7 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
         result["offline"] = min((run_rlserve(llm, workload, MODES["logprobs0"]) for _ in range(repeats)),
                                 key=lambda r: r["seconds"])
         del llm
-        for key in ("server", "server_binary"):
+        for key in RESULT_KEYS.values():
             result[key]["http_overhead"] = 1 - result[key]["tokens_per_s"] / result["offline"]["tokens_per_s"]
     result["codec"] = codec_bench()
     _print(result)
@@ -276,7 +292,8 @@ def _print(result: dict) -> None:
     if "offline" in result:
         table.add_row("offline engine", f"{result['offline']['seconds']:.2f}",
                       f"{result['offline']['tokens_per_s']:,.0f}", "logprobs=0")
-    for key, label in (("server", "server /generate/, JSON"), ("server_binary", "server /generate/, binary")):
+    for key, label in (("server", "server /generate/, JSON"), ("server_binary", "server /generate/, binary"),
+                       ("server_arrays", "server /generate/, binary as arrays")):
         s = result[key]
         note = f"HTTP overhead {s['http_overhead']:.1%}" if "http_overhead" in s else ""
         if len(s.get("all_seconds", [])) > 1:  # best of N hides the spread: show it
@@ -292,7 +309,9 @@ def _print(result: dict) -> None:
         table.add_row(label, f"{s['seconds']:.2f}", f"{s['tokens_per_s']:,.0f}", note)
     codec = result.get("codec")
     if codec:
-        for layout in ("json", "binary"):
+        for layout in ("json", "binary", "arrays"):
+            if layout not in codec:
+                continue
             c = codec[layout]
             table.add_row(f"codec only, {layout}", f"{c['total_s']:.3f}", "",
                           f"{codec['sequences']}x{codec['tokens_per_sequence']} tokens, logprobs=0: "

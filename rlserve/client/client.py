@@ -111,12 +111,15 @@ class Client:
                  min_p: float = 0.0, max_tokens: int = 16, logprobs: int | None = 0,
                  structured_outputs_regex: str | None = None, generation_kwargs: dict | None = None,
                  truncate_prompt_tokens: int | None = None, guided_decoding_regex: str | None = None,
-                 features: list | None = None, timeout: float | None = None, binary_response: bool = False) -> dict:
+                 features: list | None = None, timeout: float | None = None, binary_response: bool = False,
+                 as_arrays: bool = False) -> dict:
         """TRL's dict: prompt_ids, completion_ids (len(prompts) * n, grouped by prompt), logprobs and
         logprob_token_ids (per token: the sampled token, or the top N+1 sorted; None for logprobs=None).
         Takes every argument TRL's trainers pass (1.0-1.16); images are not supported. ``binary_response``:
         fetch ids and logprobs as numpy arrays (rlserve/server/binary.py) and return the same dict; faster
-        for RL batches, which are ~10 MB as JSON."""
+        for RL batches, which are ~10 MB as JSON. ``as_arrays`` (implies ``binary_response``): keep them as
+        numpy arrays, one per sequence (``binary.decode_arrays``; ``logprobs[i][:, 0]`` is the sampled tokens'),
+        for a trainer that makes tensors of them: no Python list per token to build."""
         _no_images(images, features)
         body = GenerateRequest(prompts=prompts, n=n, repetition_penalty=repetition_penalty,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -124,9 +127,9 @@ class Client:
                                structured_outputs_regex=structured_outputs_regex or guided_decoding_regex,
                                truncate_prompt_tokens=truncate_prompt_tokens,
                                generation_kwargs=generation_kwargs or {},
-                               response_format="binary" if binary_response else "json")
+                               response_format="binary" if binary_response or as_arrays else "json")
         answer = self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
-        return binary.decode(answer) if binary_response else answer
+        return binary.decode(answer, as_arrays) if binary_response or as_arrays else answer
 
     def chat(self, messages: list[list[dict]], n: int = 1, repetition_penalty: float = 1.0,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,

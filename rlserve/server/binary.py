@@ -13,7 +13,8 @@ little-endian numpy arrays, base64-encoded inside a small JSON object, with the 
     logprob_token_ids_b64   int32, the entries' token ids; null for logprobs=0 (they are the completion ids)
 
 ``finish_reasons``, ``weight_version`` and ``weight_versions`` are as in JSON. ``decode`` turns the answer back into
-exactly the JSON answer's dict (same ids, bit-equal logprobs; a non-finite logprob becomes None, as JSON's null).
+exactly the JSON answer's dict (same ids, bit-equal logprobs; a non-finite logprob becomes None, as JSON's null);
+``decode_arrays`` into the same keys holding numpy arrays, for a trainer that makes tensors of them.
 The server and ``rlserve.Client`` both use this module, so the two sides cannot drift apart.
 """
 
@@ -48,8 +49,9 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def _array(text: str, dtype) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<"))
+def _array(text: str, dtype, writable: bool = False) -> np.ndarray:
+    data = base64.b64decode(text)
+    return np.frombuffer(bytearray(data) if writable else data, dtype=np.dtype(dtype).newbyteorder("<"))
 
 
 def _flat_int32(rows: list[list[int]]) -> tuple[np.ndarray, list[int]]:
@@ -92,10 +94,62 @@ def _split(flat: np.ndarray, lengths: list[int]) -> list[list]:
     return [values[end - n:end] for n, end in zip(lengths, ends.tolist())]
 
 
-def decode(answer: dict) -> dict:
-    """The JSON answer's dict (TRL's layout) from a binary answer."""
+def decode(answer: dict, as_arrays: bool = False) -> dict:
+    """The JSON answer's dict (TRL's layout) from a binary answer. ``as_arrays``: the same keys, with numpy arrays
+    in place of the nested lists (see ``decode_arrays``)."""
+    if as_arrays:
+        return decode_arrays(answer)
     with gc_paused():
         return _decode(answer)
+
+
+def decode_arrays(answer: dict) -> dict:
+    """A binary answer as numpy arrays, for a trainer that turns the answer into tensors anyway: building TRL's
+    nested lists (two one-element lists per generated token for ``logprobs=0``) is most of the client's time on
+    an RL batch, and these are views of the received buffers instead.
+
+    ``prompt_ids[i]``, ``completion_ids[i]``: int32 arrays. ``logprobs[i]``: shape (tokens, W), TRL's entries of
+    each token in TRL's order (``[:, 0]`` is the sampled token's for ``logprobs=0``), float32 when every value
+    is exactly a float32, else float64; W is the most entries any token has in the answer, and a token with fewer
+    is padded with NaN, its ``logprob_token_ids[i]`` (int32, same shape) with -1. A non-finite logprob stays as it
+    is (JSON's answer has null). ``logprobs``/``logprob_token_ids`` are None for ``logprobs=None``; the other
+    keys are as in JSON."""
+    if answer.get("format") != FORMAT:
+        raise ValueError(f"not an {FORMAT} answer (format {answer.get('format')!r})")
+    lengths = answer["completion_lengths"]
+    ends = np.cumsum(lengths, dtype=np.int64).tolist()
+    completions = _array(answer["completion_ids_b64"], np.int32, writable=True)  # torch.from_numpy wants that
+    result = {"prompt_ids": _split_array(_array(answer["prompt_ids_b64"], np.int32, writable=True),
+                                         answer["prompt_lengths"]),
+              "completion_ids": _split_array(completions, lengths, ends), "logprobs": None,
+              "logprob_token_ids": None, "finish_reasons": answer["finish_reasons"],
+              "weight_version": answer["weight_version"], "weight_versions": answer["weight_versions"]}
+    if answer["logprobs_b64"] is None:
+        return result
+    values = _array(answer["logprobs_b64"], answer["logprobs_dtype"], writable=True)
+    if answer["logprob_widths_b64"] is None:  # logprobs=0: one entry per token, the sampled one
+        values, ids = values.reshape(-1, 1), completions.reshape(-1, 1).copy()  # its own memory, not completion_ids'
+
+    else:
+        widths = _array(answer["logprob_widths_b64"], np.int32)
+        flat_ids = _array(answer["logprob_token_ids_b64"], np.int32)
+        rows = np.repeat(np.arange(len(widths)), widths)
+        columns = np.arange(len(flat_ids)) - np.repeat(np.cumsum(widths) - widths, widths)
+        width = int(widths.max()) if len(widths) else 0
+        padded_values = np.full((len(widths), width), np.nan, dtype=values.dtype)
+        padded_ids = np.full((len(widths), width), -1, dtype=np.int32)
+        padded_values[rows, columns], padded_ids[rows, columns] = values, flat_ids
+        values, ids = padded_values, padded_ids
+    result["logprobs"] = _split_array(values, lengths, ends)
+    result["logprob_token_ids"] = _split_array(ids, lengths, ends)
+    return result
+
+
+def _split_array(flat: np.ndarray, lengths: list[int], ends: list[int] | None = None) -> list[np.ndarray]:
+    """Views of ``flat``'s consecutive runs of ``lengths`` rows."""
+    if ends is None:
+        ends = np.cumsum(lengths, dtype=np.int64).tolist()
+    return [flat[end - n:end] for n, end in zip(lengths, ends)]
 
 
 def _decode(answer: dict) -> dict:
