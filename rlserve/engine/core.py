@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 
 import torch
 
@@ -73,6 +74,12 @@ class EngineCore:
         # updates of one applied outside ``step()`` (``drain``), which the next ``step()`` returns first.
         self.in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self.drained: list[SeqUpdate] = []
+        # A non-streamed sample is sent once, when it finishes; with an interval (an engine in its own process
+        # sets one), also what it made since its last update, every interval_s: the front end then takes most of
+        # a long batch in while it runs, and the message after the last step carries its last tokens only.
+        self.partial_output_interval_s: float | None = None
+        self._last_partial_output = time.monotonic()
+        self.num_partial_output_sends = 0  # steps that sent running samples' new tokens on that account
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -182,7 +189,11 @@ class EngineCore:
         """After a step's draws are applied: the updates to send, finished sequences' rows and requests let go."""
         self.num_steps += 1
         done = SequenceStatus.FINISHED_STOPPED  # and every status after it: status.is_finished, inline (hot)
-        updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
+        if self._partial_output_due():
+            updates = [self._update(seq) for seq in touched
+                       if seq.request.stream or seq.status >= done or seq.num_output_tokens > seq.num_sent_tokens]
+        else:
+            updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
         finished = [seq for seq in touched if seq.status >= done]
         self.runner.release(finished)
         for seq in finished:
@@ -194,6 +205,16 @@ class EngineCore:
                 # 512-sample request is ~10^6 list items). Letting go of the samples frees it all at once.
                 request.seqs = []
         return updates
+
+    def _partial_output_due(self) -> bool:
+        if self.partial_output_interval_s is None:
+            return False
+        now = time.monotonic()
+        if now - self._last_partial_output < self.partial_output_interval_s:
+            return False
+        self._last_partial_output = now
+        self.num_partial_output_sends += 1
+        return True
 
     def drain(self) -> None:
         """Apply the step in flight, if any (async scheduling), before something changes the engine from outside
@@ -217,7 +238,7 @@ class EngineCore:
             request.prompt_logprobs = None
         return SeqUpdate(
             request_id=seq.request.request_id, index=seq.sample_index,
-            token_ids=seq.output_token_ids[start:],
+            token_ids=seq.token_ids[seq.num_prompt_tokens + start:],  # one copy (output_token_ids would be two)
             sampled_logprobs=seq.sampled_logprobs[start:] if p.logprobs is not None else None,
             top_logprobs=seq.top_logprobs.since(start) if seq.top_logprobs is not None else None,
             finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason,
@@ -300,5 +321,6 @@ class EngineCore:
             "prefix_cache_hit_tokens": bm.num_hit_tokens, "prefix_cache_queried_tokens": bm.num_queried_tokens,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "num_multi_step_launches": self.scheduler.num_multi_step_launches,
+            "num_partial_output_sends": self.num_partial_output_sends,
             "weight_version": self.weight_version, "device": str(self.info.device),
         }
