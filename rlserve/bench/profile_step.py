@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -112,12 +113,15 @@ def timed_steps(engine, steps: int, device: torch.device) -> tuple[float, list[i
 
 def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: str | None = None,
             device: str | None = None, torch_profiler: str | None = None, model_root: str | None = None,
-            engine_kwargs: dict | None = None, warm_steps: int = 0) -> dict:
+            engine_kwargs: dict | None = None, warm_steps: int = 0, num_prompts: int | None = None) -> dict:
+    """``num_prompts``: the workload's batch with that many prompts (e.g. a DP=2 replica's half)."""
     from rlserve import LLM
     from rlserve.bench.bench import device_name, git_commit, prepare_model
     from rlserve.bench.workloads import MODES, Workload, get_workload
 
     workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
+    if num_prompts:
+        workload = replace(workload, num_prompts=num_prompts)
     mode = MODES[mode_name]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if 3 * steps + 5 + warm_steps >= min(workload.max_tokens_per_prompt()):
@@ -145,7 +149,8 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
               "total_ms_per_step": profiled_s / steps * 1e3, "unprofiled_ms_per_step": unprofiled_s / steps * 1e3,
               "timed": "the engine's own step() with hooks on the methods it calls"}
     if torch_profiler:
-        report["torch_profiler"] = _torch_profile(engine, steps, dev, Path(torch_profiler), workload.name)
+        report["torch_profiler"] = _torch_profile(engine, steps, dev, Path(torch_profiler),
+                                                  f"{workload.name}-p{workload.num_prompts}")
     print(f"{workload.name}: one decode step of {report['mean_batch']:.0f} sequences on {report['device']} "
           f"({mode.name})")
     for name, ms in phases.items():
@@ -189,6 +194,7 @@ if __name__ == "__main__":
     parser.add_argument("--torch_profiler", "--torch-profiler", default=None, metavar="DIR")
     parser.add_argument("--warm_steps", "--warm-steps", type=int, default=0,
                         help="decode steps before the profiled ones (a longer context)")
+    parser.add_argument("--num_prompts", "--num-prompts", type=int, default=None, help="override the workload's")
     args = parser.parse_args()
     profile(args.workload, args.steps, args.mode, args.output, args.device, args.torch_profiler,
-            warm_steps=args.warm_steps)
+            warm_steps=args.warm_steps, num_prompts=args.num_prompts)

@@ -132,8 +132,10 @@ run_step() {
       # operators by CUDA time (the Chrome trace stays on the machine: too large to come back)
       # (PROFILE_WARM=N: N decode steps first, a longer context)
       w=rl-${1#profile-}
-      timeout 300 python3 -m rlserve.bench.profile_step --workload "$w" --output "$OUT/profile-$w.json" \
-        --warm_steps "${PROFILE_WARM:-0}" --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30
+      # (PROFILE_PROMPTS=N: N prompts, e.g. a DP=2 replica's half)
+      timeout 300 python3 -m rlserve.bench.profile_step --workload "$w" --warm_steps "${PROFILE_WARM:-0}" \
+        ${PROFILE_PROMPTS:+--num_prompts $PROFILE_PROMPTS} --output "$OUT/profile-$w${PROFILE_PROMPTS:+-p$PROFILE_PROMPTS}.json" \
+        --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30
       cp /tmp/prof-$w/ops-*.txt "$OUT/" 2>/dev/null ;;
     sweep-7b|sweep-32b)
       w=rl-${1#sweep-}
