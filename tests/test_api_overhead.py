@@ -101,18 +101,22 @@ def assert_arrays_hold_the_json_answer(outputs, params) -> None:
     """``binary.decode_arrays`` of the binary answer holds the JSON answer's values: ids equal, logprobs bit-equal
     (a non-finite one, null in JSON, non-finite), each token's entries first in its row and the rest NaN / -1."""
     as_json = orjson.loads(orjson.dumps(trl_response(outputs, params)))
-    arrays = binary.decode_arrays(orjson.loads(orjson.dumps(binary_response(outputs, params))))
-    assert arrays.keys() == as_json.keys()
+    arrays = binary.decode_arrays(orjson.loads(orjson.dumps(binary_response(outputs, params))), params.logprobs)
+    assert arrays.keys() == as_json.keys() | {"sampled_logprobs"}
     for key in ("finish_reasons", "weight_version", "weight_versions"):
         assert arrays[key] == as_json[key]
     for key in ("prompt_ids", "completion_ids"):
         assert all(a.dtype == np.int32 and a.flags.writeable for a in arrays[key])
         assert [a.tolist() for a in arrays[key]] == as_json[key]
     if as_json["logprobs"] is None:
-        assert arrays["logprobs"] is None and arrays["logprob_token_ids"] is None
+        assert arrays["logprobs"] is None and arrays["logprob_token_ids"] is None and arrays["sampled_logprobs"] is None
         return
-    widths = [len(entries) for row in as_json["logprobs"] for entries in row]
-    width = max(widths, default=1 if params.logprobs == 0 else 0)
+    # the sampled tokens' logprobs: the engine's own values, whichever column they are in
+    completions = [c for o in outputs for c in o.outputs]
+    for got, c in zip(arrays["sampled_logprobs"], completions, strict=True):
+        assert got.shape == (len(c.token_ids),)
+        np.testing.assert_array_equal(got.astype(np.float64), np.array(c.sampled_logprobs, dtype=np.float64))
+    width = 1 if params.logprobs == 0 else params.logprobs + 1  # the same for every answer of these params
     for values, ids, json_values, json_ids in zip(arrays["logprobs"], arrays["logprob_token_ids"],
                                                   as_json["logprobs"], as_json["logprob_token_ids"], strict=True):
         assert values.shape == ids.shape == (len(json_values), width) and ids.dtype == np.int32

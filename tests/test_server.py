@@ -680,10 +680,14 @@ def test_client_trl_methods(server, llm):
             if logprobs is None:
                 assert arrays["logprobs"] is None
                 continue
-            for key in ("logprobs", "logprob_token_ids"):  # every token has logprobs + 1 or logprobs entries
-                got = [[row[~np.isnan(v)].tolist() if key == "logprobs" else row[row >= 0].tolist()
-                        for row, v in zip(a, values)] for a, values in zip(arrays[key], arrays["logprobs"])]
+            for key in ("logprobs", "logprob_token_ids"):  # logprob_token_ids >= 0: the real entries
+                got = [[row[ids >= 0].tolist() for row, ids in zip(a, id_rows)]
+                       for a, id_rows in zip(arrays[key], arrays["logprob_token_ids"])]
                 assert got == as_json[key]
+            assert {a.shape[1] for a in arrays["logprobs"]} == {max(logprobs, 1) + (logprobs > 0)}
+            for sampled, values, ids, tokens in zip(arrays["sampled_logprobs"], arrays["logprobs"],
+                                                    arrays["logprob_token_ids"], arrays["completion_ids"]):
+                assert sampled.tolist() == [float(v[i == t][0]) for v, i, t in zip(values, ids, tokens)]
     # TRL's constructor style: host and server_port
     with Client(host="127.0.0.1", server_port=server.port) as client:
         assert client.get_world_size() == 1

@@ -120,7 +120,7 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
     from rlserve.bench.workloads import MODES, Workload, get_workload
 
     workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
-    if num_prompts:
+    if num_prompts is not None:
         workload = replace(workload, num_prompts=num_prompts)
     mode = MODES[mode_name]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -150,7 +150,7 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
               "timed": "the engine's own step() with hooks on the methods it calls"}
     if torch_profiler:
         report["torch_profiler"] = _torch_profile(engine, steps, dev, Path(torch_profiler),
-                                                  f"{workload.name}-p{workload.num_prompts}")
+                                                  workload.name + (f"-p{num_prompts}" if num_prompts else ""))
     print(f"{workload.name}: one decode step of {report['mean_batch']:.0f} sequences on {report['device']} "
           f"({mode.name})")
     for name, ms in phases.items():

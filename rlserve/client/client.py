@@ -118,8 +118,10 @@ class Client:
         Takes every argument TRL's trainers pass (1.0-1.16); images are not supported. ``binary_response``:
         fetch ids and logprobs as numpy arrays (rlserve/server/binary.py) and return the same dict; faster
         for RL batches, which are ~10 MB as JSON. ``as_arrays`` (implies ``binary_response``): keep them as
-        numpy arrays, one per sequence (``binary.decode_arrays``; ``logprobs[i][:, 0]`` is the sampled tokens'),
-        for a trainer that makes tensors of them: no Python list per token to build."""
+        numpy arrays, one per sequence, for a trainer that makes tensors of them: no Python list per token to
+        build. The same keys, plus ``sampled_logprobs[i]`` (tokens,), the sampled tokens' logprobs; ``logprobs[i]``
+        is (tokens, logprobs + 1) for logprobs > 0, padded with NaN where ``logprob_token_ids[i]`` is -1
+        (``binary.decode_arrays``)."""
         _no_images(images, features)
         body = GenerateRequest(prompts=prompts, n=n, repetition_penalty=repetition_penalty,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -129,7 +131,7 @@ class Client:
                                generation_kwargs=generation_kwargs or {},
                                response_format="binary" if binary_response or as_arrays else "json")
         answer = self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
-        return binary.decode(answer, as_arrays) if binary_response or as_arrays else answer
+        return binary.decode(answer, as_arrays, logprobs) if binary_response or as_arrays else answer
 
     def chat(self, messages: list[list[dict]], n: int = 1, repetition_penalty: float = 1.0,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,

@@ -79,7 +79,7 @@ class EngineCore:
         # a long batch in while it runs, and the message after the last step carries its last tokens only.
         self.partial_output_interval_s: float | None = None
         self._last_partial_output = time.monotonic()
-        self.num_partial_output_sends = 0  # steps that sent running samples' new tokens on that account
+        self.num_partial_updates = 0  # updates of running non-streamed samples sent on the interval's account
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -91,6 +91,8 @@ class EngineCore:
         if params.max_tokens is None:
             raise RuntimeError(f"request {request_id} was not admitted (validation.admit resolves max_tokens)")
         self._check_runnable(prompt_token_ids, params)
+        if not self.has_unfinished():  # the interval counts from the start of the work, not from the last work
+            self._last_partial_output = time.monotonic()
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         stop_strings = StopStrings(self.tokenizer, prompt_token_ids, params) if params.stop else None
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
@@ -190,8 +192,11 @@ class EngineCore:
         self.num_steps += 1
         done = SequenceStatus.FINISHED_STOPPED  # and every status after it: status.is_finished, inline (hot)
         if self._partial_output_due():
-            updates = [self._update(seq) for seq in touched
-                       if seq.request.stream or seq.status >= done or seq.num_output_tokens > seq.num_sent_tokens]
+            updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
+            partial = [seq for seq in touched if not seq.request.stream and seq.status < done
+                       and seq.num_output_tokens > seq.num_sent_tokens]
+            self.num_partial_updates += len(partial)
+            updates += [self._update(seq) for seq in partial]
         else:
             updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
         finished = [seq for seq in touched if seq.status >= done]
@@ -213,7 +218,6 @@ class EngineCore:
         if now - self._last_partial_output < self.partial_output_interval_s:
             return False
         self._last_partial_output = now
-        self.num_partial_output_sends += 1
         return True
 
     def drain(self) -> None:
@@ -321,6 +325,6 @@ class EngineCore:
             "prefix_cache_hit_tokens": bm.num_hit_tokens, "prefix_cache_queried_tokens": bm.num_queried_tokens,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "num_multi_step_launches": self.scheduler.num_multi_step_launches,
-            "num_partial_output_sends": self.num_partial_output_sends,
+            "num_partial_updates": self.num_partial_updates,
             "weight_version": self.weight_version, "device": str(self.info.device),
         }

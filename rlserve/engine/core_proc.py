@@ -40,9 +40,11 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.25
 # A running non-streamed sample's new tokens go to the API server this often (EngineCore.partial_output_interval_s):
 # it unpickles and gathers them while the batch runs, instead of all of an RL batch's (~3.5 MB for 512 x 512
-# tokens with logprobs) after its last step, where they delayed the answer. A sent update costs the replica a few
-# microseconds, so 5 a second add ~0.5% to a batch's host work.
-PARTIAL_OUTPUT_INTERVAL_S = 0.2
+# tokens with logprobs) after its last step, where they delayed the answer (rl-small on an H200: the server's
+# generate phase went from 0.07-0.09 s over its replica's steps to 0.05 s). A send of 512 samples' updates costs
+# the replica ~1-1.5 ms (building and pickling them), so 5 a second add under 1% to its host work; with async
+# scheduling that work overlaps the device's. $RLSERVE_PARTIAL_OUTPUT_INTERVAL_S overrides it (tests: 0, every step).
+PARTIAL_OUTPUT_INTERVAL_S = float(os.environ.get("RLSERVE_PARTIAL_OUTPUT_INTERVAL_S", "0.2"))
 
 
 class EngineCoreProc:

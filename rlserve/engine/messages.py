@@ -125,7 +125,8 @@ class EngineReady:
 
 @dataclass
 class SeqUpdate:
-    """New output of one sample of a request (all of it for non-streamed requests, sent when finished)."""
+    """New output of one sample of a request: each step's for streamed requests; for the others, what it made
+    since its last update, when it finishes and every ``EngineCore.partial_output_interval_s`` (replicas)."""
     request_id: str
     index: int
     token_ids: list[int]

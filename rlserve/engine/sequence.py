@@ -159,11 +159,11 @@ class Sequence:
         self.rng_seed = stream_seed(request.seed, sample_index)
         self.grammar_state = None  # advanced with each newly sampled token (never on recompute)
         self.stop_state = None  # its text, for stop strings: advanced likewise (stop_strings.StopState)
-        # What the front end gets back (kept here so that non-streamed requests send one message).
+        # What the front end gets back (kept here: non-streamed requests send it in few messages).
         self.sampled_logprobs: list[float] = []
         self.top_logprobs = TopLogprobRows(request.params.logprobs) if request.params.logprobs else None
         self.weight_versions: list[int] = []
-        self.num_sent_tokens = 0  # tokens already streamed to the front end
+        self.num_sent_tokens = 0  # tokens already sent to the front end
 
     # -- reading -----------------------------------------------------------------------------------
     @property

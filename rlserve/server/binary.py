@@ -94,26 +94,31 @@ def _split(flat: np.ndarray, lengths: list[int]) -> list[list]:
     return [values[end - n:end] for n, end in zip(lengths, ends.tolist())]
 
 
-def decode(answer: dict, as_arrays: bool = False) -> dict:
+def decode(answer: dict, as_arrays: bool = False, num_logprobs: int | None = None) -> dict:
     """The JSON answer's dict (TRL's layout) from a binary answer. ``as_arrays``: the same keys, with numpy arrays
-    in place of the nested lists (see ``decode_arrays``)."""
+    in place of the nested lists (see ``decode_arrays``, which ``num_logprobs`` is for)."""
     if as_arrays:
-        return decode_arrays(answer)
+        return decode_arrays(answer, num_logprobs)
     with gc_paused():
         return _decode(answer)
 
 
-def decode_arrays(answer: dict) -> dict:
+def decode_arrays(answer: dict, num_logprobs: int | None = None) -> dict:
     """A binary answer as numpy arrays, for a trainer that turns the answer into tensors anyway: building TRL's
     nested lists (two one-element lists per generated token for ``logprobs=0``) is most of the client's time on
     an RL batch, and these are views of the received buffers instead.
 
-    ``prompt_ids[i]``, ``completion_ids[i]``: int32 arrays. ``logprobs[i]``: shape (tokens, W), TRL's entries of
-    each token in TRL's order (``[:, 0]`` is the sampled token's for ``logprobs=0``), float32 when every value
-    is exactly a float32, else float64; W is the most entries any token has in the answer, and a token with fewer
-    is padded with NaN, its ``logprob_token_ids[i]`` (int32, same shape) with -1. A non-finite logprob stays as it
-    is (JSON's answer has null). ``logprobs``/``logprob_token_ids`` are None for ``logprobs=None``; the other
-    keys are as in JSON."""
+    ``prompt_ids[i]``, ``completion_ids[i]``: int32 arrays. ``sampled_logprobs[i]``: shape (tokens,), each sampled
+    token's logprob (not in JSON's answer: taken from its entry; NaN if it has none). ``logprobs[i]``: shape
+    (tokens, W), TRL's entries of each token in TRL's order -- for ``logprobs=N > 0`` sorted by value, so column 0
+    is the most likely token, not always the sampled one. W is 1 for ``logprobs=0``, N + 1 for ``logprobs=N`` when
+    ``num_logprobs=N`` is given (``Client.generate`` passes it: every answer then has the same width), else the
+    most entries any token of this answer has. A token with fewer entries is padded with NaN in ``logprobs`` and
+    -1 in ``logprob_token_ids[i]`` (int32, same shape): ``logprob_token_ids[i] >= 0`` is the mask of real entries
+    (a real logprob can be NaN; JSON's answer has null for any non-finite one, these arrays keep the value). Values
+    are float32 when every one is exactly a float32 (the engine's own precision: always, for its answers), else
+    float64. ``logprobs``, ``logprob_token_ids`` and ``sampled_logprobs`` are None for ``logprobs=None``; the other
+    keys are as in JSON. A sequence's arrays are views of one buffer per key for the whole answer."""
     if answer.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} answer (format {answer.get('format')!r})")
     lengths = answer["completion_lengths"]
@@ -122,26 +127,34 @@ def decode_arrays(answer: dict) -> dict:
     result = {"prompt_ids": _split_array(_array(answer["prompt_ids_b64"], np.int32, writable=True),
                                          answer["prompt_lengths"]),
               "completion_ids": _split_array(completions, lengths, ends), "logprobs": None,
-              "logprob_token_ids": None, "finish_reasons": answer["finish_reasons"],
+              "logprob_token_ids": None, "sampled_logprobs": None, "finish_reasons": answer["finish_reasons"],
               "weight_version": answer["weight_version"], "weight_versions": answer["weight_versions"]}
     if answer["logprobs_b64"] is None:
         return result
     values = _array(answer["logprobs_b64"], answer["logprobs_dtype"], writable=True)
     if answer["logprob_widths_b64"] is None:  # logprobs=0: one entry per token, the sampled one
         values, ids = values.reshape(-1, 1), completions.reshape(-1, 1).copy()  # its own memory, not completion_ids'
-
+        sampled = values[:, 0].copy()
     else:
         widths = _array(answer["logprob_widths_b64"], np.int32)
         flat_ids = _array(answer["logprob_token_ids_b64"], np.int32)
         rows = np.repeat(np.arange(len(widths)), widths)
         columns = np.arange(len(flat_ids)) - np.repeat(np.cumsum(widths) - widths, widths)
         width = int(widths.max()) if len(widths) else 0
+        if num_logprobs:
+            if width > num_logprobs + 1:
+                raise ValueError(f"a token has {width} logprob entries; logprobs={num_logprobs} allows "
+                                 f"{num_logprobs + 1}")
+            width = num_logprobs + 1
         padded_values = np.full((len(widths), width), np.nan, dtype=values.dtype)
         padded_ids = np.full((len(widths), width), -1, dtype=np.int32)
         padded_values[rows, columns], padded_ids[rows, columns] = values, flat_ids
         values, ids = padded_values, padded_ids
+        is_sampled = ids == completions[:, None]  # ids in a row are distinct: at most one match
+        sampled = np.where(is_sampled.any(axis=1), values[np.arange(len(ids)), is_sampled.argmax(axis=1)], np.nan)
     result["logprobs"] = _split_array(values, lengths, ends)
     result["logprob_token_ids"] = _split_array(ids, lengths, ends)
+    result["sampled_logprobs"] = _split_array(sampled.astype(values.dtype, copy=False), lengths, ends)
     return result
 
 

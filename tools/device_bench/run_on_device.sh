@@ -133,6 +133,7 @@ run_step() {
       # (PROFILE_WARM=N: N decode steps first, a longer context)
       w=rl-${1#profile-}
       # (PROFILE_PROMPTS=N: N prompts, e.g. a DP=2 replica's half)
+      rm -rf /tmp/prof-$w  # tables of an earlier call on this machine would come back too
       timeout 300 python3 -m rlserve.bench.profile_step --workload "$w" --warm_steps "${PROFILE_WARM:-0}" \
         ${PROFILE_PROMPTS:+--num_prompts $PROFILE_PROMPTS} --output "$OUT/profile-$w${PROFILE_PROMPTS:+-p$PROFILE_PROMPTS}.json" \
         --torch_profiler /tmp/prof-$w 2>&1 | tail -n 30
