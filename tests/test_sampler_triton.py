@@ -19,7 +19,7 @@ else:
     DEVICE = "cuda"
     pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from rlserve.engine.sampler_triton import fused_sample  # noqa: E402
+from rlserve.engine.sampler_triton import fused_sample, uniform_noise  # noqa: E402
 
 DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
 
@@ -52,6 +52,36 @@ def test_draws_follow_the_distribution_and_depend_only_on_the_seed():
     assert torch.equal(again, tokens[:10])  # the same seeds draw the same tokens in another batch
 
 
+@triton.jit
+def _noise_kernel(seed_ptr, out_ptr, ref_ptr, BLOCK: tl.constexpr):
+    """Program i writes uniform_noise for the block at 4 * BLOCK * i + 8 (a start that is a multiple of 4, not of
+    BLOCK) and, beside it, the definition index by index: output (i % 4) of Philox's counter i // 4."""
+    start = 4 * BLOCK * tl.program_id(0) + 8
+    seed = tl.load(seed_ptr)
+    offs = start + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, uniform_noise(seed, start, BLOCK))
+    r0, r1, r2, r3 = tl.randint4x(seed, offs // 4)
+    lane = offs % 4
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    tl.store(ref_ptr + offs, tl.random.uint_to_uniform_float(r))
+
+
+def test_noise_is_philox_output_j_of_counter_c_for_index_4c_plus_j():
+    """The draw's noise, one Philox call per four vocab indices, equals its definition index by index (so no
+    lane is repeated or swapped for another); uniform in [0, 1) in each lane."""
+    block, programs = 256, 8
+    size = 4 * block * programs + 8
+    for seed in (7, 2 ** 40 + 3):
+        out = torch.full((size,), -1.0, device=DEVICE)
+        ref = torch.full((size,), -2.0, device=DEVICE)
+        _noise_kernel[(programs,)](torch.tensor([seed], dtype=torch.int64, device=DEVICE), out, ref, BLOCK=block)
+        written = torch.cat([torch.arange(4 * block * i + 8, 4 * block * i + 8 + block) for i in range(programs)])
+        assert torch.equal(out[written], ref[written])
+        assert ((out[written] >= 0) & (out[written] < 1)).all()
+        lanes = out[written].reshape(-1, 4)
+        assert (lanes.mean(0) - 0.5).abs().max() < 0.05 and lanes.unique().numel() == lanes.numel()
+
+
 # The single-program kernel that drew every row before the vocab was split into chunks (one program a row,
 # looping over the whole vocab), kept as the reference for the draw: a seed must draw the same token. Only
 # change: `tl.where(valid & alive, ...)` is written as two nested `where`s (the same values), since the
@@ -78,7 +108,7 @@ def _reference_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, s
         s = tl.where(alive, s * tl.exp(m - m_new), s) \
             + tl.sum(tl.where(alive, tl.where(valid, tl.exp(x - m_new), 0.0), 0.0), axis=0)
         m = m_new
-        u = tl.rand(seed, offs)
+        u = uniform_noise(seed, start, BLOCK)
         gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-10)))
         score = tl.where(valid, tl.where(greedy, x, x + gumbel), float("-inf"))
         block_best = tl.max(score, axis=0)

@@ -34,6 +34,18 @@ CPU_CHUNKS = 4  # chunks per row off CUDA (the Triton interpreter)
 
 
 @triton.jit
+def uniform_noise(seed, start, BLOCK: tl.constexpr):
+    """[BLOCK] uniforms in [0, 1) for vocab indices start .. start + BLOCK - 1 (``start`` a multiple of 4): index
+    4c + j takes output j of Philox's counter c. One Philox call (10 rounds over four 32-bit words) gives four
+    numbers; drawing one per index, as ``tl.rand`` does, threw three away, and Philox was most of the sampler's
+    arithmetic. The number depends on the seed and the index alone, so any split of the vocab draws the same."""
+    tl.static_assert(BLOCK % 4 == 0)
+    r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
+    # join(join(r0, r2), join(r1, r3))[c, j, k] is r_(2j + k): row-major, index 4c + 2j + k
+    return tl.random.uint_to_uniform_float(tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK]))
+
+
+@triton.jit
 def _gumbel_partial_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, seed_ptr,
                            m_ptr, s_ptr, score_ptr, index_ptr, token_ptr, logprob_ptr,
                            vocab_size, chunk_size, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
@@ -60,7 +72,7 @@ def _gumbel_partial_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_p
         # exp(-inf - -inf) is NaN: a block (or chunk so far) of only -inf adds nothing.
         s = tl.where(m_new > float("-inf"), s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0), s)
         m = m_new
-        u = tl.rand(seed, offs)  # [0, 1); depends on the seed and the vocab index alone
+        u = uniform_noise(seed, start, BLOCK)  # [0, 1); depends on the seed and the vocab index alone
         gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-10)))
         score = tl.where(greedy, x, x + gumbel)
         block_best = tl.max(score, axis=0)
