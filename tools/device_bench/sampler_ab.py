@@ -1,5 +1,6 @@
 """The GPU sampler's chunk kernel alone, this tree's against an earlier one's (a file path), at the RL batch shapes:
-``python tools/device_bench/sampler_ab.py OLD_SAMPLER_TRITON.py [--output F]``. Best of 5 timings of 20 draws each
+``git show 9cff133:rlserve/engine/sampler_triton.py > before.py; python tools/device_bench/sampler_ab.py before.py
+[--output F]`` (9cff133: the last tree with one Philox call per vocab index). Best of 5 timings of 20 draws each
 (CUDA events), the two alternated; also checks that both draw every row's token from a softmax that is not flat
 (the tokens' mean logit is well above the row mean)."""
 
