@@ -101,8 +101,12 @@ def assert_arrays_hold_the_json_answer(outputs, params) -> None:
     """``binary.decode_arrays`` of the binary answer holds the JSON answer's values: ids equal, logprobs bit-equal
     (a non-finite one, null in JSON, non-finite), each token's entries first in its row and the rest NaN / -1."""
     as_json = orjson.loads(orjson.dumps(trl_response(outputs, params)))
-    arrays = binary.decode_arrays(orjson.loads(orjson.dumps(binary_response(outputs, params))), params.logprobs)
+    answer = orjson.loads(orjson.dumps(binary_response(outputs, params)))
+    arrays = binary.decode_arrays(answer, params.logprobs)
     assert arrays.keys() == as_json.keys() | {"sampled_logprobs"}
+    natural = binary.decode_arrays(answer)  # no width asked: the widest row's; the same entries
+    for a, b in zip(natural["logprobs"] or [], arrays["logprobs"] or [], strict=True):
+        assert a.shape[1] <= b.shape[1] and np.array_equal(a, b[:, :a.shape[1]], equal_nan=True)
     for key in ("finish_reasons", "weight_version", "weight_versions"):
         assert arrays[key] == as_json[key]
     for key in ("prompt_ids", "completion_ids"):
@@ -157,6 +161,19 @@ def test_logprobs_0_edge_cases_are_byte_identical_to_before(rows):
 def test_an_empty_batch_is_byte_identical_to_before():
     assert_same_bytes([], SamplingParams(logprobs=0))
     assert_same_bytes([], SamplingParams(logprobs=3))
+
+
+def test_completions_without_tokens_decode_to_empty_arrays():
+    """logprobs=N and not one token in the answer (max_tokens=0, or every sample aborted first): empty arrays of
+    the asked width, or of width 0 when none was asked."""
+    empty = [CompletionOutput(i, [], finish_reason="length", sampled_logprobs=[], top_n=TopLogprobs(
+        np.zeros((0, 2), np.int32), np.zeros((0, 2), np.float32))) for i in range(2)]
+    outputs, params = [RequestOutput("r", None, [1, 2], empty, True)], SamplingParams(n=2, logprobs=2)
+    assert_same_bytes(outputs, params)
+    answer = orjson.loads(orjson.dumps(binary_response(outputs, params)))
+    for width, arrays in ((3, binary.decode_arrays(answer, 2)), (0, binary.decode_arrays(answer))):
+        assert [a.shape for a in arrays["logprobs"]] == [(0, width)] * 2
+        assert [a.shape for a in arrays["sampled_logprobs"]] == [(0,)] * 2
 
 
 def _top_n_batch(seed: int, num_top: int = 3) -> list[RequestOutput]:

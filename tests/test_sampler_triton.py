@@ -79,7 +79,7 @@ def test_noise_is_philox_output_j_of_counter_c_for_index_4c_plus_j():
         assert torch.equal(out[written], ref[written])
         assert ((out[written] >= 0) & (out[written] < 1)).all()
         lanes = out[written].reshape(-1, 4)
-        assert (lanes.mean(0) - 0.5).abs().max() < 0.05 and lanes.unique().numel() == lanes.numel()
+        assert (lanes.mean(0) - 0.5).abs().max() < 0.05
 
 
 # The single-program kernel that drew every row before the vocab was split into chunks (one program a row,

@@ -688,6 +688,13 @@ def test_client_trl_methods(server, llm):
             for sampled, values, ids, tokens in zip(arrays["sampled_logprobs"], arrays["logprobs"],
                                                     arrays["logprob_token_ids"], arrays["completion_ids"]):
                 assert sampled.tolist() == [float(v[i == t][0]) for v, i, t in zip(values, ids, tokens)]
+        # Greedy: the sampled token is always among the top N, so no row has N + 1 entries; the arrays keep the
+        # width N + 1 all the same -- also when generation_kwargs asks for the N (the server lets them win).
+        for kwargs in (dict(logprobs=3), dict(logprobs=0, generation_kwargs={"logprobs": 3})):
+            greedy = client.generate(TOKEN_PROMPTS[:3], max_tokens=5, temperature=0.0, as_arrays=True, **kwargs)
+            assert {a.shape for a in greedy["logprobs"]} == {(5, 4)}
+            assert all((ids[:, 3] == -1).all() and (ids[:, :3] >= 0).all() for ids in greedy["logprob_token_ids"])
+            assert all(np.array_equal(s, v[:, 0]) for s, v in zip(greedy["sampled_logprobs"], greedy["logprobs"]))
     # TRL's constructor style: host and server_port
     with Client(host="127.0.0.1", server_port=server.port) as client:
         assert client.get_world_size() == 1

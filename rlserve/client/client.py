@@ -131,7 +131,10 @@ class Client:
                                generation_kwargs=generation_kwargs or {},
                                response_format="binary" if binary_response or as_arrays else "json")
         answer = self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
-        return binary.decode(answer, as_arrays, logprobs) if binary_response or as_arrays else answer
+        if not (binary_response or as_arrays):
+            return answer
+        asked = (generation_kwargs or {}).get("logprobs", logprobs)  # the server lets generation_kwargs win
+        return binary.decode(answer, as_arrays, asked if isinstance(asked, int) else None)
 
     def chat(self, messages: list[list[dict]], n: int = 1, repetition_penalty: float = 1.0,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,

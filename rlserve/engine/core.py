@@ -91,7 +91,7 @@ class EngineCore:
         if params.max_tokens is None:
             raise RuntimeError(f"request {request_id} was not admitted (validation.admit resolves max_tokens)")
         self._check_runnable(prompt_token_ids, params)
-        if not self.has_unfinished():  # the interval counts from the start of the work, not from the last work
+        if self.scheduler.num_unfinished == 0:  # the interval counts from the start of the work, not the last work
             self._last_partial_output = time.monotonic()
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         stop_strings = StopStrings(self.tokenizer, prompt_token_ids, params) if params.stop else None

@@ -43,8 +43,21 @@ STATS_INTERVAL_S = 0.25
 # tokens with logprobs) after its last step, where they delayed the answer (rl-small on an H200: the server's
 # generate phase went from 0.07-0.09 s over its replica's steps to 0.05 s). A send of 512 samples' updates costs
 # the replica ~1-1.5 ms (building and pickling them), so 5 a second add under 1% to its host work; with async
-# scheduling that work overlaps the device's. $RLSERVE_PARTIAL_OUTPUT_INTERVAL_S overrides it (tests: 0, every step).
-PARTIAL_OUTPUT_INTERVAL_S = float(os.environ.get("RLSERVE_PARTIAL_OUTPUT_INTERVAL_S", "0.2"))
+# scheduling that work overlaps the device's. $RLSERVE_PARTIAL_OUTPUT_INTERVAL_S overrides it: seconds (tests: 0,
+# every step), or "off" to send each sample once, at its end.
+def _partial_output_interval(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"$RLSERVE_PARTIAL_OUTPUT_INTERVAL_S must be seconds >= 0 or 'off', got {text!r}")
+    return seconds
+
+
+PARTIAL_OUTPUT_INTERVAL_S = _partial_output_interval(os.environ.get("RLSERVE_PARTIAL_OUTPUT_INTERVAL_S", "0.2"))
 
 
 class EngineCoreProc:

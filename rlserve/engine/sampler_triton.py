@@ -38,7 +38,9 @@ def uniform_noise(seed, start, BLOCK: tl.constexpr):
     """[BLOCK] uniforms in [0, 1) for vocab indices start .. start + BLOCK - 1 (``start`` a multiple of 4): index
     4c + j takes output j of Philox's counter c. One Philox call (10 rounds over four 32-bit words) gives four
     numbers; drawing one per index, as ``tl.rand`` does, threw three away, and Philox was most of the sampler's
-    arithmetic. The number depends on the seed and the index alone, so any split of the vocab draws the same."""
+    arithmetic. The number depends on the seed and the index alone, so any split of the vocab draws the same --
+    provided every block starts at a multiple of 4 (``_split``'s chunks are multiples of BLOCK): an unaligned
+    start would give index i another counter's output."""
     tl.static_assert(BLOCK % 4 == 0)
     r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
     # join(join(r0, r2), join(r1, r3))[c, j, k] is r_(2j + k): row-major, index 4c + 2j + k

@@ -112,8 +112,8 @@ def decode_arrays(answer: dict, num_logprobs: int | None = None) -> dict:
     token's logprob (not in JSON's answer: taken from its entry; NaN if it has none). ``logprobs[i]``: shape
     (tokens, W), TRL's entries of each token in TRL's order -- for ``logprobs=N > 0`` sorted by value, so column 0
     is the most likely token, not always the sampled one. W is 1 for ``logprobs=0``, N + 1 for ``logprobs=N`` when
-    ``num_logprobs=N`` is given (``Client.generate`` passes it: every answer then has the same width), else the
-    most entries any token of this answer has. A token with fewer entries is padded with NaN in ``logprobs`` and
+    ``num_logprobs=N`` is given (``Client.generate`` passes what it asked for: every answer then has the same
+    width; an answer with wider rows keeps its width), else the most entries any token of this answer has. A token with fewer entries is padded with NaN in ``logprobs`` and
     -1 in ``logprob_token_ids[i]`` (int32, same shape): ``logprob_token_ids[i] >= 0`` is the mask of real entries
     (a real logprob can be NaN; JSON's answer has null for any non-finite one, these arrays keep the value). Values
     are float32 when every one is exactly a float32 (the engine's own precision: always, for its answers), else
@@ -141,17 +141,15 @@ def decode_arrays(answer: dict, num_logprobs: int | None = None) -> dict:
         rows = np.repeat(np.arange(len(widths)), widths)
         columns = np.arange(len(flat_ids)) - np.repeat(np.cumsum(widths) - widths, widths)
         width = int(widths.max()) if len(widths) else 0
-        if num_logprobs:
-            if width > num_logprobs + 1:
-                raise ValueError(f"a token has {width} logprob entries; logprobs={num_logprobs} allows "
-                                 f"{num_logprobs + 1}")
-            width = num_logprobs + 1
+        if num_logprobs is not None and num_logprobs > 0:
+            width = max(width, num_logprobs + 1)
         padded_values = np.full((len(widths), width), np.nan, dtype=values.dtype)
         padded_ids = np.full((len(widths), width), -1, dtype=np.int32)
         padded_values[rows, columns], padded_ids[rows, columns] = values, flat_ids
         values, ids = padded_values, padded_ids
         is_sampled = ids == completions[:, None]  # ids in a row are distinct: at most one match
-        sampled = np.where(is_sampled.any(axis=1), values[np.arange(len(ids)), is_sampled.argmax(axis=1)], np.nan)
+        sampled = (np.where(is_sampled.any(axis=1), values[np.arange(len(ids)), is_sampled.argmax(axis=1)], np.nan)
+                   if ids.size else np.empty(len(ids), values.dtype))  # no tokens: argmax of nothing would raise
     result["logprobs"] = _split_array(values, lengths, ends)
     result["logprob_token_ids"] = _split_array(ids, lengths, ends)
     result["sampled_logprobs"] = _split_array(sampled.astype(values.dtype, copy=False), lengths, ends)
