@@ -1,8 +1,9 @@
 """``rlserve bench --through_server``: the workload through a real HTTP server beside the offline engine, with
 the answer in JSON (TRL's layout) and in the binary layout (rlserve/server/binary.py), both timed up to the
-client holding TRL's dict, and the binary layout again up to the client holding numpy arrays (``as_arrays``); a codec measurement of an RL-batch-sized answer without the model; and a load
-generator (``--concurrency C``) reporting throughput, latency percentiles and failures. Every timed run starts
-on a cold prefix cache: the warm-up uses prompts of another seed and the cache is reset before each run."""
+client holding TRL's dict, and the binary layout again up to the client holding numpy arrays (``as_arrays``);
+a codec measurement of an RL-batch-sized answer without the model; and a load generator (``--concurrency C``)
+reporting throughput, latency percentiles and failures. Every timed run starts on a cold prefix cache: the warm-up
+uses prompts of another seed and the cache is reset before each run."""
 
 from __future__ import annotations
 

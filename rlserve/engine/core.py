@@ -191,14 +191,12 @@ class EngineCore:
         """After a step's draws are applied: the updates to send, finished sequences' rows and requests let go."""
         self.num_steps += 1
         done = SequenceStatus.FINISHED_STOPPED  # and every status after it: status.is_finished, inline (hot)
+        updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
         if self._partial_output_due():
-            updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
             partial = [seq for seq in touched if not seq.request.stream and seq.status < done
                        and seq.num_output_tokens > seq.num_sent_tokens]
             self.num_partial_updates += len(partial)
             updates += [self._update(seq) for seq in partial]
-        else:
-            updates = [self._update(seq) for seq in touched if seq.request.stream or seq.status >= done]
         finished = [seq for seq in touched if seq.status >= done]
         self.runner.release(finished)
         for seq in finished:

@@ -38,14 +38,10 @@ from rlserve.engine.transport import CurveKeys, secure_connecting_socket
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25
-# A running non-streamed sample's new tokens go to the API server this often (EngineCore.partial_output_interval_s):
-# it unpickles and gathers them while the batch runs, instead of all of an RL batch's (~3.5 MB for 512 x 512
-# tokens with logprobs) after its last step, where they delayed the answer (rl-small on an H200: the server's
-# generate phase went from 0.07-0.09 s over its replica's steps to 0.05 s). A send of 512 samples' updates costs
-# the replica ~1-1.5 ms (building and pickling them), so 5 a second add under 1% to its host work; with async
-# scheduling that work overlaps the device's. $RLSERVE_PARTIAL_OUTPUT_INTERVAL_S overrides it: seconds (tests: 0,
-# every step), or "off" to send each sample once, at its end.
+
+
 def _partial_output_interval(text: str) -> float | None:
+    """$RLSERVE_PARTIAL_OUTPUT_INTERVAL_S: seconds (tests: 0, every step), or "off" (each sample once, at its end)."""
     if text.strip().lower() in ("off", "none"):
         return None
     try:
@@ -57,6 +53,12 @@ def _partial_output_interval(text: str) -> float | None:
     return seconds
 
 
+# A running non-streamed sample's new tokens go to the API server this often (EngineCore.partial_output_interval_s):
+# it unpickles and gathers them while the batch runs, instead of all of an RL batch's (~3.5 MB for 512 x 512
+# tokens with logprobs) after its last step, where they delayed the answer (rl-small on an H200: the server's
+# generate phase went from 0.07-0.09 s over its replica's steps to 0.05 s). A send of 512 samples' updates costs
+# the replica ~1-1.5 ms (building and pickling them), so 5 a second add under 1% to its host work; with async
+# scheduling that work overlaps the device's.
 PARTIAL_OUTPUT_INTERVAL_S = _partial_output_interval(os.environ.get("RLSERVE_PARTIAL_OUTPUT_INTERVAL_S", "0.2"))
 
 

@@ -112,13 +112,14 @@ def decode_arrays(answer: dict, num_logprobs: int | None = None) -> dict:
     token's logprob (not in JSON's answer: taken from its entry; NaN if it has none). ``logprobs[i]``: shape
     (tokens, W), TRL's entries of each token in TRL's order -- for ``logprobs=N > 0`` sorted by value, so column 0
     is the most likely token, not always the sampled one. W is 1 for ``logprobs=0``, N + 1 for ``logprobs=N`` when
-    ``num_logprobs=N`` is given (``Client.generate`` passes what it asked for: every answer then has the same
-    width; an answer with wider rows keeps its width), else the most entries any token of this answer has. A token with fewer entries is padded with NaN in ``logprobs`` and
-    -1 in ``logprob_token_ids[i]`` (int32, same shape): ``logprob_token_ids[i] >= 0`` is the mask of real entries
-    (a real logprob can be NaN; JSON's answer has null for any non-finite one, these arrays keep the value). Values
-    are float32 when every one is exactly a float32 (the engine's own precision: always, for its answers), else
-    float64. ``logprobs``, ``logprob_token_ids`` and ``sampled_logprobs`` are None for ``logprobs=None``; the other
-    keys are as in JSON. A sequence's arrays are views of one buffer per key for the whole answer."""
+    ``num_logprobs=N`` is given (``Client.generate`` passes what it asked for: every answer then has the same width;
+    an answer with wider rows keeps its width), else the most entries any token of this answer has. A token with
+    fewer entries is padded with NaN in ``logprobs`` and -1 in ``logprob_token_ids[i]`` (int32, same shape):
+    ``logprob_token_ids[i] >= 0`` is the mask of real entries (a real logprob can be NaN; JSON's answer has null for
+    any non-finite one, these arrays keep the value). Values are float32 when every one is exactly a float32 (the
+    engine's own precision: always, for its answers), else float64. ``logprobs``, ``logprob_token_ids`` and
+    ``sampled_logprobs`` are None for ``logprobs=None``; the other keys are as in JSON. A sequence's arrays are
+    views of one buffer per key for the whole answer."""
     if answer.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} answer (format {answer.get('format')!r})")
     lengths = answer["completion_lengths"]
