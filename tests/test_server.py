@@ -664,6 +664,10 @@ def test_client_trl_methods(server, llm):
         assert chat["completion_ids"] == [o.outputs[0].token_ids
                                           for o in llm.chat(CONVERSATIONS, SamplingParams(temperature=0,
                                                                                           max_tokens=4))]
+        assert client.chat(CONVERSATIONS, max_tokens=4, temperature=0, binary_response=True) == chat
+        chat_arrays = client.chat(CONVERSATIONS, max_tokens=4, temperature=0, logprobs=2, as_arrays=True)
+        assert [a.tolist() for a in chat_arrays["completion_ids"]] == chat["completion_ids"]
+        assert {a.shape for a in chat_arrays["logprobs"]} == {(4, 3)}
         with pytest.raises(ServerError) as e:
             client.generate(["ok"], temperature=-1)
         assert e.value.status == 400 and "temperature" in e.value.message

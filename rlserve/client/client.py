@@ -45,6 +45,15 @@ def _no_images(images, features) -> None:
         raise NotImplementedError("rlserve serves text models: images are not supported")
 
 
+def _decoded(answer: dict, binary_response: bool, as_arrays: bool, logprobs: int | None,
+             generation_kwargs: dict | None) -> dict:
+    """A /generate/ or /chat/ answer as asked: JSON as it came, a binary one as TRL's dict or as arrays."""
+    if not (binary_response or as_arrays):
+        return answer
+    asked = (generation_kwargs or {}).get("logprobs", logprobs)  # the server lets generation_kwargs win
+    return binary.decode(answer, as_arrays, asked if isinstance(asked, int) else None)
+
+
 def _tool_schema(tool) -> dict:
     if callable(tool):
         from transformers.utils import get_json_schema
@@ -131,27 +140,27 @@ class Client:
                                generation_kwargs=generation_kwargs or {},
                                response_format="binary" if binary_response or as_arrays else "json")
         answer = self._request("POST", "/generate/", body.model_dump(exclude_none=False), timeout)
-        if not (binary_response or as_arrays):
-            return answer
-        asked = (generation_kwargs or {}).get("logprobs", logprobs)  # the server lets generation_kwargs win
-        return binary.decode(answer, as_arrays, asked if isinstance(asked, int) else None)
+        return _decoded(answer, binary_response, as_arrays, logprobs, generation_kwargs)
 
     def chat(self, messages: list[list[dict]], n: int = 1, repetition_penalty: float = 1.0,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
              max_tokens: int = 16, logprobs: int | None = 0, structured_outputs_regex: str | None = None,
              generation_kwargs: dict | None = None, chat_template_kwargs: dict | None = None,
              tools: list | None = None, chat_template: str | None = None, max_concurrent_requests: int = 64,
-             timeout: float | None = None) -> dict:
+             timeout: float | None = None, binary_response: bool = False, as_arrays: bool = False) -> dict:
         """TRL's chat call. ``chat_template``: a template other than the model's is not supported (it is a
-        server-side setting); ``max_concurrent_requests`` does not apply (one request carries them all)."""
+        server-side setting); ``max_concurrent_requests`` does not apply (one request carries them all).
+        ``binary_response`` and ``as_arrays`` as in ``generate``."""
         if chat_template is not None:
             raise NotImplementedError("rlserve renders the model's own chat template; chat_template is not supported")
         body = ChatRequest(messages=messages, n=n, repetition_penalty=repetition_penalty, temperature=temperature,
                            top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens, logprobs=logprobs,
                            structured_outputs_regex=structured_outputs_regex,
                            generation_kwargs=generation_kwargs or {}, chat_template_kwargs=chat_template_kwargs,
-                           tools=[_tool_schema(t) for t in tools] if tools else None)
-        return self._request("POST", "/chat/", body.model_dump(), timeout)
+                           tools=[_tool_schema(t) for t in tools] if tools else None,
+                           response_format="binary" if binary_response or as_arrays else "json")
+        answer = self._request("POST", "/chat/", body.model_dump(), timeout)
+        return _decoded(answer, binary_response, as_arrays, logprobs, generation_kwargs)
 
     def image_features(self, images, max_concurrent_requests: int = 64):
         _no_images(images, None)
