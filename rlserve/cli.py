@@ -85,9 +85,10 @@ def add_serve_parser(sub) -> None:
     _flag(p, "fused_kernels", type=_bool, nargs="?", const=True, default=os.environ.get("RLSERVE_FUSED", "1") != "0",
           help="Use the fused Triton kernels for add+RMSNorm, rotary and SiLU-and-mul on CUDA (default: true, "
                "unless $RLSERVE_FUSED=0; `false` runs PyTorch's per-layer ops, for comparisons).")
-    _flag(p, "async_scheduling", type=_bool, nargs="?", const=True, default=False,
+    _flag(p, "async_scheduling", type=_bool, nargs="?", const=True, default=None,
           help="Schedule and launch each engine step while the device still runs the one before (vLLM's "
-               "--async-scheduling; default: false). Outputs equal the synchronous engine's in the CPU tests; on a "
+               "--async-scheduling; default: on where the engine runs on CUDA, as in vLLM, off on CPU; `false` turns "
+               "it off). Outputs equal the synchronous engine's in the CPU tests; on a "
                "GPU other batch shapes (an extra row, another CUDA-graph bucket) can change logits in the last bits. "
                "Steps that need the previous step's tokens on the host first "
                "(structured outputs, prompt logprobs, any prompt's first draw, n=1 included) run one at a time.")
@@ -211,9 +212,9 @@ def add_bench_parser(sub) -> None:
     _flag(p, "data_parallel_size", type=int, default=1)
     _flag(p, "tensor_parallel_size", type=int, default=1)
     _flag(p, "enforce_eager", action="store_true")
-    _flag(p, "async_scheduling", action="store_true",
-          help="rlserve's engine with host/device overlap (serve's --async_scheduling); with --through_server, "
-               "pass it in --server_args instead.")
+    _flag(p, "async_scheduling", type=_bool, nargs="?", const=True, default=None,
+          help="rlserve's engine with host/device overlap or, with `false`, without (serve's --async_scheduling; "
+               "default: serve's, on for CUDA); with --through_server, pass it in --server_args instead.")
     _flag(p, "num_scheduler_steps", type=int, default=1,
           help="rlserve's engine with up to this many decode steps per launch (serve's --num_scheduler_steps); with "
                "--through_server, pass it in --server_args instead.")
@@ -232,8 +233,8 @@ def cmd_bench(args) -> int:
     else:
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     engine_kwargs = {"enforce_eager": True} if args.enforce_eager else {}
-    if args.async_scheduling:
-        engine_kwargs["async_scheduling"] = True
+    if args.async_scheduling is not None:
+        engine_kwargs["async_scheduling"] = args.async_scheduling
     if args.num_scheduler_steps != 1:
         engine_kwargs["num_scheduler_steps"] = args.num_scheduler_steps
     if args.through_server and args.against:

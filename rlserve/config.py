@@ -46,7 +46,9 @@ class EngineConfig:
     # Overlap the host's work with the device's (vLLM's --async-scheduling): step t+1 is scheduled and launched
     # before step t's tokens are applied, which are fed to it on the device (engine/async_step.py). Outputs equal
     # sync mode's in the CPU tests and its GPU test; on a GPU other batch shapes can change logits in the last bits.
-    async_scheduling: bool = False
+    # None (the default): on where the engine runs on CUDA, as in vLLM, off on CPU, where host and "device" are the
+    # same cores and there is nothing to overlap (``resolved_async_scheduling``).
+    async_scheduling: bool | None = None
     # Up to this many decode steps per launch (vLLM V0's --num-scheduler-steps): a step whose sequences all decode
     # plainly (engine/multi_step.py says which) runs them back to back on the device, each feeding its draws to the
     # next, and the host applies the tokens once: the host's work per token shrinks. The draws are counter-based: the
@@ -98,6 +100,13 @@ class EngineConfig:
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolved_async_scheduling(self) -> bool:
+        """Whether the engine overlaps host and device: the flag as given, or where unset, whether it runs on CUDA.
+        Resolved where the engine runs (a Ray replica's node may have GPUs that the API's has not)."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.resolved_device().type == "cuda"
 
 
 @dataclass

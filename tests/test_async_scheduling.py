@@ -173,7 +173,7 @@ def test_weight_update_and_cache_reset_mid_flight_drain_first(tiny_models):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
     def update(llm):
-        assert (llm.engine.in_flight is not None) == llm.config.async_scheduling
+        assert (llm.engine.in_flight is not None) == llm.engine.runner.async_scheduling
         llm.reset_prefix_cache()
         llm.load_weights(weights)
 
@@ -291,6 +291,19 @@ def test_scheduler_runs_a_pending_draw_ahead_and_drops_a_stopped_ones_extra_toke
     assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
 
 
+def test_unset_it_runs_on_cuda_and_not_on_cpu(tiny_model):
+    """vLLM's default: async scheduling is on unless turned off -- where there is a device to overlap with. It is
+    resolved from the engine's own device (a Ray replica's node may have GPUs that the API process's has not)."""
+    from rlserve.config import EngineConfig
+    assert EngineConfig(model="m", device="cuda:1").resolved_async_scheduling() is True
+    assert EngineConfig(model="m", device="cuda", async_scheduling=False).resolved_async_scheduling() is False
+    assert EngineConfig(model="m", device="cpu").resolved_async_scheduling() is False
+    assert EngineConfig(model="m", device="cpu", async_scheduling=True).resolved_async_scheduling() is True
+    llm = LLM(tiny_model, device="cpu")
+    assert llm.config.async_scheduling is None and not llm.engine.runner.async_scheduling
+    llm.shutdown()
+
+
 def test_server_flag_both_spellings(tiny_model):
     import argparse
 
@@ -299,7 +312,8 @@ def test_server_flag_both_spellings(tiny_model):
     add_serve_parser(parser.add_subparsers(dest="command"))
     for flag in ("--async_scheduling", "--async-scheduling"):
         assert parser.parse_args(["serve", "m", flag]).async_scheduling is True
-    assert parser.parse_args(["serve", "m"]).async_scheduling is False
+    assert parser.parse_args(["serve", "m", "--async_scheduling", "false"]).async_scheduling is False
+    assert parser.parse_args(["serve", "m"]).async_scheduling is None  # unset: the engine decides where it runs
     body = {"prompts": [[1, 2, 3], [4, 5]], "max_tokens": 8, "temperature": 0.0, "logprobs": 0}
     want = LLM(tiny_model, device="cpu").generate(body["prompts"], SamplingParams(temperature=0, max_tokens=8))
     with running_server(tiny_model, "--async-scheduling") as server, \

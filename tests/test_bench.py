@@ -320,7 +320,8 @@ def test_the_offline_engine_beside_a_server_reads_the_server_flags_as_serve_does
     def config(*extra):
         return serve_engine_config(["--model", "m", *bench_server_args(torch.device("cpu"), True, 1, 1, list(extra))])
 
-    assert not config().async_scheduling and config().dtype == "bfloat16" and config().load_format == "dummy"
+    assert config().async_scheduling is None and not config().resolved_async_scheduling()  # unset: off on CPU
+    assert config().dtype == "bfloat16" and config().load_format == "dummy"
     for flags in (["--async-scheduling"], ["--async_scheduling"], ["--async_scheduling=true"]):
         assert config(*flags).async_scheduling, flags
     assert not config("--async_scheduling", "false").async_scheduling

@@ -130,7 +130,7 @@ def test_async_scheduling_launch_never_waits_for_the_device_and_matches_sync(tin
     model = tiny_models["qwen2"]
     batch = prompts(8, seed=11)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    sync_llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3)
+    sync_llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3, async_scheduling=False)
     want = [o.outputs[0].token_ids for o in sync_llm.generate(batch, params)]
     sync_llm.shutdown()
     llm = LLM(model, device="cuda", dtype="float32", gpu_memory_utilization=0.3, async_scheduling=True)
@@ -210,10 +210,11 @@ def test_multi_step_rows_past_their_max_tokens_float32(tiny_models):
     batch = prompts(24, seed=12)
     params = [SamplingParams(temperature=0, max_tokens=17 + 3 * (i % 8), logprobs=0, ignore_eos=True)
               for i in range(len(batch))]
-    variants = {"k1": dict(num_scheduler_steps=1), "k8": dict(num_scheduler_steps=8),
+    sync = dict(async_scheduling=False)  # the default on CUDA is async: the sync engine is asked for by name
+    variants = {"k1": dict(num_scheduler_steps=1, **sync), "k8": dict(num_scheduler_steps=8, **sync),
                 "k8-async": dict(num_scheduler_steps=8, async_scheduling=True),
-                "k8-eager": dict(num_scheduler_steps=8, enforce_eager=True),
-                "k8-waiting": dict(num_scheduler_steps=8, max_num_seqs=16)}
+                "k8-eager": dict(num_scheduler_steps=8, enforce_eager=True, **sync),
+                "k8-waiting": dict(num_scheduler_steps=8, max_num_seqs=16)}  # the default: async
     results = {}
     for name, flags in variants.items():
         before = torch.cuda.memory_allocated()

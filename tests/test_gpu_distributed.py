@@ -61,8 +61,9 @@ def test_tp2_multi_step_bursts_give_the_tokens_of_one_step_at_a_time(tiny_models
     greedy = [SamplingParams(temperature=0, max_tokens=20 + 4 * i, ignore_eos=True) for i in range(len(batch))]
     seeded = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=24, ignore_eos=True, logprobs=0)
     results = {}
-    for name, flags in {"tp1": dict(tensor_parallel_size=1), "tp2": dict(tensor_parallel_size=2),
-                        "tp2-k8": dict(tensor_parallel_size=2, num_scheduler_steps=8),
+    sync = dict(async_scheduling=False)  # the default on CUDA is async: the sync engine is asked for by name
+    for name, flags in {"tp1": dict(tensor_parallel_size=1, **sync), "tp2": dict(tensor_parallel_size=2, **sync),
+                        "tp2-k8": dict(tensor_parallel_size=2, num_scheduler_steps=8, **sync),
                         "tp2-k8-async": dict(tensor_parallel_size=2, num_scheduler_steps=8, async_scheduling=True)
                         }.items():
         llm = LLM(tiny_models["llama"], device="cuda", dtype="float32", gpu_memory_utilization=0.4, **flags)

@@ -336,7 +336,7 @@ def test_burst_kv_slots_across_block_boundaries(tiny_model):
             bm.check_invariants()
             for seq in engine.scheduler.running:  # no block past the last token its max_tokens lets it compute
                 assert len(seq.block_table) <= bm.blocks_for(seq.num_prompt_tokens + seq.params.max_tokens - 1), name
-            if not llm.config.async_scheduling:
+            if not llm.engine.runner.async_scheduling:
                 for seq in engine.scheduler.running:
                     assert seq.num_computed_tokens == len(seq.token_ids) - 1, (name, seq.num_computed_tokens)
                     assert len(seq.block_table) == bm.blocks_for(seq.num_computed_tokens), name

@@ -267,7 +267,7 @@ def run_server_bench(workload_name: str | Workload, device: str | None = None, o
         config = serve_engine_config(["--model", str(model_dir),
                                       *bench_server_args(dev, random_weights, 1, 1, server_args)])
         llm = LLM(**{f.name: getattr(config, f.name) for f in fields(config)})
-        result["offline_engine"] = {"async_scheduling": config.async_scheduling,
+        result["offline_engine"] = {"async_scheduling": config.resolved_async_scheduling(),
                                     "num_scheduler_steps": config.num_scheduler_steps,
                                     "max_num_seqs": config.max_num_seqs, "seed": config.seed}
         # Best of N: run-to-run noise on small shared machines is larger than what is measured here.

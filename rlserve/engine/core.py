@@ -63,6 +63,8 @@ class EngineCore:
         logger.info("KV cache: %d blocks x %d tokens = %d tokens; longest context that fits: %d tokens "
                     "(max_model_len %d)", info.num_kv_blocks, config.block_size, info.kv_capacity_tokens,
                     min(info.max_model_len, info.kv_capacity_tokens), info.max_model_len)
+        logger.info("async scheduling %s; up to %d decode steps per launch",
+                    "on" if self.runner.async_scheduling else "off", config.num_scheduler_steps)
         self.grammars = GrammarCompiler(config.tokenizer or self.model_dir, info.eos_token_ids)
         self._tokenizer = None  # for stop strings (see ``tokenizer``)
         self.requests: dict[str, Request] = {}
@@ -143,7 +145,7 @@ class EngineCore:
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
-        if self.config.async_scheduling:
+        if self.runner.async_scheduling:
             return self._step_ahead()
         sched = self.scheduler.schedule()
         self.runner.release(sched.preempted)  # their tables start over when they run again

@@ -112,8 +112,9 @@ class ModelRunner:
         self._draws: torch.Tensor | None = None
         self._draw_row: dict[int, int] = {}  # seq_id -> row of _draws
         # Build host-to-device inputs in pinned memory, copied without a wait (see _upload), and where they start.
-        self._uploads_ahead = config.async_scheduling and self.device.type == "cuda"
-        if config.async_scheduling:
+        self.async_scheduling = config.resolved_async_scheduling()
+        self._uploads_ahead = self.async_scheduling and self.device.type == "cuda"
+        if self.async_scheduling:
             self.penalties.pending_draws = self._pending_draws
             self.penalties.upload = self._upload  # pinned, without a wait on CUDA (sync mode: as it always was)
         self._host = torch.device("cpu")
@@ -333,7 +334,7 @@ class ModelRunner:
                     failed[pos] = batch.failed_items[k]
                 k += 1
         launched = LaunchedStep(draws, first_row, failed, scored, step.prompt_logprobs)
-        if self.config.async_scheduling:
+        if self.async_scheduling:
             self._keep_draws(sched, launched)
         return launched
 
@@ -377,7 +378,7 @@ class ModelRunner:
         first_row = list(range(len(items)))  # every item a decode, in order (launch sorts nothing)
         launched = LaunchedStep(concat_outputs(draws), first_row, dict(batch.failed_items), None, None,
                                 num_steps=steps)
-        if self.config.async_scheduling:
+        if self.async_scheduling:
             self._keep_draws(sched, launched)
         return launched
 

@@ -25,7 +25,7 @@
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
-#                         (VS_ASYNC=1: rlserve with --async_scheduling; VS_STEPS=K: with --num_scheduler_steps K)
+#                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
 #                         alternated (STEPS_LIST="1 8", STEPS_ROUNDS=2 pick others), seeded and plain, no baseline
 set -uo pipefail
@@ -50,9 +50,9 @@ run_step() {
     async-small|async-7b)
       w=rl-${1#async-}
       timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k async_scheduling -p no:cacheprovider 2>&1 | tail -n 3
-      for flag in "" --async_scheduling; do
+      for flag in --async_scheduling=false --async_scheduling; do  # the default on CUDA is async: sync by name
         timeout 280 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain --no_baseline $flag \
-          --output "$OUT/$w${flag:+-async}.json" 2>&1 | tail -n 8
+          --output "$OUT/$w$([ "$flag" = --async_scheduling ] && echo -async).json" 2>&1 | tail -n 8
       done ;;
     dp-scaling)
       # fixed work (one 64 x 8 batch) at DP=1 and DP=2, 5 runs each (every run kept, with each replica's steps,
@@ -61,17 +61,17 @@ run_step() {
       # (DP_PROMPTS=128: the scaled view, 2x the prompts)
       bench="python3 -m rlserve.cli bench --workload rl-small --through_server --repeats ${DP_REPEATS:-5}"
       [ -n "${DP_PROMPTS:-}" ] && bench="$bench --num_prompts $DP_PROMPTS"
-      IFS=';' read -ra cfgs <<< "${DP_CONFIGS:-1:--async_scheduling;2:--async_scheduling;1:;2:}"
+      IFS=';' read -ra cfgs <<< "${DP_CONFIGS:-1:--async_scheduling;2:--async_scheduling;1:--async_scheduling=false;2:--async_scheduling=false}"
       for cfg in "${cfgs[@]}"; do
         dp=${cfg%%:*}; a=${cfg#*:}; tag=$(printf %s "$a" | tr -cs 'A-Za-z0-9.' '-'); tag=${tag#-}; tag=${tag%-}
         timeout 200 $bench --data_parallel_size "$dp" --server_args="--log_level warning $a" \
           --output "$OUT/rl-small-server-dp$dp${tag:+-$tag}${DP_PROMPTS:+-p$DP_PROMPTS}.json" 2>&1 | grep "offline\|server /gen"
       done ;;
     dp-diag)
-      for flag in "" --async_scheduling; do
+      for flag in --async_scheduling=false --async_scheduling; do
         for np in 64 32; do
           timeout 150 python3 -m rlserve.cli bench --workload rl-small --modes seeded --no_baseline --num_prompts $np \
-            $flag --output "$OUT/diag-offline-p$np${flag:+-async}.json" 2>&1 | grep "rlserve "
+            $flag --output "$OUT/diag-offline-p$np$([ "$flag" = --async_scheduling ] && echo -async).json" 2>&1 | grep "rlserve "
         done
       done
       for g in 0 1; do
@@ -106,11 +106,11 @@ run_step() {
         && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vllm-site /tmp/vllmwh/*.whl 2>&1 \
         | tail -n 3; PYTHONPATH=/tmp/vllm-site:$PYTHONPATH python3 -c "import vllm; print('vllm', vllm.__version__)" ;;
     vs-vllm-small|vs-vllm-medium|vs-vllm-7b)
-      w=rl-${1#vs-vllm-}; async=""; [ "${VS_ASYNC:-0}" = 1 ] && async=--async_scheduling
+      w=rl-${1#vs-vllm-}; async=--async_scheduling; [ "${VS_ASYNC:-1}" = 0 ] && async=--async_scheduling=false
       steps=${VS_STEPS:-1}
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
         --workload "$w" --modes seeded,plain --no_baseline --against vllm $async --num_scheduler_steps "$steps" \
-        --output "$OUT/$w-vs-vllm${async:+-async}-steps$steps.json" 2>&1 | tail -n 20 ;;
+        --output "$OUT/$w-vs-vllm$([ "$async" = --async_scheduling ] && echo -async)-steps$steps.json" 2>&1 | tail -n 20 ;;
     steps-small|steps-medium|steps-7b)
       w=rl-${1#steps-}
       for round in $(seq "${STEPS_ROUNDS:-2}"); do
