@@ -270,6 +270,7 @@ def test_a_seeded_request_draws_the_same_tokens_beside_any_neighbours(tiny_model
     assert engine_tokens(llm, target, special) == want
     assert want[0] != want[1]  # two samples of one request differ
     assert_no_leak(llm)
+    llm.shutdown()  # on CUDA its memory goes now, for the next test's engine
 
 
 FAULTY_GRAMMAR = '''
@@ -361,7 +362,7 @@ def test_one_token_prompt_chunk_among_decodes_in_a_real_cuda_graph(tiny_model):
               SamplingParams(temperature=1.0, seed=5, max_tokens=10, min_tokens=10, logprobs=0)]
     eager = LLM(tiny_model, enforce_eager=True, **config)
     want = [tokens(eager.generate(batch, p)) for p in params]
-    del eager
+    eager.shutdown()  # its KV cache goes now, not when the garbage collector finds it
     llm = LLM(tiny_model, **config)
     runner = llm.engine.runner
     assert runner.graphs is not None

@@ -113,6 +113,8 @@ class NcclCommunicator:
         if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
             raise ValueError(f"an NCCL unique id has {NCCL_UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
         self.lib = _Library.get()
+        if device.index is None:  # "cuda" is the current device; tensors on it report "cuda:N", compared below
+            device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world_size, self.device = rank, world_size, device
         uid = NcclUniqueId()
         ctypes.memmove(ctypes.byref(uid), unique_id, NCCL_UNIQUE_ID_BYTES)

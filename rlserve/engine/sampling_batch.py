@@ -180,7 +180,7 @@ def batch_to_device(batch: SamplingBatch, device: torch.device) -> SamplingBatch
     def move(value):
         if isinstance(value, tuple):
             return tuple(move(v) for v in value)
-        if isinstance(value, torch.Tensor) and value.device != device:
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":  # ("cuda" != "cuda:0": ask the type)
             return value.pin_memory().to(device, non_blocking=True)
         return value
 

@@ -73,8 +73,9 @@ def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str
     hf_config = load_config(model_dir, config.trust_remote_code)
     check_tensor_parallel(hf_config, tp.size)
     device = config.resolved_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)
+    if device.type == "cuda":  # with its index: tensors report "cuda:0", and torch.device("cuda") != "cuda:0"
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     max_model_len = max_model_len_for(config, hf_config)
     model = load_model(model_dir, hf_config, dtype, device, tp, config.load_format, max_position=max_model_len)
