@@ -307,6 +307,28 @@ def test_the_common_draw_path_equals_the_general_one(tiny_model, async_schedulin
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
+def test_the_last_reference_going_frees_the_kv_cache_without_the_collector(tiny_model, async_scheduling):
+    """Without ``shutdown()``: ``del llm`` frees the runner's KV cache by reference counting alone, in both modes
+    and after a penalised batch (async scheduling's hooks into the penalty state once made runner <-> penalties a
+    cycle: the GPU tests' next engines found no memory for a KV cache)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        llm = LLM(tiny_model, device="cpu", async_scheduling=async_scheduling, num_scheduler_steps=4)
+        llm.generate([[5, 6, 7], [8, 9]], SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True,
+                                                         repetition_penalty=1.3, logprobs=0))
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True))
+        kv, runner = weakref.ref(llm.engine.runner.kv_cache), weakref.ref(llm.engine.runner)
+        del llm
+        assert runner() is None and kv() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
 def test_shutdown_gives_the_kv_cache_and_weights_back_at_once(tiny_model, async_scheduling):
     """``LLM.shutdown()`` (or leaving ``with LLM(...)``) drops the runner's KV cache and weights then, not when the
     garbage collector reaches the engine's reference cycles: the next engine on a GPU sizes its KV cache from the

@@ -20,6 +20,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -115,8 +116,12 @@ class ModelRunner:
         self.async_scheduling = config.resolved_async_scheduling()
         self._uploads_ahead = self.async_scheduling and self.device.type == "cuda"
         if self.async_scheduling:
-            self.penalties.pending_draws = self._pending_draws
-            self.penalties.upload = self._upload  # pinned, without a wait on CUDA (sync mode: as it always was)
+            # Through a weak proxy: bound methods here would make runner <-> penalties a cycle, and the runner's
+            # GPU memory would wait for the garbage collector after the last reference to the engine goes.
+            me = weakref.proxy(self)
+            self.penalties.pending_draws = lambda seqs: me._pending_draws(seqs)
+            # pinned, without a wait on CUDA (sync mode: as it always was)
+            self.penalties.upload = lambda values: me._upload(values)
         self._host = torch.device("cpu")
 
     # -- KV cache ----------------------------------------------------------------------------------
