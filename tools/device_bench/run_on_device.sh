@@ -26,6 +26,7 @@
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
 #                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
+#   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
 #                         alternated (STEPS_LIST="1 8", STEPS_ROUNDS=2 pick others), seeded and plain, no baseline
 set -uo pipefail
@@ -117,6 +118,17 @@ run_step() {
         for k in ${STEPS_LIST:-1 8}; do
           timeout 280 python3 -m rlserve.cli bench --workload "$w" --modes seeded,plain --no_baseline --async_scheduling \
             --num_scheduler_steps "$k" --output "$OUT/$w-async-steps$k-$round.json" 2>&1 | grep "rlserve" | sed "s/^/[K=$k] /"
+        done
+      done ;;
+    blas-7b)
+      # cuBLAS against cuBLASLt for every matmul (TORCH_BLAS_PREFER_CUBLASLT=1), alternated twice, rl-7b with K=8
+      # (async on: the default): the 7B step is GEMM-bound, and QKV/O ran at 47-52% of the dense peak (seventh session)
+      for round in 1 2; do
+        for lt in 0 1; do
+          TORCH_BLAS_PREFER_CUBLASLT=$lt python3 -c "import torch; print('[lt=$lt] blas:', torch.backends.cuda.preferred_blas_library())"
+          TORCH_BLAS_PREFER_CUBLASLT=$lt timeout 200 python3 -m rlserve.cli bench --workload rl-7b --modes seeded,plain \
+            --no_baseline --num_scheduler_steps 8 --output "$OUT/rl-7b-cublaslt$lt-$round.json" 2>&1 | grep "rlserve" \
+            | sed "s/^/[lt=$lt] /"
         done
       done ;;
     gpu-kernels)
