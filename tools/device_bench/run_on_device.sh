@@ -26,6 +26,7 @@
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
 #                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
+#   gemm-shapes           the 7B and 0.5B decode matmuls alone (M = 256, 512), cuBLAS against cuBLASLt
 #   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
 #                         alternated (STEPS_LIST="1 8", STEPS_ROUNDS=2 pick others), seeded and plain, no baseline
@@ -120,6 +121,8 @@ run_step() {
             --num_scheduler_steps "$k" --output "$OUT/$w-async-steps$k-$round.json" 2>&1 | grep "rlserve" | sed "s/^/[K=$k] /"
         done
       done ;;
+    gemm-shapes)
+      timeout 200 python3 tools/device_bench/gemm_shapes.py --out "$OUT" 2>&1 | tail -n 22 ;;
     blas-7b)
       # cuBLAS against cuBLASLt for every matmul (TORCH_BLAS_PREFER_CUBLASLT=1), alternated twice, rl-7b with K=8
       # (async on: the default): the 7B step is GEMM-bound, and QKV/O ran at 47-52% of the dense peak (seventh session)
