@@ -61,7 +61,8 @@ def test_an_old_tp_engine_collected_late_leaves_a_newer_engines_group_alone(tiny
     reference cycle (runner -> its bound broadcast method -> engine) until the garbage collector gets to it,
     and its ``__del__`` -> ``shutdown()`` destroyed *the process's default group* -- by then the next
     engine's. A collection during the next engine's start made its first collective fail ("not initialized
-    in the world group map"). Forced here at the worst moment, and again while the new engine runs."""
+    in the world group map"). Forced here at the worst moment, and again while the new engine runs. (The cycle is
+    gone now -- a weak proxy -- but a late ``__del__`` must still leave a newer engine's group alone.)"""
     import gc
 
     import torch.distributed as dist
@@ -117,9 +118,32 @@ def test_shutdown_with_a_dead_worker_skips_the_graphs_and_ends(tiny_models, monk
         assert len(greedy_tokens(again, prompts(n=1, seed=6))[0]) > 0
 
 
+def test_the_last_reference_going_shuts_a_tp_engine_down_without_the_collector(tiny_models):
+    """``del llm`` alone: rank 0's runner (its KV cache) goes by reference counting, and the engine's ``__del__``
+    shuts the workers and its group down then (the runner's step broadcast was a bound method of the engine: an
+    engine <-> runner cycle that waited for the collector)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    gc.collect()
+    gc.disable()
+    try:
+        llm = LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2, async_scheduling=True)
+        assert len(greedy_tokens(llm, prompts(n=2, seed=8))[0]) > 0
+        runner, workers = weakref.ref(llm.engine.runner), list(llm.engine.workers)
+        del llm
+        assert runner() is None and not dist.is_initialized()
+        for worker in workers:
+            worker.join(30)
+            assert not worker.is_alive()
+    finally:
+        gc.enable()
+
+
 def test_tp_shutdown_gives_rank_0s_shard_back_at_once(tiny_models):
     """As a single-process engine's: rank 0's weights and KV cache go at shutdown, not when the collector reaches
-    the engine <-> runner cycle; the LLM refuses afterwards."""
+    them; the LLM refuses afterwards."""
     import weakref
     llm = LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2)
     assert len(greedy_tokens(llm, prompts(n=1, seed=7))[0]) > 0

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import threading
 import traceback
+import weakref
 from dataclasses import replace
 
 import torch
@@ -113,7 +114,8 @@ class TensorParallelEngine(EngineCore):
         super().__init__(config, tp, attention_backend)
         for pipe in self.pipes:
             self._expect(pipe, "ready")
-        self.runner.broadcast_step = self._broadcast_step
+        me = weakref.proxy(self)  # not a bound method: engine <-> runner would be a cycle holding the KV cache
+        self.runner.broadcast_step = lambda step: me._broadcast_step(step)
 
     def _expect(self, pipe, what: str, timeout_s: float = 600.0):
         if not pipe.poll(timeout_s):
