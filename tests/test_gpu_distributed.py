@@ -127,3 +127,21 @@ def test_data_parallel_replicas_on_their_own_gpus(tiny_models):
         want = [o.outputs[0].token_ids for o in llm.generate(batch, SamplingParams(temperature=0, max_tokens=24,
                                                                                     min_tokens=24))]
     assert out["completion_ids"] == want
+
+
+def test_an_engine_on_gpu1_serves_calls_from_another_thread(tiny_models):
+    """CUDA's current device is per thread, and a new thread starts on device 0: an LLM on cuda:1 driven from a
+    worker thread (a thread pool, ``asyncio.to_thread``) still launches its kernels, graph replays and events on
+    cuda:1 (async scheduling, the default, records an event per step; penalties go through pinned uploads)."""
+    from concurrent.futures import ThreadPoolExecutor
+    batch = prompts(8, seed=21)
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
+                            logprobs=0)
+    with LLM(tiny_models["qwen2"], device="cuda:1", dtype="float32", gpu_memory_utilization=0.3) as llm:
+        assert llm.engine.runner.async_scheduling
+        want = [[(c.token_ids, c.sampled_logprobs) for c in o.outputs] for o in llm.generate(batch, params)]
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(torch.cuda.current_device).result() == 0
+            got = pool.submit(lambda: [[(c.token_ids, c.sampled_logprobs) for c in o.outputs]
+                                       for o in llm.generate(batch, params)]).result(timeout=120)
+    assert got == want

@@ -242,3 +242,11 @@ def test_generation_running_during_updates_all_complete(model_pairs):
         assert len(longest["completion_ids"][0]) == 1500
         # The long request was running before the first update and finished after the last one.
         assert all(seen[0] == 0 and seen[-1] == 3 for seen in longest["weight_versions"])
+
+
+def test_an_nccl_communicator_needs_its_device_named():
+    """"cuda" means the calling thread's current device, and ranks join in threads (which start on device 0): the
+    communicator refuses to guess; the client resolves "cuda" in the caller's thread and the engine names its own."""
+    from rlserve.distributed.nccl import NCCL_UNIQUE_ID_BYTES, NcclCommunicator
+    with pytest.raises(ValueError, match=r"cuda:N"):
+        NcclCommunicator(bytes(NCCL_UNIQUE_ID_BYTES), 0, 2, torch.device("cuda"))

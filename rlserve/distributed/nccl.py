@@ -112,9 +112,9 @@ class NcclCommunicator:
     def __init__(self, unique_id: bytes, rank: int, world_size: int, device: torch.device):
         if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
             raise ValueError(f"an NCCL unique id has {NCCL_UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
+        if device.index is None:  # "the current device" is per thread, and ranks join in threads: callers name it
+            raise ValueError(f"NcclCommunicator needs a CUDA device with its index (cuda:N), got {device}")
         self.lib = _Library.get()
-        if device.index is None:  # "cuda" is the current device; tensors on it report "cuda:N", compared below
-            device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world_size, self.device = rank, world_size, device
         uid = NcclUniqueId()
         ctypes.memmove(ctypes.byref(uid), unique_id, NCCL_UNIQUE_ID_BYTES)

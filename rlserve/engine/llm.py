@@ -6,9 +6,12 @@ GPU. The server runs the same engine core in other processes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from typing import Any, Sequence
+
+import torch
 
 from rlserve.config import EngineConfig
 from rlserve.engine.validation import InvalidRequest, admit
@@ -103,7 +106,18 @@ class LLM:
                 raise ValueError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
         return items
 
+    def _on_device(self):
+        """The engine's CUDA device as the calling thread's current one: CUDA's current device is per thread (a new
+        thread starts on device 0), and Triton launches, CUDA-graph replays and events use the current device's
+        stream. An LLM on cuda:1 built in one thread and called from another would otherwise launch on cuda:0."""
+        device = self.engine.info.device
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
     def _run(self, order: list[str]) -> list[RequestOutput]:
+        with self._on_device():
+            return self._run_on_device(order)
+
+    def _run_on_device(self, order: list[str]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         try:
             while self.engine.has_unfinished():
@@ -133,7 +147,8 @@ class LLM:
 
     # -- engine control ----------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
-        self.engine.reset_prefix_cache()
+        with self._on_device():
+            self.engine.reset_prefix_cache()
 
     def _check_open(self) -> None:
         if self._is_shut_down:
@@ -144,7 +159,8 @@ class LLM:
         self._check_open()
         weights = list(weights)
         self.engine.validate_weights([(n, t.dtype, tuple(t.shape)) for n, t in weights])
-        return self.engine.load_weights(weights)
+        with self._on_device():
+            return self.engine.load_weights(weights)
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -153,7 +169,8 @@ class LLM:
         """Give back the GPU memory (weights, KV cache, graphs) now, and stop tensor-parallel worker processes, if
         any; garbage collection does it too, later. The LLM is unusable after it."""
         self._is_shut_down = True
-        self.engine.shutdown()
+        with self._on_device():
+            self.engine.shutdown()
 
     def __enter__(self):
         return self

@@ -449,7 +449,7 @@ class ModelRunner:
         launched.draws = SamplerOutput(*(to_host(t) for t in (draws.token_ids, draws.logprobs, draws.top_ids,
                                                                draws.top_logprobs)))
         launched.copied = torch.cuda.Event()
-        launched.copied.record()
+        launched.copied.record(torch.cuda.current_stream(self.device))  # this device's, whatever the thread's is
 
     def build_step(self, items: list[ScheduledSeq], block_copies: list[tuple[int, int]]) -> StepInput:
         """The step as plain lists (decodes first), with the block-table rows' changes to push."""
@@ -587,7 +587,7 @@ class ModelRunner:
         staging.copy_(host)
         on_device = staging.to(self.device, non_blocking=True)
         self._staging_event = torch.cuda.Event()
-        self._staging_event.record()
+        self._staging_event.record(torch.cuda.current_stream(self.device))
         return on_device
 
     @staticmethod
