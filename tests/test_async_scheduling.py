@@ -49,10 +49,20 @@ def assert_same(want, got, exact_logprobs: bool) -> None:
         assert len(got[1]) == len(want[1]) and max(map(abs, map(float.__sub__, got[1], want[1])), default=0) < 1e-5
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    """{async_scheduling: LLM}, default settings."""
-    return {flag: LLM(tiny_model, device="cpu", async_scheduling=flag) for flag in (False, True)}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # on CUDA: its pinned, no-wait paths (the default)
+
+
+def engine_kwargs(device: str) -> dict:
+    return dict(device=device, dtype="float32", gpu_memory_utilization=0.15)  # two engines share the GPU
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def engines(tiny_model, request):
+    """{async_scheduling: LLM}, default settings, on the CPU and (``-m gpu``) on CUDA."""
+    llms = {flag: LLM(tiny_model, async_scheduling=flag, **engine_kwargs(request.param)) for flag in (False, True)}
+    yield llms
+    for llm in llms.values():
+        llm.shutdown()
 
 
 def same(engines, batch, params, exact_logprobs=True):
@@ -118,18 +128,21 @@ def test_structured_outputs_and_prompt_logprobs_fall_back_and_match(engines):
         assert (a.prompt_logprobs.logprobs == b.prompt_logprobs.logprobs).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", [
     dict(num_kv_blocks=12, block_size=8),  # forces preemption
     dict(max_num_batched_tokens=7),  # chunked prefill, mixed with decodes
     dict(max_num_seqs=2, max_num_batched_tokens=3),
 ])
-def test_preemption_and_chunked_prefill(tiny_model, variant):
-    llms = {flag: LLM(tiny_model, device="cpu", async_scheduling=flag, **variant) for flag in (False, True)}
+def test_preemption_and_chunked_prefill(tiny_model, variant, device):
+    llms = {flag: LLM(tiny_model, async_scheduling=flag, **engine_kwargs(device), **variant) for flag in (False, True)}
     batch = prompts(6, seed=6)
     same(llms, batch, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), exact_logprobs=False)
     same(llms, batch, SamplingParams(temperature=1.0, n=2, seed=7, max_tokens=24, logprobs=0), exact_logprobs=False)
     if "num_kv_blocks" in variant:
         assert all(llm.stats()["num_preemptions"] > 0 for llm in llms.values())
+    for llm in llms.values():
+        llm.shutdown()
 
 
 def test_context_end_stops_running_ahead(tiny_model):
@@ -164,7 +177,8 @@ def run_engine(llm, batch, params, between=None, at_step=3, max_steps=500):
     return got
 
 
-def test_weight_update_and_cache_reset_mid_flight_drain_first(tiny_models):
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_update_and_cache_reset_mid_flight_drain_first(tiny_models, device):
     from pathlib import Path
 
     from rlserve.models.loader import iter_safetensors
@@ -177,17 +191,22 @@ def test_weight_update_and_cache_reset_mid_flight_drain_first(tiny_models):
         llm.reset_prefix_cache()
         llm.load_weights(weights)
 
-    runs = [run_engine(LLM(tiny_models["qwen2"], device="cpu", async_scheduling=flag), prompts(4, seed=8), params,
-                       update) for flag in (False, True)]
+    runs = []
+    for flag in (False, True):
+        llm = LLM(tiny_models["qwen2"], async_scheduling=flag, **engine_kwargs(device))
+        runs.append(run_engine(llm, prompts(4, seed=8), params, update))
+        llm.shutdown()
     assert runs[0] == runs[1]
     assert all(v[2] == [0, 1] for v in runs[1].values())  # 3 tokens on the old weights, the rest on the new
 
 
-def test_abort_mid_flight_reports_no_later_token(tiny_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_abort_mid_flight_reports_no_later_token(tiny_model, device):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     batch = prompts(3, seed=9)
-    want = run_engine(LLM(tiny_model, device="cpu"), batch, params)
-    llm = LLM(tiny_model, device="cpu", async_scheduling=True)
+    with LLM(tiny_model, async_scheduling=False, **engine_kwargs(device)) as sync_llm:
+        want = run_engine(sync_llm, batch, params)
+    llm = LLM(tiny_model, async_scheduling=True, **engine_kwargs(device))
     aborted = []
 
     def abort(llm):
@@ -200,6 +219,7 @@ def test_abort_mid_flight_reports_no_later_token(tiny_model):
     assert reason == "abort" and 0 < len(tokens) < 12 and tokens == want["r1"][0][:len(tokens)]
     assert got["r0"] == want["r0"] and got["r2"] == want["r2"]
     assert_no_leak(llm)
+    llm.shutdown()
 
 
 def test_tensor_parallel_2(tiny_model):
@@ -437,7 +457,7 @@ def test_fallback_steps_build_their_sampling_batch_on_the_device(tiny_model, mon
     from rlserve.engine import runner as runner_module
     llm = LLM(tiny_model, device="cpu", async_scheduling=True)
     runner = llm.engine.runner
-    assert runner.penalties.upload == runner._upload
+    assert runner.penalties.upload is not None  # the runner's _upload, through a weak proxy (no cycle)
     assert LLM(tiny_model, device="cpu").engine.runner.penalties.upload is None  # sync mode: the old copy
     runner._uploads_ahead = True
     uploads = []
@@ -446,8 +466,7 @@ def test_fallback_steps_build_their_sampling_batch_on_the_device(tiny_model, mon
         uploads.append(len(values))
         return torch.tensor(values, dtype=dtype)
 
-    monkeypatch.setattr(runner, "_upload", upload)
-    monkeypatch.setattr(runner.penalties, "upload", upload)
+    monkeypatch.setattr(runner, "_upload", upload)  # the penalty state's hook reaches it through the runner
     calls = []
     prepare = runner_module.prepare_sampling
 

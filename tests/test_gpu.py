@@ -35,9 +35,10 @@ def test_float32_greedy_equals_transformers_tiny(tiny_models, family):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).cuda().eval()
     batch = prompts(8, seed=1)
-    for enforce_eager in (False, True):
+    # CUDA graphs and eager, async scheduling (the default) and the synchronous engine
+    for enforce_eager, use_async in ((False, True), (True, True), (False, False)):
         llm = LLM(tiny_models[family], device="cuda", dtype="float32", enforce_eager=enforce_eager,
-                  gpu_memory_utilization=0.3)
+                  async_scheduling=use_async, gpu_memory_utilization=0.3)
         outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=64, min_tokens=64))
         for prompt, out in zip(batch, outs):
             assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 64)
