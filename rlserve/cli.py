@@ -237,6 +237,10 @@ def cmd_bench(args) -> int:
         engine_kwargs["async_scheduling"] = args.async_scheduling
     if args.num_scheduler_steps != 1:
         engine_kwargs["num_scheduler_steps"] = args.num_scheduler_steps
+    if args.through_server and (args.async_scheduling is not None or args.num_scheduler_steps != 1):
+        print("rlserve bench: with --through_server, pass --async_scheduling and --num_scheduler_steps in "
+              "--server_args (the server's flags; the offline engine beside it reads them too)", file=sys.stderr)
+        return 2
     if args.through_server and args.against:
         print("rlserve bench: --against vllm runs the offline engines; it does not combine with --through_server",
               file=sys.stderr)

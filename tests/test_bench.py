@@ -158,6 +158,9 @@ def test_against_vllm_without_vllm_says_so_before_measuring(monkeypatch, capsys)
     assert "vLLM is not importable" in capsys.readouterr().err
     assert cli.main(["bench", "--workload", "cpu-tiny", "--against", "vllm", "--through_server"]) == 2
     assert "does not combine with --through_server" in capsys.readouterr().err
+    for engine_flag in (["--async_scheduling", "false"], ["--num_scheduler_steps", "4"]):  # the server's: --server_args
+        assert cli.main(["bench", "--workload", "cpu-tiny", "--through_server", *engine_flag]) == 2
+        assert "pass --async_scheduling and --num_scheduler_steps in --server_args" in capsys.readouterr().err
     with pytest.raises(BenchError, match="unknown mode"):
         bench.run_bench(TINY, modes=("greedy",))
 
@@ -287,7 +290,15 @@ def test_async_scheduling_flag_reaches_the_engine_and_the_result(tmp_path, monke
     assert seen == {"async_scheduling": True}
     result = json.loads(out.read_text())
     assert result["engine_kwargs"] == {"async_scheduling": True}
+    assert result["engine"]["async_scheduling"] is True  # as run
     assert result["rlserve_seeded"]["generated_tokens"] == TINY.num_generated_tokens()
+    # unset: the engine's own default, recorded as run (off on this CPU); `false` reaches the engine as False
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--modes", "seeded", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["engine"]["async_scheduling"] is False
+    seen.clear()
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--modes", "seeded", "--async_scheduling", "false",
+                     "--output", str(out)]) == 0
+    assert seen == {"async_scheduling": False}
 
 
 def test_num_prompts_runs_the_workload_with_fewer_prompts(tmp_path, monkeypatch, capsys):
@@ -324,5 +335,5 @@ def test_the_offline_engine_beside_a_server_reads_the_server_flags_as_serve_does
     assert config().dtype == "bfloat16" and config().load_format == "dummy"
     for flags in (["--async-scheduling"], ["--async_scheduling"], ["--async_scheduling=true"]):
         assert config(*flags).async_scheduling, flags
-    assert not config("--async_scheduling", "false").async_scheduling
+    assert config("--async_scheduling", "false").async_scheduling is False
     assert config("--max-num-seqs", "8", "--seed", "5").max_num_seqs == 8

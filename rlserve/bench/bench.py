@@ -130,7 +130,8 @@ def run_bench(workload_name: str | Workload, device: str | None = None, baseline
     llm = LLM(str(model_dir), device=str(dev), dtype=dtype_name,
               load_format="dummy" if random_weights else "auto", **(engine_kwargs or {}))
     result["startup_seconds"] = round(time.perf_counter() - t0, 2)
-    result["engine"] = llm.info.summary()
+    result["engine"] = {**llm.info.summary(), "async_scheduling": llm.engine.runner.async_scheduling,
+                        "num_scheduler_steps": llm.config.num_scheduler_steps}  # as run (unset flags resolved)
     for mode in modes:
         result[engine_key("rlserve", mode)] = run_rlserve(llm, workload, MODES[mode])
     if "vllm" in against:

@@ -129,8 +129,11 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
                          f"({min(workload.max_tokens_per_prompt())} tokens) ends before the profiled steps do")
     model_dir, random_weights = prepare_model(workload, Path(model_root or Path.home() / ".cache" / "rlserve" /
                                                              "bench"), dev)
+    # The synchronous engine unless asked otherwise: the phase hooks time the serial step (update_from_output),
+    # which async scheduling splits into a launch and a later apply.
+    engine_kwargs = {"async_scheduling": False, **(engine_kwargs or {})}
     llm = LLM(str(model_dir), device=str(dev), dtype="bfloat16" if dev.type == "cuda" else "float32",
-              load_format="dummy" if random_weights else "auto", **(engine_kwargs or {}))
+              load_format="dummy" if random_weights else "auto", **engine_kwargs)
     engine = llm.engine
     fill_engine(engine, workload, mode, warm_steps)
     timer = StepTimer(dev)
@@ -144,7 +147,7 @@ def profile(workload_name, steps: int = 50, mode_name: str = "seeded", output: s
     phases["rest of the step (host)"] = max(0.0, profiled_s / steps * 1e3 - sum(phases.values()))
     report = {"workload": workload.name, "device": device_name(dev), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "steps": steps, "warm_steps": warm_steps,
-              "mean_batch": sum(batch_sizes) / steps,
+              "mean_batch": sum(batch_sizes) / steps, "async_scheduling": engine.runner.async_scheduling,
               "mode": mode.name, "logprobs": mode.logprobs, "ms_per_step": phases,
               "total_ms_per_step": profiled_s / steps * 1e3, "unprofiled_ms_per_step": unprofiled_s / steps * 1e3,
               "timed": "the engine's own step() with hooks on the methods it calls"}
