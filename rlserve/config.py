@@ -103,7 +103,7 @@ class EngineConfig:
 
     def resolved_async_scheduling(self) -> bool:
         """Whether the engine overlaps host and device: the flag as given, or where unset, whether it runs on CUDA.
-        Resolved where the engine runs (a Ray replica's node may have GPUs that the API's has not)."""
+        Resolved where the engine runs, from its own device."""
         if self.async_scheduling is not None:
             return self.async_scheduling
         return self.resolved_device().type == "cuda"

@@ -313,7 +313,7 @@ def test_scheduler_runs_a_pending_draw_ahead_and_drops_a_stopped_ones_extra_toke
 
 def test_unset_it_runs_on_cuda_and_not_on_cpu(tiny_model):
     """vLLM's default: async scheduling is on unless turned off -- where there is a device to overlap with. It is
-    resolved from the engine's own device (a Ray replica's node may have GPUs that the API process's has not)."""
+    resolved from the engine's own device, where the engine runs."""
     from rlserve.config import EngineConfig
     assert EngineConfig(model="m", device="cuda:1").resolved_async_scheduling() is True
     assert EngineConfig(model="m", device="cuda", async_scheduling=False).resolved_async_scheduling() is False

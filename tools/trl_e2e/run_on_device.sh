@@ -2,7 +2,8 @@
 # On a 2-GPU device host: install the carried wheels (.whl/common, .whl/trl; see make_wheels.sh) once per
 # machine, then run the named steps, logs and JSON under $OUT. Usage: run_on_device.sh STEP...
 #   e2e-1.10 | e2e-1.16   TRL's own GRPOTrainer, unchanged, against rlserve serve (http, grpo-unchanged);
-#                         E2E_SERVER_ARGS="--async_scheduling ..." passes more flags to the server (one word each)
+#                         E2E_SERVER_ARGS="--num_scheduler_steps=8 ..." passes more flags to the server (one word each;
+#                         async scheduling is on by default on CUDA, --async_scheduling=false turns it off)
 #   pytest-trl            tests/test_gpu_trl.py with TRL 1.10's client, then 1.16's
 #   sync                  sync-medium: rlserve's bucketed path beside TRL's two wire protocols
 #   pytest-kernels        sampler / fused-kernel / correctness GPU tests (~25 s)
