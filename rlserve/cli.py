@@ -91,7 +91,7 @@ def add_serve_parser(sub) -> None:
                "it off). Outputs equal the synchronous engine's in the CPU tests; on a "
                "GPU other batch shapes (an extra row, another CUDA-graph bucket) can change logits in the last bits. "
                "Steps that need the previous step's tokens on the host first "
-               "(structured outputs, prompt logprobs, any prompt's first draw, n=1 included) run one at a time.")
+               "(structured outputs, prompt logprobs, the first draw of a prompt with n > 1) run one at a time.")
     _flag(p, "num_scheduler_steps", type=int, default=1,
           help="Run up to this many decode steps per launch when every running sequence decodes plainly (vLLM V0's "
                "--num-scheduler-steps; default: 1): less host work per token. The draws are counter-based, so the "

@@ -222,6 +222,25 @@ def test_abort_mid_flight_reports_no_later_token(tiny_model, device):
     llm.shutdown()
 
 
+def test_abort_while_an_n1_prompts_first_draw_is_in_flight(tiny_model):
+    """The prefill step of n = 1 prompts runs ahead; an abort between its launch and its apply ends the request
+    with no token (the draw is dropped), and the others match the synchronous engine's."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    batch = prompts(3, seed=13)
+    want = run_engine(LLM(tiny_model, device="cpu", async_scheduling=False), batch, params)
+    llm = LLM(tiny_model, device="cpu", async_scheduling=True)
+
+    def abort(llm):
+        in_flight = llm.engine.in_flight
+        assert in_flight is not None and all(item.seq.is_unforked_parent for item in in_flight[0].scheduled)
+        return llm.engine.abort_request("r1")
+
+    got = run_engine(llm, batch, params, abort, at_step=1)
+    assert got["r1"][:2] == ([], "abort")
+    assert got["r0"] == want["r0"] and got["r2"] == want["r2"]
+    assert_no_leak(llm)
+
+
 def test_tensor_parallel_2(tiny_model):
     """Rank 0 broadcasts the draws it feeds forward; the workers run the same steps (tokens as with tp=1)."""
     batch = prompts(4, seed=10)
@@ -260,17 +279,138 @@ def test_steady_decode_overlaps(tiny_model, monkeypatch, params):
 
 
 def test_fallback_rule():
-    """The one rule: steps whose draws the host needs before the next step are applied first."""
+    """The one rule: steps whose draws the host needs before the next step are applied first -- a prompt's first
+    draw only when it forks into n > 1 samples."""
     from types import SimpleNamespace as NS
-    plain = NS(is_unforked_parent=False, grammar_state=None)
+
+    def seq(n=1, **kw):
+        return NS(**{"is_unforked_parent": False, "grammar_state": None, "request": NS(params=NS(n=n)), **kw})
 
     def sched(seq, prompt_logprobs=None):
         return NS(prompt_logprobs=prompt_logprobs, scheduled=[NS(samples=True, seq=seq)])
 
-    assert not async_step.must_apply_first(sched(plain))
-    assert async_step.must_apply_first(sched(plain, prompt_logprobs=[]))
-    assert async_step.must_apply_first(sched(NS(**{**vars(plain), "is_unforked_parent": True})))
-    assert async_step.must_apply_first(sched(NS(**{**vars(plain), "grammar_state": object()})))
+    assert not async_step.must_apply_first(sched(seq()))
+    assert not async_step.must_apply_first(sched(seq(n=4)))  # a forked sample
+    assert async_step.must_apply_first(sched(seq(), prompt_logprobs=[]))
+    assert not async_step.must_apply_first(sched(seq(is_unforked_parent=True)))  # n = 1: nothing to fork
+    assert async_step.must_apply_first(sched(seq(n=2, is_unforked_parent=True)))
+    assert async_step.must_apply_first(sched(seq(grammar_state=object())))
+
+
+def run_arrivals(llm, arrivals: dict[int, list], max_steps: int = 500) -> dict[str, tuple]:
+    """Drive the engine by hand, adding ``arrivals[k]`` -- (request id, prompt, params) -- before its k-th step
+    call; returns {request id: (token ids per sample, finish reasons, top-N ids per sample, logprob values per
+    sample)}."""
+    engine = llm.engine
+    got: dict[str, dict[int, list]] = {}
+    for step in range(max_steps):
+        for request_id, prompt, params in arrivals.get(step, []):
+            engine.add_request(request_id, prompt, params)
+        if step > max(arrivals) and not engine.has_unfinished():
+            break
+        for u in engine.step():
+            sample = got.setdefault(u.request_id, {}).setdefault(u.index, [[], None, [], []])
+            assert sample[1] is None, f"{u.request_id}/{u.index}: an update after it finished"
+            sample[0] += u.token_ids
+            sample[1] = u.finish_reason
+            sample[3] += u.sampled_logprobs or []
+            if u.top_logprobs is not None:
+                sample[2] += u.top_logprobs.ids.tolist()
+                sample[3] += u.top_logprobs.logprobs.ravel().tolist()
+    assert not engine.has_unfinished()
+    assert_no_leak(llm)
+    return {rid: tuple(zip(*(samples[i] for i in sorted(samples)))) for rid, samples in got.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", [{}, dict(num_kv_blocks=14, block_size=8)], ids=["roomy", "preempting"])
+def test_continuous_arrivals_of_n1_requests_run_ahead_and_match(tiny_model, device, variant, monkeypatch):
+    """Requests arriving while others decode (the serving pattern), most with n = 1: the steps that finish their
+    prefills run ahead (no fallback: an n = 1 parent is its only sample), one with n = 3 falls back for its fork.
+    Tokens, finish reasons (EOS, stop ids, stop strings, length) and logprobs match the synchronous engine's, with
+    penalties and top-N logprobs in the mix, and with a KV cache small enough to preempt sequences whose first draw
+    is still in flight."""
+    rng = random.Random(31)
+    kinds = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+             SamplingParams(temperature=1.0, seed=5, max_tokens=18, logprobs=0),
+             SamplingParams(temperature=1.0, seed=6, max_tokens=16, stop_token_ids=list(range(40, 60)), logprobs=2),
+             SamplingParams(temperature=0.9, seed=7, max_tokens=16, stop=["a", "e"]),
+             SamplingParams(temperature=1.0, seed=8, max_tokens=12, repetition_penalty=1.3, ignore_eos=True)]
+    arrivals = {}
+    for k in range(12):
+        step = 3 * k + rng.randrange(3)
+        prompt = [rng.randrange(0, 256) for _ in range(rng.randrange(3, 20))]
+        arrivals.setdefault(step, []).append((f"r{k}", prompt, kinds[k % len(kinds)]))
+    arrivals.setdefault(10, []).append(("fork", [7, 8, 9, 10], SamplingParams(temperature=1.0, seed=9, n=3,
+                                                                              max_tokens=10, logprobs=0)))
+    results, fell_back = {}, {}
+    for flag in (False, True):
+        llm = LLM(tiny_model, async_scheduling=flag, **engine_kwargs(device), **variant)
+        launch, decisions = llm.engine.runner.launch, []
+
+        def recording_launch(sched, launch=launch, decisions=decisions):
+            first_draws = {item.seq.request.request_id for item in sched.scheduled
+                           if item.samples and item.seq.is_unforked_parent}
+            decisions.append((first_draws, async_step.must_apply_first(sched)))
+            return launch(sched)
+
+        monkeypatch.setattr(llm.engine.runner, "launch", recording_launch)
+        results[flag] = run_arrivals(llm, arrivals)
+        fell_back[flag] = decisions
+        if "num_kv_blocks" in variant:
+            assert llm.stats()["num_preemptions"] > 0
+        llm.shutdown()
+    want, got = results[False], results[True]
+    assert sorted(got) == sorted(want) and len(want) == 13
+    for rid in want:
+        assert got[rid][:3] == want[rid][:3], rid  # tokens, finish reasons, top-N ids
+        for a, b in zip(got[rid][3], want[rid][3]):
+            assert len(a) == len(b) and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), rid
+    assert {reason for r in want.values() for reason in r[1]} >= {"stop", "length"}
+    first_draw_steps = [(ids, back) for ids, back in fell_back[True] if ids]
+    assert any(not back for ids, back in first_draw_steps)  # n = 1 prefills ran ahead
+    assert all(back for ids, back in first_draw_steps if "fork" in ids)  # the n = 3 one forked first
+
+
+def test_an_n1_prompt_preempted_with_its_first_draw_in_flight_gets_it_and_resumes():
+    """The scheduler alone (fake draws): an n = 1 prompt's first draw runs ahead, so the next step may preempt
+    that sequence (no block for its first decode) before the draw is applied. The draw still lands -- the
+    "fork" of one sample creates nothing and touches no queue -- and the sequence resumes with its prompt and
+    that token recomputed, to its max_tokens, every block back at the end."""
+    from rlserve.engine.kv_cache import BlockManager
+    from rlserve.engine.scheduler import Scheduler, StepResult
+    from rlserve.engine.sequence import Request, SequenceStatus
+    s = Scheduler(BlockManager(3, 4), 8, 32, 128, (99,))
+    a = Request("a", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=2), seed=0)  # 2 blocks, room for one more
+    b = Request("b", [1, 2, 3, 4], SamplingParams(max_tokens=3), seed=0)  # 1 full block: its decode needs another
+    s.add_request(a)
+    s.add_request(b)
+
+    def launch():
+        out = s.schedule()
+        s.advance(out)
+        return out
+
+    def apply(out, tokens):
+        rows = [i if item.samples else -1 for i, item in enumerate(out.scheduled)]
+        return s.apply_output(out, StepResult(tokens, rows), weight_version=0)
+
+    t0 = launch()  # both prefills; neither forks into more samples, so nothing waits for their draws
+    assert not async_step.must_apply_first(t0)
+    t1 = launch()  # a decodes in its last block; b needs a fourth block: b, the newest, gives way
+    assert [item.seq.request.request_id for item in t1.scheduled] == ["a"] and [q.request for q in t1.preempted] == [b]
+    apply(t0, [10, 20])  # b's first draw lands on a waiting sequence
+    assert b.seqs[0].output_token_ids == [20] and b.seqs[0].status == SequenceStatus.WAITING and b.is_forked
+    apply(t1, [11])  # a's second and last token: it finishes and frees its blocks
+    for _ in range(10):
+        if not s.num_unfinished:
+            break
+        out = launch()
+        apply(out, [21] * len(out.scheduled))
+    assert a.seqs[0].output_token_ids == [10, 11] and b.seqs[0].output_token_ids == [20, 21, 21]
+    assert not s.num_unfinished
+    s.block_manager.check_invariants()
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
 
 
 def test_scheduler_runs_a_pending_draw_ahead_and_drops_a_stopped_ones_extra_token():

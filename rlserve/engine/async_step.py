@@ -9,10 +9,11 @@ decides it. Torch-free: the scheduler reads it.
 A step must be applied before the next is scheduled (``must_apply_first``) when it
 
 - computes prompt logprobs (the scheduler's scoring bookkeeping follows the applied chunks);
-- draws a prompt's first token(s): the request forks into its ``n`` samples when that draw is applied.
-  ``Sequence.is_unforked_parent`` is ``not request.is_forked``, true for n = 1 too (every request goes through the
-  fork), so *any* step that completes a prompt's prefill is synchronous, with every decode in it. Known limit:
-  under continuous arrivals many steps fall back (docs/ARCHITECTURE.md, "Async scheduling");
+- draws the first tokens of a prompt with ``n`` > 1: the request forks into its ``n`` samples when that draw is
+  applied, and the next step cannot schedule samples that do not exist yet. A prompt with n = 1 runs ahead: its
+  parent is its only sample, scheduled again with its first draw in flight like any decode (the fork, when the
+  draw is applied, creates nothing), so that under continuous arrivals of n = 1 requests the steps that finish a
+  prefill overlap too;
 - draws for a guided sequence: the next step's allowed-token mask needs the grammar advanced by the draw.
 
 Penalties need no host: the next step counts a draw still in flight from the device (``penalty_state.py``).
@@ -39,6 +40,6 @@ def must_apply_first(sched) -> bool:
     for item in sched.scheduled:
         if item.samples:
             seq = item.seq
-            if seq.is_unforked_parent or seq.grammar_state is not None:
+            if seq.grammar_state is not None or (seq.is_unforked_parent and seq.request.params.n > 1):
                 return True
     return False

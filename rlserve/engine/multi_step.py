@@ -12,7 +12,9 @@ Draws are counter-based (a row's seed is a hash of its stream and output positio
 burst draws exactly the tokens the same steps would one at a time. A sequence may join a burst only when nothing
 of its next K draws depends on the host in between (``can_burst``):
 
-- its request has forked into its samples (a prompt's first draw forks it on the host);
+- its request has forked into its samples (a prompt's first draw forks it on the host), or has one sample: with
+  async scheduling an n = 1 prompt's first draw may still be in flight, and steps are applied in launch order, so
+  its (empty) fork is done before the burst's draws are applied;
 - no grammar (the next step's allowed-token mask needs the draw), no repetition / presence / frequency penalty
   (counts updated per draw), ``min_tokens`` already reached (stop tokens are masked until then).
 
@@ -38,7 +40,7 @@ def can_burst(seq, num_output_tokens: int) -> bool:
     """May ``seq`` draw several tokens without the host between them? ``num_output_tokens``: its output length
     as the scheduler sees it (draws in flight included)."""
     p = seq.request.params
-    return (seq.request.is_forked and seq.grammar_state is None and not p.uses_penalties
+    return ((seq.request.is_forked or p.n == 1) and seq.grammar_state is None and not p.uses_penalties
             and p.min_tokens <= num_output_tokens)
 
 

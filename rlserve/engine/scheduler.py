@@ -379,6 +379,9 @@ class Scheduler:
         """Split a parent whose prompt is done into its n samples. Those beyond ``max_num_seqs`` running
         sequences wait at the head of the queue (their first token drawn, the prompt's blocks shared)."""
         request = parent.request
+        if request.params.n == 1:  # nothing to create; the parent may be waiting (async: preempted, draw in flight)
+            request.is_forked = True
+            return [parent]
         children = []
         for index in range(1, request.params.n):
             child = Sequence(request, index, list(parent.token_ids))
