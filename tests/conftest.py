@@ -65,6 +65,7 @@ def assert_no_leak(llm) -> None:
     bm = llm.engine.block_manager
     bm.check_invariants()
     assert not llm.engine.has_unfinished()
+    assert not llm.engine.requests, list(llm.engine.requests)  # every finished request let go
     assert bm.num_free_blocks == bm.num_blocks, (bm.num_free_blocks, bm.num_blocks)
     penalties = llm.engine.runner.penalties
     assert not penalties.slot_of and len(penalties.free_slots) == penalties.num_slots, penalties.slot_of

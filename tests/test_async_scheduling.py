@@ -299,8 +299,8 @@ def test_fallback_rule():
 
 def run_arrivals(llm, arrivals: dict[int, list], max_steps: int = 500) -> dict[str, tuple]:
     """Drive the engine by hand, adding ``arrivals[k]`` -- (request id, prompt, params) -- before its k-th step
-    call; returns {request id: (token ids per sample, finish reasons, top-N ids per sample, logprob values per
-    sample)}."""
+    call; returns {request id: (token ids per sample, (finish, stop reason) per sample, top-N ids per sample,
+    logprob values per sample)}."""
     engine = llm.engine
     got: dict[str, dict[int, list]] = {}
     for step in range(max_steps):
@@ -312,7 +312,7 @@ def run_arrivals(llm, arrivals: dict[int, list], max_steps: int = 500) -> dict[s
             sample = got.setdefault(u.request_id, {}).setdefault(u.index, [[], None, [], []])
             assert sample[1] is None, f"{u.request_id}/{u.index}: an update after it finished"
             sample[0] += u.token_ids
-            sample[1] = u.finish_reason
+            sample[1] = (u.finish_reason, u.stop_reason) if u.finish_reason else None
             sample[3] += u.sampled_logprobs or []
             if u.top_logprobs is not None:
                 sample[2] += u.top_logprobs.ids.tolist()
@@ -323,23 +323,31 @@ def run_arrivals(llm, arrivals: dict[int, list], max_steps: int = 500) -> dict[s
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", [{}, dict(num_kv_blocks=14, block_size=8)], ids=["roomy", "preempting"])
+@pytest.mark.parametrize("variant", [{}, dict(num_kv_blocks=14, block_size=8), dict(num_scheduler_steps=4)],
+                         ids=["roomy", "preempting", "multi-step"])
 def test_continuous_arrivals_of_n1_requests_run_ahead_and_match(tiny_model, device, variant, monkeypatch):
     """Requests arriving while others decode (the serving pattern), most with n = 1: the steps that finish their
     prefills run ahead (no fallback: an n = 1 parent is its only sample), one with n = 3 falls back for its fork.
-    Tokens, finish reasons (EOS, stop ids, stop strings, length) and logprobs match the synchronous engine's, with
-    penalties and top-N logprobs in the mix, and with a KV cache small enough to preempt sequences whose first draw
-    is still in flight."""
+    Tokens, finish and stop reasons (EOS, stop ids, stop strings, length) and logprobs match the synchronous
+    engine's, with penalties and top-N logprobs in the mix; with a KV cache small enough to preempt (a sequence
+    preempted with its first draw in flight: the scheduler test below); and with multi-step bursts (a first draw
+    inside a burst: test_multi_step.py's one-token last chunk). Every finished request is let go
+    (assert_no_leak)."""
     rng = random.Random(31)
     kinds = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
              SamplingParams(temperature=1.0, seed=5, max_tokens=18, logprobs=0),
              SamplingParams(temperature=1.0, seed=6, max_tokens=16, stop_token_ids=list(range(40, 60)), logprobs=2),
              SamplingParams(temperature=0.9, seed=7, max_tokens=16, stop=["a", "e"]),
-             SamplingParams(temperature=1.0, seed=8, max_tokens=12, repetition_penalty=1.3, ignore_eos=True)]
+             SamplingParams(temperature=1.0, seed=8, max_tokens=12, repetition_penalty=1.3, ignore_eos=True,
+                            logprobs=0)]
     arrivals = {}
+    shared = [rng.randrange(0, 256) for _ in range(16)]  # one full block (16): later prompts hit it
     for k in range(12):
         step = 3 * k + rng.randrange(3)
-        prompt = [rng.randrange(0, 256) for _ in range(rng.randrange(3, 20))]
+        if k % 3 == 2:
+            prompt = shared + [k]  # after the first of these: a prefix hit and a one-token last chunk
+        else:
+            prompt = [rng.randrange(0, 256) for _ in range(rng.randrange(3, 20))]
         arrivals.setdefault(step, []).append((f"r{k}", prompt, kinds[k % len(kinds)]))
     arrivals.setdefault(10, []).append(("fork", [7, 8, 9, 10], SamplingParams(temperature=1.0, seed=9, n=3,
                                                                               max_tokens=10, logprobs=0)))
@@ -366,7 +374,7 @@ def test_continuous_arrivals_of_n1_requests_run_ahead_and_match(tiny_model, devi
         assert got[rid][:3] == want[rid][:3], rid  # tokens, finish reasons, top-N ids
         for a, b in zip(got[rid][3], want[rid][3]):
             assert len(a) == len(b) and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), rid
-    assert {reason for r in want.values() for reason in r[1]} >= {"stop", "length"}
+    assert {reason for r in want.values() for reason, _ in r[1]} >= {"stop", "length"}
     first_draw_steps = [(ids, back) for ids, back in fell_back[True] if ids]
     assert any(not back for ids, back in first_draw_steps)  # n = 1 prefills ran ahead
     assert all(back for ids, back in first_draw_steps if "fork" in ids)  # the n = 3 one forked first

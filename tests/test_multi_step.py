@@ -118,6 +118,31 @@ def drive(llm, batch, params, between=None, at_step=None, check=None, max_steps=
     return got
 
 
+def test_a_one_token_last_prompt_chunk_draws_its_first_token_inside_a_burst(tiny_model):
+    """n = 1 prompts whose prefix is cached up to their last token: their one-token last chunk is a decode-shaped
+    row, and beside plain decodes the step bursts, the prompt's first draw the burst's first. The request still
+    forks (into itself) when the burst is applied: it finishes and is let go (a request never marked forked
+    never counted as finished: ``EngineCore.requests`` grew), with the tokens of one step at a time."""
+    prefix = list(range(40, 56))  # one full block of 16: cached by the first request
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, logprobs=0)
+    results = {}
+    for name, llm in make(tiny_model).items():
+        engine = llm.engine
+        llm.generate([prefix + [1]], params)  # caches the prefix's block
+        engine.add_request("running", [9, 8, 7, 6], params)
+        for _ in range(3):
+            engine.step()  # decoding (async: a step in flight)
+        before = llm.stats()["num_multi_step_launches"]
+        got = drive(llm, [prefix + [2], prefix + [3]], params)  # each: a prefix hit, one token to compute
+        while engine.has_unfinished():
+            engine.step()
+        assert_no_leak(llm)  # "running" and both new requests let go
+        results[name] = got
+        if name != "k1":
+            assert llm.stats()["num_multi_step_launches"] > before
+    assert results["k4"] == results["k1"] and results["k4_async"] == results["k1"]
+
+
 def test_min_tokens_bursts_only_once_reached(tiny_model):
     """Rows with min_tokens not reached mask their stop tokens each step: no burst until every running sample has
     drawn min_tokens. Stop tokens then end samples mid-burst."""

@@ -12,9 +12,10 @@ Draws are counter-based (a row's seed is a hash of its stream and output positio
 burst draws exactly the tokens the same steps would one at a time. A sequence may join a burst only when nothing
 of its next K draws depends on the host in between (``can_burst``):
 
-- its request has forked into its samples (a prompt's first draw forks it on the host), or has one sample: with
-  async scheduling an n = 1 prompt's first draw may still be in flight, and steps are applied in launch order, so
-  its (empty) fork is done before the burst's draws are applied;
+- its request has forked into its samples (a prompt's first draw forks it on the host), or has one sample: an
+  n = 1 prompt's first draw may still be in flight (async scheduling; steps are applied in launch order, so its
+  empty fork is done first) or be the burst's own first draw (a one-token last prompt chunk, e.g. after a
+  prefix-cache hit: ``Scheduler._apply_burst`` forks the request then);
 - no grammar (the next step's allowed-token mask needs the draw), no repetition / presence / frequency penalty
   (counts updated per draw), ``min_tokens`` already reached (stop tokens are masked until then).
 

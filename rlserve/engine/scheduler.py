@@ -299,8 +299,9 @@ class Scheduler:
 
     def _apply_burst(self, out: SchedulerOutput, result: StepResult, weight_version: int) -> list[Sequence]:
         """``apply_output`` for a multi-step launch: each sequence's draws in step order, up to the one that ends it
-        (the rest are dropped). Only plain decodes burst (``multi_step.can_burst``): one row each, no fork, no
-        grammar."""
+        (the rest are dropped). Only plain decodes burst (``multi_step.can_burst``): one row each, no grammar; the
+        one fork is an n = 1 prompt's, whose first draw may be in the burst (a one-token last prompt chunk): its
+        request must still be marked forked, or it would never count as finished."""
         bm = self.block_manager
         touched: list[Sequence] = []
         token_ids, logprobs, failed = result.token_ids, result.logprobs, result.failed
@@ -311,6 +312,8 @@ class Scheduler:
             seq.num_pending_tokens -= n
             if seq.status >= finished:
                 continue
+            if seq.is_unforked_parent:
+                self._fork(seq)  # n = 1 (can_burst): creates nothing
             touched.append(seq)
             if i in failed:
                 seq.finish(SequenceStatus.FINISHED_ERROR, failed[i])
