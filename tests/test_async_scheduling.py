@@ -380,19 +380,10 @@ def test_continuous_arrivals_of_n1_requests_run_ahead_and_match(tiny_model, devi
     assert all(back for ids, back in first_draw_steps if "fork" in ids)  # the n = 3 one forked first
 
 
-def test_an_n1_prompt_preempted_with_its_first_draw_in_flight_gets_it_and_resumes():
-    """The scheduler alone (fake draws): an n = 1 prompt's first draw runs ahead, so the next step may preempt
-    that sequence (no block for its first decode) before the draw is applied. The draw still lands -- the
-    "fork" of one sample creates nothing and touches no queue -- and the sequence resumes with its prompt and
-    that token recomputed, to its max_tokens, every block back at the end."""
-    from rlserve.engine.kv_cache import BlockManager
-    from rlserve.engine.scheduler import Scheduler, StepResult
-    from rlserve.engine.sequence import Request, SequenceStatus
-    s = Scheduler(BlockManager(3, 4), 8, 32, 128, (99,))
-    a = Request("a", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=2), seed=0)  # 2 blocks, room for one more
-    b = Request("b", [1, 2, 3, 4], SamplingParams(max_tokens=3), seed=0)  # 1 full block: its decode needs another
-    s.add_request(a)
-    s.add_request(b)
+def scheduler_driver(s):
+    """A scheduler driven by hand with fake draws: launch() schedules and advances a step (as async scheduling's
+    launch does), apply(step, tokens) applies one draw per sampling row."""
+    from rlserve.engine.scheduler import StepResult
 
     def launch():
         out = s.schedule()
@@ -402,6 +393,25 @@ def test_an_n1_prompt_preempted_with_its_first_draw_in_flight_gets_it_and_resume
     def apply(out, tokens):
         rows = [i if item.samples else -1 for i, item in enumerate(out.scheduled)]
         return s.apply_output(out, StepResult(tokens, rows), weight_version=0)
+
+    return launch, apply
+
+
+def test_an_n1_prompt_preempted_with_its_first_draw_in_flight_gets_it_and_resumes():
+    """The scheduler alone (fake draws): an n = 1 prompt's first draw runs ahead, so the next step may preempt
+    that sequence (no block for its first decode) before the draw is applied. The draw still lands -- the
+    "fork" of one sample creates nothing and touches no queue -- and the sequence resumes with its prompt and
+    that token recomputed, to its max_tokens, every block back at the end."""
+    from rlserve.engine.kv_cache import BlockManager
+    from rlserve.engine.scheduler import Scheduler
+    from rlserve.engine.sequence import Request, SequenceStatus
+    s = Scheduler(BlockManager(3, 4), 8, 32, 128, (99,))
+    a = Request("a", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=2), seed=0)  # 2 blocks, room for one more
+    b = Request("b", [1, 2, 3, 4], SamplingParams(max_tokens=3), seed=0)  # 1 full block: its decode needs another
+    s.add_request(a)
+    s.add_request(b)
+
+    launch, apply = scheduler_driver(s)
 
     t0 = launch()  # both prefills; neither forks into more samples, so nothing waits for their draws
     assert not async_step.must_apply_first(t0)
@@ -425,7 +435,7 @@ def test_scheduler_runs_a_pending_draw_ahead_and_drops_a_stopped_ones_extra_toke
     """The scheduler alone (fake draws): a decode with a draw in flight is scheduled again, except when that draw
     is its last by length; a sample that stops on its applied draw drops the extra one, and frees every block."""
     from rlserve.engine.kv_cache import BlockManager
-    from rlserve.engine.scheduler import Scheduler, StepResult
+    from rlserve.engine.scheduler import Scheduler
     from rlserve.engine.sequence import Request
     eos = 99
     s = Scheduler(BlockManager(32, 4), 8, 32, 128, (eos,))
@@ -434,16 +444,9 @@ def test_scheduler_runs_a_pending_draw_ahead_and_drops_a_stopped_ones_extra_toke
     s.add_request(a)
     s.add_request(b)
 
-    def launch():
-        out = s.schedule()
-        s.advance(out)
-        return out
+    launch, apply = scheduler_driver(s)
 
-    def apply(out, tokens):
-        rows = [i if item.samples else -1 for i, item in enumerate(out.scheduled)]
-        return s.apply_output(out, StepResult(tokens, rows), weight_version=0)
-
-    apply(launch(), [7, 7])  # the prefills: a prompt's first draw is applied before the next step
+    apply(launch(), [7, 7])  # the prefills, applied
     t1 = launch()
     t2 = launch()  # scheduled while t1's draws are in flight
     assert [(item.seq.request.request_id, item.num_new_tokens, item.samples) for item in t2.scheduled] == \
