@@ -95,6 +95,24 @@ def test_kv_cache_is_sized_from_memory_and_reported(small_model_dir):
     assert kv.numel() * kv.element_size() < 0.3 * torch.cuda.mem_get_info()[1]
 
 
+def test_engines_sharing_a_process_each_get_their_share(small_model_dir):
+    """gpu_memory_utilization is each engine's share of the card (as in vLLM): a second engine in the process is
+    not charged the first one's KV cache; a third asking for more than is left gets what is free, and runs."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    kwargs = dict(device="cuda", dtype="bfloat16", enforce_eager=True)
+    first = LLM(str(small_model_dir), gpu_memory_utilization=0.2, **kwargs)
+    second = LLM(str(small_model_dir), gpu_memory_utilization=0.2, **kwargs)
+    blocks = [llm.info.num_kv_blocks for llm in (first, second)]
+    assert blocks[0] > 1000 and abs(blocks[1] - blocks[0]) < 0.1 * blocks[0], blocks
+    free_before, total = torch.cuda.mem_get_info()
+    third = LLM(str(small_model_dir), gpu_memory_utilization=0.9, **kwargs)  # 0.9 of the card is not free
+    kv = third.engine.runner.kv_cache
+    assert kv.numel() * kv.element_size() < free_before
+    for llm in (first, second, third):
+        assert len(llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 8
+    del first, second, third
+
+
 def test_fused_layer_kernels_pass_their_self_check():
     from rlserve.layers import fused
     assert fused.enabled(torch.device("cuda", 0), torch.bfloat16)

@@ -56,20 +56,24 @@ class DecodeGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        # Captured on a stream of this engine's device, named: torch.cuda.graph's default capture stream is made
+        # once per process, on whichever device was current then, and an engine on another device captured on it
+        # fails ("operation not permitted when stream is capturing").
         stream = torch.cuda.Stream(self.device)
-        for g in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
-            meta = self._meta(g)
-            ids, pos = self.input_ids[:g], self.positions[:g]
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: Triton compilation and autotuning happen outside the graph
-                    self.model(ids, pos, meta)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(ids, pos, meta)
-            self.graphs[g] = graph
-            self.hidden[g] = hidden
+        with torch.cuda.device(self.device):
+            for g in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+                meta = self._meta(g)
+                ids, pos = self.input_ids[:g], self.positions[:g]
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up: Triton compilation and autotuning happen outside the graph
+                        self.model(ids, pos, meta)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    hidden = self.model(ids, pos, meta)
+                self.graphs[g] = graph
+                self.hidden[g] = hidden
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1fs", len(self.sizes), self.sizes[0],
