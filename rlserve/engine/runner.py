@@ -147,21 +147,24 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(num_blocks)
 
     @torch.inference_mode()
-    def profile_free_memory(self, gpu_memory_utilization: float, allocated_before_load: int = 0) -> int:
+    def profile_free_memory(self, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take: run the largest step the scheduler can produce (every token of the
         budget, logits for the most sequences, a chunk of prompt logprobs, then the sampler with every stage on
         max_num_seqs rows -- the most it draws at once) and keep what its peak leaves under
         ``gpu_memory_utilization`` of the card, as in vLLM: the fraction is this engine's share.
 
-        ``allocated_before_load``: torch's allocated bytes on the device before this engine loaded its model
-        (other engines of this process, a trainer's tensors). They are not this engine's, so they are not
-        charged to its share; but the KV cache never takes more than is free beside them."""
+        What others in this process hold on the device (another engine, a trainer's tensors) is not charged to
+        this engine's share, but the KV cache never takes more than is free beside it."""
         num_tokens = self.info.max_num_batched_tokens
         num_seqs = min(self.info.max_num_seqs, num_tokens)
         per_seq = num_tokens // num_seqs
         num_blocks = num_seqs * -(-per_seq // self.block_size)
         self.reallocate_kv_cache(num_blocks)
         device = self.device
+        kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        gc.collect()  # others' garbage freed now, not in the middle of the profile (it would hide in the peak)
+        torch.cuda.synchronize(device)
+        others = max(torch.cuda.memory_allocated(device) - self._weight_bytes() - kv_bytes, 0)
         torch.cuda.reset_peak_memory_stats(device)
         # The penalty state lives across steps, through the forward too: it is held from the start.
         self.penalties.allocate(self.info.vocab_size)
@@ -181,9 +184,8 @@ class ModelRunner:
                                  (self.penalties.counts, self.penalties.seen))
         out = self._sample(logits, batch)
         torch.cuda.synchronize(device)
-        kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         # This engine's peak: weights, the largest step's temporaries (and the trial KV cache, taken off)
-        peak_without_kv = torch.cuda.max_memory_allocated(device) - allocated_before_load - kv_bytes
+        peak_without_kv = torch.cuda.max_memory_allocated(device) - others - kv_bytes
         self.profiled_peak_bytes = peak_without_kv
         del logits, batch, out
         self.penalties.free_buffers()  # allocated again by the first penalised sequence, in the room kept here
@@ -191,15 +193,21 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         non_torch = total - free - torch.cuda.memory_reserved(device)  # CUDA contexts, NCCL, other processes
-        transient = peak_without_kv - (torch.cuda.memory_allocated(device) - allocated_before_load)
+        transient = peak_without_kv - (torch.cuda.memory_allocated(device) - others)
         graph_reserve = 0 if self.config.enforce_eager else 512 * 2**20
         budget = total * gpu_memory_utilization - peak_without_kv - non_torch - graph_reserve
         # Never more than is free now, less the step temporaries still to come back
         budget = min(budget, free - transient - graph_reserve)
         logger.info("memory profile: peak %.2f GiB without KV, %.2f GiB outside torch, %.2f GiB held by others "
                     "in this process, KV budget %.2f GiB", peak_without_kv / 2**30, non_torch / 2**30,
-                    allocated_before_load / 2**30, budget / 2**30)
+                    others / 2**30, budget / 2**30)
         return int(max(budget, 0))
+
+    def _weight_bytes(self) -> int:
+        """Bytes of this model's parameters and buffers on the device (tied weights counted once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in itertools.chain(self.model.parameters(), self.model.buffers()) if t.device == self.device}
+        return sum(storages.values())
 
     def _dummy_batch(self, num_seqs: int, tokens_per_seq: int):
         """A prefill of ``num_seqs`` sequences of ``tokens_per_seq`` tokens each, over blocks 0, 1, 2, ..."""
