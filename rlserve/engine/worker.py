@@ -78,8 +78,6 @@ def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str
         torch.cuda.set_device(device)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     max_model_len = max_model_len_for(config, hf_config)
-    # What others in this process (an engine, a trainer) hold on the device: not charged to this engine's share
-    allocated_before_load = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model = load_model(model_dir, hf_config, dtype, device, tp, config.load_format, max_position=max_model_len)
     t_load = time.perf_counter()
     on_gpu = device.type == "cuda"
@@ -92,7 +90,7 @@ def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str
         architecture=type(model).__name__, num_layers=hf_config.num_hidden_layers,
         num_kv_heads=model.attention_layers[0].num_kv_heads, head_dim=head_dim_of(hf_config))
     runner = ModelRunner(config, info, model, 1, attention_backend, tp)
-    info.num_kv_blocks = tp.min_int(num_kv_blocks(config, info, runner, allocated_before_load))
+    info.num_kv_blocks = tp.min_int(num_kv_blocks(config, info, runner))
     runner.reallocate_kv_cache(info.num_kv_blocks)
     t_graphs = time.perf_counter()
     runner.capture_cuda_graphs()
@@ -102,14 +100,13 @@ def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str
                         "total": round(t_end - t0, 3)})
 
 
-def num_kv_blocks(config: EngineConfig, info: RuntimeInfo, runner: ModelRunner, allocated_before_load: int = 0
-                  ) -> int:
+def num_kv_blocks(config: EngineConfig, info: RuntimeInfo, runner: ModelRunner) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     block_bytes = ModelRunner.kv_block_bytes(info, info.dtype)
     wanted = info.max_num_seqs * -(-info.max_model_len // info.block_size)
     if info.device.type == "cuda":
-        blocks = int(runner.profile_free_memory(config.gpu_memory_utilization, allocated_before_load) // block_bytes)
+        blocks = int(runner.profile_free_memory(config.gpu_memory_utilization) // block_bytes)
     else:
         blocks = min(int(config.cpu_kv_cache_gb * 2**30 // block_bytes), wanted)
     if blocks < 1:
