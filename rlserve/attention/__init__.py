@@ -8,6 +8,7 @@ CUDA path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,9 @@ class AttentionBackend:
     write_kv: Callable
     attend: Callable
     supports_cuda_graphs: bool
+    # How a cache block is stored: "nhd" [block_size, KVH, D] or "hnd" [KVH, block_size, D] (each head's slots
+    # contiguous). Backends always receive [num_blocks, block_size, KVH, D] views; "hnd" ones are strided.
+    kv_layout: str = "nhd"
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -35,7 +39,8 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
         return AttentionBackend("reference", reference.write_kv, reference.paged_attention, False)
     if name == "triton":
         from rlserve.attention import triton_paged
-        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True)
+        layout = os.environ.get("RLSERVE_KV_LAYOUT", "nhd")  # experiment switch (HND decode reads), see BENCHMARKS
+        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True, layout)
     raise ValueError(f"attention backend must be 'auto', 'reference' or 'triton', got {name!r}")
 
 
