@@ -72,7 +72,7 @@ def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 class PagedCache:
     """Random contexts in shuffled cache blocks; ``k``/``v`` poisoned, ``k_ref``/``v_ref`` clean."""
 
-    def __init__(self, seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, extra_blocks=3, layout="nhd"):
+    def __init__(self, seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, extra_blocks=3):
         per_seq = [triton.cdiv(n, block_size) for n in seq_lens]
         num_blocks = 1 + sum(per_seq) + extra_blocks  # block 0 is never allocated: it pads the tables
         order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
@@ -91,8 +91,6 @@ class PagedCache:
             for kc, vc in ((self.k, self.v), (self.k_ref, self.v_ref)):
                 reference.write_kv(k, v, kc, vc, slots)
         self.block_size = block_size
-        if layout == "hnd":
-            self.k, self.v = as_hnd(self.k), as_hnd(self.v)
         for name in ("k", "v", "k_ref", "v_ref", "block_tables"):
             setattr(self, name, getattr(self, name).to(DEVICE))
 
@@ -100,16 +98,6 @@ class PagedCache:
         bs = self.k.shape[1]
         pos = torch.arange(start, end)
         return (self.block_tables[seq].cpu().long()[pos // bs] * bs + pos % bs).to(self.k.device)
-
-
-def as_hnd(cache: torch.Tensor) -> torch.Tensor:
-    """The same values stored with each KV head's slots contiguous in a block ([N, KVH, BS, D] memory): the
-    engine's "hnd" layout, handed to the kernels as a strided [N, BS, KVH, D] view."""
-    hnd = torch.empty(cache.shape[0], cache.shape[2], cache.shape[1], cache.shape[3], dtype=cache.dtype,
-                      device=cache.device)
-    view = hnd.transpose(1, 2)
-    view.copy_(cache)
-    return view
 
 
 def _meta(query_lens, seq_lens, num_decodes, cache: PagedCache) -> AttentionMetadata:
@@ -143,8 +131,7 @@ def _queries(num_tokens, num_heads, head_dim, dtype, gen, strided=False):
 @pytest.mark.parametrize("num_kv_heads,head_dim", _params([(1, 64), (2, 128), (8, 128), (3, 96)],
                                                           [(2, 64), (3, 96)]))
 @pytest.mark.parametrize("block_size", _params([8, 16, 256], [8]))
-@pytest.mark.parametrize("layout", ["nhd", "hnd"])
-def test_store_kv(dtype, num_kv_heads, head_dim, block_size, layout):
+def test_store_kv(dtype, num_kv_heads, head_dim, block_size):
     gen = torch.Generator().manual_seed(0)
     num_blocks, num_tokens = 6, 13
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -158,8 +145,6 @@ def test_store_kv(dtype, num_kv_heads, head_dim, block_size, layout):
     k_exp, v_exp = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
     reference.write_kv(k[keep.to(DEVICE)], v[keep.to(DEVICE)], k_exp, v_exp, slots[keep].to(DEVICE))
-    if layout == "hnd":
-        k_cache, v_cache = as_hnd(k_cache), as_hnd(v_cache)
 
     tp.store_kv(k, v, k_cache, v_cache, slots.to(DEVICE))
     torch.testing.assert_close(k_cache, k_exp, rtol=0, atol=0, equal_nan=True)
@@ -170,12 +155,11 @@ def test_store_kv(dtype, num_kv_heads, head_dim, block_size, layout):
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
-@pytest.mark.parametrize("layout", ["nhd", "hnd"])
-def test_decode(case, num_splits, layout):
+def test_decode(case, num_splits):
     dtype, head_dim, gqa, bs = case
     gen = torch.Generator().manual_seed(1)
     seq_lens = [1, bs - 1 or 1, bs, bs + 1, 3 * bs + 5, 2, 100] if not INTERPRET else [1, bs - 1, bs + 1, 2 * bs + 3]
-    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen, layout=layout)
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
     meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
     q = _queries(len(seq_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
     scale = head_dim ** -0.5
@@ -225,13 +209,12 @@ def _prefill_shapes(bs):
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
-@pytest.mark.parametrize("layout", ["nhd", "hnd"])
-def test_prefill(case, layout):
+def test_prefill(case):
     dtype, head_dim, gqa, bs = case
     gen = torch.Generator().manual_seed(3)
     shapes = _prefill_shapes(bs)
     query_lens, seq_lens = [s[0] for s in shapes], [s[1] for s in shapes]
-    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen, layout=layout)
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
     meta = _meta(query_lens, seq_lens, 0, cache)
     q = _queries(sum(query_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
     scale = head_dim ** -0.5
@@ -261,14 +244,13 @@ def test_paged_attention_mixed(case):
     _check(out, _reference(q, cache, meta, scale), dtype)
 
 
-@pytest.mark.parametrize("layout", ["nhd", "hnd"])
-def test_paged_attention_after_store_kv(layout):
+def test_paged_attention_after_store_kv():
     """End to end: store the new tokens' K/V with store_kv, then attend (decodes + a chunk on a prefix)."""
     dtype = torch.float32 if INTERPRET else torch.bfloat16
     gen = torch.Generator().manual_seed(5)
     bs, head_dim, gqa = 16, 64, 2
     query_lens, seq_lens = [1, 1, 9, 20], [5, 33, 40, 20]
-    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen, layout=layout)
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
     meta = _meta(query_lens, seq_lens, 2, cache)
     k_new = torch.randn(sum(query_lens), NUM_KV_HEADS, head_dim, generator=gen).to(dtype).to(DEVICE)
     v_new = torch.randn(sum(query_lens), NUM_KV_HEADS, head_dim, generator=gen).to(dtype).to(DEVICE)

@@ -8,7 +8,6 @@ CUDA path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,9 +24,6 @@ class AttentionBackend:
     write_kv: Callable
     attend: Callable
     supports_cuda_graphs: bool
-    # How a cache block is stored: "nhd" [block_size, KVH, D] or "hnd" [KVH, block_size, D] (each head's slots
-    # contiguous). Backends always receive [num_blocks, block_size, KVH, D] views; "hnd" ones are strided.
-    kv_layout: str = "nhd"
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -39,8 +35,7 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
         return AttentionBackend("reference", reference.write_kv, reference.paged_attention, False)
     if name == "triton":
         from rlserve.attention import triton_paged
-        layout = os.environ.get("RLSERVE_KV_LAYOUT", "nhd")  # experiment switch (HND decode reads), see BENCHMARKS
-        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True, layout)
+        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True)
     raise ValueError(f"attention backend must be 'auto', 'reference' or 'triton', got {name!r}")
 
 

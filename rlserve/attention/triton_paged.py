@@ -49,8 +49,8 @@ _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     stride_kcs, stride_kch, stride_vcs, stride_vch,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)  # flat slot = block * block_size + offset; -1 = padding
@@ -60,10 +60,10 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, slot_ptr,
     t64 = t.to(tl.int64)
     k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE  # by strides: any order of (slot, head) in a block
-    tl.store(k_cache + blk * stride_kcb + off * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :],
+    # The cache is viewed as [num_blocks * block_size, KVH, D], so the slot is the row index.
+    tl.store(k_cache + slot * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :],
              k.to(k_cache.dtype.element_ty), mask=mask)
-    tl.store(v_cache + blk * stride_vcb + off * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :],
+    tl.store(v_cache + slot * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :],
              v.to(v_cache.dtype.element_ty), mask=mask)
 
 
@@ -285,11 +285,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if num_tokens == 0:
         return
     _check_last_dim(k, v, k_cache, v_cache)
+    assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), "cache blocks must be dense"
+    assert v_cache.stride(0) == v_cache.shape[1] * v_cache.stride(1), "cache blocks must be dense"
     _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
 

@@ -133,14 +133,11 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         layers = self.model.attention_layers
         attn = layers[0]
-        # [K/V, layer, block, slot, kv head, head dim] ("hnd": kv head before slot; the layers get the same
-        # [block, slot, kv head, head dim] view either way)
-        hnd = self.backend.kv_layout == "hnd"
-        inner = (attn.num_kv_heads, self.block_size) if hnd else (self.block_size, attn.num_kv_heads)
-        kv = torch.zeros(2, len(layers), num_blocks, *inner, attn.head_dim, dtype=self.info.dtype, device=self.device)
+        # [K/V, layer, block, slot, kv head, head dim]
+        kv = torch.zeros(2, len(layers), num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
+                         dtype=self.info.dtype, device=self.device)
         for i, layer in enumerate(layers):
-            k, v = (kv[0, i], kv[1, i]) if not hnd else (kv[0, i].transpose(1, 2), kv[1, i].transpose(1, 2))
-            layer.bind(k, v, self.backend)
+            layer.bind(kv[0, i], kv[1, i], self.backend)
         return kv
 
     def reallocate_kv_cache(self, num_blocks: int) -> None:

@@ -5,8 +5,7 @@ keys (forked: the same cache blocks), each with its own generated keys; the rl-7
 rl-small (KVH 2, G 7, head dim 64) shapes, bf16, block size 16. For each (BLOCK_N, num_warps, num_stages) of
 _decode_config (patched), triton.testing.do_bench's time and the read rate of the whole contexts (the prompt
 counted once per sample); the default config is timed twice (first and last), so that the run's own drift shows
-beside the differences between configs. ``--layouts nhd,hnd --short``: the cache stored both ways (see
-rlserve/attention/__init__.py), four configs each, every layout timed twice in turn. JSON in DIR/decode_sweep.json."""
+beside the differences between configs. JSON in DIR/decode_sweep.json."""
 
 from __future__ import annotations
 
@@ -27,15 +26,11 @@ SHAPES = {  # name: (batch, n, kv_heads, group, prompt, generated so far, head d
 }
 
 
-def build(batch, n, kvh, group, prompt, gen, d, bs=16, dtype=torch.bfloat16, layout="nhd"):
+def build(batch, n, kvh, group, prompt, gen, d, bs=16, dtype=torch.bfloat16):
     prompt_blocks, own = prompt // bs, -(-(gen + 1) // bs)
     num_blocks = 1 + (batch // n) * prompt_blocks + batch * own
-    if layout == "hnd":  # each KV head's slots contiguous in a block, viewed as [N, BS, KVH, D] (the engine's way)
-        k = torch.randn(num_blocks, kvh, bs, d, device="cuda", dtype=dtype).transpose(1, 2)
-        v = torch.randn(num_blocks, kvh, bs, d, device="cuda", dtype=dtype).transpose(1, 2)
-    else:
-        k = torch.randn(num_blocks, bs, kvh, d, device="cuda", dtype=dtype)
-        v = torch.randn_like(k)
+    k = torch.randn(num_blocks, bs, kvh, d, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
     order = torch.randperm(num_blocks - 1).add_(1).tolist()
     tables = []
     for _ in range(batch // n):
@@ -49,20 +44,11 @@ def build(batch, n, kvh, group, prompt, gen, d, bs=16, dtype=torch.bfloat16, lay
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp")
-    parser.add_argument("--layouts", default="nhd", help="comma-separated: nhd, hnd (each timed in its turn)")
-    parser.add_argument("--short", action="store_true", help="four configs, not the whole grid")
     args = parser.parse_args()
     rows = []
     default_config = tp._decode_config
-    grid = list(itertools.product([32, 64, 128], [2, 4, 8], [2, 3]))
-    if args.short:
-        grid = [(64, 2, 2), (64, 4, 2), (32, 4, 2), (64, 4, 3)]
-    cases = [(name, shape, layout) for name, shape in SHAPES.items() for layout in args.layouts.split(",")]
-    if args.short:  # every layout twice, alternated: the drift shows beside the difference
-        cases = [(name, shape, layout) for name, shape in SHAPES.items() for _ in range(2)
-                 for layout in args.layouts.split(",")]
-    for name, shape, layout in cases:
-        q, k, v, bt, lens = build(*shape, layout=layout)
+    for name, shape in SHAPES.items():
+        q, k, v, bt, lens = build(*shape)
         head_dim = shape[6]
         scale = head_dim ** -0.5
         read = shape[0] * (shape[4] + shape[5] + 1) * shape[2] * head_dim * 2 * 2
@@ -76,19 +62,16 @@ def main():
                 ms = None
             finally:
                 tp._decode_config = default_config
-            return dict(shape=name, layout=layout, config=config or "default", us=ms and ms * 1e3,
-                        tbps=ms and read / ms / 1e9)
+            return dict(shape=name, config=config or "default", us=ms and ms * 1e3, tbps=ms and read / ms / 1e9)
 
-        first = len(rows)
         rows.append(bench())
-        for bn, warps, stages in grid:
+        for bn, warps, stages in itertools.product([32, 64, 128], [2, 4, 8], [2, 3]):
             rows.append(bench(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)))
         rows.append(bench())
-        mine = rows[first:]
+        mine = [r for r in rows if r["shape"] == name]
         best = min((r for r in mine if r["us"]), key=lambda r: r["us"])
-        print(f"{name} {layout}: default {mine[0]['us']:.1f} us, again at the end {mine[-1]['us']:.1f} us; "
-              f"best {best['config']} {best['us']:.1f} us", flush=True)
-        del q, k, v, bt, lens
+        print(f"{name}: default {mine[0]['us']:.1f} us, again at the end {mine[-1]['us']:.1f} us; best {best}",
+              flush=True)
     Path(args.out, "decode_sweep.json").write_text(json.dumps(rows, indent=1))
 
 
