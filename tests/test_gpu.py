@@ -97,20 +97,24 @@ def test_kv_cache_is_sized_from_memory_and_reported(small_model_dir):
 
 def test_engines_sharing_a_process_each_get_their_share(small_model_dir):
     """gpu_memory_utilization is each engine's share of the card (as in vLLM): a second engine in the process is
-    not charged the first one's KV cache; a third asking for more than is left gets what is free, and runs."""
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    kwargs = dict(device="cuda", dtype="bfloat16", enforce_eager=True)
-    first = LLM(str(small_model_dir), gpu_memory_utilization=0.2, **kwargs)
-    second = LLM(str(small_model_dir), gpu_memory_utilization=0.2, **kwargs)
-    blocks = [llm.info.num_kv_blocks for llm in (first, second)]
-    assert blocks[0] > 1000 and abs(blocks[1] - blocks[0]) < 0.1 * blocks[0], blocks
-    free_before, total = torch.cuda.mem_get_info()
-    third = LLM(str(small_model_dir), gpu_memory_utilization=0.9, **kwargs)  # 0.9 of the card is not free
-    kv = third.engine.runner.kv_cache
-    assert kv.numel() * kv.element_size() < free_before
-    for llm in (first, second, third):
-        assert len(llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 8
-    del first, second, third
+    not charged the first one's KV cache; a share that does not fit beside them is refused with the numbers, and
+    the two serve on, a worst-case step included (the longest prefill, penalties, 20 logprobs)."""
+    import gc
+    kwargs = dict(device="cuda", dtype="bfloat16")
+    with LLM(str(small_model_dir), gpu_memory_utilization=0.2, **kwargs) as first, \
+            LLM(str(small_model_dir), gpu_memory_utilization=0.2, **kwargs) as second:
+        blocks = [llm.info.num_kv_blocks for llm in (first, second)]
+        assert blocks[0] > 1000 and abs(blocks[1] - blocks[0]) < 0.1 * blocks[0], blocks
+        with pytest.raises(ValueError, match="gpu_memory_utilization 0.9 asks for"):
+            LLM(str(small_model_dir), gpu_memory_utilization=0.9, **kwargs)
+        gc.collect()  # the refused engine's weights
+        longest = list(range(1, min(first.info.max_num_batched_tokens, first.info.max_model_len) - 8))
+        batch = [longest] + prompts(255, seed=9)  # the longest prefill, then 256 rows through the sampler
+        worst = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, repetition_penalty=1.2, logprobs=20)
+        for llm in (first, second):
+            assert [len(o.outputs[0].token_ids) for o in llm.generate(batch, worst)] == [4] * 256
+            assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True))[0].outputs[0]
+                       .token_ids) == 8
 
 
 def test_fused_layer_kernels_pass_their_self_check():

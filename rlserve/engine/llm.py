@@ -34,7 +34,11 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, device=device, seed=seed, enforce_eager=enforce_eager,
             **engine_kwargs)
         from rlserve.engine.executor import make_engine
-        self.engine = make_engine(self.config)
+        device = self.config.resolved_device()
+        # Loading makes the engine's device current (the server's processes keep it so); this context gives the
+        # caller's thread its own back: LLM(device="cuda:1") leaves a trainer on cuda:0 where it was.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self.engine = make_engine(self.config)
         self.tokenizer = load_tokenizer(self.engine.model_dir, revision)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

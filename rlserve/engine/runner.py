@@ -140,8 +140,14 @@ class ModelRunner:
             layer.bind(kv[0, i], kv[1, i], self.backend)
         return kv
 
-    def reallocate_kv_cache(self, num_blocks: int) -> None:
+    def _release_kv_cache(self) -> None:
+        """Drop the cache with the layers' views of it (the views alone would keep its memory)."""
+        for layer in self.model.attention_layers:
+            layer.k_cache = layer.v_cache = None
         self.kv_cache = None
+
+    def reallocate_kv_cache(self, num_blocks: int) -> None:
+        self._release_kv_cache()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.kv_cache = self._allocate_kv_cache(num_blocks)
@@ -154,15 +160,17 @@ class ModelRunner:
         ``gpu_memory_utilization`` of the card, as in vLLM: the fraction is this engine's share.
 
         What others in this process hold on the device (another engine, a trainer's tensors) is not charged to
-        this engine's share, but the KV cache never takes more than is free beside it."""
+        this engine's share. A share that does not fit beside them is refused, as vLLM refuses a share larger
+        than the free memory: taking what is left would leave the others no room for their own next steps.
+        Measured with the others idle: start engines while nothing else on the device allocates or frees."""
         num_tokens = self.info.max_num_batched_tokens
         num_seqs = min(self.info.max_num_seqs, num_tokens)
         per_seq = num_tokens // num_seqs
         num_blocks = num_seqs * -(-per_seq // self.block_size)
+        gc.collect()  # others' garbage freed now, not in the middle of the profile (it would hide in the peak)
         self.reallocate_kv_cache(num_blocks)
         device = self.device
         kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
-        gc.collect()  # others' garbage freed now, not in the middle of the profile (it would hide in the peak)
         torch.cuda.synchronize(device)
         others = max(torch.cuda.memory_allocated(device) - self._weight_bytes() - kv_bytes, 0)
         torch.cuda.reset_peak_memory_stats(device)
@@ -189,15 +197,22 @@ class ModelRunner:
         self.profiled_peak_bytes = peak_without_kv
         del logits, batch, out
         self.penalties.free_buffers()  # allocated again by the first penalised sequence, in the room kept here
-        self.kv_cache = None
+        self._release_kv_cache()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         non_torch = total - free - torch.cuda.memory_reserved(device)  # CUDA contexts, NCCL, other processes
         transient = peak_without_kv - (torch.cuda.memory_allocated(device) - others)
         graph_reserve = 0 if self.config.enforce_eager else 512 * 2**20
         budget = total * gpu_memory_utilization - peak_without_kv - non_torch - graph_reserve
-        # Never more than is free now, less the step temporaries still to come back
-        budget = min(budget, free - transient - graph_reserve)
+        # What is free now, less this engine's step temporaries still to come back. Alone on the card it only
+        # falls short of the share at a share near 1 (fragmentation): then it is the bound.
+        room = free - transient - graph_reserve
+        if budget - room > 0.01 * total:
+            raise ValueError(
+                f"gpu_memory_utilization {gpu_memory_utilization} asks for {total * gpu_memory_utilization / 2**30:.1f}"
+                f" GiB of the card's {total / 2**30:.1f} GiB, but others in this process hold {others / 2**30:.1f} GiB"
+                f" and {free / 2**30:.1f} GiB is free: lower gpu_memory_utilization")
+        budget = min(budget, room)
         logger.info("memory profile: peak %.2f GiB without KV, %.2f GiB outside torch, %.2f GiB held by others "
                     "in this process, KV budget %.2f GiB", peak_without_kv / 2**30, non_torch / 2**30,
                     others / 2**30, budget / 2**30)
