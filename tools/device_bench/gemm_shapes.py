@@ -6,7 +6,11 @@ python tools/device_bench/gemm_shapes.py --out DIR [--tokens 256,512]: for each 
 the L2 flushed between runs (a decode step reads each weight once). Reports µs, TFLOP/s and the weight read rate;
 the first backend is timed again last, so that the run's own drift (power capping) shows beside the differences.
 JSON in DIR/gemm_shapes.json. It tells whether a backend choice or a tuned kernel has room at rl-7b's step, where
-the seventh session's profile had QKV at 468 and O at 512 TFLOP/s against gate+up's 735."""
+the seventh session's profile had QKV at 468 and O at 512 TFLOP/s against gate+up's 735.
+
+--triton also times triton_gemm.py's split-K GEMM under every config of its CONFIGS (shorter do_bench runs; a
+config that fails to compile or run, e.g. out of shared memory, gets None) after checking each config's output
+against F.linear, and records the fastest as ``triton_best``. --layers qkv,o,down limits the layers timed."""
 
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import triton_gemm  # this folder is on sys.path when the script runs
+
 SHAPES = {  # model: {layer: (out features, in features, bias)}
     "7b": {"qkv": (4608, 3584, True), "o": (3584, 3584, False), "gate_up": (37888, 3584, False),
            "down": (3584, 18944, False), "lm_head": (152064, 3584, False)},
@@ -27,34 +33,82 @@ SHAPES = {  # model: {layer: (out features, in features, bias)}
 BACKENDS = ("cublas", "cublaslt")
 
 
-def time_linear(tokens: int, out_f: int, in_f: int, bias: bool, backend: str) -> float:
-    torch.backends.cuda.preferred_blas_library(backend)
+def make_inputs(tokens: int, out_f: int, in_f: int, bias: bool):
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * in_f ** -0.5
     b = torch.randn(out_f, device="cuda", dtype=torch.bfloat16) if bias else None
-    return triton.testing.do_bench(lambda: F.linear(x, w, b), warmup=50, rep=300)  # ms, median
+    return x, w, b
+
+
+def time_linear(tokens: int, out_f: int, in_f: int, bias: bool, backend: str) -> float:
+    torch.backends.cuda.preferred_blas_library(backend)
+    x, w, b = make_inputs(tokens, out_f, in_f, bias)
+    return triton.testing.do_bench(lambda: F.linear(x, w, b), warmup=50, rep=300)  # ms, mean (do_bench's default)
+
+
+def stats(ms: float, tokens: int, out_f: int, in_f: int) -> dict:
+    return {"us": round(ms * 1e3, 2), "tflops": round(2 * tokens * out_f * in_f / ms / 1e9, 1),
+            "weight_tb_s": round(2 * out_f * in_f / ms / 1e9, 2)}
+
+
+def time_triton(tokens: int, out_f: int, in_f: int, bias: bool) -> tuple[dict | None, dict]:
+    """(fastest config's stats or None, config name -> µs or None) over triton_gemm.CONFIGS.
+
+    A config whose output is off from F.linear by 2e-2 of the output scale or more is an error, not a timing. Each
+    check takes a fresh x, so an output buffer that the allocator hands back still holding the previous config's
+    result cannot pass for a kernel that left it unwritten."""
+    x, w, b = make_inputs(tokens, out_f, in_f, bias)
+    times = {}  # config name -> ms or None
+    for cfg in triton_gemm.CONFIGS:
+        name = triton_gemm.config_name(cfg)
+        try:
+            x_check = torch.randn_like(x)
+            ref = F.linear(x_check, w, b).float()
+            err = (triton_gemm.linear(x_check, w, b, **cfg).float() - ref).abs().max().item() / ref.abs().max().item()
+            if err >= 2e-2:
+                raise RuntimeError(f"output off by {err:.3g} of its scale")
+            ms = triton.testing.do_bench(lambda: triton_gemm.linear(x, w, b, **cfg), warmup=10, rep=50)
+        except Exception as e:  # out of resources, compile errors, wrong results: no timing for this config
+            print(f"  triton {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            times[name] = None
+            continue
+        times[name] = ms
+    all_us = {name: None if ms is None else round(ms * 1e3, 2) for name, ms in times.items()}
+    timed = {name: ms for name, ms in times.items() if ms is not None}
+    if not timed:
+        return None, all_us
+    name = min(timed, key=timed.get)
+    return {"config": name, **stats(timed[name], tokens, out_f, in_f)}, all_us
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", default="256,512")
+    parser.add_argument("--layers", default=",".join(SHAPES["7b"]), help="comma-separated, e.g. qkv,o,down")
+    parser.add_argument("--triton", action="store_true", help="also time triton_gemm.py's configs")
     args = parser.parse_args()
     token_counts = [int(t) for t in args.tokens.split(",")]
+    wanted = args.layers.split(",")
+    if unknown := set(wanted) - set(SHAPES["7b"]):
+        parser.error(f"unknown layers {sorted(unknown)}; known: {list(SHAPES['7b'])}")
     rows = []
     for model, layers in SHAPES.items():
         for tokens in token_counts:
             for layer, (out_f, in_f, bias) in layers.items():
+                if layer not in wanted:
+                    continue
                 row = {"model": model, "layer": layer, "tokens": tokens, "out": out_f, "in": in_f, "bias": bias}
                 for backend in (*BACKENDS, BACKENDS[0]):
-                    ms = time_linear(tokens, out_f, in_f, bias, backend)
                     key = backend if backend not in row else f"{backend}_again"
-                    row[key] = {"us": round(ms * 1e3, 2), "tflops": round(2 * tokens * out_f * in_f / ms / 1e9, 1),
-                                "weight_tb_s": round(2 * out_f * in_f / ms / 1e9, 2)}
+                    row[key] = stats(time_linear(tokens, out_f, in_f, bias, backend), tokens, out_f, in_f)
+                if args.triton:
+                    row["triton_best"], row["triton_us"] = time_triton(tokens, out_f, in_f, bias)
                 rows.append(row)
+                best = row.get("triton_best")
                 print(f"{model:5} {layer:8} M={tokens:4} " + "  ".join(
-                    f"{k}: {v['us']:8.1f} us {v['tflops']:6.1f} TF/s" for k, v in row.items() if isinstance(v, dict)),
-                    flush=True)
+                    f"{k}: {v['us']:8.1f} us {v['tflops']:6.1f} TF/s" for k, v in row.items()
+                    if isinstance(v, dict) and "tflops" in v) + (f" ({best['config']})" if best else ""), flush=True)
     torch.backends.cuda.preferred_blas_library("cublas")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
