@@ -153,9 +153,17 @@ def test_store_kv(dtype, num_kv_heads, head_dim, block_size):
 
 # ------------------------------------------------------------------------------------------------- decode
 
+@pytest.fixture(params=[False, True], ids=["ids-in-tile", "ids-ahead"])
+def prefetch_blocks(request, monkeypatch):
+    """Both ways of the decode kernel's full-tile loop: block ids loaded in the tile's own iteration (default),
+    or one tile ahead (``PREFETCH_BLOCKS``, the pipelining experiment)."""
+    monkeypatch.setattr(tp, "_PREFETCH_BLOCKS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
-def test_decode(case, num_splits):
+def test_decode(case, num_splits, prefetch_blocks):
     dtype, head_dim, gqa, bs = case
     gen = torch.Generator().manual_seed(1)
     seq_lens = [1, bs - 1 or 1, bs, bs + 1, 3 * bs + 5, 2, 100] if not INTERPRET else [1, bs - 1, bs + 1, 2 * bs + 3]
@@ -172,7 +180,7 @@ def test_decode(case, num_splits):
 @pytest.mark.parametrize("dtype", _params(GPU_DTYPES, [torch.float32]))
 @pytest.mark.parametrize("gqa", _params([1, 7, 8], [7]))
 @pytest.mark.parametrize("num_splits", _params([None, 2, 5, 16, 32], [4, 16]))
-def test_decode_split_kv(dtype, gqa, num_splits):
+def test_decode_split_kv(dtype, gqa, num_splits, prefetch_blocks):
     """Small batch, long context, many splits (some empty), and seq_len-0 padding rows (CUDA-graph style)."""
     gen = torch.Generator().manual_seed(2)
     bs, head_dim = 16, 64

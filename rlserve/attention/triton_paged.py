@@ -35,6 +35,7 @@ Head dims that are not powers of two (80, 96, ...) are padded to ``BLOCK_D`` and
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -44,6 +45,9 @@ from rlserve.attention.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
+# The decode kernel's block-id prefetch (see _decode_kernel), off until measured: RLSERVE_DECODE_PREFETCH=1 turns it
+# on for an A/B (tools/device_bench/run_on_device.sh prefetch-7b).
+_PREFETCH_BLOCKS = os.environ.get("RLSERVE_DECODE_PREFETCH", "0") == "1"
 
 
 @triton.jit
@@ -78,14 +82,29 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, sta
     positions (used when MASKED: key n is visible iff n <= q_pos and n < kv_end).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] token index in the sequence
+    if MASKED:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=offs_n < kv_end, other=0)  # [BLOCK_N]
+    else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE)
+    return _attend_blocks(acc, m_i, l_i, q, q_pos, k_cache, v_cache, blk, kv_head, start_n, kv_end, qk_scale,
+                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                          BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, DOT_PREC)
+
+
+@triton.jit
+def _attend_blocks(acc, m_i, l_i, q, q_pos, k_cache, v_cache, blk, kv_head, start_n, kv_end, qk_scale,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``_attend_tile`` with the tile's cache blocks given: ``blk`` [BLOCK_N], each key's block id."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] token index in the sequence
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     n_ok = offs_n < kv_end
     d_ok = offs_d[None, :] < HEAD_DIM  # [1, BLOCK_D]
+    blk = blk.to(tl.int64)
     if MASKED:
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)  # [BLOCK_N]
         kv_mask = n_ok[:, None] & d_ok  # [BLOCK_N, BLOCK_D]
     else:
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_ok
     in_blk = offs_n % BLOCK_SIZE
     k_row = blk * stride_kb + in_blk * stride_ks + kv_head * stride_kh  # [BLOCK_N]
@@ -111,7 +130,8 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   PREFETCH_BLOCKS: tl.constexpr = False):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -136,10 +156,25 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for n in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
+    if PREFETCH_BLOCKS:
+        # The next tile's block ids are loaded one tile ahead, so no K/V address waits on a load of its own
+        # iteration: Triton's pipeliner then keeps num_stages - 1 K/V tiles in flight. With the ids loaded in
+        # the same iteration it keeps one at num_stages 2 to 4 (the sm_90 TTGIR shows buffers of depth 1), and
+        # a program waits for every tile it reads. (An experiment until measured: see BENCHMARKS, twelfth session.)
+        offs_t = tl.arange(0, BLOCK_N)
+        blk_next = tl.load(bt_row + (start + offs_t) // BLOCK_SIZE, mask=start + offs_t < end, other=0)
+        for n in range(start, full_end, BLOCK_N):
+            blk = blk_next
+            ahead = n + BLOCK_N + offs_t
+            blk_next = tl.load(bt_row + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
+            acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, q_pos, k_cache, v_cache, blk, kv_head, n, end,
+                                           qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                           stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
+    else:
+        for n in range(start, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
+                                         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                         stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
     for n in range(full_end, end, BLOCK_N):  # at most one partial tile
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
                                      qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
@@ -243,7 +278,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _decode_config(block_d: int, dtype: torch.dtype) -> dict:
     """KV tile and launch options for decode (fp32 tiles are halved to stay clear of register spills)."""
     block_n = 64 if block_d <= 128 else 32
-    return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3,
+                PREFETCH_BLOCKS=_PREFETCH_BLOCKS)
 
 
 def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:

@@ -44,6 +44,8 @@ def build(batch, n, kvh, group, prompt, gen, d, bs=16, dtype=torch.bfloat16):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="also every config with PREFETCH_BLOCKS (block ids one tile ahead), at 2 to 5 stages")
     args = parser.parse_args()
     rows = []
     default_config = tp._decode_config
@@ -67,6 +69,9 @@ def main():
         rows.append(bench())
         for bn, warps, stages in itertools.product([32, 64, 128], [2, 4, 8], [2, 3]):
             rows.append(bench(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)))
+        if args.prefetch:
+            for bn, warps, stages in itertools.product([32, 64], [2, 4], [2, 3, 4, 5]):
+                rows.append(bench(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages, PREFETCH_BLOCKS=True)))
         rows.append(bench())
         mine = [r for r in rows if r["shape"] == name]
         best = min((r for r in mine if r["us"]), key=lambda r: r["us"])

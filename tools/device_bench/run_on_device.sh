@@ -27,6 +27,8 @@
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
 #                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
 #   gemm-shapes           the 7B and 0.5B decode matmuls alone (M = 256, 512), cuBLAS against cuBLASLt
+#   prefetch-7b           decode attention with the block ids one tile ahead (RLSERVE_DECODE_PREFETCH): GPU tests of
+#                         both loops, decode_sweep --prefetch, then rl-7b (K=8) off/on alternated twice
 #   gemm-triton           pytest -m gpu on tests/test_triton_gemm.py, then gemm-shapes' QKV, O and down with the
 #                         split-K Triton GEMM's configs beside cuBLAS (tools/device_bench/triton_gemm.py)
 #   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
@@ -125,6 +127,16 @@ run_step() {
       done ;;
     gemm-shapes)
       timeout 200 python3 tools/device_bench/gemm_shapes.py --out "$OUT" 2>&1 | tail -n 22 ;;
+    prefetch-7b)
+      timeout 200 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 | tail -n 2
+      timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6
+      for round in 1 2; do
+        for pf in 0 1; do
+          RLSERVE_DECODE_PREFETCH=$pf timeout 200 python3 -m rlserve.cli bench --workload rl-7b --modes seeded,plain \
+            --no_baseline --num_scheduler_steps 8 --output "$OUT/rl-7b-prefetch$pf-$round.json" 2>&1 | grep "rlserve" \
+            | sed "s/^/[prefetch=$pf] /"
+        done
+      done ;;
     gemm-triton)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_gemm.py -p no:cacheprovider 2>&1 | tail -n 3
       timeout 300 python3 tools/device_bench/gemm_shapes.py --out "$OUT" --triton --layers qkv,o,down 2>&1 \
