@@ -352,3 +352,34 @@ def test_shutdown_gives_the_kv_cache_and_weights_back_at_once(tiny_model, async_
     llm.shutdown()  # twice is harmless
     again = LLM(tiny_model, device="cpu", async_scheduling=async_scheduling)
     assert tokens(again.generate([[5, 6, 7]], params)) == want
+
+
+def test_a_rank_whose_kv_sizing_fails_still_joins_the_agreement(monkeypatch):
+    """Tensor parallelism agrees on the KV blocks with an all-reduce: a rank that raised before it would leave
+    the others waiting there. The failing rank takes part with -1, then raises its own error; the others learn
+    that a rank failed; with no failure every rank gets the smallest count."""
+    from rlserve.engine import worker
+
+    class Agreement:  # the all-reduce of one rank, the other rank's value fixed
+        def __init__(self, other):
+            self.other, self.calls = other, []
+
+        def min_int(self, value):
+            self.calls.append(value)
+            return min(value, self.other)
+
+    def refuse(*_):
+        raise ValueError("gpu_memory_utilization 0.9 asks for 126.0 GiB")
+
+    monkeypatch.setattr(worker, "num_kv_blocks", refuse)
+    tp = Agreement(other=500)
+    with pytest.raises(ValueError, match="asks for"):
+        worker.agreed_kv_blocks(None, None, None, tp)
+    assert tp.calls == [-1]
+    monkeypatch.setattr(worker, "num_kv_blocks", lambda *_: 800)
+    with pytest.raises(RuntimeError, match="another tensor-parallel rank"):
+        worker.agreed_kv_blocks(None, None, None, Agreement(other=-1))
+    assert worker.agreed_kv_blocks(None, None, None, Agreement(other=500)) == 500
+    monkeypatch.setattr(worker, "num_kv_blocks", lambda *_: 0)
+    with pytest.raises(RuntimeError, match="no memory left"):
+        worker.agreed_kv_blocks(None, None, None, Agreement(other=500))

@@ -97,8 +97,9 @@ def test_kv_cache_is_sized_from_memory_and_reported(small_model_dir):
 
 def test_engines_sharing_a_process_each_get_their_share(small_model_dir):
     """gpu_memory_utilization is each engine's share of the card (as in vLLM): a second engine in the process is
-    not charged the first one's KV cache; a share that does not fit beside them is refused with the numbers, and
-    the two serve on, a worst-case step included (the longest prefill, penalties, 20 logprobs)."""
+    not charged the first one's KV cache; a share that does not fit beside them is refused with the numbers, one
+    that fits is not, and the two serve on, a worst-case step included (the longest prefill, penalties, 20
+    logprobs)."""
     import gc
     kwargs = dict(device="cuda", dtype="bfloat16")
     with LLM(str(small_model_dir), gpu_memory_utilization=0.2, **kwargs) as first, \
@@ -107,7 +108,9 @@ def test_engines_sharing_a_process_each_get_their_share(small_model_dir):
         assert blocks[0] > 1000 and abs(blocks[1] - blocks[0]) < 0.1 * blocks[0], blocks
         with pytest.raises(ValueError, match="gpu_memory_utilization 0.9 asks for"):
             LLM(str(small_model_dir), gpu_memory_utilization=0.9, **kwargs)
-        gc.collect()  # the refused engine's weights
+        gc.collect()
+        with LLM(str(small_model_dir), gpu_memory_utilization=0.5, **kwargs) as third:  # what fits is not refused
+            assert third.info.num_kv_blocks > 2 * blocks[0]
         longest = list(range(1, min(first.info.max_num_batched_tokens, first.info.max_model_len) - 8))
         batch = [longest] + prompts(255, seed=9)  # the longest prefill, then 256 rows through the sampler
         worst = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, repetition_penalty=1.2, logprobs=20)

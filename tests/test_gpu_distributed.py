@@ -137,13 +137,14 @@ def test_an_engine_on_gpu1_serves_calls_from_another_thread(tiny_models):
     batch = prompts(8, seed=21)
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
                             logprobs=0)
+    before = torch.cuda.current_device()
     with LLM(tiny_models["qwen2"], device="cuda:0", dtype="float32", gpu_memory_utilization=0.1):
         pass  # graphs captured on cuda:0 first: torch's default capture stream would then live there
     # (no prefix cache: the second run would reuse the first's prompt KV and compute only the last prompt token,
     # whose float32 logits then differ in the last bits)
     with LLM(tiny_models["qwen2"], device="cuda:1", dtype="float32", gpu_memory_utilization=0.3,
              enable_prefix_caching=False) as llm:
-        assert torch.cuda.current_device() == 0  # the building thread keeps its own current device
+        assert torch.cuda.current_device() == before  # the building thread keeps its own current device
         assert llm.engine.runner.async_scheduling
         want = [[(c.token_ids, c.sampled_logprobs) for c in o.outputs] for o in llm.generate(batch, params)]
         with ThreadPoolExecutor(1) as pool:

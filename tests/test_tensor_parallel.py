@@ -253,3 +253,22 @@ def test_a_replica_stops_its_engine_even_when_closing_the_weight_sync_fails():
     proc.gc_pauses, proc.ctx = Closes("gc_pauses"), Closes("ctx")
     proc.close()
     assert calls == ["close_weight_sync", "shutdown", "gc_pauses", "ctx"]
+
+
+def test_a_failed_tp_start_leaves_no_group_and_a_retry_starts(tiny_models, monkeypatch):
+    """Rank 0's KV sizing refuses (as a share that does not fit beside others would): rank 1 still joins the
+    agreement and stops, rank 0's error reaches the caller, nobody waits out a timeout, and the group is gone,
+    so the next TP engine in this process starts and serves."""
+    import torch.distributed as dist
+    from rlserve.engine import worker
+
+    def refuse(*_):
+        raise ValueError("gpu_memory_utilization 0.9 asks for more than fits")
+
+    monkeypatch.setattr(worker, "num_kv_blocks", refuse)  # rank 0 only: rank 1 is a spawned process
+    with pytest.raises(ValueError, match="asks for more than fits"):
+        LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2)
+    assert not dist.is_initialized()
+    monkeypatch.undo()
+    with LLM(tiny_models["qwen2"], device="cpu", tensor_parallel_size=2) as llm:
+        assert greedy_tokens(llm, prompts(2)) == greedy_tokens(llm, prompts(2))

@@ -166,6 +166,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
         for n in range(start, full_end, BLOCK_N):
             blk = blk_next
             ahead = n + BLOCK_N + offs_t
+            # (the mask keeps the last tile's look-ahead inside the row: a sequence at max_model_len fills it)
             blk_next = tl.load(bt_row + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
             acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, q_pos, k_cache, v_cache, blk, kv_head, n, end,
                                            qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,

@@ -111,11 +111,31 @@ class TensorParallelEngine(EngineCore):
             self.pipes.append(parent)
         tp = _init_group(config, 0, store)
         self._group = tp.group
-        super().__init__(config, tp, attention_backend)
-        for pipe in self.pipes:
-            self._expect(pipe, "ready")
+        try:
+            super().__init__(config, tp, attention_backend)
+            for pipe in self.pipes:
+                self._expect(pipe, "ready")
+        except BaseException:  # (a refused memory share, a worker that failed to load, ...)
+            self._abandon_start()
+            raise
         me = weakref.proxy(self)  # not a bound method: engine <-> runner would be a cycle holding the KV cache
         self.runner.broadcast_step = lambda step: me._broadcast_step(step)
+
+    def _abandon_start(self) -> None:
+        """A start that failed stops its workers and drops the group, so that a later engine in this process (a
+        retry with a smaller share) can make its own; the workers' own failures are in their logs."""
+        for proc in self.workers:
+            proc.terminate()
+        for proc in self.workers:
+            proc.join(10)
+        if dist.is_initialized() and dist.group.WORLD is self._group:
+            _teardown_default_group(None, peers_alive=False)
+        self._group = None
+        self._is_shut_down = True
+        torch.set_num_threads(self._num_threads)
+        if getattr(self, "runner", None) is not None:  # rank 0 loaded, a worker did not
+            self.model = None
+            self.runner.free_device_memory()
 
     def _expect(self, pipe, what: str, timeout_s: float = 600.0):
         if not pipe.poll(timeout_s):

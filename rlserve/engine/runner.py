@@ -162,12 +162,22 @@ class ModelRunner:
         What others in this process hold on the device (another engine, a trainer's tensors) is not charged to
         this engine's share. A share that does not fit beside them is refused, as vLLM refuses a share larger
         than the free memory: taking what is left would leave the others no room for their own next steps.
+        (Other processes' memory is still taken off the share, as before: that part is not vLLM's meaning.)
         Measured with the others idle: start engines while nothing else on the device allocates or frees."""
         num_tokens = self.info.max_num_batched_tokens
         num_seqs = min(self.info.max_num_seqs, num_tokens)
         per_seq = num_tokens // num_seqs
         num_blocks = num_seqs * -(-per_seq // self.block_size)
-        gc.collect()  # others' garbage freed now, not in the middle of the profile (it would hide in the peak)
+        gc.collect()  # others' garbage freed now, not in the middle of the profile (it would hide in the peak) ...
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # ... nor by an automatic collection during it
+        try:
+            return self._profile(gpu_memory_utilization, num_seqs, per_seq, num_blocks)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _profile(self, gpu_memory_utilization: float, num_seqs: int, per_seq: int, num_blocks: int) -> int:
         self.reallocate_kv_cache(num_blocks)
         device = self.device
         kv_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
@@ -204,15 +214,15 @@ class ModelRunner:
         transient = peak_without_kv - (torch.cuda.memory_allocated(device) - others)
         graph_reserve = 0 if self.config.enforce_eager else 512 * 2**20
         budget = total * gpu_memory_utilization - peak_without_kv - non_torch - graph_reserve
-        # What is free now, less this engine's step temporaries still to come back. Alone on the card it only
-        # falls short of the share at a share near 1 (fragmentation): then it is the bound.
-        room = free - transient - graph_reserve
-        if budget - room > 0.01 * total:
+        # budget - (free - transient - graph_reserve) = held - (1 - share) * total: the share fits beside what
+        # others hold, with the allocator's cached but unused bytes (their graph pools, fragmentation).
+        held = others + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if held > (1.01 - gpu_memory_utilization) * total:
             raise ValueError(
                 f"gpu_memory_utilization {gpu_memory_utilization} asks for {total * gpu_memory_utilization / 2**30:.1f}"
-                f" GiB of the card's {total / 2**30:.1f} GiB, but others in this process hold {others / 2**30:.1f} GiB"
-                f" and {free / 2**30:.1f} GiB is free: lower gpu_memory_utilization")
-        budget = min(budget, room)
+                f" GiB of the card's {total / 2**30:.1f} GiB, but others in this process hold {held / 2**30:.1f} GiB"
+                f" of it: at most {max(1 - held / total, 0):.2f} fits beside them")
+        budget = min(budget, free - transient - graph_reserve)  # alone, binds only at a share near 1
         logger.info("memory profile: peak %.2f GiB without KV, %.2f GiB outside torch, %.2f GiB held by others "
                     "in this process, KV budget %.2f GiB", peak_without_kv / 2**30, non_torch / 2**30,
                     others / 2**30, budget / 2**30)

@@ -90,14 +90,37 @@ def load_worker(config: EngineConfig, tp: TensorParallel, attention_backend: str
         architecture=type(model).__name__, num_layers=hf_config.num_hidden_layers,
         num_kv_heads=model.attention_layers[0].num_kv_heads, head_dim=head_dim_of(hf_config))
     runner = ModelRunner(config, info, model, 1, attention_backend, tp)
-    info.num_kv_blocks = tp.min_int(num_kv_blocks(config, info, runner))
-    runner.reallocate_kv_cache(info.num_kv_blocks)
-    t_graphs = time.perf_counter()
-    runner.capture_cuda_graphs()
+    try:
+        info.num_kv_blocks = agreed_kv_blocks(config, info, runner, tp)
+        runner.reallocate_kv_cache(info.num_kv_blocks)
+        t_graphs = time.perf_counter()
+        runner.capture_cuda_graphs()
+    except BaseException:
+        model = None  # the traceback keeps this frame: a caller retrying with a smaller share finds the card free
+        runner.free_device_memory()
+        raise
     t_end = time.perf_counter()
     return LoadedModel(model_dir, hf_config, model, info, runner,
                        {"load": round(t_load - t0, 3), "cuda_graphs": round(t_end - t_graphs, 3),
                         "total": round(t_end - t0, 3)})
+
+
+def agreed_kv_blocks(config: EngineConfig, info: RuntimeInfo, runner: ModelRunner, tp: TensorParallel) -> int:
+    """The KV blocks every tensor-parallel rank can hold. A rank whose sizing fails (a refused share, no room)
+    still takes part in the agreement, with -1: raising before it would leave the other ranks waiting in it."""
+    failure = None
+    try:
+        blocks = num_kv_blocks(config, info, runner)
+    except (ValueError, torch.OutOfMemoryError) as e:
+        failure, blocks = e, -1
+    agreed = tp.min_int(blocks)
+    if failure is not None:
+        raise failure
+    if blocks < 1:
+        raise RuntimeError("no memory left for the KV cache: lower max_model_len or raise gpu_memory_utilization")
+    if agreed < 1:
+        raise RuntimeError("another tensor-parallel rank found no room for its KV cache (its log says why)")
+    return agreed
 
 
 def num_kv_blocks(config: EngineConfig, info: RuntimeInfo, runner: ModelRunner) -> int:
@@ -106,9 +129,5 @@ def num_kv_blocks(config: EngineConfig, info: RuntimeInfo, runner: ModelRunner) 
     block_bytes = ModelRunner.kv_block_bytes(info, info.dtype)
     wanted = info.max_num_seqs * -(-info.max_model_len // info.block_size)
     if info.device.type == "cuda":
-        blocks = int(runner.profile_free_memory(config.gpu_memory_utilization) // block_bytes)
-    else:
-        blocks = min(int(config.cpu_kv_cache_gb * 2**30 // block_bytes), wanted)
-    if blocks < 1:
-        raise RuntimeError("no memory left for the KV cache: lower max_model_len or raise gpu_memory_utilization")
-    return blocks
+        return int(runner.profile_free_memory(config.gpu_memory_utilization) // block_bytes)
+    return min(int(config.cpu_kv_cache_gb * 2**30 // block_bytes), wanted)

@@ -5,7 +5,9 @@ python tools/device_bench/inspect_ttgir.py [--prefetch] [--configs 64:4:3,64:2:3
 7, head dim 128, bf16, block size 16), prints the shared memory the kernel takes and its bf16 shared buffers as
 depth x rows x cols: a K/V buffer of depth d means d - 1 tiles in flight while one is computed. Arguments that
 Triton would specialise as multiples of 16 at launch (pointers, strides) are marked so, as they would be; without
-that the loads cannot become asynchronous copies and nothing is pipelined. The TTGIR goes to DIR for reading.
+that the loads cannot become asynchronous copies and nothing is pipelined. (A launch marks only what is: the
+block-table stride, max_model_len / block_size, may not be a multiple of 16, and num_splits 1 is specialised as a
+constant.) The TTGIR goes to DIR for reading.
 This is how the twelfth session found the decode loop's depth of 1 (see PREFETCH_BLOCKS in triton_paged.py)."""
 
 from __future__ import annotations
