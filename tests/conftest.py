@@ -29,8 +29,18 @@ def _setup_triton_interpreter() -> None:
         interpreter._patch_lang_tensor = patch
 
 
-if os.environ.get("RLSERVE_TRITON_INTERPRET") == "1":
+TRITON_INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"
+if TRITON_INTERPRET:
     _setup_triton_interpreter()
+
+
+def triton_kernel_module() -> tuple[str, list]:
+    """(device, pytestmark) of a Triton kernel test module: CPU tensors and no marks under the interpreter;
+    otherwise CUDA, marked ``gpu`` and skipped without a device."""
+    if TRITON_INTERPRET:
+        return "cpu", []
+    return "cuda", [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                        reason="needs CUDA (or RLSERVE_TRITON_INTERPRET=1)")]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,17 +7,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import triton_kernel_module
 
 INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")
-if INTERPRET:
-    DEVICE = "cpu"
-    pytestmark = []
-else:
-    DEVICE = "cuda"
-    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DEVICE, pytestmark = triton_kernel_module()
 
 from rlserve.engine.sampler_triton import fused_sample, uniform_noise  # noqa: E402
 

@@ -17,19 +17,14 @@ import itertools
 import os
 
 import pytest
+from conftest import triton_kernel_module
 
 INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"  # conftest.py set up the interpreter
 
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-if INTERPRET:
-    pytestmark = []
-    DEVICE = "cpu"
-else:
-    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                      reason="needs CUDA (or RLSERVE_TRITON_INTERPRET=1)")]
-    DEVICE = "cuda"
+DEVICE, pytestmark = triton_kernel_module()
 
 from rlserve.attention import reference  # noqa: E402
 from rlserve.attention import triton_paged as tp  # noqa: E402

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import triton_kernel_module
 
 INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"  # conftest.py set up the interpreter
 
@@ -20,13 +21,7 @@ pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-if INTERPRET:
-    pytestmark = []
-    DEVICE = "cpu"
-else:
-    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                      reason="needs CUDA (or RLSERVE_TRITON_INTERPRET=1)")]
-    DEVICE = "cuda"
+DEVICE, pytestmark = triton_kernel_module()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "device_bench"))
 import triton_gemm  # noqa: E402

@@ -47,6 +47,14 @@ cleanup() {
   [ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
 }
 trap cleanup EXIT
+ab_7b() {  # ab_7b VAR TAG: rl-7b (K=8, async) with VAR=0 then VAR=1, twice alternated, JSON rl-7b-TAG{0,1}-{1,2}
+  for round in 1 2; do
+    for value in 0 1; do
+      env "$1=$value" timeout 200 python3 -m rlserve.cli bench --workload rl-7b --modes seeded,plain --no_baseline \
+        --num_scheduler_steps 8 --output "$OUT/rl-7b-$2$value-$round.json" 2>&1 | grep "rlserve" | sed "s/^/[$2=$value] /"
+    done
+  done
+}
 run_step() {
   echo "=== $1 $(date +%T)"
   case $1 in
@@ -130,13 +138,7 @@ run_step() {
     prefetch-7b)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 | tail -n 2
       timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6
-      for round in 1 2; do
-        for pf in 0 1; do
-          RLSERVE_DECODE_PREFETCH=$pf timeout 200 python3 -m rlserve.cli bench --workload rl-7b --modes seeded,plain \
-            --no_baseline --num_scheduler_steps 8 --output "$OUT/rl-7b-prefetch$pf-$round.json" 2>&1 | grep "rlserve" \
-            | sed "s/^/[prefetch=$pf] /"
-        done
-      done ;;
+      ab_7b RLSERVE_DECODE_PREFETCH prefetch ;;
     gemm-triton)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_gemm.py -p no:cacheprovider 2>&1 | tail -n 3
       timeout 300 python3 tools/device_bench/gemm_shapes.py --out "$OUT" --triton --layers qkv,o,down 2>&1 \
@@ -144,14 +146,7 @@ run_step() {
     blas-7b)
       # cuBLAS against cuBLASLt for every matmul (TORCH_BLAS_PREFER_CUBLASLT=1), alternated twice, rl-7b with K=8
       # (async on: the default): the 7B step is GEMM-bound, and QKV/O ran at 47-52% of the dense peak (seventh session)
-      for round in 1 2; do
-        for lt in 0 1; do
-          TORCH_BLAS_PREFER_CUBLASLT=$lt python3 -c "import torch; print('[lt=$lt] blas:', torch.backends.cuda.preferred_blas_library())"
-          TORCH_BLAS_PREFER_CUBLASLT=$lt timeout 200 python3 -m rlserve.cli bench --workload rl-7b --modes seeded,plain \
-            --no_baseline --num_scheduler_steps 8 --output "$OUT/rl-7b-cublaslt$lt-$round.json" 2>&1 | grep "rlserve" \
-            | sed "s/^/[lt=$lt] /"
-        done
-      done ;;
+      ab_7b TORCH_BLAS_PREFER_CUBLASLT cublaslt ;;
     gpu-kernels)
       # (-k applies to every path of a pytest line: the decode selection runs alone)
       timeout 250 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 \
