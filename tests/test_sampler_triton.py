@@ -4,12 +4,10 @@ Runs on CUDA (``-m gpu``) or on CPU under the Triton interpreter with ``RLSERVE_
 
 from __future__ import annotations
 
-import os
 
 import pytest
-from conftest import triton_kernel_module
+from conftest import TRITON_INTERPRET as INTERPRET, triton_kernel_module
 
-INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")

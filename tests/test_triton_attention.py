@@ -14,12 +14,10 @@ otherwise propagate NaN through the masked softmax).
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
-from conftest import triton_kernel_module
+from conftest import TRITON_INTERPRET as INTERPRET, triton_kernel_module
 
-INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"  # conftest.py set up the interpreter
 
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")

@@ -8,14 +8,12 @@ Hopper configs of ``CONFIGS`` at a decode shape. Without CUDA (and not interpret
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import triton_kernel_module
+from conftest import TRITON_INTERPRET as INTERPRET, triton_kernel_module
 
-INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"  # conftest.py set up the interpreter
 
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
