@@ -55,16 +55,17 @@ def main():
         scale = head_dim ** -0.5
         read = shape[0] * (shape[4] + shape[5] + 1) * shape[2] * head_dim * 2 * 2
 
-        def bench(config=None):
+        def bench(config=None, splits=None):
             tp._decode_config = default_config if config is None else (lambda block_d, dtype: config)
             try:
-                ms = triton.testing.do_bench(lambda: tp.decode_attention(q, k, v, bt, lens, scale), warmup=10,
-                                             rep=50)
+                ms = triton.testing.do_bench(lambda: tp.decode_attention(q, k, v, bt, lens, scale, num_splits=splits),
+                                             warmup=10, rep=50)
             except Exception:  # e.g. out of shared memory
                 ms = None
             finally:
                 tp._decode_config = default_config
-            return dict(shape=name, config=config or "default", us=ms and ms * 1e3, tbps=ms and read / ms / 1e9)
+            return dict(shape=name, config=config or "default", splits=splits or "default", us=ms and ms * 1e3,
+                        tbps=ms and read / ms / 1e9)
 
         rows.append(bench())
         for bn, warps, stages in itertools.product([32, 64, 128], [2, 4, 8], [2, 3]):
@@ -72,12 +73,19 @@ def main():
         if args.prefetch:
             for bn, warps, stages in itertools.product([32, 64], [2, 4], [3, 4, 5]):  # at 2 it changes nothing
                 rows.append(bench(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages, PREFETCH_BLOCKS=True)))
+            # two splits: the rl shapes launch one program per (sequence, KV head), 1,024 at rl-7b for 132 SMs;
+            # split in two, the last wave is a smaller share of the kernel
+            for bn, stages in itertools.product([32, 64], [3, 4]):
+                rows.append(bench(dict(BLOCK_N=bn, num_warps=4, num_stages=stages, PREFETCH_BLOCKS=True), splits=2))
         rows.append(bench())
         mine = [r for r in rows if r["shape"] == name]
         best = min((r for r in mine if r["us"]), key=lambda r: r["us"])
         print(f"{name}: default {mine[0]['us']:.1f} us, again at the end {mine[-1]['us']:.1f} us; best {best}",
               flush=True)
-    Path(args.out, "decode_sweep.json").write_text(json.dumps(rows, indent=1))
+        fetched = [r for r in mine if r["us"] and isinstance(r["config"], dict) and r["config"].get("PREFETCH_BLOCKS")]
+        if fetched:
+            print(f"{name}: best with the prefetch {min(fetched, key=lambda r: r['us'])}", flush=True)
+        Path(args.out, "decode_sweep.json").write_text(json.dumps(rows, indent=1))  # after each shape: a cut run keeps some
 
 
 if __name__ == "__main__":

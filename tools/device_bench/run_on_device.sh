@@ -27,8 +27,9 @@
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
 #                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
 #   gemm-shapes           the 7B and 0.5B decode matmuls alone (M = 256, 512), cuBLAS against cuBLASLt
-#   prefetch-7b           decode attention with the block ids one tile ahead (RLSERVE_DECODE_PREFETCH): GPU tests of
-#                         both loops, decode_sweep --prefetch, then rl-7b (K=8) off/on alternated twice
+#   prefetch-7b           decode attention with the block ids one tile ahead (RLSERVE_DECODE_PREFETCH): prefetch-sweep
+#                         (GPU tests of both loops, decode_sweep --prefetch, with two splits too), then prefetch-ab
+#                         (rl-7b, K=8, off/on alternated twice)
 #   gemm-triton           pytest -m gpu on tests/test_triton_gemm.py, then gemm-shapes' QKV, O and down with the
 #                         split-K Triton GEMM's configs beside cuBLAS (tools/device_bench/triton_gemm.py)
 #   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
@@ -136,8 +137,11 @@ run_step() {
     gemm-shapes)
       timeout 200 python3 tools/device_bench/gemm_shapes.py --out "$OUT" 2>&1 | tail -n 22 ;;
     prefetch-7b)
+      run_step prefetch-sweep; run_step prefetch-ab ;;
+    prefetch-sweep)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 | tail -n 2
-      timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6
+      timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6 ;;
+    prefetch-ab)
       ab_7b RLSERVE_DECODE_PREFETCH prefetch ;;
     gemm-triton)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_gemm.py -p no:cacheprovider 2>&1 | tail -n 3
