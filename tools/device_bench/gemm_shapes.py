@@ -87,13 +87,18 @@ def main() -> None:
     parser.add_argument("--tokens", default="256,512")
     parser.add_argument("--layers", default=",".join(SHAPES["7b"]), help="comma-separated, e.g. qkv,o,down")
     parser.add_argument("--triton", action="store_true", help="also time triton_gemm.py's configs")
+    parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated, e.g. 7b")
     args = parser.parse_args()
     token_counts = [int(t) for t in args.tokens.split(",")]
     wanted = args.layers.split(",")
     if unknown := set(wanted) - set(SHAPES["7b"]):
         parser.error(f"unknown layers {sorted(unknown)}; known: {list(SHAPES['7b'])}")
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for model, layers in SHAPES.items():
+        if model not in args.models.split(","):
+            continue
         for tokens in token_counts:
             for layer, (out_f, in_f, bias) in layers.items():
                 if layer not in wanted:
@@ -109,11 +114,10 @@ def main() -> None:
                 print(f"{model:5} {layer:8} M={tokens:4} " + "  ".join(
                     f"{k}: {v['us']:8.1f} us {v['tflops']:6.1f} TF/s" for k, v in row.items()
                     if isinstance(v, dict) and "tflops" in v) + (f" ({best['config']})" if best else ""), flush=True)
+                # after each row: a run cut short keeps what it measured
+                (out / "gemm_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                                  "rows": rows}, indent=2))
     torch.backends.cuda.preferred_blas_library("cublas")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gemm_shapes.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
-                                                     indent=2))
 
 
 if __name__ == "__main__":

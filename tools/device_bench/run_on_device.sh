@@ -145,8 +145,8 @@ run_step() {
       ab_7b RLSERVE_DECODE_PREFETCH prefetch ;;
     gemm-triton)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_gemm.py -p no:cacheprovider 2>&1 | tail -n 3
-      timeout 300 python3 tools/device_bench/gemm_shapes.py --out "$OUT" --triton --layers qkv,o,down 2>&1 \
-        | tail -n 40 ;;
+      timeout 300 python3 tools/device_bench/gemm_shapes.py --out "$OUT" --triton --layers qkv,o,down \
+        --models "${GEMM_MODELS:-7b}" --tokens "${GEMM_TOKENS:-256}" 2>&1 | tail -n 40 ;;
     blas-7b)
       # cuBLAS against cuBLASLt for every matmul (TORCH_BLAS_PREFER_CUBLASLT=1), alternated twice, rl-7b with K=8
       # (async on: the default): the 7B step is GEMM-bound, and QKV/O ran at 47-52% of the dense peak (seventh session)
