@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -337,3 +338,24 @@ def test_the_offline_engine_beside_a_server_reads_the_server_flags_as_serve_does
         assert config(*flags).async_scheduling, flags
     assert config("--async_scheduling", "false").async_scheduling is False
     assert config("--max-num-seqs", "8", "--seed", "5").max_num_seqs == 8
+
+
+def test_the_recorded_commit_says_when_the_tree_differs_from_it(tmp_path, monkeypatch):
+    """A tree copied beside a stale .git (the device machine's checkout) must not be recorded as that commit."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True, timeout=30)
+
+    monkeypatch.delenv("RLSERVE_COMMIT", raising=False)
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+    (tmp_path / "new.py").write_text("untracked\n")  # untracked files (results, wheels) leave it clean
+    assert bench.git_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert bench.git_commit(tmp_path) == f"{head}-dirty"
+    monkeypatch.setenv("RLSERVE_COMMIT", "abc1234")
+    assert bench.git_commit(tmp_path) == "abc1234"

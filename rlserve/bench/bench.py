@@ -17,13 +17,21 @@ from rlserve.bench.workloads import (MODES, WARM_UP_SEED, WARM_UP_TOKENS, BenchE
                                      request_params)
 
 
-def git_commit() -> str:
-    """The commit being measured (RLSERVE_COMMIT names it where the tree travels without .git)."""
+def git_commit(cwd: Path | None = None) -> str:
+    """The commit being measured (RLSERVE_COMMIT names it where the tree travels without .git). A tree whose
+    tracked files differ from HEAD is ``<HEAD>-dirty``: a copied tree beside a stale .git must not pass for HEAD."""
     if os.environ.get("RLSERVE_COMMIT"):
         return os.environ["RLSERVE_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd or Path(__file__).parent,
+                              timeout=5).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        head = git("rev-parse", "--short", "HEAD")
+        if not head:
+            return "unknown"
+        return f"{head}-dirty" if git("status", "--porcelain", "--untracked-files=no") else head
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
