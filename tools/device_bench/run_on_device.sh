@@ -30,6 +30,8 @@
 #   prefetch-7b           decode attention with the block ids one tile ahead (RLSERVE_DECODE_PREFETCH): prefetch-sweep
 #                         (GPU tests of both loops, decode_sweep --prefetch, with two splits too), then prefetch-ab
 #                         (rl-7b, K=8, off/on alternated twice)
+#   decode-bits           decode_bits.py (prefetch = no prefetch, bit for bit, and run to run) and multistep_bits.py
+#                         (test_gpu.py's K=1 = K=8 test under each decode config of BITS_CONFIGS)
 #   gemm-triton           pytest -m gpu on tests/test_triton_gemm.py, then gemm-shapes' QKV, O and down with the
 #                         split-K Triton GEMM's configs beside cuBLAS (tools/device_bench/triton_gemm.py)
 #   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
@@ -143,6 +145,11 @@ run_step() {
       timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6 ;;
     prefetch-ab)
       ab_7b RLSERVE_DECODE_PREFETCH prefetch ;;
+    decode-bits)
+      # the prefetch against the same config without it, bit for bit; which configs keep K=1 = K=8 (test_gpu.py)
+      timeout 150 python3 tools/device_bench/decode_bits.py 2>&1 | grep -v Warn | tail -n 30
+      timeout 250 python3 tools/device_bench/multistep_bits.py ${BITS_CONFIGS:-32:2:4:prefetch 32:4:3 64:2:3 64:4:3} \
+        2>&1 | grep -E "^###" ;;
     gemm-triton)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_gemm.py -p no:cacheprovider 2>&1 | tail -n 3
       timeout 300 python3 tools/device_bench/gemm_shapes.py --out "$OUT" --triton --layers qkv,o,down \
