@@ -85,7 +85,8 @@ def main():
         fetched = [r for r in mine if r["us"] and isinstance(r["config"], dict) and r["config"].get("PREFETCH_BLOCKS")]
         if fetched:
             print(f"{name}: best with the prefetch {min(fetched, key=lambda r: r['us'])}", flush=True)
-        Path(args.out, "decode_sweep.json").write_text(json.dumps(rows, indent=1))  # after each shape: a cut run keeps some
+        # after each shape: a run cut short keeps what it measured
+        Path(args.out, "decode_sweep.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
