@@ -28,7 +28,7 @@
 #                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
 #   gemm-shapes           the 7B and 0.5B decode matmuls alone (M = 256, 512), cuBLAS against cuBLASLt
 #   prefetch-7b           decode attention with the block ids one tile ahead (RLSERVE_DECODE_PREFETCH): prefetch-sweep
-#                         (GPU tests of both loops, decode_sweep --prefetch, with two splits too), then prefetch-ab
+#                         (decode_sweep --prefetch, with two splits too), then prefetch-ab
 #                         (rl-7b, K=8, off/on alternated twice)
 #   decode-bits           decode_bits.py (prefetch = no prefetch, bit for bit, and run to run) and multistep_bits.py
 #                         (test_gpu.py's K=1 = K=8 test under each decode config of BITS_CONFIGS)
@@ -141,7 +141,7 @@ run_step() {
     prefetch-7b)
       run_step prefetch-sweep; run_step prefetch-ab ;;
     prefetch-sweep)
-      timeout 200 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 | tail -n 2
+      # (the kernel's GPU tests, both loops: gpu-kernels; with them here 200 s cut the tests short)
       timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6 ;;
     prefetch-ab)
       ab_7b RLSERVE_DECODE_PREFETCH prefetch ;;
@@ -160,7 +160,8 @@ run_step() {
       ab_7b TORCH_BLAS_PREFER_CUBLASLT cublaslt ;;
     gpu-kernels)
       # (-k applies to every path of a pytest line: the decode selection runs alone)
-      timeout 250 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 \
+      # (684 decode cases, both block-id loops; the rest of the step in a second call if this one runs long)
+      timeout 400 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 \
         | tail -n 3
       timeout 250 python3 -m pytest -q -m gpu tests/test_sampler_triton.py tests/test_gpu.py -p no:cacheprovider 2>&1 \
         | tail -n 8 ;;
