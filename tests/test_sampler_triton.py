@@ -4,7 +4,6 @@ Runs on CUDA (``-m gpu``) or on CPU under the Triton interpreter with ``RLSERVE_
 
 from __future__ import annotations
 
-
 import pytest
 from conftest import TRITON_INTERPRET as INTERPRET, triton_kernel_module
 

@@ -18,7 +18,6 @@ import itertools
 import pytest
 from conftest import TRITON_INTERPRET as INTERPRET, triton_kernel_module
 
-
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 

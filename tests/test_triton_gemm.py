@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import TRITON_INTERPRET as INTERPRET, triton_kernel_module
 
-
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -46,7 +46,7 @@ from rlserve.attention.metadata import AttentionMetadata
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
 # The decode kernel's block-id prefetch (see _decode_kernel) with its own launch config, off by default:
-# RLSERVE_DECODE_PREFETCH=1 turns it on. rl-7b ran 1.1% faster with it (2 x H200, 81d9ebc), but that config's
+# RLSERVE_DECODE_PREFETCH=1 turns it on. rl-7b ran ~1% faster with it (2 x H200, 81d9ebc), but that config's
 # 32-key tiles break tests/test_gpu.py's bit equality of K=1 and K=8 bursts, cause not found (BENCHMARKS,
 # thirteenth session); the prefetch itself changes no bits (tools/device_bench/decode_bits.py).
 _PREFETCH_BLOCKS = os.environ.get("RLSERVE_DECODE_PREFETCH", "0") == "1"

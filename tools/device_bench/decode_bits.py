@@ -15,10 +15,10 @@ import torch
 import decode_sweep  # this folder is on sys.path when the script runs
 from rlserve.attention import triton_paged as tp
 
-CASES = {  # name: (decode_sweep shape, num_splits or None)
-    "rl-7b-ctx786": (decode_sweep.SHAPES["rl-7b-ctx786"], None),
-    "rl-small-ctx384": (decode_sweep.SHAPES["rl-small-ctx384"], None),
-    "small-batch-splits": ((24, 3, 2, 7, 32, 70, 64), None),
+CASES = {  # name: decode_sweep shape (24 sequences x 2 KV heads: choose_num_splits gives 6 splits on an H200)
+    "rl-7b-ctx786": decode_sweep.SHAPES["rl-7b-ctx786"],
+    "rl-small-ctx384": decode_sweep.SHAPES["rl-small-ctx384"],
+    "small-batch-splits": (24, 3, 2, 7, 32, 70, 64),
 }
 CONFIGS = [dict(BLOCK_N=32, num_warps=2, num_stages=4), dict(BLOCK_N=64, num_warps=4, num_stages=3),
            dict(BLOCK_N=32, num_warps=4, num_stages=3)]
@@ -27,7 +27,7 @@ CONFIGS = [dict(BLOCK_N=32, num_warps=2, num_stages=4), dict(BLOCK_N=64, num_war
 def main() -> int:
     bad = 0
     default_config = tp._decode_config
-    for name, (shape, splits) in CASES.items():
+    for name, shape in CASES.items():
         q, k, v, bt, lens = decode_sweep.build(*shape)
         scale = shape[6] ** -0.5
         for config in CONFIGS:
@@ -35,9 +35,8 @@ def main() -> int:
             for prefetch in (False, True):
                 tp._decode_config = lambda block_d, dtype, c=dict(config, PREFETCH_BLOCKS=prefetch): c
                 try:
-                    first = tp.decode_attention(q, k, v, bt, lens, scale, num_splits=splits).clone()
-                    runs_differ = sum(not torch.equal(first, tp.decode_attention(q, k, v, bt, lens, scale,
-                                                                                 num_splits=splits))
+                    first = tp.decode_attention(q, k, v, bt, lens, scale).clone()
+                    runs_differ = sum(not torch.equal(first, tp.decode_attention(q, k, v, bt, lens, scale))
                                       for _ in range(50))
                 finally:
                     tp._decode_config = default_config

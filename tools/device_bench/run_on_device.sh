@@ -18,7 +18,8 @@
 #   ray-stage             copy the Ray parts this call carries to /tmp/raywh
 #   ray-install           put Ray's wheel together and install it into /tmp/ray-site
 #   ray-vs-local          rl-small through the server, DP=2: local and Ray replicas (one-node cluster), alternated twice
-#   gpu-kernels           pytest -m gpu: the Triton decode-attention and sampler tests, tests/test_gpu.py
+#   gpu-kernels           pytest -m gpu: gpu-decode (the Triton decode-attention tests, ~400 s), then gpu-rest (the
+#                         sampler tests, tests/test_gpu.py): together more than one call's 600 s, so one step a call
 #   decode-sweep          decode attention alone at the rl-7b / rl-small shapes over launch configs
 #   profile-small|profile-7b  one decode step split by phase (profile_step), torch.profiler's top CUDA operators
 #   sweep-7b|sweep-32b    rlserve sweep --gpus 2 on rl-7b / rl-32b (TP=1, TP=2, DP=2 where it fits)
@@ -141,7 +142,7 @@ run_step() {
     prefetch-7b)
       run_step prefetch-sweep; run_step prefetch-ab ;;
     prefetch-sweep)
-      # (the kernel's GPU tests, both loops: gpu-kernels; with them here 200 s cut the tests short)
+      # (the kernel's GPU tests, both loops: gpu-decode; with them here 200 s cut the tests short)
       timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6 ;;
     prefetch-ab)
       ab_7b RLSERVE_DECODE_PREFETCH prefetch ;;
@@ -159,10 +160,13 @@ run_step() {
       # (async on: the default): the 7B step is GEMM-bound, and QKV/O ran at 47-52% of the dense peak (seventh session)
       ab_7b TORCH_BLAS_PREFER_CUBLASLT cublaslt ;;
     gpu-kernels)
-      # (-k applies to every path of a pytest line: the decode selection runs alone)
-      # (684 decode cases, both block-id loops; the rest of the step in a second call if this one runs long)
+      run_step gpu-decode; run_step gpu-rest ;;
+    gpu-decode)
+      # (-k applies to every path of a pytest line: the decode selection runs alone; 684 cases with both
+      # block-id loops, so this step fills most of a call)
       timeout 400 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 \
-        | tail -n 3
+        | tail -n 3 ;;
+    gpu-rest)
       timeout 250 python3 -m pytest -q -m gpu tests/test_sampler_triton.py tests/test_gpu.py -p no:cacheprovider 2>&1 \
         | tail -n 8 ;;
     decode-sweep)
