@@ -33,6 +33,9 @@
 #                         (rl-7b, K=8, off/on alternated twice)
 #   decode-bits           decode_bits.py (prefetch = no prefetch, bit for bit, and run to run) and multistep_bits.py
 #                         (test_gpu.py's K=1 = K=8 test under each decode config of BITS_CONFIGS)
+#   multistep-dump        multistep_dump.py: where K=1 and K=8 part, forward by forward, under DUMP_CONFIGS (32-key
+#                         tiles with CUDA graphs, 64-key ones, 32-key tiles eager)
+#   timeline-7b           timeline.py: GPU busy and idle time per rl-7b decode step (K=8, async), idle gaps by kernel
 #   gemm-triton           pytest -m gpu on tests/test_triton_gemm.py, then gemm-shapes' QKV, O and down with the
 #                         split-K Triton GEMM's configs beside cuBLAS (tools/device_bench/triton_gemm.py)
 #   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
@@ -151,6 +154,12 @@ run_step() {
       timeout 150 python3 tools/device_bench/decode_bits.py 2>&1 | grep -v Warn | tail -n 30
       timeout 250 python3 tools/device_bench/multistep_bits.py ${BITS_CONFIGS:-32:2:4:prefetch 32:4:3 64:2:3 64:4:3} \
         2>&1 | grep -E "^###" ;;
+    multistep-dump)
+      for spec in ${DUMP_CONFIGS:-32:2:4 64:4:3 32:2:4,--eager}; do
+        timeout 120 python3 tools/device_bench/multistep_dump.py ${spec/,/ } 2>&1 | grep -v Warn | tail -n 6
+      done ;;
+    timeline-7b)
+      timeout 300 python3 tools/device_bench/timeline.py --workload rl-7b --out "$OUT" 2>&1 | grep -v Warn | tail -n 40 ;;
     gemm-triton)
       timeout 200 python3 -m pytest -q -m gpu tests/test_triton_gemm.py -p no:cacheprovider 2>&1 | tail -n 3
       timeout 300 python3 tools/device_bench/gemm_shapes.py --out "$OUT" --triton --layers qkv,o,down \
