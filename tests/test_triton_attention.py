@@ -145,18 +145,24 @@ def test_store_kv(dtype, num_kv_heads, head_dim, block_size):
 
 # ------------------------------------------------------------------------------------------------- decode
 
-@pytest.fixture(params=[False, True], ids=["ids-in-tile", "ids-ahead"])
-def prefetch_blocks(request, monkeypatch):
-    """Both ways of the decode kernel's full-tile loop: block ids loaded in the tile's own iteration (default),
-    or one tile ahead (``PREFETCH_BLOCKS``, the pipelining experiment)."""
-    monkeypatch.setattr(tp, "_PREFETCH_BLOCKS", request.param)
+@pytest.fixture(params=[False, True], ids=["four-warps", "one-warp"])
+def one_warp(request, monkeypatch):
+    """Both decode launch configs at any batch: 64-key tiles of 4 warps (small batches, fp32) and the one-warp
+    programs of 32-key tiles that large 16-bit batches take (``_decode_config``)."""
+    monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0 if request.param else 1 << 30)
     return request.param
+
+
+def _skip_same_path(one_warp: bool, dtype: torch.dtype) -> None:
+    if one_warp and dtype == torch.float32:
+        pytest.skip("fp32 decode has one launch config")
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
-def test_decode(case, num_splits, prefetch_blocks):
+def test_decode(case, num_splits, one_warp):
     dtype, head_dim, gqa, bs = case
+    _skip_same_path(one_warp, dtype)
     gen = torch.Generator().manual_seed(1)
     seq_lens = [1, bs - 1 or 1, bs, bs + 1, 3 * bs + 5, 2, 100] if not INTERPRET else [1, bs - 1, bs + 1, 2 * bs + 3]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
@@ -172,8 +178,9 @@ def test_decode(case, num_splits, prefetch_blocks):
 @pytest.mark.parametrize("dtype", _params(GPU_DTYPES, [torch.float32]))
 @pytest.mark.parametrize("gqa", _params([1, 7, 8], [7]))
 @pytest.mark.parametrize("num_splits", _params([None, 2, 5, 16, 32], [4, 16]))
-def test_decode_split_kv(dtype, gqa, num_splits, prefetch_blocks):
+def test_decode_split_kv(dtype, gqa, num_splits, one_warp):
     """Small batch, long context, many splits (some empty), and seq_len-0 padding rows (CUDA-graph style)."""
+    _skip_same_path(one_warp, dtype)
     gen = torch.Generator().manual_seed(2)
     bs, head_dim = 16, 64
     seq_lens = [3000, 777, 1] if not INTERPRET else [300, 65, 1]
@@ -188,6 +195,16 @@ def test_decode_split_kv(dtype, gqa, num_splits, prefetch_blocks):
     out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=num_splits)
     assert torch.isfinite(out[-2:]).all()
     _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
+
+
+def test_decode_config_by_batch():
+    """One-warp programs from 4 programs per SM, 16-bit at head dim <= 128 only: rl-7b's 256 x 4 at 132 SMs."""
+    one_warp = dict(BLOCK_N=32, num_warps=1, num_stages=2)
+    assert tp._decode_config(128, torch.bfloat16, 256 * 4, 132) == one_warp
+    assert tp._decode_config(64, torch.float16, 4 * 132, 132) == one_warp
+    assert tp._decode_config(128, torch.bfloat16, 4 * 132 - 1, 132)["num_warps"] == 4
+    assert tp._decode_config(256, torch.bfloat16, 4096, 132)["num_warps"] == 4
+    assert tp._decode_config(128, torch.float32, 4096, 132) == dict(BLOCK_N=32, num_warps=4, num_stages=3)
 
 
 def test_num_splits_is_static():

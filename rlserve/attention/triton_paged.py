@@ -35,7 +35,6 @@ Head dims that are not powers of two (80, 96, ...) are padded to ``BLOCK_D`` and
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -45,11 +44,8 @@ from rlserve.attention.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
-# The decode kernel's block-id prefetch (see _decode_kernel) with its own launch config, off by default:
-# RLSERVE_DECODE_PREFETCH=1 turns it on. rl-7b ran ~1% faster with it (2 x H200, 81d9ebc), but that config's
-# 32-key tiles break tests/test_gpu.py's bit equality of K=1 and K=8 bursts, cause not found (BENCHMARKS,
-# thirteenth session); the prefetch itself changes no bits (tools/device_bench/decode_bits.py).
-_PREFETCH_BLOCKS = os.environ.get("RLSERVE_DECODE_PREFETCH", "0") == "1"
+# From this many decode programs per SM, 16-bit caches at head dim <= 128 take one-warp programs (_decode_config).
+_ONE_WARP_MIN_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -84,29 +80,14 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, sta
     positions (used when MASKED: key n is visible iff n <= q_pos and n < kv_end).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] token index in the sequence
-    if MASKED:
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=offs_n < kv_end, other=0)  # [BLOCK_N]
-    else:
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE)
-    return _attend_blocks(acc, m_i, l_i, q, q_pos, k_cache, v_cache, blk, kv_head, start_n, kv_end, qk_scale,
-                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                          BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, DOT_PREC)
-
-
-@triton.jit
-def _attend_blocks(acc, m_i, l_i, q, q_pos, k_cache, v_cache, blk, kv_head, start_n, kv_end, qk_scale,
-                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``_attend_tile`` with the tile's cache blocks given: ``blk`` [BLOCK_N], each key's block id."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] token index in the sequence
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     n_ok = offs_n < kv_end
     d_ok = offs_d[None, :] < HEAD_DIM  # [1, BLOCK_D]
-    blk = blk.to(tl.int64)
     if MASKED:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)  # [BLOCK_N]
         kv_mask = n_ok[:, None] & d_ok  # [BLOCK_N, BLOCK_D]
     else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_ok
     in_blk = offs_n % BLOCK_SIZE
     k_row = blk * stride_kb + in_blk * stride_ks + kv_head * stride_kh  # [BLOCK_N]
@@ -132,8 +113,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   PREFETCH_BLOCKS: tl.constexpr = False):
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -158,26 +138,10 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    if PREFETCH_BLOCKS:
-        # The next tile's block ids are loaded one tile ahead, so no K/V address waits on a load of its own
-        # iteration: Triton's pipeliner then keeps num_stages - 1 K/V tiles in flight. With the ids loaded in
-        # the same iteration it keeps one at num_stages 2 to 4 (the sm_90 TTGIR shows buffers of depth 1), and
-        # a program waits for every tile it reads. (Measured: BENCHMARKS, thirteenth session.)
-        offs_t = tl.arange(0, BLOCK_N)
-        blk_next = tl.load(bt_row + (start + offs_t) // BLOCK_SIZE, mask=start + offs_t < end, other=0)
-        for n in range(start, full_end, BLOCK_N):
-            blk = blk_next
-            ahead = n + BLOCK_N + offs_t
-            # (the mask keeps the last tile's look-ahead inside the row: a sequence at max_model_len fills it)
-            blk_next = tl.load(bt_row + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
-            acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, q_pos, k_cache, v_cache, blk, kv_head, n, end,
-                                           qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                           stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
-    else:
-        for n in range(start, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
-                                         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                         stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
+    for n in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
     for n in range(full_end, end, BLOCK_N):  # at most one partial tile
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
                                      qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
@@ -278,17 +242,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
 
 
-def _decode_config(block_d: int, dtype: torch.dtype) -> dict:
-    """KV tile and launch options for decode (fp32 tiles are halved to stay clear of register spills).
+def _decode_config(block_d: int, dtype: torch.dtype, programs: int, sms: int) -> dict:
+    """KV tile and launch options for decode, from the launch's program count (B x KVH x splits) and the SMs.
 
-    With the block-id prefetch, 16-bit caches at head dim <= 128 take the sweep's best (2 x H200, 5323aea,
-    decode_sweep --prefetch: BLOCK_N 32, 2 warps, 4 stages was first at the rl-7b shape at contexts 786 and 1100
-    and at rl-small's, 105.4 against 110.1 us at rl-7b context 786)."""
-    if _PREFETCH_BLOCKS and dtype != torch.float32 and block_d <= 128:
-        return dict(BLOCK_N=32, num_warps=2, num_stages=4, PREFETCH_BLOCKS=True)
+    A large 16-bit batch (``_ONE_WARP_MIN_PROGRAMS_PER_SM`` programs per SM and more) at head dim <= 128 takes
+    one-warp programs of 32-key tiles: 215 registers and 20 KB of shared memory each, so 9 fit an SM and rl-7b's
+    1,024 programs (256 sequences x 4 KV heads) all run at once, each streaming its own tiles with no reduction
+    across warps. Decode attention alone on one H200 (BENCHMARKS, fourteenth session): 93.1 against 108.6 us
+    for 64-key tiles of 4 warps at the rl-7b shape (context 786), 36.3 against 45.7 at rl-small's, 91.9
+    against 108.3 at rl-medium's. Fewer programs would leave SMs with too few warps: smaller batches keep 4 warps
+    (and split the context, ``choose_num_splits``). fp32 tiles are halved to stay clear of register spills."""
+    if dtype != torch.float32 and block_d <= 128 and programs >= _ONE_WARP_MIN_PROGRAMS_PER_SM * sms:
+        return dict(BLOCK_N=32, num_warps=1, num_stages=2)
     block_n = 64 if block_d <= 128 else 32
-    return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3,
-                PREFETCH_BLOCKS=_PREFETCH_BLOCKS)
+    return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
 
 
 def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:
@@ -309,14 +276,15 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _sms(device: torch.device) -> int:
+    return sm_count(device) if device.type == "cuda" else 8  # Triton interpreter: keep splitting exercised
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """KV splits for decode from static quantities only (no seq_lens): aim for ~2 programs per SM.
 
     Measured on H200 (B=4, 8 KV heads, L=8192): 9 splits reach ~2.4 TB/s; doubling them is slower."""
-    if device.type == "cuda":
-        sms = sm_count(device)
-    else:
-        sms = 8  # Triton interpreter: keep splitting exercised
+    sms = _sms(device)
     programs = batch * num_kv_heads
     if programs >= sms:
         return 1
@@ -376,7 +344,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), **_decode_config(block_d, q.dtype))
+        DIRECT=direct, DOT_PREC=_dot_precision(q.dtype),
+        **_decode_config(block_d, q.dtype, batch * num_kv_heads * num_splits, _sms(q.device)))
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),

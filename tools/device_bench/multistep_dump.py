@@ -1,6 +1,6 @@
 """Where K=1 and K=8 part, replay by replay (a device probe for the thirteenth session's bit question, not a test).
 
-python tools/device_bench/multistep_dump.py BLOCK_N:WARPS:STAGES[:prefetch] [--eager]: the greedy half of
+python tools/device_bench/multistep_dump.py BLOCK_N:WARPS:STAGES [--eager]: the greedy half of
 test_gpu.py's test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16 (24 prompts, 45 tokens, bf16, the
 rl-small shape with 4 layers) with 16-bit decode attention launched with that config, once with
 num_scheduler_steps 1 and once with 8 (both synchronous). Every decode forward (CUDA-graph replay, or eager model
@@ -67,28 +67,34 @@ def record(llm, batch, params, eager: bool) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("config", help="BLOCK_N:WARPS:STAGES[:prefetch] for 16-bit decode attention")
+    parser.add_argument("config", help="BLOCK_N:WARPS:STAGES for 16-bit decode attention")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs) in both runs")
+    parser.add_argument("--warm", action="store_true",
+                        help="compare instead a K=1 run with a second one in the same engine (prefix cache warm)")
     parser.add_argument("--device", default="cuda", help="cpu: a check of this script (reference attention)")
     args = parser.parse_args()
-    block_n, warps, stages, *rest = args.config.split(":")
-    config = dict(BLOCK_N=int(block_n), num_warps=int(warps), num_stages=int(stages),
-                  PREFETCH_BLOCKS=rest == ["prefetch"])
+    block_n, warps, stages = args.config.split(":")
+    config = dict(BLOCK_N=int(block_n), num_warps=int(warps), num_stages=int(stages))
     default_config = tp._decode_config
-    tp._decode_config = lambda block_d, dtype: config if dtype != torch.float32 else default_config(block_d, dtype)
+    tp._decode_config = lambda block_d, dtype, *rest: config if dtype != torch.float32 else default_config(
+        block_d, dtype, *rest)
 
     arch = dict(QWEN25_05B, num_hidden_layers=4, initializer_range=0.05, max_position_embeddings=4096)
     model = make_tiny_model(Path(tempfile.mkdtemp()) / "rl-small-4l", "qwen2", seed=3, **arch)
     batch = prompts(24, seed=4, vocab=32000, low=5, high=100)
     params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True, logprobs=0)
-    runs = {}
-    for steps in (1, 8):
+    runs = []
+    for steps in (1, 8) if not args.warm else (1,):
         llm = LLM(str(model), device=args.device, dtype="bfloat16", gpu_memory_utilization=0.3, num_scheduler_steps=steps,
                   async_scheduling=False, enforce_eager=args.eager)
-        runs[steps] = record(llm, batch, params, args.eager or args.device == "cpu")
+        runs.append(record(llm, batch, params, args.eager or args.device == "cpu"))
+        if args.warm:  # the same prompts again: each recomputes only its last block's tokens
+            runs.append(record(llm, batch, params, args.eager or args.device == "cpu"))
         llm.shutdown()
-    (f1, t1), (f8, t8) = runs[1], runs[8]
-    print(f"{args.config}{' eager' if args.eager else ''}: tokens equal {t1 == t8}; forwards {len(f1)} / {len(f8)}")
+    (f1, t1), (f8, t8) = runs
+    what = "K=1 cold against K=1 on a warm prefix cache" if args.warm else "K=1 against K=8"
+    print(f"{args.config}{' eager' if args.eager else ''}, {what}: tokens equal {t1 == t8}; "
+          f"forwards {len(f1)} / {len(f8)}")
     for i, (a, b) in enumerate(zip(f1, f8)):
         same = {key: torch.equal(a[key], b[key]) for key in ("ids", "pos", "seq_lens", "hidden")}
         kv_rows = [r for r, (x, y) in enumerate(zip(a["kv"], b["kv"])) if not torch.equal(x, y)]

@@ -28,13 +28,13 @@
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
 #                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
 #   gemm-shapes           the 7B and 0.5B decode matmuls alone (M = 256, 512), cuBLAS against cuBLASLt
-#   prefetch-7b           decode attention with the block ids one tile ahead (RLSERVE_DECODE_PREFETCH): prefetch-sweep
-#                         (decode_sweep --prefetch, with two splits too), then prefetch-ab
-#                         (rl-7b, K=8, off/on alternated twice)
-#   decode-bits           decode_bits.py (prefetch = no prefetch, bit for bit, and run to run) and multistep_bits.py
-#                         (test_gpu.py's K=1 = K=8 test under each decode config of BITS_CONFIGS)
+#   onewarp-ab            rl-7b and rl-small (K=8, async): decode attention without one-warp programs (patched off),
+#                         then the default, alternated twice (ONEWARP_WORKLOADS, ONEWARP_ROUNDS pick others)
 #   multistep-dump        multistep_dump.py: where K=1 and K=8 part, forward by forward, under DUMP_CONFIGS (32-key
 #                         tiles with CUDA graphs, 64-key ones, 32-key tiles eager)
+#   decode-wide           decode_sweep.py --wide at rl-7b context 786: 1-2 warps, 16-64-key tiles, 1/3/4 splits
+#   decode-candidates     decode_sweep.py --candidates: a few decode configs at seven shapes, each over splits
+#   multistep-warm        multistep_dump.py --warm: a K=1 run against the same prompts again on a warm prefix cache
 #   timeline-7b           timeline.py: GPU busy and idle time per rl-7b decode step (K=8, async), idle gaps by kernel
 #   gemm-triton           pytest -m gpu on tests/test_triton_gemm.py, then gemm-shapes' QKV, O and down with the
 #                         split-K Triton GEMM's configs beside cuBLAS (tools/device_bench/triton_gemm.py)
@@ -142,21 +142,31 @@ run_step() {
       done ;;
     gemm-shapes)
       timeout 200 python3 tools/device_bench/gemm_shapes.py --out "$OUT" 2>&1 | tail -n 22 ;;
-    prefetch-7b)
-      run_step prefetch-sweep; run_step prefetch-ab ;;
-    prefetch-sweep)
-      # (the kernel's GPU tests, both loops: gpu-decode; with them here 200 s cut the tests short)
-      timeout 300 python3 tools/device_bench/decode_sweep.py --out "$OUT" --prefetch 2>&1 | grep -v Warning | tail -n 6 ;;
-    prefetch-ab)
-      ab_7b RLSERVE_DECODE_PREFETCH prefetch ;;
-    decode-bits)
-      # the prefetch against the same config without it, bit for bit; which configs keep K=1 = K=8 (test_gpu.py)
-      timeout 150 python3 tools/device_bench/decode_bits.py 2>&1 | grep -v Warn | tail -n 30
-      timeout 250 python3 tools/device_bench/multistep_bits.py ${BITS_CONFIGS:-32:2:4:prefetch 32:4:3 64:2:3 64:4:3} \
-        2>&1 | grep -E "^###" ;;
+    onewarp-ab)
+      for round in $(seq "${ONEWARP_ROUNDS:-2}"); do
+        for w in ${ONEWARP_WORKLOADS:-rl-7b rl-small}; do
+          for min in 1073741824 default; do
+            patch=()
+            [ "$min" = default ] || patch=("rlserve.attention.triton_paged._ONE_WARP_MIN_PROGRAMS_PER_SM=$min")
+            tag=$([ "$min" = default ] && echo onewarp || echo fourwarps)
+            timeout 200 python3 tools/device_bench/bench_patched.py "${patch[@]}" -- bench --workload "$w" \
+              --modes seeded,plain --no_baseline --num_scheduler_steps 8 --output "$OUT/$w-$tag-$round.json" 2>&1 \
+              | grep "rlserve" | sed "s/^/[$w $tag $round] /"
+          done
+        done
+      done ;;
     multistep-dump)
       for spec in ${DUMP_CONFIGS:-32:2:4 64:4:3 32:2:4,--eager}; do
         timeout 120 python3 tools/device_bench/multistep_dump.py ${spec/,/ } 2>&1 | grep -v Warn | tail -n 6
+      done ;;
+    decode-wide)
+      timeout 400 python3 tools/device_bench/decode_sweep.py --out "$OUT" --wide --shapes rl-7b-ctx786 2>&1 \
+        | grep -v Warning | tail -n 14 ;;
+    decode-candidates)
+      timeout 500 python3 tools/device_bench/decode_sweep.py --out "$OUT" --candidates 2>&1 | grep -v Warning | tail -n 12 ;;
+    multistep-warm)
+      for spec in ${DUMP_CONFIGS:-32:2:4 64:4:3}; do
+        timeout 120 python3 tools/device_bench/multistep_dump.py $spec --warm 2>&1 | grep -v Warn | tail -n 6
       done ;;
     timeline-7b)
       timeout 300 python3 tools/device_bench/timeline.py --workload rl-7b --out "$OUT" 2>&1 | grep -v Warn | tail -n 40 ;;
