@@ -23,6 +23,8 @@ Design
   ``_decode_reduce_kernel`` merges them. ``num_splits`` is picked on the host from ``B``, ``KVH`` and the SM
   count only, so the grid and scratch shapes depend on static shapes alone (CUDA-graph safe, no syncs).
   With one split the kernel normalizes and writes the output directly. ``seq_len == 0`` rows give zeros.
+  The launch config follows the program count (``_decode_config``): a large 16-bit batch runs one-warp programs
+  of 32-key tiles, enough of them per SM that the whole grid is resident at once; smaller ones, 4 warps.
 * Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
   ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
   context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely
