@@ -153,16 +153,16 @@ def one_warp(request, monkeypatch):
     return request.param
 
 
-def _skip_same_path(one_warp: bool, dtype: torch.dtype) -> None:
-    if one_warp and dtype == torch.float32:
-        pytest.skip("fp32 decode has one launch config")
+def _skip_same_path(one_warp: bool, dtype: torch.dtype, head_dim: int = 64) -> None:
+    if one_warp and (dtype == torch.float32 or head_dim > 128):
+        pytest.skip("fp32 and head dims over 128 have one decode launch config")
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
 def test_decode(case, num_splits, one_warp):
     dtype, head_dim, gqa, bs = case
-    _skip_same_path(one_warp, dtype)
+    _skip_same_path(one_warp, dtype, head_dim)
     gen = torch.Generator().manual_seed(1)
     seq_lens = [1, bs - 1 or 1, bs, bs + 1, 3 * bs + 5, 2, 100] if not INTERPRET else [1, bs - 1, bs + 1, 2 * bs + 3]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
@@ -198,13 +198,15 @@ def test_decode_split_kv(dtype, gqa, num_splits, one_warp):
 
 
 def test_decode_config_by_batch():
-    """One-warp programs from 4 programs per SM, 16-bit at head dim <= 128 only: rl-7b's 256 x 4 at 132 SMs."""
+    """One-warp programs from 4 programs per SM (rl-7b's 256 x 4 at 132 SMs), 16-bit at head dim <= 128 and
+    query groups <= 16 only."""
     one_warp = dict(BLOCK_N=32, num_warps=1, num_stages=2)
-    assert tp._decode_config(128, torch.bfloat16, 256 * 4, 132) == one_warp
-    assert tp._decode_config(64, torch.float16, 4 * 132, 132) == one_warp
-    assert tp._decode_config(128, torch.bfloat16, 4 * 132 - 1, 132)["num_warps"] == 4
-    assert tp._decode_config(256, torch.bfloat16, 4096, 132)["num_warps"] == 4
-    assert tp._decode_config(128, torch.float32, 4096, 132) == dict(BLOCK_N=32, num_warps=4, num_stages=3)
+    assert tp._decode_config(128, 16, torch.bfloat16, 256 * 4, 132) == one_warp
+    assert tp._decode_config(64, 16, torch.float16, 4 * 132, 132) == one_warp
+    assert tp._decode_config(128, 16, torch.bfloat16, 4 * 132 - 1, 132)["num_warps"] == 4
+    assert tp._decode_config(256, 16, torch.bfloat16, 4096, 132)["num_warps"] == 4
+    assert tp._decode_config(128, 32, torch.bfloat16, 4096, 132)["num_warps"] == 4  # one warp would spill
+    assert tp._decode_config(128, 16, torch.float32, 4096, 132) == dict(BLOCK_N=32, num_warps=4, num_stages=3)
 
 
 def test_num_splits_is_static():

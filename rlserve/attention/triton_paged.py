@@ -24,7 +24,7 @@ Design
   count only, so the grid and scratch shapes depend on static shapes alone (CUDA-graph safe, no syncs).
   With one split the kernel normalizes and writes the output directly. ``seq_len == 0`` rows give zeros.
   The launch config follows the program count (``_decode_config``): a large 16-bit batch runs one-warp programs
-  of 32-key tiles, enough of them per SM that the whole grid is resident at once; smaller ones, 4 warps.
+  of 32-key tiles, 9 of which fit an SM (rl-7b's whole grid at once); smaller batches, 4 warps.
 * Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
   ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
   context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely
@@ -244,17 +244,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
 
 
-def _decode_config(block_d: int, dtype: torch.dtype, programs: int, sms: int) -> dict:
+def _decode_config(block_d: int, block_g: int, dtype: torch.dtype, programs: int, sms: int) -> dict:
     """KV tile and launch options for decode, from the launch's program count (B x KVH x splits) and the SMs.
 
-    A large 16-bit batch (``_ONE_WARP_MIN_PROGRAMS_PER_SM`` programs per SM and more) at head dim <= 128 takes
-    one-warp programs of 32-key tiles: 215 registers and 20 KB of shared memory each, so 9 fit an SM and rl-7b's
-    1,024 programs (256 sequences x 4 KV heads) all run at once, each streaming its own tiles with no reduction
-    across warps. Decode attention alone on one H200 (BENCHMARKS, fourteenth session): 93.1 against 108.6 us
-    for 64-key tiles of 4 warps at the rl-7b shape (context 786), 36.3 against 45.7 at rl-small's, 91.9
-    against 108.3 at rl-medium's. Fewer programs would leave SMs with too few warps: smaller batches keep 4 warps
-    (and split the context, ``choose_num_splits``). fp32 tiles are halved to stay clear of register spills."""
-    if dtype != torch.float32 and block_d <= 128 and programs >= _ONE_WARP_MIN_PROGRAMS_PER_SM * sms:
+    A large 16-bit batch (``_ONE_WARP_MIN_PROGRAMS_PER_SM`` programs per SM and more) at head dim <= 128 and
+    query groups of <= 16 heads takes one-warp programs of 32-key tiles: 215 registers and 20 KB of shared memory
+    each (no spills; a group of 32 spills), so 9 fit an SM, and rl-7b's 1,024 programs (256 sequences x 4 KV heads)
+    are all resident at once, each streaming its own tiles with no reduction across warps; 4-warp programs fit 4
+    an SM and take two rounds. Decode attention alone on one H200 (BENCHMARKS, fourteenth session): 93.1 us
+    against 108.1-109.0 for 64-key tiles of 4 warps (the earlier default) and 107.3 for the best 4-warp-era config
+    (64 keys, 2 warps) at the rl-7b shape, context 786; 91.9 against 108.1 / 106.6 at rl-medium's; 36.3 against
+    45.7 / 37.2 at rl-small's; 70.7 against 92.7 at 160 sequences (640 programs). At 512 programs both configs
+    took 61-62 us, hence the threshold. Fewer programs would leave SMs with too few warps: smaller batches keep 4
+    warps (and split the context, ``choose_num_splits``). fp32 tiles are halved to stay clear of register spills."""
+    if (dtype != torch.float32 and block_d <= 128 and block_g <= 16
+            and programs >= _ONE_WARP_MIN_PROGRAMS_PER_SM * sms):
         return dict(BLOCK_N=32, num_warps=1, num_stages=2)
     block_n = 64 if block_d <= 128 else 32
     return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
@@ -331,6 +335,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, q.device)
     block_d = triton.next_power_of_2(head_dim)
+    block_g = max(16, triton.next_power_of_2(group))
     direct = num_splits == 1
     if direct:
         part_m = part_l = part_acc = out  # unused
@@ -345,9 +350,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        DIRECT=direct, DOT_PREC=_dot_precision(q.dtype),
-        **_decode_config(block_d, q.dtype, batch * num_kv_heads * num_splits, _sms(q.device)))
+        BLOCK_G=block_g, BLOCK_D=block_d, DIRECT=direct, DOT_PREC=_dot_precision(q.dtype),
+        **_decode_config(block_d, block_g, q.dtype, batch * num_kv_heads * num_splits, _sms(q.device)))
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),

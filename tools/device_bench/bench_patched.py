@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import sys
+from pathlib import Path
 
 from rlserve.cli import main
 
@@ -20,8 +22,24 @@ def patch(assignment: str) -> None:
     setattr(importlib.import_module(module), attribute, ast.literal_eval(value))
 
 
+def note_patches(argv: list[str], patches: list[str]) -> None:
+    """Record the patches in the bench's JSON (``--output``), so that its file says what it measured."""
+    for flag in ("--output", "-o"):
+        if flag in argv and argv.index(flag) + 1 < len(argv):
+            path = Path(argv[argv.index(flag) + 1])
+            if path.is_file():
+                report = json.loads(path.read_text())
+                report["patched"] = patches
+                path.write_text(json.dumps(report, indent=2))
+
+
 if __name__ == "__main__":
+    if "--" not in sys.argv:
+        sys.exit(__doc__)
     split = sys.argv.index("--")
-    for assignment in sys.argv[1:split]:
+    patches, command = sys.argv[1:split], sys.argv[split + 1:]
+    for assignment in patches:
         patch(assignment)
-    sys.exit(main(sys.argv[split + 1:]))
+    code = main(command)
+    note_patches(command, patches)
+    sys.exit(code)

@@ -53,8 +53,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp")
     parser.add_argument("--wide", action="store_true",
-                        help="instead: 1 and 2 warps, 16- to 64-key tiles, 2-4 stages, 1, 3 and 4 splits (more, smaller "
-                             "programs in flight), at --shapes")
+                        help="instead: 1 and 2 warps, 16- to 64-key tiles, 2-4 stages, 1, 3 and 4 splits (more, "
+                             "smaller programs in flight), at --shapes")
     parser.add_argument("--candidates", action="store_true",
                         help="instead: CANDIDATES at every shape, each with choose_num_splits' splits and 2, 4 and 8 "
                              "times as many")
@@ -80,7 +80,12 @@ def main():
                 ms = None
             finally:
                 tp._decode_config = default_config
-            return dict(shape=name, config=config or "default", splits=splits or "default", us=ms and ms * 1e3,
+            if config is None:  # what the default resolves to here (it depends on the program count)
+                used = splits or tp.choose_num_splits(shape[0], shape[2], q.device)
+                block_g = max(16, triton.next_power_of_2(shape[3]))
+                config = dict(default_config(triton.next_power_of_2(head_dim), block_g, q.dtype,
+                                             shape[0] * shape[2] * used, tp._sms(q.device)), default=True)
+            return dict(shape=name, config=config, splits=splits or "default", us=ms and ms * 1e3,
                         tbps=ms and read / ms / 1e9)
 
         rows.append(bench())

@@ -1,12 +1,14 @@
 """Where K=1 and K=8 part, replay by replay (a device probe for the thirteenth session's bit question, not a test).
 
-python tools/device_bench/multistep_dump.py BLOCK_N:WARPS:STAGES [--eager]: the greedy half of
+python tools/device_bench/multistep_dump.py BLOCK_N:WARPS:STAGES [--eager] [--warm]: the greedy half of
 test_gpu.py's test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16 (24 prompts, 45 tokens, bf16, the
 rl-small shape with 4 layers) with 16-bit decode attention launched with that config, once with
 num_scheduler_steps 1 and once with 8 (both synchronous). Every decode forward (CUDA-graph replay, or eager model
 call with --eager) is recorded: its rows' input ids, positions, context lengths, hidden states, and each row's KV
 cache read back through its block table (every layer, the positions the step attends to). The first forward where
-the two runs differ is printed with what differs: inputs, the KV the step reads, or only the output."""
+the two runs differ is printed with what differs: inputs, the KV the step reads, or only the output. --warm compares
+instead a K=1 run with the same prompts run again in the same engine, on a warm prefix cache (the thirteenth
+session's K=1 = K=8 failure). --device cpu checks this script itself (reference attention)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def logical_kv(runner, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> li
     return rows
 
 
-def record(llm, batch, params, eager: bool) -> list[dict]:
+def record(llm, batch, params, eager: bool) -> tuple[list[dict], list[list[int]]]:
     runner = llm.engine.runner
     forwards = []
     original = ModelRunner._run_model
@@ -76,8 +78,8 @@ def main() -> None:
     block_n, warps, stages = args.config.split(":")
     config = dict(BLOCK_N=int(block_n), num_warps=int(warps), num_stages=int(stages))
     default_config = tp._decode_config
-    tp._decode_config = lambda block_d, dtype, *rest: config if dtype != torch.float32 else default_config(
-        block_d, dtype, *rest)
+    tp._decode_config = lambda block_d, block_g, dtype, *rest: config if dtype != torch.float32 else default_config(
+        block_d, block_g, dtype, *rest)
 
     arch = dict(QWEN25_05B, num_hidden_layers=4, initializer_range=0.05, max_position_embeddings=4096)
     model = make_tiny_model(Path(tempfile.mkdtemp()) / "rl-small-4l", "qwen2", seed=3, **arch)
@@ -85,8 +87,8 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True, logprobs=0)
     runs = []
     for steps in (1, 8) if not args.warm else (1,):
-        llm = LLM(str(model), device=args.device, dtype="bfloat16", gpu_memory_utilization=0.3, num_scheduler_steps=steps,
-                  async_scheduling=False, enforce_eager=args.eager)
+        llm = LLM(str(model), device=args.device, dtype="bfloat16", gpu_memory_utilization=0.3,
+                  num_scheduler_steps=steps, async_scheduling=False, enforce_eager=args.eager)
         runs.append(record(llm, batch, params, args.eager or args.device == "cpu"))
         if args.warm:  # the same prompts again: each recomputes only its last block's tokens
             runs.append(record(llm, batch, params, args.eager or args.device == "cpu"))

@@ -149,14 +149,14 @@ run_step() {
             patch=()
             [ "$min" = default ] || patch=("rlserve.attention.triton_paged._ONE_WARP_MIN_PROGRAMS_PER_SM=$min")
             tag=$([ "$min" = default ] && echo onewarp || echo fourwarps)
-            timeout 200 python3 tools/device_bench/bench_patched.py "${patch[@]}" -- bench --workload "$w" \
+            timeout 200 python3 tools/device_bench/bench_patched.py ${patch[@]+"${patch[@]}"} -- bench --workload "$w" \
               --modes seeded,plain --no_baseline --num_scheduler_steps 8 --output "$OUT/$w-$tag-$round.json" 2>&1 \
               | grep "rlserve" | sed "s/^/[$w $tag $round] /"
           done
         done
       done ;;
     multistep-dump)
-      for spec in ${DUMP_CONFIGS:-32:2:4 64:4:3 32:2:4,--eager}; do
+      for spec in ${DUMP_CONFIGS:-32:1:2 64:4:3 32:1:2,--eager}; do
         timeout 120 python3 tools/device_bench/multistep_dump.py ${spec/,/ } 2>&1 | grep -v Warn | tail -n 6
       done ;;
     decode-wide)
@@ -165,7 +165,7 @@ run_step() {
     decode-candidates)
       timeout 500 python3 tools/device_bench/decode_sweep.py --out "$OUT" --candidates 2>&1 | grep -v Warning | tail -n 12 ;;
     multistep-warm)
-      for spec in ${DUMP_CONFIGS:-32:2:4 64:4:3}; do
+      for spec in ${DUMP_CONFIGS:-32:1:2 64:4:3}; do
         timeout 120 python3 tools/device_bench/multistep_dump.py $spec --warm 2>&1 | grep -v Warn | tail -n 6
       done ;;
     timeline-7b)
@@ -181,8 +181,8 @@ run_step() {
     gpu-kernels)
       run_step gpu-decode; run_step gpu-rest ;;
     gpu-decode)
-      # (-k applies to every path of a pytest line: the decode selection runs alone; 684 cases with both
-      # block-id loops, so this step fills most of a call)
+      # (-k applies to every path of a pytest line: the decode selection runs alone; 684 cases, each under both
+      # launch configs (fp32 and head dim 256 skip the one-warp one), so this step fills most of a call)
       timeout 400 python3 -m pytest -q -m gpu tests/test_triton_attention.py -k decode -p no:cacheprovider 2>&1 \
         | tail -n 3 ;;
     gpu-rest)

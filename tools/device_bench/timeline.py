@@ -2,10 +2,10 @@
 
 python tools/device_bench/timeline.py --workload rl-7b --warm_steps 60 --steps 4 --out DIR: the engine as
 `rlserve bench` runs it (async scheduling, --num_scheduler_steps 8 unless told), filled with the workload and
-stepped to a longer context, then ``--steps`` engine steps under torch.profiler. From the kernels of the trace:
-the window from the first kernel's start to the last one's end, the time some kernel runs (the union of their
-intervals), the idle rest, the number of decode steps in the window (launches of the sampler's draw kernel), and the idle gaps summed
-by the pair of kernels around them. The kernel sum per step of the seventh session's profile left ~0.9 ms of a
+stepped to a longer context, then ``--steps`` engine steps under torch.profiler. From the kernels, copies and
+fills of the trace: the window from the first one's start to the last one's end, the time some of them run (the
+union of their intervals), the idle rest, the number of decode steps in the window (launches of the sampler's draw
+kernel), and the idle gaps summed by the pair of operations around them. The kernel sum per step of the seventh session's profile left ~0.9 ms of a
 10 ms rl-7b step unexplained: this says whether it is idle time, and where. JSON in DIR/timeline-WORKLOAD.json."""
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def short(name: str) -> str:
 
 def analyse(kernels: list[dict]) -> dict:
     """kernels: Chrome-trace events (ts, dur in µs, name), one stream's or all. Busy = union of intervals."""
+    if not kernels:
+        raise SystemExit("no GPU operation in the profiled window")
     kernels = sorted(kernels, key=lambda e: e["ts"])
     start, end = kernels[0]["ts"], max(e["ts"] + e["dur"] for e in kernels)
     busy, reach, gaps = 0.0, start, defaultdict(lambda: [0, 0.0])
@@ -84,10 +86,10 @@ def main() -> None:
     decode_tokens = sum(len(s.output_token_ids) for s in engine.scheduler.running)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         timed_steps(engine, args.steps, dev)
-    trace = Path("/tmp") / f"timeline-{args.workload}.json"
+    trace = Path("/tmp") / f"timeline-{args.workload}-trace.json"
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text())["traceEvents"]
-    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     report = analyse(kernels)
     # decode steps in the window: the sampler's draw kernel runs once per step
     draws = sum(1 for e in kernels if "gumbel" in e["name"] and "merge" not in e["name"])
@@ -96,6 +98,8 @@ def main() -> None:
                   decode_steps_in_window=draws, unprofiled_engine_steps_s=plain_s,
                   commit=__import__("rlserve.bench.bench", fromlist=["git_commit"]).git_commit(),
                   date=time.strftime("%Y-%m-%d"))
+    if not draws:
+        print("no draw kernel in the window: the figures below are totals, not per decode step")
     per = max(draws, 1)
     print(f"{args.workload}: {draws} decode steps in the window, batch {report['mean_batch']:.0f}; "
           f"per step: window {report['window_us'] / per:.0f} us, busy {report['busy_us'] / per:.0f}, "
