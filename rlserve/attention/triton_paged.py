@@ -46,7 +46,7 @@ from rlserve.attention.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
-# From this many decode programs per SM, 16-bit caches at head dim <= 128 take one-warp programs (_decode_config).
+# From this many decode programs per SM, 16-bit caches take one-warp programs (_decode_config says when else).
 _ONE_WARP_MIN_PROGRAMS_PER_SM = 4
 
 
