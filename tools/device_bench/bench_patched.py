@@ -24,13 +24,12 @@ def patch(assignment: str) -> None:
 
 def note_patches(argv: list[str], patches: list[str]) -> None:
     """Record the patches in the bench's JSON (``--output``), so that its file says what it measured."""
-    for flag in ("--output", "-o"):
-        if flag in argv and argv.index(flag) + 1 < len(argv):
-            path = Path(argv[argv.index(flag) + 1])
-            if path.is_file():
-                report = json.loads(path.read_text())
-                report["patched"] = patches
-                path.write_text(json.dumps(report, indent=2))
+    if "--output" in argv and argv.index("--output") + 1 < len(argv):
+        path = Path(argv[argv.index("--output") + 1])
+        if path.is_file():
+            report = json.loads(path.read_text())
+            report["patched"] = patches
+            path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ python tools/device_bench/timeline.py --workload rl-7b --warm_steps 60 --steps 4
 stepped to a longer context, then ``--steps`` engine steps under torch.profiler. From the kernels, copies and
 fills of the trace: the window from the first one's start to the last one's end, the time some of them run (the
 union of their intervals), the idle rest, the number of decode steps in the window (launches of the sampler's draw
-kernel), and the idle gaps summed by the pair of operations around them. The kernel sum per step of the seventh session's profile left ~0.9 ms of a
-10 ms rl-7b step unexplained: this says whether it is idle time, and where. JSON in DIR/timeline-WORKLOAD.json."""
+kernel), and the idle gaps summed by the pair of operations around them. The kernel sum per step of the seventh
+session's profile left ~0.9 ms of a 10 ms rl-7b step unexplained: this says whether it is idle time, and where.
+JSON in DIR/timeline-WORKLOAD.json."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from rlserve import LLM
-    from rlserve.bench.bench import prepare_model
+    from rlserve.bench.bench import git_commit, prepare_model
     from rlserve.bench.profile_step import fill_engine, timed_steps
     from rlserve.bench.workloads import MODES, get_workload
 
@@ -96,7 +97,7 @@ def main() -> None:
     report.update(workload=args.workload, steps=args.steps, num_scheduler_steps=args.num_scheduler_steps,
                   mean_batch=sum(batches) / len(batches), output_tokens_after=decode_tokens,
                   decode_steps_in_window=draws, unprofiled_engine_steps_s=plain_s,
-                  commit=__import__("rlserve.bench.bench", fromlist=["git_commit"]).git_commit(),
+                  commit=git_commit(),
                   date=time.strftime("%Y-%m-%d"))
     if not draws:
         print("no draw kernel in the window: the figures below are totals, not per decode step")
