@@ -39,6 +39,11 @@
 #   gemm-triton           pytest -m gpu on tests/test_triton_gemm.py, then gemm-shapes' QKV, O and down with the
 #                         split-K Triton GEMM's configs beside cuBLAS (tools/device_bench/triton_gemm.py)
 #   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
+#   patch-ab              PATCH=MODULE.ATTR, PATCH_VALUES="A B" (Python literals): rlserve bench (K=8, async) with each
+#                         value patched in (bench_patched.py), alternated PATCH_ROUNDS times (2) over PATCH_WORKLOADS
+#                         (rl-7b); JSON WORKLOAD-patch-VALUE-ROUND.json
+#   layer-gemms           layer_gemms.py: 28 layers of the 7B decoder's linear chain in a CUDA graph, per weight layout
+#                         and BLAS library (LAYER_VARIANTS picks), µs per layer, kernels and idle gaps
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
 #                         alternated (STEPS_LIST="1 8", STEPS_ROUNDS=2 pick others), seeded and plain, no baseline
 set -uo pipefail
@@ -168,6 +173,19 @@ run_step() {
       for spec in ${DUMP_CONFIGS:-32:1:2 64:4:3}; do
         timeout 120 python3 tools/device_bench/multistep_dump.py $spec --warm 2>&1 | grep -v Warn | tail -n 6
       done ;;
+    patch-ab)
+      for round in $(seq "${PATCH_ROUNDS:-2}"); do
+        for w in ${PATCH_WORKLOADS:-rl-7b}; do
+          for value in ${PATCH_VALUES:-False True}; do
+            timeout 200 python3 tools/device_bench/bench_patched.py "$PATCH=$value" -- bench --workload "$w" \
+              --modes seeded,plain --no_baseline --num_scheduler_steps 8 --output "$OUT/$w-patch-$value-$round.json" \
+              2>&1 | grep "rlserve" | sed "s/^/[$w ${PATCH##*.}=$value $round] /"
+          done
+        done
+      done ;;
+    layer-gemms)
+      timeout 400 python3 tools/device_bench/layer_gemms.py --out "$OUT" ${LAYER_VARIANTS:+--variants $LAYER_VARIANTS} \
+        2>&1 | grep -v Warn | tail -n 120 ;;
     timeline-7b)
       timeout 300 python3 tools/device_bench/timeline.py --workload rl-7b --out "$OUT" 2>&1 | grep -v Warn | tail -n 40 ;;
     gemm-triton)
