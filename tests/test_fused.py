@@ -66,3 +66,35 @@ def test_silu_mul(dtype, width):
     x = torch.randn(5, 2 * width, device=DEVICE).to(dtype)
     want = torch.nn.functional.silu(x[:, :width]) * x[:, width:]
     torch.testing.assert_close(fused.silu_mul(x), want, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_with_gate_and_up_as_two_gemms_equals_the_fused_projection(dtype, bias, monkeypatch):
+    """The MLP's path where the fused kernels run: gate and up as two GEMMs over the halves of the fused weight
+    (``SPLIT_GATE_UP``), then silu_mul_parts, against the fused [gate | up] GEMM and PyTorch's SiLU-and-mul."""
+    from types import SimpleNamespace
+
+    from rlserve.models import llama
+    config = SimpleNamespace(hidden_size=64, intermediate_size=1000, hidden_act="silu", mlp_bias=bias)
+    mlp = llama.LlamaMLP(config, llama.SINGLE).to(DEVICE, dtype)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(7, 64, device=DEVICE).to(dtype)
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    want = mlp.down_proj(torch.nn.functional.silu(gate) * up)
+    gate_part, up_part = mlp.gate_up_proj.forward_parts(x)
+    torch.testing.assert_close(gate_part, gate, **tol(dtype))
+    torch.testing.assert_close(up_part, up, **tol(dtype))
+    mlp.act.use_fused = True
+    for split in (True, False):
+        monkeypatch.setattr(llama, "SPLIT_GATE_UP", split)
+        torch.testing.assert_close(mlp(x), want, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_parts_reads_strided_rows(dtype):
+    x = torch.randn(6, 3 * 300, device=DEVICE).to(dtype)
+    gate, up = x[:, :300], x[:, 600:]  # rows of 900 elements, not of 300
+    want = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(fused.silu_mul_parts(gate, up), want, **tol(dtype))

@@ -17,3 +17,8 @@ class SiluAndMul(nn.Module):
             return fused.silu_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def parts(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # [N, I] each -> [N, I]
+        if self.use_fused:
+            return fused.silu_mul_parts(gate, up)
+        return F.silu(gate) * up

@@ -74,12 +74,12 @@ if triton is not None:
             tl.store(ptr + HALF, o2, mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+        gate = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + row * stride_u + cols, mask=mask, other=0.0)
         silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
         tl.store(out_ptr + row * stride_o + cols, silu * up, mask=mask)
 
@@ -109,13 +109,18 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """x [N, 2I] = [gate | up] -> silu(gate) * up [N, I]."""
-    n, two_i = x.shape
-    half = two_i // 2
-    out = torch.empty(n, half, dtype=x.dtype, device=x.device)
+    half = x.shape[1] // 2
+    return silu_mul_parts(x[:, :half], x[:, half:])
+
+
+def silu_mul_parts(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [N, I] (rows may be strided, columns contiguous) -> silu(gate) * up [N, I]."""
+    n, width = gate.shape
+    out = torch.empty(n, width, dtype=up.dtype, device=up.device)
     if n:
         block = 1024
-        _silu_mul_kernel[(n, triton.cdiv(half, block))](x, out, x.stride(0), out.stride(0), half, BLOCK=block,
-                                                         num_warps=4)
+        _silu_mul_kernel[(n, triton.cdiv(width, block))](gate, up, out, gate.stride(0), up.stride(0), out.stride(0),
+                                                          width, BLOCK=block, num_warps=4)
     return out
 
 

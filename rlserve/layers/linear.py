@@ -93,6 +93,15 @@ class MergedColumnParallelLinear(LinearBase):
         _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size),
                       f"merged linear part {shard_id}")
 
+    def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One GEMM per part, each over its rows of the fused weight (views: no copy), outputs [N, part]."""
+        outs, offset = [], 0
+        for size in self.local_sizes:
+            bias = self.bias.narrow(0, offset, size) if self.bias is not None else None
+            outs.append(linear(x, self.weight.narrow(0, offset, size), bias))
+            offset += size
+        return outs
+
 
 class QKVParallelLinear(LinearBase):
     """Outputs ``[q | k | v]`` for this rank's heads."""
