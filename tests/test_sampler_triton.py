@@ -12,7 +12,7 @@ tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")
 DEVICE, pytestmark = triton_kernel_module()
 
-from rlserve.engine.sampler_triton import fused_sample, uniform_noise  # noqa: E402
+from rlserve.engine.sampler_triton import fused_sample, gumbel_noise, uniform_noise  # noqa: E402
 
 DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
 
@@ -76,12 +76,13 @@ def test_noise_is_philox_output_j_of_counter_c_for_index_4c_plus_j():
 
 
 # The single-program kernel that drew every row before the vocab was split into chunks (one program a row,
-# looping over the whole vocab), kept as the reference for the draw: a seed must draw the same token. Only
-# change: `tl.where(valid & alive, ...)` is written as two nested `where`s (the same values), since the
-# interpreter cannot AND a vector with a reduced scalar.
+# looping over the whole vocab), kept as the reference for the draw: a seed must draw the same token. Changes:
+# `tl.where(valid & alive, ...)` is written as two nested `where`s (the same values), since the interpreter
+# cannot AND a vector with a reduced scalar; the noise is the sampler's own `gumbel_noise` (its fast logarithms
+# on CUDA).
 @triton.jit
 def _reference_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, seed_ptr, token_ptr,
-                      logprob_ptr, vocab_size, BLOCK: tl.constexpr):
+                      logprob_ptr, vocab_size, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
     row = tl.program_id(0)
     inv_t = tl.load(inv_temperature_ptr + row)
     greedy = tl.load(greedy_ptr + row) != 0
@@ -102,8 +103,7 @@ def _reference_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, s
             + tl.sum(tl.where(alive, tl.where(valid, tl.exp(x - m_new), 0.0), 0.0), axis=0)
         m = m_new
         u = uniform_noise(seed, start, BLOCK)
-        gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-10)))
-        score = tl.where(valid, tl.where(greedy, x, x + gumbel), float("-inf"))
+        score = tl.where(valid, tl.where(greedy, x, x + gumbel_noise(u, FAST_LOG)), float("-inf"))
         block_best = tl.max(score, axis=0)
         block_index = tl.argmax(score, axis=0).to(tl.int32)
         take = block_best > best_score
@@ -119,7 +119,7 @@ def _reference(logits, inv_t, greedy, seeds):
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _reference_kernel[(rows,)](logits, logits.stride(0), inv_t, greedy.to(torch.int8), seeds, tokens, logprobs,
-                               vocab, BLOCK=2048, num_warps=8)
+                               vocab, BLOCK=2048, FAST_LOG=logits.is_cuda, num_warps=8)
     return tokens, logprobs
 
 

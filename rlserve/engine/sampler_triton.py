@@ -31,6 +31,7 @@ from rlserve.attention.triton_paged import sm_count
 BLOCK = 2048  # vocab entries per loop step of one program
 PROGRAMS_PER_SM = 4  # aim for this many (row, chunk) programs per SM
 CPU_CHUNKS = 4  # chunks per row off CUDA (the Triton interpreter)
+_FAST_LOG = True  # on CUDA, the noise's logarithms by lg2.approx (gumbel_noise); False: libdevice's, for an A/B
 
 
 @triton.jit
@@ -48,9 +49,28 @@ def uniform_noise(seed, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def gumbel_noise(u, FAST_LOG: tl.constexpr):
+    """-ln(-ln u) for uniforms u in [0, 1) (kept above 1e-10). FAST_LOG (CUDA): each ln as ln 2 * log2 by the
+    GPU's special-function unit (``lg2.approx.f32``, relative error ~2^-22), one instruction where Triton's
+    ``tl.log`` is libdevice's ~20-instruction polynomial: the two logarithms were a third of the sampler's
+    arithmetic. Noise this close to Gumbel's draws each token with its softmax probability to ~1e-6. Off (the
+    Triton interpreter, which runs no PTX): ``tl.log``."""
+    u = tl.maximum(u, 1e-10)
+    if FAST_LOG:
+        ln2: tl.constexpr = 0.6931471805599453
+        e = -ln2 * tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return -ln2 * tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [e], dtype=tl.float32,
+                                                is_pure=True, pack=1)
+    else:
+        return -tl.log(-tl.log(u))
+
+
+@triton.jit
 def _gumbel_partial_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, seed_ptr,
                            m_ptr, s_ptr, score_ptr, index_ptr, token_ptr, logprob_ptr,
-                           vocab_size, chunk_size, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                           vocab_size, chunk_size, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                           FAST_LOG: tl.constexpr):
     """Program (row, chunk) reduces vocab [chunk * chunk_size, (chunk + 1) * chunk_size) of its row.
     SINGLE (one chunk a row): store the token and logprob; else the chunk's partial at [row, chunk]."""
     row = tl.program_id(0)
@@ -75,8 +95,7 @@ def _gumbel_partial_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_p
         s = tl.where(m_new > float("-inf"), s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0), s)
         m = m_new
         u = uniform_noise(seed, start, BLOCK)  # [0, 1); depends on the seed and the vocab index alone
-        gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-10)))
-        score = tl.where(greedy, x, x + gumbel)
+        score = tl.where(greedy, x, x + gumbel_noise(u, FAST_LOG))
         block_best = tl.max(score, axis=0)
         block_index = tl.argmax(score, axis=0).to(tl.int32)  # the first of equal maxima
         take = block_best > best_score  # strict: an earlier block keeps a tie
@@ -151,10 +170,11 @@ def _gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, is_greed
     inv_temperature = inv_temperature.float().contiguous()
     greedy = is_greedy.to(torch.int8).contiguous()
     seeds = seeds.contiguous()
+    fast_log = _FAST_LOG and device.type == "cuda"
     if chunks == 1:
         _gumbel_partial_kernel[(rows, 1)](logits, logits.stride(0), inv_temperature, greedy, seeds,
                                           None, None, None, None, tokens, logprobs, vocab, chunk_size,
-                                          BLOCK=block, SINGLE=True, num_warps=8)
+                                          BLOCK=block, SINGLE=True, FAST_LOG=fast_log, num_warps=8)
         return tokens, logprobs
     m = torch.empty(rows, chunks, dtype=torch.float32, device=device)
     s = torch.empty_like(m)
@@ -162,7 +182,7 @@ def _gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, is_greed
     index = torch.empty(rows, chunks, dtype=torch.int32, device=device)
     _gumbel_partial_kernel[(rows, chunks)](logits, logits.stride(0), inv_temperature, greedy, seeds,
                                            m, s, score, index, None, None, vocab, chunk_size,
-                                           BLOCK=block, SINGLE=False, num_warps=8)
+                                           BLOCK=block, SINGLE=False, FAST_LOG=fast_log, num_warps=8)
     _gumbel_merge_kernel[(rows,)](logits, logits.stride(0), inv_temperature, m, s, score, index, tokens,
                                   logprobs, chunks, CHUNKS=triton.next_power_of_2(chunks), num_warps=1)
     return tokens, logprobs
