@@ -151,13 +151,13 @@ def main() -> None:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     from rlserve.bench.bench import git_commit
     result = {"tokens": args.tokens, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
-              "device": torch.cuda.get_device_name(dev), "variants": {}}
+              "device": torch.cuda.get_device_name(dev), "runs": []}  # a variant named twice runs twice
     for name in names:  # one graph at a time: 28 layers of 7B weights are 13 GB
         graph, layers = build(name, args.tokens, dev)
         timings = [time_graph(graph, args.replays) for _ in range(args.rounds)]
         profiled = profile_graph(graph, 3)
-        result["variants"][name] = {"choice": layers[0].choice, "us_per_layer": [round(t, 2) for t in timings],
-                                    **profiled}
+        result["runs"].append({"variant": name, "choice": layers[0].choice,
+                               "us_per_layer": [round(t, 2) for t in timings], **profiled})
         print(f"{name:11s} {' '.join(f'{t:7.2f}' for t in timings)} us/layer; profiled window "
               f"{profiled['per_layer_us']:.2f}, idle {profiled['idle_us']:.2f}")
         for k, n, us in profiled["gaps"][:3]:
