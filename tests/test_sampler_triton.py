@@ -32,7 +32,10 @@ def test_token_and_logprob_match_log_softmax(dtype, vocab):
     assert torch.equal(tokens[greedy], logits.float()[greedy].argmax(dim=-1))
 
 
-def test_draws_follow_the_distribution_and_depend_only_on_the_seed():
+@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
+def test_draws_follow_the_distribution_and_depend_only_on_the_seed(fast_log, monkeypatch):
+    from rlserve.engine import sampler_triton
+    monkeypatch.setattr(sampler_triton, "_FAST_LOG", fast_log)
     torch.manual_seed(0)
     vocab, rows = 8, 4000 if INTERPRET else 100000
     logits = torch.randn(1, vocab, device=DEVICE).repeat(rows, 1)
@@ -43,6 +46,37 @@ def test_draws_follow_the_distribution_and_depend_only_on_the_seed():
     assert (empirical - expected).abs().max() < (0.03 if INTERPRET else 0.006)
     again, _ = fused_sample(logits[:10].clone(), torch.ones(10, device=DEVICE), seeds[:10].clone())
     assert torch.equal(again, tokens[:10])  # the same seeds draw the same tokens in another batch
+
+
+@triton.jit
+def _gumbel_noise_kernel(u_ptr, out_ptr, n, FAST_LOG: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    u = tl.load(u_ptr + offs, mask=mask, other=0.5)
+    tl.store(out_ptr + offs, gumbel_noise(u, FAST_LOG), mask=mask)
+
+
+@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
+def test_gumbel_noise_is_accurate_in_its_tail(fast_log):
+    """-ln(-ln u) to 1e-5 over uniforms the generator gives, its largest ones included. Near u = 1 the noise is
+    large and picks the token: a logarithm with an absolute error there (lg2.approx's 2^-22 on [0.5, 2]) would
+    make -ln u wrong, zero or negative -- noise off by whole units, infinite or NaN."""
+    scale = torch.tensor(4.6566127342e-10, dtype=torch.float32)  # uint_to_uniform_float's, for 32-bit integers
+    largest = torch.arange(2**31 - 2**12, 2**31, dtype=torch.int64).to(torch.float32) * scale
+    below_one = 1 - torch.arange(1, 65, dtype=torch.float32) * 2.0**-24  # every float32 in [1 - 2^-18, 1)
+    below_one = below_one[below_one <= largest.max()]
+    edges = torch.tensor([0.0, 1e-12, 1e-10, 1e-6, 0.25, 0.5, 0.5 + 2**-24, 0.75, 0.999], dtype=torch.float32)
+    torch.manual_seed(3)
+    u = torch.cat([largest, below_one, edges, torch.rand(100_000)])
+    assert u.max() < 1
+    out = torch.empty_like(u, device=DEVICE)
+    _gumbel_noise_kernel[(triton.cdiv(u.numel(), 1024),)](u.to(DEVICE), out, u.numel(), FAST_LOG=fast_log,
+                                                           BLOCK=1024)
+    clamped = torch.maximum(u, torch.tensor(1e-10, dtype=torch.float32)).double()  # the kernel's clamp, in fp32
+    want = -torch.log(-torch.log(clamped))
+    out = out.cpu().double()
+    assert torch.isfinite(out).all()
+    assert (out - want).abs().max() < 1e-5, (out - want).abs().argmax()
 
 
 @triton.jit

@@ -31,7 +31,9 @@ from rlserve.attention.triton_paged import sm_count
 BLOCK = 2048  # vocab entries per loop step of one program
 PROGRAMS_PER_SM = 4  # aim for this many (row, chunk) programs per SM
 CPU_CHUNKS = 4  # chunks per row off CUDA (the Triton interpreter)
-_FAST_LOG = True  # on CUDA, the noise's logarithms by lg2.approx (gumbel_noise); False: libdevice's, for an A/B
+# On CUDA, the noise's outer logarithm by lg2.approx (gumbel_noise). Off until its final form has run on a GPU:
+# the form measured (both logarithms approximate) was unsafe near u = 1 (see gumbel_noise).
+_FAST_LOG = False
 
 
 @triton.jit
@@ -50,20 +52,22 @@ def uniform_noise(seed, start, BLOCK: tl.constexpr):
 
 @triton.jit
 def gumbel_noise(u, FAST_LOG: tl.constexpr):
-    """-ln(-ln u) for uniforms u in [0, 1) (kept above 1e-10). FAST_LOG (CUDA): each ln as ln 2 * log2 by the
-    GPU's special-function unit (``lg2.approx.f32``, relative error ~2^-22), one instruction where Triton's
-    ``tl.log`` is libdevice's ~20-instruction polynomial: the two logarithms were a third of the sampler's
-    arithmetic. Noise this close to Gumbel's draws each token with its softmax probability to ~1e-6. Off (the
-    Triton interpreter, which runs no PTX): ``tl.log``."""
-    u = tl.maximum(u, 1e-10)
+    """-ln(-ln u) for uniforms u in [0, 1) (kept above 1e-10).
+
+    FAST_LOG (CUDA): the outer logarithm as ln 2 * log2 by the GPU's special-function unit (``lg2.approx.f32``),
+    one instruction where ``tl.log`` is libdevice's ~20-instruction polynomial. Its input, e = -ln u, lies in
+    [1.2e-7, 23]; lg2.approx is within 2 ulp there, or 2^-22 absolute on [0.5, 2], so the noise moves by at most
+    ~6e-6. The inner logarithm stays libdevice's: for u near 1, lg2.approx's 2^-22 absolute error is as large as
+    log2(u) itself (u tops out at 1 - 1.2e-7), so e -- the tail of the noise, which picks the winners -- could
+    come out wrong, zero or negative, a few times in a 152k-token row. Off (the Triton interpreter, which runs
+    no PTX): ``tl.log`` for both."""
+    e = -tl.log(tl.maximum(u, 1e-10))
     if FAST_LOG:
         ln2: tl.constexpr = 0.6931471805599453
-        e = -ln2 * tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
-                                             is_pure=True, pack=1)
         return -ln2 * tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [e], dtype=tl.float32,
                                                 is_pure=True, pack=1)
     else:
-        return -tl.log(-tl.log(u))
+        return -tl.log(e)
 
 
 @triton.jit
