@@ -71,8 +71,9 @@ def test_silu_mul(dtype, width):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_mlp_with_gate_and_up_as_two_gemms_equals_the_fused_projection(dtype, bias, monkeypatch):
-    """The MLP's path where the fused kernels run: gate and up as two GEMMs over the halves of the fused weight
-    (``SPLIT_GATE_UP``), then silu_mul_parts, against the fused [gate | up] GEMM and PyTorch's SiLU-and-mul."""
+    """The MLP as the runner sets it up where the fused kernels run: gate and up as two GEMMs over the halves of the
+    fused weight (``fused.SPLIT_GATE_UP``), then silu_mul_parts, against the fused [gate | up] GEMM and PyTorch's
+    SiLU-and-mul; and with the split off, silu_mul on the fused GEMM."""
     from types import SimpleNamespace
 
     from rlserve.models import llama
@@ -83,18 +84,21 @@ def test_mlp_with_gate_and_up_as_two_gemms_equals_the_fused_projection(dtype, bi
     x = torch.randn(7, 64, device=DEVICE).to(dtype)
     gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
     want = mlp.down_proj(torch.nn.functional.silu(gate) * up)
-    gate_part, up_part = mlp.gate_up_proj.forward_parts(x)
-    torch.testing.assert_close(gate_part, gate, **tol(dtype))
-    torch.testing.assert_close(up_part, up, **tol(dtype))
-    mlp.act.use_fused = True
     for split in (True, False):
-        monkeypatch.setattr(llama, "SPLIT_GATE_UP", split)
+        monkeypatch.setattr(fused, "SPLIT_GATE_UP", split)
+        fused.use_fused_kernels(mlp, True)
+        assert mlp.split_gate_up is split and mlp.act.use_fused
         torch.testing.assert_close(mlp(x), want, **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_parts_reads_strided_rows(dtype):
+def test_silu_mul_parts_reads_each_tensors_own_row_stride(dtype):
     x = torch.randn(6, 3 * 300, device=DEVICE).to(dtype)
-    gate, up = x[:, :300], x[:, 600:]  # rows of 900 elements, not of 300
-    want = torch.nn.functional.silu(gate) * up
-    torch.testing.assert_close(fused.silu_mul_parts(gate, up), want, **tol(dtype))
+    contiguous = torch.randn(6, 300, device=DEVICE).to(dtype)
+    for gate, up in ((contiguous, x[:, 600:]), (x[:, 600:], contiguous), (x[:, :300], x[:, 600:])):
+        want = torch.nn.functional.silu(gate) * up
+        torch.testing.assert_close(fused.silu_mul_parts(gate, up), want, **tol(dtype))
+    with pytest.raises(ValueError, match="same"):
+        fused.silu_mul_parts(contiguous, x[:, 300:])
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.silu_mul_parts(x[:, ::3], contiguous)

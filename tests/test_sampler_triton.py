@@ -12,6 +12,7 @@ tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")
 DEVICE, pytestmark = triton_kernel_module()
 
+from rlserve.engine import sampler_triton  # noqa: E402
 from rlserve.engine.sampler_triton import fused_sample, gumbel_noise, uniform_noise  # noqa: E402
 
 DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
@@ -34,7 +35,6 @@ def test_token_and_logprob_match_log_softmax(dtype, vocab):
 
 @pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
 def test_draws_follow_the_distribution_and_depend_only_on_the_seed(fast_log, monkeypatch):
-    from rlserve.engine import sampler_triton
     monkeypatch.setattr(sampler_triton, "_FAST_LOG", fast_log)
     torch.manual_seed(0)
     vocab, rows = 8, 4000 if INTERPRET else 100000
@@ -153,7 +153,7 @@ def _reference(logits, inv_t, greedy, seeds):
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _reference_kernel[(rows,)](logits, logits.stride(0), inv_t, greedy.to(torch.int8), seeds, tokens, logprobs,
-                               vocab, BLOCK=2048, FAST_LOG=logits.is_cuda, num_warps=8)
+                               vocab, BLOCK=2048, FAST_LOG=sampler_triton._FAST_LOG and logits.is_cuda, num_warps=8)
     return tokens, logprobs
 
 
@@ -181,8 +181,10 @@ def _hard_rows(vocab: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf - -inf, discarded
+@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
 @pytest.mark.parametrize("num_chunks", [1, 3, 4, 20])  # 4: the chunks of 1280 entries _hard_rows is built on
-def test_chunked_draw_equals_the_single_program_kernel(num_chunks):
+def test_chunked_draw_equals_the_single_program_kernel(num_chunks, fast_log, monkeypatch):
+    monkeypatch.setattr(sampler_triton, "_FAST_LOG", fast_log)
     from rlserve.engine.sampler_triton import _gumbel_sample
     logits, greedy = _hard_rows()
     logits, greedy = logits.to(DEVICE), greedy.to(DEVICE)
@@ -203,7 +205,9 @@ def test_chunked_draw_equals_the_single_program_kernel(num_chunks):
     assert logprobs[[4, 5]].tolist() == [0.0, 0.0]
 
 
-def test_random_rows_draw_as_the_single_program_kernel_for_every_split():
+@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
+def test_random_rows_draw_as_the_single_program_kernel_for_every_split(fast_log, monkeypatch):
+    monkeypatch.setattr(sampler_triton, "_FAST_LOG", fast_log)
     from rlserve.engine.sampler_triton import _gumbel_sample
     torch.manual_seed(2)
     rows, vocab = 8, 5000

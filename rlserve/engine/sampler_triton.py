@@ -56,11 +56,11 @@ def gumbel_noise(u, FAST_LOG: tl.constexpr):
 
     FAST_LOG (CUDA): the outer logarithm as ln 2 * log2 by the GPU's special-function unit (``lg2.approx.f32``),
     one instruction where ``tl.log`` is libdevice's ~20-instruction polynomial. Its input, e = -ln u, lies in
-    [1.2e-7, 23]; lg2.approx is within 2 ulp there, or 2^-22 absolute on [0.5, 2], so the noise moves by at most
-    ~6e-6. The inner logarithm stays libdevice's: for u near 1, lg2.approx's 2^-22 absolute error is as large as
-    log2(u) itself (u tops out at 1 - 1.2e-7), so e -- the tail of the noise, which picks the winners -- could
-    come out wrong, zero or negative, a few times in a 152k-token row. Off (the Triton interpreter, which runs
-    no PTX): ``tl.log`` for both."""
+    [6e-8, 23]; lg2.approx is within 2 ulp there, or 2^-22 absolute on [0.5, 2], so the noise moves by at most
+    ~6e-6. The inner logarithm stays libdevice's: for u near 1, lg2.approx's 2^-22 absolute error is larger than
+    log2(u) itself (u tops out at 1 - 2^-24, log2(u) = -8.6e-8), so e -- the tail of the noise, which picks the
+    winners -- could come out wrong, zero or negative, a few times in a 152k-token row. Off (the Triton
+    interpreter, which runs no PTX): ``tl.log`` for both."""
     e = -tl.log(tl.maximum(u, 1e-10))
     if FAST_LOG:
         ln2: tl.constexpr = 0.6931471805599453

@@ -7,7 +7,7 @@ do the same arithmetic in three launches:
 - ``add_rmsnorm(x, residual, weight, eps)``: ``residual += x`` (rounded to the model dtype, as the unfused
   code does) and ``rmsnorm(residual)`` computed in fp32, in one pass;
 - ``rotary_(q, k, cos, sin, positions)``: the "rotate half" embedding of q and k, in place;
-- ``silu_mul(x)``: ``silu(gate) * up`` of a fused [gate | up] projection.
+- ``silu_mul(x)``: ``silu(gate) * up`` of a fused [gate | up] projection; ``silu_mul_parts(gate, up)`` of two.
 
 They are used on CUDA only (``enabled(device, dtype)``); the CPU path keeps the PyTorch code, whose float32
 results equal Hugging Face transformers' bit for bit. Each kernel is checked against that code at first use on
@@ -115,6 +115,10 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_parts(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up [N, I] (rows may be strided, columns contiguous) -> silu(gate) * up [N, I]."""
+    if gate.dim() != 2 or gate.shape != up.shape:
+        raise ValueError(f"silu_mul_parts: gate {tuple(gate.shape)} and up {tuple(up.shape)} must be the same [N, I]")
+    if gate.stride(1) != 1 or up.stride(1) != 1:
+        raise ValueError("silu_mul_parts: gate's and up's columns must be contiguous")
     n, width = gate.shape
     out = torch.empty(n, width, dtype=up.dtype, device=up.device)
     if n:
@@ -137,11 +141,22 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return _checked[key]
 
 
+# With the fused kernels, an MLP computes gate and up as two GEMMs over the halves of their fused weight (views, no
+# copy). For the fused [gate | up] product at rl-7b's decode shape cuBLAS picks its one cluster kernel, which
+# waits ~4 µs behind a memset of its own; each half gets a plain kernel. The halves compute no faster, but the
+# layer idles 4 µs less: rl-7b +0.6% end to end (BENCHMARKS, fifteenth session; other shapes not A/B'd). False:
+# one GEMM (an A/B).
+SPLIT_GATE_UP = True
+
+
 def use_fused_kernels(model: torch.nn.Module, on: bool) -> None:
-    """Switch every layer of ``model`` that has a fused path (a ``use_fused`` attribute) on or off."""
+    """Switch every layer of ``model`` that has a fused path (a ``use_fused`` attribute) on or off, and with them
+    the split gate/up GEMMs of its MLPs (a ``split_gate_up`` attribute; SPLIT_GATE_UP)."""
     for module in model.modules():
         if hasattr(module, "use_fused"):
             module.use_fused = on
+        if hasattr(module, "split_gate_up"):
+            module.split_gate_up = on and SPLIT_GATE_UP
 
 
 def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
@@ -175,6 +190,8 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
         gu = torch.randn(3, 2 * 300, device=device, generator=g).to(dtype)
         want_a = torch.nn.functional.silu(gu[:, :300]) * gu[:, 300:]
         ok = ok and torch.allclose(silu_mul(gu).float(), want_a.float(), atol=tol, rtol=tol)
+        gate, up = gu[:, :300].contiguous(), gu[:, 300:].contiguous()  # the split MLP's two GEMM outputs
+        ok = ok and torch.allclose(silu_mul_parts(gate, up).float(), want_a.float(), atol=tol, rtol=tol)
     except Exception as e:  # a kernel that cannot build here: the PyTorch path
         logging.getLogger(__name__).warning("fused kernels disabled on %s: %s", device, e)
         return False

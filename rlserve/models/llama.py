@@ -23,12 +23,6 @@ from rlserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear,
 from rlserve.layers.norm import RMSNorm
 from rlserve.layers.rotary import RotaryEmbedding, rope_parameters
 
-# Where the fused kernels run (CUDA), gate and up are two GEMMs over the halves of their fused weight (views, no
-# copy). For the fused [gate | up] product at rl-7b's decode shape cuBLAS picks its one cluster kernel, which
-# waits ~4 µs behind a memset of its own; each half gets a plain kernel. The halves compute slower, but the layer
-# idles 4 µs less: rl-7b +0.6% end to end (BENCHMARKS, fifteenth session). False: one GEMM (an A/B).
-SPLIT_GATE_UP = True
-
 # Hugging Face projection name -> (our fused module, slot)
 PACKED = {
     "q_proj": ("qkv_proj", "q"),
@@ -88,8 +82,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, tp=tp)
         self.act = SiluAndMul()
 
+    split_gate_up = False  # gate and up as two GEMMs: the model runner's choice (layers/fused.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act.use_fused and SPLIT_GATE_UP:
+        if self.split_gate_up:
             return self.down_proj(self.act.parts(*self.gate_up_proj.forward_parts(x)))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 

@@ -3,9 +3,9 @@
 python tools/device_bench/layer_gemms.py --out DIR [--tokens 256] [--variants base,kn,lt,...]: 28 layers of the
 Qwen2.5-7B decoder's chain as the engine runs it at decode -- add+RMSNorm, QKV (bias), rotary, a copy standing in
 for attention, O, add+RMSNorm, gate+up, SiLU·mul, down -- captured in one CUDA graph per variant and replayed; µs per
-layer from CUDA events (variants alternated, each timed in ROUNDS rounds, so that the card's drift shows), then
-torch.profiler over a few replays of each: µs per layer by kernel, and the idle gaps by the kernels around them
-(timeline.py's analysis). The fourteenth session's timeline found 6.6 µs of idle before each gate+up GEMM (cuBLAS's
+layer from CUDA events (each variant timed --rounds times in a row; name a variant twice in --variants to alternate;
+the first is timed again last, so that the card's drift shows), then torch.profiler over a few replays of each: µs
+per layer by kernel, and the idle gaps by the kernels around them (timeline.py's analysis). The fourteenth session's timeline found 6.6 µs of idle before each gate+up GEMM (cuBLAS's
 one cluster kernel) and a split-K reduce after each down GEMM: this says whether another layout of a weight
 (``[in, out]`` contiguous: cuBLAS's other transpose case) or cuBLASLt gives kernels without them.
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rlserve.layers import fused
-from timeline import analyse, short  # this folder is on sys.path when the script runs
+from timeline import analyse  # this folder is on sys.path when the script runs
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 3584, 28, 4, 128, 18944, 28
 LINEARS = ("qkv", "o", "gate_up", "down")

@@ -174,12 +174,13 @@ run_step() {
         timeout 120 python3 tools/device_bench/multistep_dump.py $spec --warm 2>&1 | grep -v Warn | tail -n 6
       done ;;
     patch-ab)
+      : "${PATCH:?patch-ab needs PATCH=MODULE.ATTR}"
       for round in $(seq "${PATCH_ROUNDS:-2}"); do
         for w in ${PATCH_WORKLOADS:-rl-7b}; do
           for value in ${PATCH_VALUES:-False True}; do
             timeout 200 python3 tools/device_bench/bench_patched.py "$PATCH=$value" -- bench --workload "$w" \
               --modes seeded,plain --no_baseline --num_scheduler_steps 8 --output "$OUT/$w-patch-$value-$round.json" \
-              2>&1 | grep "rlserve" | sed "s/^/[$w ${PATCH##*.}=$value $round] /"
+              2>&1 | grep "rlserve\|Error\|rror:" | sed "s/^/[$w ${PATCH##*.}=$value $round] /"
           done
         done
       done ;;

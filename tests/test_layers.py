@@ -1,0 +1,47 @@
+"""Layers on CPU: the MLP's gate and up as two GEMMs (what the fused-kernel path runs on CUDA) against one fused
+GEMM, on a single rank and on a tensor-parallel rank, and the runner's switch that turns it on."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from rlserve.distributed.parallel import SINGLE, TensorParallel
+from rlserve.layers import fused
+from rlserve.layers.linear import MergedColumnParallelLinear
+from rlserve.models.llama import LlamaMLP
+
+
+def test_merged_linear_parts_on_a_tp_rank_are_its_rows_of_gate_and_up():
+    """forward_parts on rank 1 of 2: each part is that rank's rows of the full gate / up weight and bias (the
+    halves of its fused local weight), loaded through the checkpoint path."""
+    torch.manual_seed(0)
+    gate_w, up_w, gate_b, up_b = torch.randn(12, 8), torch.randn(12, 8), torch.randn(12), torch.randn(12)
+    layer = MergedColumnParallelLinear(8, [12, 12], bias=True, tp=TensorParallel(rank=1, size=2))
+    for part, (w, b) in enumerate(((gate_w, gate_b), (up_w, up_b))):
+        layer.weight.weight_loader(layer.weight, w, part)
+        layer.bias.weight_loader(layer.bias, b, part)
+    x = torch.randn(5, 8)
+    gate, up = layer.forward_parts(x)
+    torch.testing.assert_close(gate, F.linear(x, gate_w[6:], gate_b[6:]))
+    torch.testing.assert_close(up, F.linear(x, up_w[6:], up_b[6:]))
+    torch.testing.assert_close(torch.cat([gate, up], dim=1), layer(x))
+
+
+def test_the_split_mlp_equals_the_fused_one_and_the_runners_switch_sets_it(monkeypatch):
+    torch.manual_seed(1)
+    config = SimpleNamespace(hidden_size=16, intermediate_size=40, hidden_act="silu", mlp_bias=True)
+    mlp = LlamaMLP(config, SINGLE)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(9, 16)
+    want = mlp(x)
+    assert mlp.split_gate_up is False  # the model's own default: one GEMM
+    mlp.split_gate_up = True
+    torch.testing.assert_close(mlp(x), want, atol=1e-6, rtol=1e-6)
+    for on, split in ((False, True), (True, True), (True, False)):
+        monkeypatch.setattr(fused, "SPLIT_GATE_UP", split)
+        fused.use_fused_kernels(mlp, on)
+        assert mlp.split_gate_up is (on and split) and mlp.act.use_fused is on
