@@ -205,6 +205,10 @@ def add_bench_parser(sub) -> None:
     _flag(p, "against", default=None, choices=["vllm"],
           help="Run the workload through vLLM too (a subprocess on the same card, same prompts and sampling, "
                "VLLM_USE_FLASHINFER_SAMPLER=0, prefix caching on) and report rlserve / vLLM per mode.")
+    _flag(p, "rounds", type=int, default=1,
+          help="Time each engine this many times, each in a fresh engine (vLLM: a fresh process), taking turns "
+               "(with --against vllm, vLLM first in odd rounds, rlserve in even ones); report the medians and "
+               "each round's ratio.")
     _flag(p, "output", default=None, help="JSON path (default: bench_results/<workload>.json).")
     _flag(p, "through_server", action="store_true", help="Measure through a real HTTP server as well.")
     _flag(p, "concurrency", type=int, default=None, help="With --through_server: a load generator with C "
@@ -241,6 +245,10 @@ def cmd_bench(args) -> int:
         print("rlserve bench: with --through_server, pass --async_scheduling and --num_scheduler_steps in "
               "--server_args (the server's flags; the offline engine beside it reads them too)", file=sys.stderr)
         return 2
+    if args.rounds < 1 or (args.through_server and args.rounds != 1):
+        print("rlserve bench: --rounds must be at least 1, and does not combine with --through_server (which "
+              "takes --repeats)", file=sys.stderr)
+        return 2
     if args.through_server and args.against:
         print("rlserve bench: --against vllm runs the offline engines; it does not combine with --through_server",
               file=sys.stderr)
@@ -267,7 +275,8 @@ def cmd_bench(args) -> int:
     from rlserve.bench.workloads import BenchError
     try:
         run_bench(workload, device=args.device, baseline=not args.no_baseline, modes=modes,
-                  output=args.output, engine_kwargs=engine_kwargs, against=(args.against,) if args.against else ())
+                  output=args.output, engine_kwargs=engine_kwargs, against=(args.against,) if args.against else (),
+                  rounds=args.rounds)
     except BenchError as e:  # an unknown mode, vLLM not importable or failing: say so plainly
         print(f"rlserve bench: {e}", file=sys.stderr)
         return 2

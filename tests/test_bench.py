@@ -152,6 +152,47 @@ def test_against_vllm_puts_it_in_the_same_table_and_json(tmp_path, fake_vllm, mo
         assert timed["params"] == [dict(p, detokenize=False) for p in request_params(TINY, MODES[mode])]
 
 
+def test_rounds_take_turns_in_fresh_engines_and_report_medians(tmp_path, fake_vllm, monkeypatch):
+    """--rounds 3 --against vllm: vLLM first in rounds 1 and 3, rlserve in round 2, each in a fresh process or
+    engine; the table's figures are the medians, each round's ratio beside them."""
+    console = Console(file=io.StringIO(), width=200)
+    real_round = bench._rlserve_round
+    engines = []
+
+    def logged_round(*args, **kwargs):
+        with open(fake_vllm, "a") as f:
+            f.write(json.dumps({"event": "rlserve"}) + "\n")
+        runs = real_round(*args, **kwargs)
+        engines.append(runs)
+        return runs
+    monkeypatch.setattr(bench, "_rlserve_round", logged_round)
+    result = bench.run_bench(TINY, baseline=False, modes=("plain", "seeded"), output=str(tmp_path / "r.json"),
+                             model_root=str(tmp_path / "models"), console=console, against=("vllm",), rounds=3)
+    events = [json.loads(line)["event"] for line in fake_vllm.read_text().splitlines()]
+    assert [e for e in events if e in ("init", "rlserve")] == ["init", "rlserve", "rlserve", "init", "init", "rlserve"]
+    assert [r["first"] for r in result["rounds"]] == ["vllm", "rlserve", "vllm"]
+    assert result["startup_seconds"] > 0 and result["engine"]["device"] == "cpu"
+    for mode in ("plain", "seeded"):
+        ours, theirs = result[bench.engine_key("rlserve", mode)], result[bench.engine_key("vllm", mode)]
+        assert ours["rounds_tokens_per_s"] == [runs[mode]["tokens_per_s"] for runs in engines]
+        median_seconds = sorted(runs[mode]["seconds"] for runs in engines)[1]
+        assert ours["seconds"] == median_seconds
+        assert ours["tokens_per_s"] == pytest.approx(TINY.num_generated_tokens() / median_seconds)
+        assert len(theirs["rounds_tokens_per_s"]) == 3
+        assert ours["vs_vllm"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+        for r, a, b in zip(result["rounds"], ours["rounds_tokens_per_s"], theirs["rounds_tokens_per_s"]):
+            assert r["vs_vllm"][mode] == pytest.approx(a / b)
+    assert "medians of 3 rounds" in console.file.getvalue()
+
+
+def test_median_run_of_an_even_count_is_the_mean_of_the_middle_two():
+    runs = [{"seconds": s, "generated_tokens": 12, "tokens_per_s": 12 / s} for s in (4.0, 1.0, 3.0, 2.0)]
+    median = bench.median_run(runs)
+    assert median["seconds"] == 2.5 and median["tokens_per_s"] == 12 / 2.5
+    assert median["rounds_tokens_per_s"] == [3.0, 12.0, 4.0, 6.0]
+    assert bench.median_run(runs[:1]) is runs[0]
+
+
 def test_against_vllm_without_vllm_says_so_before_measuring(monkeypatch, capsys):
     from rlserve import cli
     monkeypatch.setattr(vllm_baseline.importlib.util, "find_spec", lambda name: None)
@@ -159,6 +200,9 @@ def test_against_vllm_without_vllm_says_so_before_measuring(monkeypatch, capsys)
     assert "vLLM is not importable" in capsys.readouterr().err
     assert cli.main(["bench", "--workload", "cpu-tiny", "--against", "vllm", "--through_server"]) == 2
     assert "does not combine with --through_server" in capsys.readouterr().err
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--rounds", "0"]) == 2
+    assert cli.main(["bench", "--workload", "cpu-tiny", "--rounds", "2", "--through_server"]) == 2
+    assert capsys.readouterr().err.count("--rounds must be at least 1") == 2
     for engine_flag in (["--async_scheduling", "false"], ["--num_scheduler_steps", "4"]):  # the server's: --server_args
         assert cli.main(["bench", "--workload", "cpu-tiny", "--through_server", *engine_flag]) == 2
         assert "pass --async_scheduling and --num_scheduler_steps in --server_args" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -89,9 +90,10 @@ def run_rlserve(llm, workload: Workload, mode: Mode) -> dict:
 
 def run_bench(workload_name: str | Workload, device: str | None = None, baseline: bool = True,
               modes: tuple[str, ...] = tuple(MODES), output: str | None = None, model_root: str | None = None,
-              engine_kwargs: dict | None = None, console=None, against: tuple[str, ...] = ()) -> dict:
-    """``against``: other engines to run beside rlserve in the same run ("vllm")."""
-    from rlserve import LLM
+              engine_kwargs: dict | None = None, console=None, against: tuple[str, ...] = (),
+              rounds: int = 1) -> dict:
+    """``against``: other engines to run beside rlserve in the same run ("vllm"). ``rounds``: each engine runs
+    this many times, in turns, each time in a fresh engine; the figures are the medians."""
     workload = workload_name if isinstance(workload_name, Workload) else get_workload(workload_name)
     dev = torch.device(device or ("cuda" if workload.device == "cuda" and torch.cuda.is_available() else "cpu"))
     unknown = set(modes) - set(MODES)
@@ -123,9 +125,9 @@ def run_bench(workload_name: str | Workload, device: str | None = None, baseline
                                                         workload.max_tokens_per_prompt())
         del hf
         _free_memory(dev)
-    if "vllm" in against:  # before rlserve's engine exists: vLLM has the card to itself
+    job = None
+    if "vllm" in against:
         from rlserve.bench import vllm_baseline
-        _free_memory(dev)
         engine = engine_kwargs or {}
         job = vllm_baseline.make_job(
             model_dir, random_weights, dtype_name, engine.get("gpu_memory_utilization", 0.9),
@@ -133,17 +135,31 @@ def run_bench(workload_name: str | Workload, device: str | None = None, baseline
             {m: request_params(workload, MODES[m]) for m in modes}, workload.num_generated_tokens(),
             tensor_parallel_size=engine.get("tensor_parallel_size", 1),
             enforce_eager=engine.get("enforce_eager", False))
-        vllm = vllm_baseline.run_in_subprocess(job, cuda_device=dev.index if dev.type == "cuda" else None)
-    t0 = time.perf_counter()
-    llm = LLM(str(model_dir), device=str(dev), dtype=dtype_name,
-              load_format="dummy" if random_weights else "auto", **(engine_kwargs or {}))
-    result["startup_seconds"] = round(time.perf_counter() - t0, 2)
-    result["engine"] = {**llm.info.summary(), "async_scheduling": llm.engine.runner.async_scheduling,
-                        "num_scheduler_steps": llm.config.num_scheduler_steps}  # as run (unset flags resolved)
+    # Each round runs each engine in a fresh process or engine, alone on the card; who goes first alternates
+    # (vLLM in odd rounds), so that a card warming or cooling over the call does not favour one side.
+    rounds_run = []
+    for i in range(rounds):
+        runs = {}
+        for side in ("vllm", "rlserve") if i % 2 == 0 else ("rlserve", "vllm"):
+            if side == "vllm" and job is not None:
+                _free_memory(dev)
+                runs["vllm"] = vllm_baseline.run_in_subprocess(
+                    job, cuda_device=dev.index if dev.type == "cuda" else None)
+            elif side == "rlserve":
+                runs["rlserve"] = _rlserve_round(model_dir, random_weights, dtype_name, dev, workload, modes,
+                                                 engine_kwargs, result if i == 0 else None)
+        rounds_run.append(runs)
     for mode in modes:
-        result[engine_key("rlserve", mode)] = run_rlserve(llm, workload, MODES[mode])
-    if "vllm" in against:
-        vllm_baseline.merge(result, vllm, engine_key)
+        result[engine_key("rlserve", mode)] = median_run([r["rlserve"][mode] for r in rounds_run])
+    if job is not None:
+        first = rounds_run[0]["vllm"]
+        medians = {mode: median_run([r["vllm"]["modes"][mode] for r in rounds_run]) for mode in first["modes"]}
+        vllm_baseline.merge(result, {**first, "modes": medians}, engine_key)
+        if rounds > 1:
+            result["rounds"] = [{"first": "vllm" if i % 2 == 0 else "rlserve",
+                                 "vs_vllm": {mode: r["rlserve"][mode]["tokens_per_s"]
+                                             / r["vllm"]["modes"][mode]["tokens_per_s"] for mode in modes}}
+                                for i, r in enumerate(rounds_run)]
     for key, run in result.items():
         if not (key.startswith("rlserve") or key.startswith("vllm")) or not isinstance(run, dict) \
                 or "tokens_per_s" not in run:
@@ -157,6 +173,35 @@ def run_bench(workload_name: str | Workload, device: str | None = None, baseline
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _rlserve_round(model_dir: Path, random_weights: bool, dtype_name: str, dev: torch.device, workload: Workload,
+                   modes, engine_kwargs: dict | None, record: dict | None) -> dict:
+    """A fresh engine times every mode, then gives the card back -> {mode: run}. ``record``: where its start-up
+    time and engine summary go (the first round's)."""
+    from rlserve import LLM
+    t0 = time.perf_counter()
+    llm = LLM(str(model_dir), device=str(dev), dtype=dtype_name,
+              load_format="dummy" if random_weights else "auto", **(engine_kwargs or {}))
+    if record is not None:
+        record["startup_seconds"] = round(time.perf_counter() - t0, 2)
+        record["engine"] = {**llm.info.summary(), "async_scheduling": llm.engine.runner.async_scheduling,
+                            "num_scheduler_steps": llm.config.num_scheduler_steps}  # as run (unset flags resolved)
+    try:
+        return {mode: run_rlserve(llm, workload, MODES[mode]) for mode in modes}
+    finally:
+        llm.shutdown()
+        _free_memory(dev)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One engine's runs of a mode, one per round -> the first run with the median seconds (the mean of the middle
+    two for an even count) and its tokens/s, each round's tokens/s beside them when there are several."""
+    if len(runs) == 1:
+        return runs[0]
+    seconds = statistics.median(r["seconds"] for r in runs)
+    return {**runs[0], "seconds": seconds, "tokens_per_s": runs[0]["generated_tokens"] / seconds,
+            "rounds_tokens_per_s": [r["tokens_per_s"] for r in runs]}
 
 
 def print_table(result: dict, console=None) -> None:
@@ -183,6 +228,11 @@ def print_table(result: dict, console=None) -> None:
         table.add_row(engine, mode, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}",
                       *[fmt.format(r[key]) if key in r else "" for _, key, fmt in ratios])
     (console or Console()).print(table)
+    if "rounds" in result:
+        by_mode = "; ".join(f"{mode} " + ", ".join(f"{r['vs_vllm'][mode]:.2f}x" for r in result["rounds"])
+                            for mode in result.get("modes", MODES) if mode in result["rounds"][0]["vs_vllm"])
+        (console or Console()).print(f"medians of {len(result['rounds'])} rounds, vLLM first in the odd ones; "
+                                     f"rlserve / vLLM by round: {by_mode}")
     hf = result.get("transformers")
     if hf and hf.get("generated_tokens", 0) > hf.get("useful_tokens", hf.get("generated_tokens", 0)):
         (console or Console()).print(

@@ -26,7 +26,8 @@
 #   vllm-stage            copy the vLLM parts this call carries to /tmp/vllmwh
 #   vllm-install          put vLLM's wheel together and install it with its extras into /tmp/vllm-site
 #   vs-vllm-small|vs-vllm-medium|vs-vllm-7b   rlserve bench --against vllm, seeded and plain, no transformers
-#                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K)
+#                         (rlserve with --async_scheduling, VS_ASYNC=0 without; VS_STEPS=K: --num_scheduler_steps K;
+#                         VS_ROUNDS=N: N rounds taking turns, medians and each round's ratio)
 #   gemm-shapes           the 7B and 0.5B decode matmuls alone (M = 256, 512), cuBLAS against cuBLASLt
 #   onewarp-ab            rl-7b and rl-small (K=8, async): decode attention without one-warp programs (patched off),
 #                         then the default, alternated twice (ONEWARP_WORKLOADS, ONEWARP_ROUNDS pick others)
@@ -136,6 +137,7 @@ run_step() {
       steps=${VS_STEPS:-1}
       PYTHONPATH=/tmp/vllm-site:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout 560 python3 -m rlserve.cli bench \
         --workload "$w" --modes seeded,plain --no_baseline --against vllm $async --num_scheduler_steps "$steps" \
+        --rounds "${VS_ROUNDS:-1}" \
         --output "$OUT/$w-vs-vllm$([ "$async" = --async_scheduling ] && echo -async)-steps$steps.json" 2>&1 | tail -n 20 ;;
     steps-small|steps-medium|steps-7b)
       w=rl-${1#steps-}
