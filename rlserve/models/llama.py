@@ -72,6 +72,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    split_gate_up = False  # gate and up as two GEMMs: the model runner's choice (layers/fused.py)
+
     def __init__(self, config, tp: TensorParallel):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
@@ -81,8 +83,6 @@ class LlamaMLP(nn.Module):
             config.hidden_size, [config.intermediate_size] * 2, bias=bias, tp=tp)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, tp=tp)
         self.act = SiluAndMul()
-
-    split_gate_up = False  # gate and up as two GEMMs: the model runner's choice (layers/fused.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split_gate_up:

@@ -5,9 +5,10 @@ Qwen2.5-7B decoder's chain as the engine runs it at decode -- add+RMSNorm, QKV (
 for attention, O, add+RMSNorm, gate+up, SiLU·mul, down -- captured in one CUDA graph per variant and replayed; µs per
 layer from CUDA events (each variant timed --rounds times in a row; name a variant twice in --variants to alternate;
 the first is timed again last, so that the card's drift shows), then torch.profiler over a few replays of each: µs
-per layer by kernel, and the idle gaps by the kernels around them (timeline.py's analysis). The fourteenth session's timeline found 6.6 µs of idle before each gate+up GEMM (cuBLAS's
-one cluster kernel) and a split-K reduce after each down GEMM: this says whether another layout of a weight
-(``[in, out]`` contiguous: cuBLAS's other transpose case) or cuBLASLt gives kernels without them.
+per layer by kernel, and the idle gaps by the kernels around them (timeline.py's analysis). The fourteenth
+session's timeline found 6.6 µs of idle before each gate+up GEMM (cuBLAS's one cluster kernel) and a split-K reduce
+after each down GEMM: this says whether another layout of a weight (``[in, out]`` contiguous: cuBLAS's other
+transpose case), cuBLASLt or gate and up as two GEMMs give kernels without them.
 
 A variant is a name in VARIANTS: for each linear layer, the weight layout ("nk": ``[out, in]``, F.linear's, the
 engine's; "kn": ``[in, out]``, ``x @ w``; "two", gate+up only: two GEMMs on the halves of the ``[out, in]``
