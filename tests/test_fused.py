@@ -1,5 +1,5 @@
-"""The fused per-layer kernels (residual add + RMSNorm, rotary, SiLU-and-mul) against the PyTorch code they
-replace on CUDA. Runs with ``-m gpu`` on CUDA, or on CPU under the Triton interpreter
+"""The fused per-layer kernels (residual add + RMSNorm, rotary with and without the KV store, SiLU-and-mul)
+against the PyTorch code they replace on CUDA. Runs with ``-m gpu`` on CUDA, or on CPU under the Triton interpreter
 (``RLSERVE_TRITON_INTERPRET=1``)."""
 
 from __future__ import annotations
@@ -58,6 +58,86 @@ def test_rotary_in_place(dtype, head_dim, heads, kv_heads):
     fused.rotary_(q, k, cos, sin, positions)
     torch.testing.assert_close(q, want_q, **tol(dtype))
     torch.testing.assert_close(k, want_k, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 14, 2), (128, 28, 4), (32, 7, 1)])
+def test_rotary_store_writes_what_rotary_then_the_kv_store_write(dtype, head_dim, heads, kv_heads):
+    """rotary_store_ against rotary_ and then the Triton backend's store_kv, bit for bit: q rotated in place, the
+    caches' rows at each slot, slot -1 (CUDA-graph padding) writing nothing, k itself left as it was."""
+    from rlserve.attention.triton_paged import store_kv
+    tokens, blocks, block_size = 9, 5, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                 kv_heads * head_dim], dim=-1))  # strided views
+    angles = torch.rand(50, head_dim // 2, device=DEVICE) * 10
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    positions = torch.randint(0, 50, (tokens,), device=DEVICE)
+    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens]
+    slots[[2, 6]] = -1
+    k_before = k.clone()
+    want_q, want_k = q.clone(), k.clone()
+    fused.rotary_(want_q, want_k, cos, sin, positions)
+    want = torch.randn(2, blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)  # stale contents
+    got = want.clone()
+    store_kv(want_k, v, want[0], want[1], slots)
+    fused.rotary_store_(q, k, v, cos, sin, positions, got[0], got[1], slots)
+    assert torch.equal(q, want_q)
+    assert torch.equal(got, want)
+    assert torch.equal(k, k_before)
+    kept = slots >= 0  # and the rows it wrote are rotary's (not left stale by a masked store)
+    assert torch.equal(got[0].view(-1, kv_heads, head_dim)[slots[kept]], want_k[kept])
+    assert torch.equal(got[1].view(-1, kv_heads, head_dim)[slots[kept]], v[kept])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_layer_with_fused_rotary_store_equals_the_unfused_layer(dtype, monkeypatch):
+    """The attention layer as the runner sets it up where the fused kernels run (``fuse_rotary_store``: rotary and the KV
+    store in one kernel) against the layer without it (the rotary kernel, then the backend's write_kv), on a batch
+    of a decode row and a prefill chunk: the same output and the same caches, bit for bit."""
+    from rlserve.attention import AttentionMetadata, get_backend
+    from rlserve.layers.attention import Attention
+    from rlserve.layers.rotary import RotaryEmbedding
+    heads, kv_heads, head_dim, block_size = 4, 2, 64, 4
+    rotary = RotaryEmbedding(head_dim, 64, {"rope_type": "default", "rope_theta": 10000.0}).to(DEVICE)
+    rotary.use_fused = True  # without the store: rotary_ in place
+    lens, query_lens = [7, 5], [1, 5]  # a decode row (6 cached tokens + 1), then a 5-token prefill
+    tables = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32, device=DEVICE)
+    positions = torch.tensor([6, 0, 1, 2, 3, 4], device=DEVICE)
+    slots = torch.tensor([0 * block_size + 2, 1 * block_size, 1 * block_size + 1, 1 * block_size + 2,
+                          1 * block_size + 3, 2 * block_size], device=DEVICE)
+    meta = AttentionMetadata(slots, torch.tensor([0, 1, 6], dtype=torch.int32, device=DEVICE),
+                             torch.tensor(lens, dtype=torch.int32, device=DEVICE), tables, 1, 5, 7, query_lens, lens)
+    q, k, v = (torch.randn(6, h, head_dim, device=DEVICE).to(dtype) for h in (heads, kv_heads, kv_heads))
+    cached = torch.randn(2, 4, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)  # the decode row's 6 tokens
+    outs, caches = [], []
+    for on in (False, True):
+        layer = Attention(heads, head_dim, kv_heads, head_dim ** -0.5)
+        cache = cached.clone()
+        layer.bind(cache[0], cache[1], get_backend("reference", torch.device(DEVICE)))
+        monkeypatch.setattr(fused, "FUSE_ROTARY_STORE", on)
+        fused.use_fused_kernels(layer, True)
+        assert layer.fuse_rotary_store is on
+        outs.append(layer(q.clone(), k.clone(), v.clone(), meta, positions, rotary))
+        caches.append(cache)
+    assert torch.equal(outs[1], outs[0])
+    assert torch.equal(caches[1], caches[0])
+
+
+def test_rotary_store_checks_its_shapes():
+    q, k = torch.zeros(2, 4, 64, device=DEVICE), torch.zeros(2, 2, 64, device=DEVICE)
+    cos = sin = torch.zeros(8, 64, device=DEVICE)
+    positions = slots = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    cache = torch.zeros(3, 4, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="do not match"):
+        fused.rotary_store_(q, k, torch.zeros(2, 1, 64, device=DEVICE), cos, sin, positions, cache, cache, slots)
+    with pytest.raises(ValueError, match="dense"):
+        strided = torch.zeros(3, 5, 2, 64, device=DEVICE)[:, :4]  # a block's stride is 5 slots
+        fused.rotary_store_(q, k, k.clone(), cos, sin, positions, strided, strided, slots)
+    with pytest.raises(ValueError, match="power of two"):
+        fused.rotary_(torch.zeros(2, 4, 80, device=DEVICE), torch.zeros(2, 2, 80, device=DEVICE),
+                      torch.zeros(8, 80, device=DEVICE), torch.zeros(8, 80, device=DEVICE), positions)
+    fused.rotary_store_(q, k, k.clone(), cos, sin, positions, cache, cache.clone(), slots)  # and a good call runs
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

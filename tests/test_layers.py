@@ -1,5 +1,6 @@
 """Layers on CPU: the MLP's gate and up as two GEMMs (what the fused-kernel path runs on CUDA) against one fused
-GEMM, on a single rank and on a tensor-parallel rank, and the runner's switch that turns it on."""
+GEMM, on a single rank and on a tensor-parallel rank, and the runner's switch that turns it and the attention
+layers' rotary-and-store kernel on."""
 
 from __future__ import annotations
 
@@ -45,3 +46,17 @@ def test_the_split_mlp_equals_the_fused_one_and_the_runners_switch_sets_it(monke
         monkeypatch.setattr(fused, "SPLIT_GATE_UP", split)
         fused.use_fused_kernels(mlp, on)
         assert mlp.split_gate_up is (on and split) and mlp.act.use_fused is on
+
+
+def test_the_runners_switch_sets_the_attention_layers_rotary_store_kernel(monkeypatch):
+    """A decoder layer's attention takes the rotary-and-store kernel where the fused kernels run (and
+    FUSE_ROTARY_STORE is on), and its rotary table the in-place kernel; on the CPU path neither."""
+    from rlserve.models import llama
+    config = SimpleNamespace(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             max_position_embeddings=16, rope_theta=10000.0, rms_norm_eps=1e-6)
+    attn = llama.LlamaAttention(config, SINGLE, llama.RotaryEmbedding(8, 16, llama.rope_parameters(config)))
+    assert attn.attn.fuse_rotary_store is False and attn.rotary_emb.use_fused is False
+    for on, fuse in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(fused, "FUSE_ROTARY_STORE", fuse)
+        fused.use_fused_kernels(attn, on)
+        assert attn.attn.fuse_rotary_store is (on and fuse) and attn.rotary_emb.use_fused is on

@@ -7,6 +7,7 @@ do the same arithmetic in three launches:
 - ``add_rmsnorm(x, residual, weight, eps)``: ``residual += x`` (rounded to the model dtype, as the unfused
   code does) and ``rmsnorm(residual)`` computed in fp32, in one pass;
 - ``rotary_(q, k, cos, sin, positions)``: the "rotate half" embedding of q and k, in place;
+  ``rotary_store_(...)`` the same with the KV-cache store of k and v (the attention layer's path);
 - ``silu_mul(x)``: ``silu(gate) * up`` of a fused [gate | up] projection; ``silu_mul_parts(gate, up)`` of two.
 
 They are used on CUDA only (``enabled(device, dtype)``); the CPU path keeps the PyTorch code, whose float32
@@ -48,21 +49,38 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                       stride_cos, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache, v_cache,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
+                       stride_kcs, stride_kch, stride_vcs, stride_vch, num_q_heads, num_k_heads,
+                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
+        """One token: q and k rotated; k in place, or (STORE) written with v to the caches' row ``slot``."""
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         d = tl.arange(0, HALF)
         cos = tl.load(cos_ptr + pos * stride_cos + d)  # cos/sin tables hold [cos | cos]: the first half
         sin = tl.load(sin_ptr + pos * stride_cos + d)
         h = tl.arange(0, BLOCK_H)
+        k_mask = h[:, None] < num_k_heads
+        if STORE:
+            slot = tl.load(slot_ptr + t).to(tl.int64)  # flat slot = block * block_size + offset; -1: not stored
+            k_mask = k_mask & (slot >= 0)
+            v_dst = v_cache + slot * stride_vcs + h[:, None] * stride_vch + d[None, :]
+            v_src = v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :]
+            for part in tl.static_range(2):
+                v = tl.load(v_src + part * HALF, mask=k_mask)
+                tl.store(v_dst + part * HALF, v.to(v_cache.dtype.element_ty), mask=k_mask)
         for which in tl.static_range(2):
             if which == 0:
-                base, stride_t, stride_h, num_heads = q_ptr, stride_qt, stride_qh, num_q_heads
+                ptr = q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :]
+                mask = h[:, None] < num_q_heads
+                dst = ptr
             else:
-                base, stride_t, stride_h, num_heads = k_ptr, stride_kt, stride_kh, num_k_heads
-            mask = h[:, None] < num_heads
-            ptr = base + t * stride_t + h[:, None] * stride_h + d[None, :]
+                ptr = k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :]
+                mask = k_mask
+                if STORE:
+                    dst = k_cache + slot * stride_kcs + h[:, None] * stride_kch + d[None, :]
+                else:
+                    dst = ptr
             x1 = tl.load(ptr, mask=mask, other=0.0)
             x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
             c = cos[None, :].to(x1.dtype)
@@ -70,8 +88,8 @@ if triton is not None:
             # Same roundings as q * cos + rotate_half(q) * sin in the model dtype.
             o1 = ((x1 * c).to(tl.float32) + (-x2 * s).to(tl.float32)).to(x1.dtype)
             o2 = ((x2 * c).to(tl.float32) + (x1 * s).to(tl.float32)).to(x1.dtype)
-            tl.store(ptr, o1, mask=mask)
-            tl.store(ptr + HALF, o2, mask=mask)
+            tl.store(dst, o1.to(dst.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF, o2.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
@@ -100,11 +118,41 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
             ) -> None:
     """q [T, H, D], k [T, KVH, D] (last dim contiguous), rotated in place; cos/sin [P, D] fp32 tables."""
+    _rotary(q, k, None, cos, sin, positions, None, None, None)
+
+
+def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """``rotary_`` and the KV store in one kernel: q rotated in place; k rotated and, with v [T, KVH, D], written
+    to the paged caches [N, BS, KVH, D] at ``slot_mapping`` ([T], -1: not written). k itself is left as it was.
+    The stored rows are those of ``rotary_`` and then the attention backend's ``write_kv``, bit for bit."""
+    if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or v_cache.shape != k_cache.shape:
+        raise ValueError(f"rotary_store_: k {tuple(k.shape)}, v {tuple(v.shape)} and caches "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not match ([T, KVH, D], [N, BS, KVH, D])")
+    for cache in (k_cache, v_cache):
+        if cache.stride(0) != cache.shape[1] * cache.stride(1):
+            raise ValueError("rotary_store_: cache blocks must be dense (a slot is block * block_size + offset)")
+    _rotary(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+
+
+def _rotary(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping) -> None:
     t, num_q, d = q.shape
-    if t:
-        _rotary_kernel[(t,)](q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                             cos.stride(0), num_q, k.shape[1], HALF=d // 2,
-                             BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])), num_warps=4)
+    for x in (q, k, v, k_cache, v_cache):
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError("rotary: the head_dim axis must be contiguous (stride 1)")
+    if d % 2 or (d // 2) & (d // 2 - 1):
+        raise ValueError(f"rotary: head_dim {d} must be twice a power of two")
+    if not t:
+        return
+    store = v is not None
+    vs = (v.stride(0), v.stride(1)) if store else (0, 0)
+    cs = (k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2)) if store else (0, 0, 0, 0)
+    _rotary_kernel[(t,)](q, k, v if store else k, cos, sin, positions, slot_mapping if store else positions,
+                         k_cache if store else k, v_cache if store else k,
+                         q.stride(0), q.stride(1), k.stride(0), k.stride(1), *vs, cos.stride(0), *cs,
+                         num_q, k.shape[1], HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])),
+                         STORE=store, num_warps=4)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -147,16 +195,22 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
 # layer idles 4 µs less: rl-7b +0.6% end to end (BENCHMARKS, fifteenth session; other shapes not A/B'd). False:
 # one GEMM (an A/B).
 SPLIT_GATE_UP = True
+# With the fused kernels, an attention layer rotates q and k and stores k and v in one kernel (rotary_store_), not
+# rotary_ and then the backend's store. False: two kernels (an A/B).
+FUSE_ROTARY_STORE = True
 
 
 def use_fused_kernels(model: torch.nn.Module, on: bool) -> None:
     """Switch every layer of ``model`` that has a fused path (a ``use_fused`` attribute) on or off, and with them
-    the split gate/up GEMMs of its MLPs (a ``split_gate_up`` attribute; SPLIT_GATE_UP)."""
+    the split gate/up GEMMs of its MLPs (a ``split_gate_up`` attribute; SPLIT_GATE_UP) and the rotary-and-store
+    kernel of its attention layers (``fuse_rotary_store``; FUSE_ROTARY_STORE)."""
     for module in model.modules():
         if hasattr(module, "use_fused"):
             module.use_fused = on
         if hasattr(module, "split_gate_up"):
             module.split_gate_up = on and SPLIT_GATE_UP
+        if hasattr(module, "fuse_rotary_store"):
+            module.fuse_rotary_store = on and FUSE_ROTARY_STORE
 
 
 def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
@@ -184,9 +238,17 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
             return v * c + torch.cat((-v[..., 32:], v[..., :32]), -1) * s
 
         want_q, want_k = rot(q), rot(k)
+        v = torch.randn(7, 2, 64, device=device, generator=g).to(dtype)
+        q2, k2 = q.clone(), k.clone()
+        caches = torch.zeros(2, 3, 4, 2, 64, device=device, dtype=dtype)  # [K/V, blocks, slots, heads, dim]
+        slots = torch.tensor([5, 0, -1, 11, 2, 7, 9], device=device)
+        rotary_store_(q2, k2, v, cos, sin, pos, caches[0], caches[1], slots)
         rotary_(q, k, cos, sin, pos)
         ok = ok and torch.allclose(q.float(), want_q.float(), atol=tol, rtol=tol) and \
             torch.allclose(k.float(), want_k.float(), atol=tol, rtol=tol)
+        kept = slots >= 0
+        ok = ok and torch.equal(q2, q) and torch.equal(caches[0].view(-1, 2, 64)[slots[kept]], k[kept]) and \
+            torch.equal(caches[1].view(-1, 2, 64)[slots[kept]], v[kept])
         gu = torch.randn(3, 2 * 300, device=device, generator=g).to(dtype)
         want_a = torch.nn.functional.silu(gu[:, :300]) * gu[:, 300:]
         ok = ok and torch.allclose(silu_mul(gu).float(), want_a.float(), atol=tol, rtol=tol)

@@ -66,8 +66,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v, meta)  # [T, H, D]
+        o = self.attn(q, k, v, meta, positions, self.rotary_emb)  # rotary, KV store, attention: [T, H, D]
         return self.o_proj(o.flatten(1))
 
 
