@@ -164,6 +164,7 @@ def test_mlp_with_gate_and_up_as_two_gemms_equals_the_fused_projection(dtype, bi
     x = torch.randn(7, 64, device=DEVICE).to(dtype)
     gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
     want = mlp.down_proj(torch.nn.functional.silu(gate) * up)
+    monkeypatch.setattr(fused, "SPLIT_GATE_UP_MIN_WEIGHTS", 0)  # split whatever the size
     for split in (True, False):
         monkeypatch.setattr(fused, "SPLIT_GATE_UP", split)
         fused.use_fused_kernels(mlp, True)

@@ -42,10 +42,15 @@ def test_the_split_mlp_equals_the_fused_one_and_the_runners_switch_sets_it(monke
     assert mlp.split_gate_up is False  # the model's own default: one GEMM
     mlp.split_gate_up = True
     torch.testing.assert_close(mlp(x), want, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(fused, "SPLIT_GATE_UP_MIN_WEIGHTS", 40 * 16)  # this gate's size: split
     for on, split in ((False, True), (True, True), (True, False)):
         monkeypatch.setattr(fused, "SPLIT_GATE_UP", split)
         fused.use_fused_kernels(mlp, on)
         assert mlp.split_gate_up is (on and split) and mlp.act.use_fused is on
+    monkeypatch.setattr(fused, "SPLIT_GATE_UP", True)
+    monkeypatch.setattr(fused, "SPLIT_GATE_UP_MIN_WEIGHTS", 40 * 16 + 1)  # one entry short: one GEMM
+    fused.use_fused_kernels(mlp, True)
+    assert mlp.split_gate_up is False and mlp.act.use_fused is True
 
 
 def test_the_runners_switch_sets_the_attention_layers_rotary_store_kernel(monkeypatch):
@@ -60,3 +65,16 @@ def test_the_runners_switch_sets_the_attention_layers_rotary_store_kernel(monkey
         monkeypatch.setattr(fused, "FUSE_ROTARY_STORE", fuse)
         fused.use_fused_kernels(attn, on)
         assert attn.attn.fuse_rotary_store is (on and fuse) and attn.rotary_emb.use_fused is on
+
+
+def test_only_the_7b_workloads_mlp_is_split_where_it_was_measured_to_gain():
+    """The size rule against the A/Bs it stands on (BENCHMARKS, fifteenth and sixteenth sessions): rl-7b's MLP
+    (gate 18944 x 3584) splits (+0.6%); rl-medium's (even) and rl-small's (-5.6%) keep one GEMM."""
+    from rlserve.bench.workloads import QWEN25_05B, QWEN25_7B, QWEN25_15B
+    for arch, split in ((QWEN25_7B, True), (QWEN25_15B, False), (QWEN25_05B, False)):
+        config = SimpleNamespace(hidden_size=arch["hidden_size"], intermediate_size=arch["intermediate_size"],
+                                 hidden_act="silu", mlp_bias=False)
+        with torch.device("meta"):
+            mlp = LlamaMLP(config, SINGLE)
+        fused.use_fused_kernels(mlp, True)
+        assert mlp.split_gate_up is split, arch["intermediate_size"]

@@ -189,12 +189,15 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return _checked[key]
 
 
-# With the fused kernels, an MLP computes gate and up as two GEMMs over the halves of their fused weight (views, no
-# copy). For the fused [gate | up] product at rl-7b's decode shape cuBLAS picks its one cluster kernel, which
+# With the fused kernels, a large MLP computes gate and up as two GEMMs over the halves of their fused weight (views,
+# no copy). For the fused [gate | up] product at rl-7b's decode shape cuBLAS picks its one cluster kernel, which
 # waits ~4 µs behind a memset of its own; each half gets a plain kernel. The halves compute no faster, but the
-# layer idles 4 µs less: rl-7b +0.6% end to end (BENCHMARKS, fifteenth session; other shapes not A/B'd). False:
-# one GEMM (an A/B).
+# layer idles 4 µs less: rl-7b +0.6% end to end. A small MLP loses a launch and a tail a layer instead: rl-small
+# -5.6% seeded, rl-medium even (BENCHMARKS, fifteenth and sixteenth sessions). So only MLPs whose gate (per rank)
+# has SPLIT_GATE_UP_MIN_WEIGHTS entries or more are split: rl-7b's has 68M, rl-medium's 14M. False: one GEMM
+# everywhere (an A/B).
 SPLIT_GATE_UP = True
+SPLIT_GATE_UP_MIN_WEIGHTS = 32 * 2 ** 20
 # With the fused kernels, an attention layer rotates q and k and stores k and v in one kernel (rotary_store_), not
 # rotary_ and then the backend's store. False: two kernels (an A/B).
 FUSE_ROTARY_STORE = True
@@ -202,13 +205,14 @@ FUSE_ROTARY_STORE = True
 
 def use_fused_kernels(model: torch.nn.Module, on: bool) -> None:
     """Switch every layer of ``model`` that has a fused path (a ``use_fused`` attribute) on or off, and with them
-    the split gate/up GEMMs of its MLPs (a ``split_gate_up`` attribute; SPLIT_GATE_UP) and the rotary-and-store
-    kernel of its attention layers (``fuse_rotary_store``; FUSE_ROTARY_STORE)."""
+    the split gate/up GEMMs of its large MLPs (a ``split_gate_up`` attribute; SPLIT_GATE_UP and its size rule) and
+    the rotary-and-store kernel of its attention layers (``fuse_rotary_store``; FUSE_ROTARY_STORE)."""
     for module in model.modules():
         if hasattr(module, "use_fused"):
             module.use_fused = on
         if hasattr(module, "split_gate_up"):
-            module.split_gate_up = on and SPLIT_GATE_UP
+            gate_weights = module.gate_up_proj.weight.numel() // 2
+            module.split_gate_up = on and SPLIT_GATE_UP and gate_weights >= SPLIT_GATE_UP_MIN_WEIGHTS
         if hasattr(module, "fuse_rotary_store"):
             module.fuse_rotary_store = on and FUSE_ROTARY_STORE
 
