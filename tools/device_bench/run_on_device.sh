@@ -6,6 +6,8 @@
 #   ray-install ray-vs-local
 # vLLM 0.26 for the side-by-side figures (../shared/tools/vllm-wheelhouse.sh .whl/vllm: parts c1..cN of <= 61 MB)
 # the same way, one part per call: carry [.whl/vllm/cK]: vllm-stage ..., then vllm-install vs-vllm-small ...
+# The device's .git can be older than the tree it runs: name the commit from this machine (RLSERVE_COMMIT=<sha>
+# written out in the command, not $(git rev-parse) run there), or the JSON records the stale one (+ -dirty).
 # Usage: run_on_device.sh STEP...
 #   bench-small|bench-7b  rlserve bench --workload rl-small|rl-7b --modes seeded,plain (transformers beside it)
 #   async-small|async-7b  the same without transformers, --async_scheduling off then on (issue 15's overlap), and
