@@ -44,7 +44,7 @@
 #   blas-7b               rl-7b (K=8) with cuBLAS, then with cuBLASLt preferred for every matmul, twice alternated
 #   patch-ab              PATCH=MODULE.ATTR, PATCH_VALUES="A B" (Python literals): rlserve bench (K=8, async) with each
 #                         value patched in (bench_patched.py), alternated PATCH_ROUNDS times (2) over PATCH_WORKLOADS
-#                         (rl-7b); JSON WORKLOAD-patch-VALUE-ROUND.json
+#                         (rl-7b); JSON WORKLOAD-ATTR-VALUE-ROUND.json
 #   layer-gemms           layer_gemms.py: 28 layers of the 7B decoder's linear chain in a CUDA graph, per weight layout
 #                         and BLAS library (LAYER_VARIANTS picks), µs per layer, kernels and idle gaps
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
@@ -183,7 +183,7 @@ run_step() {
         for w in ${PATCH_WORKLOADS:-rl-7b}; do
           for value in ${PATCH_VALUES:-False True}; do
             timeout 200 python3 tools/device_bench/bench_patched.py "$PATCH=$value" -- bench --workload "$w" \
-              --modes seeded,plain --no_baseline --num_scheduler_steps 8 --output "$OUT/$w-patch-$value-$round.json" \
+              --modes seeded,plain --no_baseline --num_scheduler_steps 8 --output "$OUT/$w-${PATCH##*.}-$value-$round.json" \
               2>&1 | grep "rlserve\|Error\|rror:" | sed "s/^/[$w ${PATCH##*.}=$value $round] /"
           done
         done
