@@ -12,7 +12,6 @@ tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")
 DEVICE, pytestmark = triton_kernel_module()
 
-from rlserve.engine import sampler_triton  # noqa: E402
 from rlserve.engine.sampler_triton import fused_sample, gumbel_noise, uniform_noise  # noqa: E402
 
 DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
@@ -33,9 +32,7 @@ def test_token_and_logprob_match_log_softmax(dtype, vocab):
     assert torch.equal(tokens[greedy], logits.float()[greedy].argmax(dim=-1))
 
 
-@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
-def test_draws_follow_the_distribution_and_depend_only_on_the_seed(fast_log, monkeypatch):
-    monkeypatch.setattr(sampler_triton, "_FAST_LOG", fast_log)
+def test_draws_follow_the_distribution_and_depend_only_on_the_seed():
     torch.manual_seed(0)
     vocab, rows = 8, 4000 if INTERPRET else 100000
     logits = torch.randn(1, vocab, device=DEVICE).repeat(rows, 1)
@@ -49,18 +46,17 @@ def test_draws_follow_the_distribution_and_depend_only_on_the_seed(fast_log, mon
 
 
 @triton.jit
-def _gumbel_noise_kernel(u_ptr, out_ptr, n, FAST_LOG: tl.constexpr, BLOCK: tl.constexpr):
+def _gumbel_noise_kernel(u_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     u = tl.load(u_ptr + offs, mask=mask, other=0.5)
-    tl.store(out_ptr + offs, gumbel_noise(u, FAST_LOG), mask=mask)
+    tl.store(out_ptr + offs, gumbel_noise(u), mask=mask)
 
 
-@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
-def test_gumbel_noise_is_accurate_in_its_tail(fast_log):
+def test_gumbel_noise_is_accurate_in_its_tail():
     """-ln(-ln u) to 1e-5 over uniforms the generator gives, its largest ones included. Near u = 1 the noise is
-    large and picks the token: a logarithm with an absolute error there (lg2.approx's 2^-22 on [0.5, 2]) would
-    make -ln u wrong, zero or negative -- noise off by whole units, infinite or NaN."""
+    large and picks the token: a logarithm with an absolute error there (such as lg2.approx's 2^-22 on [0.5, 2])
+    would make -ln u wrong, zero or negative -- noise off by whole units, infinite or NaN."""
     scale = torch.tensor(4.6566127342e-10, dtype=torch.float32)  # uint_to_uniform_float's, for 32-bit integers
     largest = torch.arange(2**31 - 2**12, 2**31, dtype=torch.int64).to(torch.float32) * scale
     below_one = 1 - torch.arange(1, 65, dtype=torch.float32) * 2.0**-24  # every float32 in [1 - 2^-18, 1)
@@ -70,8 +66,7 @@ def test_gumbel_noise_is_accurate_in_its_tail(fast_log):
     u = torch.cat([largest, below_one, edges, torch.rand(100_000)])
     assert u.max() < 1
     out = torch.empty_like(u, device=DEVICE)
-    _gumbel_noise_kernel[(triton.cdiv(u.numel(), 1024),)](u.to(DEVICE), out, u.numel(), FAST_LOG=fast_log,
-                                                           BLOCK=1024)
+    _gumbel_noise_kernel[(triton.cdiv(u.numel(), 1024),)](u.to(DEVICE), out, u.numel(), BLOCK=1024)
     clamped = torch.maximum(u, torch.tensor(1e-10, dtype=torch.float32)).double()  # the kernel's clamp, in fp32
     want = -torch.log(-torch.log(clamped))
     out = out.cpu().double()
@@ -112,11 +107,10 @@ def test_noise_is_philox_output_j_of_counter_c_for_index_4c_plus_j():
 # The single-program kernel that drew every row before the vocab was split into chunks (one program a row,
 # looping over the whole vocab), kept as the reference for the draw: a seed must draw the same token. Changes:
 # `tl.where(valid & alive, ...)` is written as two nested `where`s (the same values), since the interpreter
-# cannot AND a vector with a reduced scalar; the noise is the sampler's own `gumbel_noise` (its fast logarithms
-# on CUDA).
+# cannot AND a vector with a reduced scalar; the noise is the sampler's own `gumbel_noise`.
 @triton.jit
 def _reference_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, seed_ptr, token_ptr,
-                      logprob_ptr, vocab_size, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
+                      logprob_ptr, vocab_size, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     inv_t = tl.load(inv_temperature_ptr + row)
     greedy = tl.load(greedy_ptr + row) != 0
@@ -137,7 +131,7 @@ def _reference_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, s
             + tl.sum(tl.where(alive, tl.where(valid, tl.exp(x - m_new), 0.0), 0.0), axis=0)
         m = m_new
         u = uniform_noise(seed, start, BLOCK)
-        score = tl.where(valid, tl.where(greedy, x, x + gumbel_noise(u, FAST_LOG)), float("-inf"))
+        score = tl.where(valid, tl.where(greedy, x, x + gumbel_noise(u)), float("-inf"))
         block_best = tl.max(score, axis=0)
         block_index = tl.argmax(score, axis=0).to(tl.int32)
         take = block_best > best_score
@@ -153,7 +147,7 @@ def _reference(logits, inv_t, greedy, seeds):
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _reference_kernel[(rows,)](logits, logits.stride(0), inv_t, greedy.to(torch.int8), seeds, tokens, logprobs,
-                               vocab, BLOCK=2048, FAST_LOG=sampler_triton._FAST_LOG and logits.is_cuda, num_warps=8)
+                               vocab, BLOCK=2048, num_warps=8)
     return tokens, logprobs
 
 
@@ -181,10 +175,8 @@ def _hard_rows(vocab: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf - -inf, discarded
-@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
 @pytest.mark.parametrize("num_chunks", [1, 3, 4, 20])  # 4: the chunks of 1280 entries _hard_rows is built on
-def test_chunked_draw_equals_the_single_program_kernel(num_chunks, fast_log, monkeypatch):
-    monkeypatch.setattr(sampler_triton, "_FAST_LOG", fast_log)
+def test_chunked_draw_equals_the_single_program_kernel(num_chunks):
     from rlserve.engine.sampler_triton import _gumbel_sample
     logits, greedy = _hard_rows()
     logits, greedy = logits.to(DEVICE), greedy.to(DEVICE)
@@ -205,9 +197,7 @@ def test_chunked_draw_equals_the_single_program_kernel(num_chunks, fast_log, mon
     assert logprobs[[4, 5]].tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("fast_log", [False] if INTERPRET else [False, True])
-def test_random_rows_draw_as_the_single_program_kernel_for_every_split(fast_log, monkeypatch):
-    monkeypatch.setattr(sampler_triton, "_FAST_LOG", fast_log)
+def test_random_rows_draw_as_the_single_program_kernel_for_every_split():
     from rlserve.engine.sampler_triton import _gumbel_sample
     torch.manual_seed(2)
     rows, vocab = 8, 5000

@@ -31,9 +31,6 @@ from rlserve.attention.triton_paged import sm_count
 BLOCK = 2048  # vocab entries per loop step of one program
 PROGRAMS_PER_SM = 4  # aim for this many (row, chunk) programs per SM
 CPU_CHUNKS = 4  # chunks per row off CUDA (the Triton interpreter)
-# On CUDA, the noise's outer logarithm by lg2.approx (gumbel_noise). Off until its final form has run on a GPU:
-# the form measured (both logarithms approximate) was unsafe near u = 1 (see gumbel_noise).
-_FAST_LOG = False
 
 
 @triton.jit
@@ -51,30 +48,20 @@ def uniform_noise(seed, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def gumbel_noise(u, FAST_LOG: tl.constexpr):
-    """-ln(-ln u) for uniforms u in [0, 1) (kept above 1e-10).
+def gumbel_noise(u):
+    """-ln(-ln u) for uniforms u in [0, 1) (kept above 1e-10), both logarithms libdevice's ``tl.log``.
 
-    FAST_LOG (CUDA): the outer logarithm as ln 2 * log2 by the GPU's special-function unit (``lg2.approx.f32``),
-    one instruction where ``tl.log`` is libdevice's ~20-instruction polynomial. Its input, e = -ln u, lies in
-    [6e-8, 23]; lg2.approx is within 2 ulp there, or 2^-22 absolute on [0.5, 2], so the noise moves by at most
-    ~6e-6. The inner logarithm stays libdevice's: for u near 1, lg2.approx's 2^-22 absolute error is larger than
-    log2(u) itself (u tops out at 1 - 2^-24, log2(u) = -8.6e-8), so e -- the tail of the noise, which picks the
-    winners -- could come out wrong, zero or negative, a few times in a 152k-token row. Off (the Triton
-    interpreter, which runs no PTX): ``tl.log`` for both."""
-    e = -tl.log(tl.maximum(u, 1e-10))
-    if FAST_LOG:
-        ln2: tl.constexpr = 0.6931471805599453
-        return -ln2 * tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [e], dtype=tl.float32,
-                                                is_pure=True, pack=1)
-    else:
-        return -tl.log(e)
+    The inner -ln u must stay exact: u reaches 1 - 2^-24, where -ln u = 6e-8 is the tail of the noise that picks
+    the token, and an approximate logarithm (``lg2.approx.f32``, 2^-22 absolute error near 1) would make it wrong,
+    zero or negative. The outer one by lg2.approx was measured and lost: rl-small generated 5-9% slower (one H200,
+    sixteenth session)."""
+    return -tl.log(-tl.log(tl.maximum(u, 1e-10)))
 
 
 @triton.jit
 def _gumbel_partial_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_ptr, seed_ptr,
                            m_ptr, s_ptr, score_ptr, index_ptr, token_ptr, logprob_ptr,
-                           vocab_size, chunk_size, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                           FAST_LOG: tl.constexpr):
+                           vocab_size, chunk_size, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     """Program (row, chunk) reduces vocab [chunk * chunk_size, (chunk + 1) * chunk_size) of its row.
     SINGLE (one chunk a row): store the token and logprob; else the chunk's partial at [row, chunk]."""
     row = tl.program_id(0)
@@ -99,7 +86,7 @@ def _gumbel_partial_kernel(logits_ptr, stride_row, inv_temperature_ptr, greedy_p
         s = tl.where(m_new > float("-inf"), s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0), s)
         m = m_new
         u = uniform_noise(seed, start, BLOCK)  # [0, 1); depends on the seed and the vocab index alone
-        score = tl.where(greedy, x, x + gumbel_noise(u, FAST_LOG))
+        score = tl.where(greedy, x, x + gumbel_noise(u))
         block_best = tl.max(score, axis=0)
         block_index = tl.argmax(score, axis=0).to(tl.int32)  # the first of equal maxima
         take = block_best > best_score  # strict: an earlier block keeps a tie
@@ -174,11 +161,10 @@ def _gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, is_greed
     inv_temperature = inv_temperature.float().contiguous()
     greedy = is_greedy.to(torch.int8).contiguous()
     seeds = seeds.contiguous()
-    fast_log = _FAST_LOG and device.type == "cuda"
     if chunks == 1:
         _gumbel_partial_kernel[(rows, 1)](logits, logits.stride(0), inv_temperature, greedy, seeds,
                                           None, None, None, None, tokens, logprobs, vocab, chunk_size,
-                                          BLOCK=block, SINGLE=True, FAST_LOG=fast_log, num_warps=8)
+                                          BLOCK=block, SINGLE=True, num_warps=8)
         return tokens, logprobs
     m = torch.empty(rows, chunks, dtype=torch.float32, device=device)
     s = torch.empty_like(m)
@@ -186,7 +172,7 @@ def _gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, is_greed
     index = torch.empty(rows, chunks, dtype=torch.int32, device=device)
     _gumbel_partial_kernel[(rows, chunks)](logits, logits.stride(0), inv_temperature, greedy, seeds,
                                            m, s, score, index, None, None, vocab, chunk_size,
-                                           BLOCK=block, SINGLE=False, FAST_LOG=fast_log, num_warps=8)
+                                           BLOCK=block, SINGLE=False, num_warps=8)
     _gumbel_merge_kernel[(rows,)](logits, logits.stride(0), inv_temperature, m, s, score, index, tokens,
                                   logprobs, chunks, CHUNKS=triton.next_power_of_2(chunks), num_warps=1)
     return tokens, logprobs
