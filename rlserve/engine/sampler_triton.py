@@ -51,10 +51,10 @@ def uniform_noise(seed, start, BLOCK: tl.constexpr):
 def gumbel_noise(u):
     """-ln(-ln u) for uniforms u in [0, 1) (kept above 1e-10), both logarithms libdevice's ``tl.log``.
 
-    The inner -ln u must stay exact: u reaches 1 - 2^-24, where -ln u = 6e-8 is the tail of the noise that picks
-    the token, and an approximate logarithm (``lg2.approx.f32``, 2^-22 absolute error near 1) would make it wrong,
-    zero or negative. The outer one by lg2.approx was measured and lost: rl-small generated 5-9% slower (one H200,
-    sixteenth session)."""
+    The inner -ln u must stay accurate: u reaches 1 - 2^-24, where -ln u = 6e-8 is the tail of the noise that
+    picks the token, and an approximate logarithm (``lg2.approx.f32``, 2^-22 absolute error near 1) would make it
+    wrong, zero or negative. The outer one by lg2.approx was measured and lost: rl-small 4-7% slower, rl-7b 0.3%
+    faster (one H200; BENCHMARKS, sixteenth session)."""
     return -tl.log(-tl.log(tl.maximum(u, 1e-10)))
 
 
