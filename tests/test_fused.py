@@ -44,7 +44,7 @@ def test_add_rmsnorm(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 14, 2), (128, 4, 4), (32, 7, 1)])
+@pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 14, 2), (128, 4, 4), (32, 7, 1), (80, 4, 2)])
 def test_rotary_in_place(dtype, head_dim, heads, kv_heads):
     tokens = 9
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
@@ -61,10 +61,11 @@ def test_rotary_in_place(dtype, head_dim, heads, kv_heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 14, 2), (128, 28, 4), (32, 7, 1)])
+@pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 14, 2), (128, 28, 4), (32, 7, 1), (96, 6, 2)])
 def test_rotary_store_writes_what_rotary_then_the_kv_store_write(dtype, head_dim, heads, kv_heads):
     """rotary_store_ against rotary_ and then the Triton backend's store_kv, bit for bit: q rotated in place, the
-    caches' rows at each slot, slot -1 (CUDA-graph padding) writing nothing, k itself left as it was."""
+    caches' rows at each slot, slot -1 (CUDA-graph padding) writing nothing, k itself left as it was. (rotary_ is
+    the same kernel without the store; test_rotary_in_place holds it to PyTorch's rotary.)"""
     from rlserve.attention.triton_paged import store_kv
     tokens, blocks, block_size = 9, 5, 4
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
@@ -91,37 +92,45 @@ def test_rotary_store_writes_what_rotary_then_the_kv_store_write(dtype, head_dim
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_layer_with_fused_rotary_store_equals_the_unfused_layer(dtype, monkeypatch):
-    """The attention layer as the runner sets it up where the fused kernels run (``fuse_rotary_store``: rotary and the KV
-    store in one kernel) against the layer without it (the rotary kernel, then the backend's write_kv), on a batch
-    of a decode row and a prefill chunk: the same output and the same caches, bit for bit."""
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_with_fused_rotary_store_equals_the_unfused_layer(dtype, qk_norm, monkeypatch):
+    """A Llama / Qwen3 (q/k norm before rotary) attention block as the runner sets it up where the fused kernels run
+    (``fuse_rotary_store``: rotary and the KV store in one kernel on the QKV projection's strided views) against the
+    same block without it (the rotary kernel, then the backend's write_kv). A batch of a decode row, a 5-token
+    prefill chunk and a padding row (slot -1): the same output and the same caches, bit for bit."""
+    from types import SimpleNamespace
+
     from rlserve.attention import AttentionMetadata, get_backend
-    from rlserve.layers.attention import Attention
-    from rlserve.layers.rotary import RotaryEmbedding
-    heads, kv_heads, head_dim, block_size = 4, 2, 64, 4
-    rotary = RotaryEmbedding(head_dim, 64, {"rope_type": "default", "rope_theta": 10000.0}).to(DEVICE)
-    rotary.use_fused = True  # without the store: rotary_ in place
-    lens, query_lens = [7, 5], [1, 5]  # a decode row (6 cached tokens + 1), then a 5-token prefill
-    tables = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32, device=DEVICE)
-    positions = torch.tensor([6, 0, 1, 2, 3, 4], device=DEVICE)
-    slots = torch.tensor([0 * block_size + 2, 1 * block_size, 1 * block_size + 1, 1 * block_size + 2,
-                          1 * block_size + 3, 2 * block_size], device=DEVICE)
-    meta = AttentionMetadata(slots, torch.tensor([0, 1, 6], dtype=torch.int32, device=DEVICE),
+    from rlserve.models import llama, qwen3
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                             max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6, attention_bias=True)
+    rotary = llama.RotaryEmbedding(32, 64, llama.rope_parameters(config)).to(DEVICE)
+    cls = qwen3.Qwen3Attention if qk_norm else llama.LlamaAttention
+    torch.manual_seed(0)
+    block = cls(config, llama.SINGLE, rotary).to(DEVICE, dtype)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    bs = 4
+    lens, query_lens = [7, 5, 1], [1, 5, 1]  # a decode row (6 cached tokens + 1), a 5-token prefill, padding
+    tables = torch.tensor([[3, 0], [1, 2], [0, 0]], dtype=torch.int32, device=DEVICE)
+    positions = torch.tensor([6, 0, 1, 2, 3, 4, 0], device=DEVICE)
+    slots = torch.tensor([3 * bs + 2, bs, bs + 1, bs + 2, bs + 3, 2 * bs, -1], device=DEVICE)
+    meta = AttentionMetadata(slots, torch.tensor([0, 1, 6, 7], dtype=torch.int32, device=DEVICE),
                              torch.tensor(lens, dtype=torch.int32, device=DEVICE), tables, 1, 5, 7, query_lens, lens)
-    q, k, v = (torch.randn(6, h, head_dim, device=DEVICE).to(dtype) for h in (heads, kv_heads, kv_heads))
-    cached = torch.randn(2, 4, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)  # the decode row's 6 tokens
+    x = torch.randn(7, 64, device=DEVICE).to(dtype)
+    cached = torch.randn(2, 4, bs, 2, 32, device=DEVICE).to(dtype)  # the decode row's 6 tokens, stale rows
     outs, caches = [], []
-    for on in (False, True):
-        layer = Attention(heads, head_dim, kv_heads, head_dim ** -0.5)
+    for fuse in (False, True):
         cache = cached.clone()
-        layer.bind(cache[0], cache[1], get_backend("reference", torch.device(DEVICE)))
-        monkeypatch.setattr(fused, "FUSE_ROTARY_STORE", on)
-        fused.use_fused_kernels(layer, True)
-        assert layer.fuse_rotary_store is on
-        outs.append(layer(q.clone(), k.clone(), v.clone(), meta, positions, rotary))
+        block.attn.bind(cache[0], cache[1], get_backend("reference", torch.device(DEVICE)))
+        monkeypatch.setattr(fused, "FUSE_ROTARY_STORE", fuse)
+        fused.use_fused_kernels(block, True)
+        assert block.attn.fuse_rotary_store is fuse and rotary.use_fused
+        outs.append(block(positions, x, meta))
         caches.append(cache)
-    assert torch.equal(outs[1], outs[0])
+    assert torch.equal(outs[1][:6], outs[0][:6])  # the padding row's output is never read
     assert torch.equal(caches[1], caches[0])
+    assert not torch.equal(caches[1][:, 3, 2], cached[:, 3, 2])  # the decode row's new token was written
 
 
 def test_rotary_store_checks_its_shapes():
@@ -134,9 +143,9 @@ def test_rotary_store_checks_its_shapes():
     with pytest.raises(ValueError, match="dense"):
         strided = torch.zeros(3, 5, 2, 64, device=DEVICE)[:, :4]  # a block's stride is 5 slots
         fused.rotary_store_(q, k, k.clone(), cos, sin, positions, strided, strided, slots)
-    with pytest.raises(ValueError, match="power of two"):
-        fused.rotary_(torch.zeros(2, 4, 80, device=DEVICE), torch.zeros(2, 2, 80, device=DEVICE),
-                      torch.zeros(8, 80, device=DEVICE), torch.zeros(8, 80, device=DEVICE), positions)
+    with pytest.raises(ValueError, match="even"):
+        fused.rotary_(torch.zeros(2, 4, 63, device=DEVICE), torch.zeros(2, 2, 63, device=DEVICE),
+                      torch.zeros(8, 63, device=DEVICE), torch.zeros(8, 63, device=DEVICE), positions)
     fused.rotary_store_(q, k, k.clone(), cos, sin, positions, cache, cache.clone(), slots)  # and a good call runs
 
 

@@ -54,8 +54,9 @@ def test_the_split_mlp_equals_the_fused_one_and_the_runners_switch_sets_it(monke
 
 
 def test_the_runners_switch_sets_the_attention_layers_rotary_store_kernel(monkeypatch):
-    """A decoder layer's attention takes the rotary-and-store kernel where the fused kernels run (and
-    FUSE_ROTARY_STORE is on), and its rotary table the in-place kernel; on the CPU path neither."""
+    """A decoder layer's attention takes the rotary-and-store kernel where the fused kernels run (with
+    FUSE_ROTARY_STORE on and a backend whose store it may replace), and its rotary table the in-place kernel; on the
+    CPU path neither."""
     from rlserve.models import llama
     config = SimpleNamespace(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                              max_position_embeddings=16, rope_theta=10000.0, rms_norm_eps=1e-6)
@@ -65,6 +66,9 @@ def test_the_runners_switch_sets_the_attention_layers_rotary_store_kernel(monkey
         monkeypatch.setattr(fused, "FUSE_ROTARY_STORE", fuse)
         fused.use_fused_kernels(attn, on)
         assert attn.attn.fuse_rotary_store is (on and fuse) and attn.rotary_emb.use_fused is on
+    monkeypatch.setattr(fused, "FUSE_ROTARY_STORE", True)
+    fused.use_fused_kernels(attn, True, fuse_kv_store=False)  # a backend that keeps its own store (the reference)
+    assert attn.attn.fuse_rotary_store is False and attn.rotary_emb.use_fused is True
 
 
 def test_only_the_7b_workloads_mlp_is_split_where_it_was_measured_to_gain():

@@ -90,7 +90,7 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(num_kv_blocks)
         # Kernel choice, made here once (before profiling and graph capture) and applied to the model's layers.
         self.use_fused_kernels = config.fused_kernels and fused.enabled(self.device, info.dtype)
-        fused.use_fused_kernels(model, self.use_fused_kernels)
+        fused.use_fused_kernels(model, self.use_fused_kernels, fuse_kv_store=self.backend.name == "triton")
         self.num_steps = 0
         self.graphs = None  # DecodeGraphs, once captured
         self.broadcast_step = None  # set under tensor parallelism: sends each step to the other ranks

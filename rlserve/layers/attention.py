@@ -36,6 +36,8 @@ class Attention(nn.Module):
                 positions: torch.Tensor | None = None, rotary: RotaryEmbedding | None = None) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D] -> [T, H, D]; ``rotary`` at ``positions`` [T] is applied to q and k first.
         With the fused kernel q is rotated in place and k is left unrotated (only the cache gets its rotated rows)."""
+        if rotary is not None and positions is None:
+            raise ValueError("Attention: rotary needs the tokens' positions")
         if rotary is not None and self.fuse_rotary_store:
             fused.rotary_store_(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache, self.v_cache,
                                 meta.slot_mapping)

@@ -15,7 +15,7 @@ results equal Hugging Face transformers' bit for bit. Each kernel is checked aga
 a device, and the PyTorch path is used if it disagrees.
 
 The layers do not choose: the model runner decides once per engine, from ``EngineConfig.fused_kernels`` and
-``enabled``, and calls ``use_fused_kernels(model, on)``; a layer with a fused path reads its ``use_fused``.
+``enabled``, and calls ``use_fused_kernels(model, on, ...)``; a layer with a fused path reads its ``use_fused``.
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ if triton is not None:
     def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache, v_cache,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
                        stride_kcs, stride_kch, stride_vcs, stride_vch, num_q_heads, num_k_heads,
-                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
+                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
         """One token: q and k rotated; k in place, or (STORE) written with v to the caches' row ``slot``."""
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        d = tl.arange(0, HALF)
-        cos = tl.load(cos_ptr + pos * stride_cos + d)  # cos/sin tables hold [cos | cos]: the first half
-        sin = tl.load(sin_ptr + pos * stride_cos + d)
+        d = tl.arange(0, BLOCK_HALF)
+        d_ok = d < HALF  # head dims like 80 or 96: halves padded to a power of two
+        cos = tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok)  # cos/sin tables hold [cos | cos]: the first half
+        sin = tl.load(sin_ptr + pos * stride_cos + d, mask=d_ok)
         h = tl.arange(0, BLOCK_H)
-        k_mask = h[:, None] < num_k_heads
+        k_mask = (h[:, None] < num_k_heads) & d_ok[None, :]
         if STORE:
             slot = tl.load(slot_ptr + t).to(tl.int64)  # flat slot = block * block_size + offset; -1: not stored
             k_mask = k_mask & (slot >= 0)
@@ -72,7 +73,7 @@ if triton is not None:
         for which in tl.static_range(2):
             if which == 0:
                 ptr = q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :]
-                mask = h[:, None] < num_q_heads
+                mask = (h[:, None] < num_q_heads) & d_ok[None, :]
                 dst = ptr
             else:
                 ptr = k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :]
@@ -136,23 +137,25 @@ def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     _rotary(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
 
 
-def _rotary(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping) -> None:
+def _rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+            positions: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+            slot_mapping: torch.Tensor | None) -> None:
+    """rotary_ (v None: k rotated in place) or rotary_store_ (k and v to the caches)."""
     t, num_q, d = q.shape
     for x in (q, k, v, k_cache, v_cache):
         if x is not None and x.stride(-1) != 1:
             raise ValueError("rotary: the head_dim axis must be contiguous (stride 1)")
-    if d % 2 or (d // 2) & (d // 2 - 1):
-        raise ValueError(f"rotary: head_dim {d} must be twice a power of two")
+    if d % 2:
+        raise ValueError(f"rotary: head_dim {d} must be even")
     if not t:
         return
     store = v is not None
     vs = (v.stride(0), v.stride(1)) if store else (0, 0)
     cs = (k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2)) if store else (0, 0, 0, 0)
-    _rotary_kernel[(t,)](q, k, v if store else k, cos, sin, positions, slot_mapping if store else positions,
-                         k_cache if store else k, v_cache if store else k,
+    _rotary_kernel[(t,)](q, k, v, cos, sin, positions, slot_mapping, k_cache, v_cache,
                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), *vs, cos.stride(0), *cs,
-                         num_q, k.shape[1], HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])),
-                         STORE=store, num_warps=4)
+                         num_q, k.shape[1], HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
+                         BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])), STORE=store, num_warps=4)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -193,9 +196,10 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
 # no copy). For the fused [gate | up] product at rl-7b's decode shape cuBLAS picks its one cluster kernel, which
 # waits ~4 µs behind a memset of its own; each half gets a plain kernel. The halves compute no faster, but the
 # layer idles 4 µs less: rl-7b +0.6% end to end. A small MLP loses a launch and a tail a layer instead: rl-small
-# -5.6% seeded, rl-medium even (BENCHMARKS, fifteenth and sixteenth sessions). So only MLPs whose gate (per rank)
-# has SPLIT_GATE_UP_MIN_WEIGHTS entries or more are split: rl-7b's has 68M, rl-medium's 14M. False: one GEMM
-# everywhere (an A/B).
+# -5.6% seeded, rl-medium even (BENCHMARKS, fifteenth and sixteenth sessions; one H200, TP=1, these three shapes
+# only). So only MLPs whose gate (per rank) has SPLIT_GATE_UP_MIN_WEIGHTS entries or more are split: rl-7b's has
+# 68M, rl-medium's 14M; unmeasured, rl-32b's (141M) splits, and so does rl-7b's under TP=2 (34M), not under TP=4.
+# False: one GEMM everywhere (an A/B).
 SPLIT_GATE_UP = True
 SPLIT_GATE_UP_MIN_WEIGHTS = 32 * 2 ** 20
 # With the fused kernels, an attention layer rotates q and k and stores k and v in one kernel (rotary_store_), not
@@ -203,18 +207,19 @@ SPLIT_GATE_UP_MIN_WEIGHTS = 32 * 2 ** 20
 FUSE_ROTARY_STORE = True
 
 
-def use_fused_kernels(model: torch.nn.Module, on: bool) -> None:
+def use_fused_kernels(model: torch.nn.Module, on: bool, fuse_kv_store: bool = True) -> None:
     """Switch every layer of ``model`` that has a fused path (a ``use_fused`` attribute) on or off, and with them
-    the split gate/up GEMMs of its large MLPs (a ``split_gate_up`` attribute; SPLIT_GATE_UP and its size rule) and
-    the rotary-and-store kernel of its attention layers (``fuse_rotary_store``; FUSE_ROTARY_STORE)."""
+    the split gate/up GEMMs of its large MLPs (a ``split_gate_up`` attribute and ``gate_weights``; SPLIT_GATE_UP
+    and SPLIT_GATE_UP_MIN_WEIGHTS) and the rotary-and-store kernel of its attention layers (``fuse_rotary_store``;
+    FUSE_ROTARY_STORE). ``fuse_kv_store``: whether the bound attention backend's store may be replaced by
+    rotary_store_, which writes the cache rows itself (the runner: with the Triton backend, not the reference)."""
     for module in model.modules():
         if hasattr(module, "use_fused"):
             module.use_fused = on
         if hasattr(module, "split_gate_up"):
-            gate_weights = module.gate_up_proj.weight.numel() // 2
-            module.split_gate_up = on and SPLIT_GATE_UP and gate_weights >= SPLIT_GATE_UP_MIN_WEIGHTS
+            module.split_gate_up = on and SPLIT_GATE_UP and module.gate_weights >= SPLIT_GATE_UP_MIN_WEIGHTS
         if hasattr(module, "fuse_rotary_store"):
-            module.fuse_rotary_store = on and FUSE_ROTARY_STORE
+            module.fuse_rotary_store = on and fuse_kv_store and FUSE_ROTARY_STORE
 
 
 def _self_check(device: torch.device, dtype: torch.dtype) -> bool:

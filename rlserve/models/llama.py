@@ -83,6 +83,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, tp=tp)
         self.act = SiluAndMul()
 
+    @property
+    def gate_weights(self) -> int:
+        """Entries of this rank's gate projection (what the runner's choice of split_gate_up goes by)."""
+        return self.gate_up_proj.weight.numel() // 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split_gate_up:
             return self.down_proj(self.act.parts(*self.gate_up_proj.forward_parts(x)))
