@@ -183,7 +183,8 @@ run_step() {
         for w in ${PATCH_WORKLOADS:-rl-7b}; do
           for value in ${PATCH_VALUES:-False True}; do
             timeout 200 python3 tools/device_bench/bench_patched.py "$PATCH=$value" -- bench --workload "$w" \
-              --modes seeded,plain --no_baseline --num_scheduler_steps 8 --output "$OUT/$w-${PATCH##*.}-$value-$round.json" \
+              --modes seeded,plain --no_baseline --num_scheduler_steps 8 \
+              --output "$OUT/$w-${PATCH##*.}-$value-$round.json" \
               2>&1 | grep "rlserve\|Error\|rror:" | sed "s/^/[$w ${PATCH##*.}=$value $round] /"
           done
         done
