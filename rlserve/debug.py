@@ -68,3 +68,22 @@ class GcPauses:
     def close(self) -> None:
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
+
+
+def patch_triton_interpreter() -> None:
+    """Triton <= 3.6's interpreter (TRITON_INTERPRET=1: kernels on CPU tensors, for tests and probes) with numpy >=
+    2.4: a loop bounded by a kernel argument calls int() on a 1-element array, which numpy now rejects
+    (triton-lang/triton#9171). The upstream fix, applied to this process only; nothing without Triton."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if hasattr(interpreter, "_patch_lang_tensor") and not getattr(interpreter, "_rlserve_patched", False):
+        original = interpreter._patch_lang_tensor
+
+        def patch(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interpreter._patch_lang_tensor = patch
+        interpreter._rlserve_patched = True

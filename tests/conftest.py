@@ -13,20 +13,8 @@ from rlserve.models.tiny import FAMILIES, make_tiny_model
 def _setup_triton_interpreter() -> None:
     """RLSERVE_TRITON_INTERPRET=1 runs the Triton kernel tests on CPU tensors under Triton's interpreter."""
     os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit kernel is defined
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    # triton <= 3.6 interpreter + numpy >= 2.4: `range(tensor_bound)` calls int() on a 1-element array, which
-    # numpy now rejects (triton-lang/triton#9171). Same fix as upstream, applied to this process only.
-    if hasattr(interpreter, "_patch_lang_tensor"):
-        original = interpreter._patch_lang_tensor
-
-        def patch(tensor, scope):
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interpreter._patch_lang_tensor = patch
+    from rlserve.debug import patch_triton_interpreter
+    patch_triton_interpreter()
 
 
 TRITON_INTERPRET = os.environ.get("RLSERVE_TRITON_INTERPRET") == "1"

@@ -45,6 +45,8 @@
 #   patch-ab              PATCH=MODULE.ATTR, PATCH_VALUES="A B" (Python literals): rlserve bench (K=8, async) with each
 #                         value patched in (bench_patched.py), alternated PATCH_ROUNDS times (2) over PATCH_WORKLOADS
 #                         (rl-7b); JSON WORKLOAD-ATTR-VALUE-ROUND.json
+#   kv-gather             kv_gather_probe.py: decode attention against kernels that only read its K/V tiles the same
+#                         way (in registers, and through shared memory into products), and a copy: read- or work-bound?
 #   layer-gemms           layer_gemms.py: 28 layers of the 7B decoder's linear chain in a CUDA graph, per weight layout
 #                         and BLAS library (LAYER_VARIANTS picks), µs per layer, kernels and idle gaps
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
@@ -189,6 +191,8 @@ run_step() {
           done
         done
       done ;;
+    kv-gather)
+      timeout 300 python3 tools/device_bench/kv_gather_probe.py --out "$OUT" 2>&1 | grep -v Warn | tail -n 40 ;;
     layer-gemms)
       timeout 400 python3 tools/device_bench/layer_gemms.py --out "$OUT" ${LAYER_VARIANTS:+--variants $LAYER_VARIANTS} \
         2>&1 | grep -v Warn | tail -n 120 ;;
