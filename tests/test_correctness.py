@@ -13,7 +13,6 @@ import torch
 
 from conftest import assert_no_leak
 from rlserve import LLM, SamplingParams
-from rlserve.attention import AttentionMetadata
 from rlserve.engine.core import request_seed_generator
 from rlserve.engine.runner import ModelRunner, _gumbel_sampler
 from rlserve.engine.sampling_batch import prepare_sampling
@@ -68,13 +67,8 @@ class EagerDecodeGraphs:
     def __init__(self, model, max_batch: int):
         self.model, self.max_batch, self.num_runs = model, max_batch, 0
 
-    def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables):
+    def run(self, input_ids, positions, meta):
         self.num_runs += 1
-        b = input_ids.shape[0]
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping, query_start_loc=torch.arange(b + 1, dtype=torch.int32),
-            seq_lens=seq_lens, block_tables=block_tables, num_decodes=b, max_query_len=1,
-            max_seq_len=int(seq_lens.max()), query_lens_cpu=[1] * b, seq_lens_cpu=seq_lens.tolist())
         return self.model(input_ids, positions, meta)
 
 

@@ -69,6 +69,33 @@ def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir):
     assert results[False] == results[True]
 
 
+def test_samples_reading_their_prompt_once_give_transformers_greedy(small_model_dir):
+    """The samples of a prompt read its blocks once a group (the shared-prefix pass, ``plan_shared_prefixes``):
+    float32, n = 4 of prompts of 70-200 tokens, CUDA graphs and eager: every sample's tokens are transformers'
+    greedy ones, and groups did form."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).cuda().eval()
+    batch = prompts(6, seed=5, vocab=32000, low=70, high=200)
+    for eager in (False, True):
+        llm = LLM(str(small_model_dir), device="cuda", dtype="float32", enforce_eager=eager,
+                  gpu_memory_utilization=0.5)
+        runner = llm.engine.runner
+        assert runner.shared_prefix_members > 1
+        grouped, build_step = [], runner.build_step
+
+        def recording(items, block_copies):
+            step = build_step(items, block_copies)
+            grouped.append(sum(size > 1 for size in step.shared_group_sizes))
+            return step
+        runner.build_step = recording
+        outs = llm.generate(batch, SamplingParams(temperature=0, n=4, max_tokens=32, min_tokens=32))
+        assert max(grouped) == len(batch)  # each prompt's four samples, one group
+        for prompt, out in zip(batch, outs):
+            want = hf_greedy(hf, prompt, 32)
+            assert [c.token_ids for c in out.outputs] == [want] * 4
+        llm.shutdown()
+
+
 def test_fused_sampler_logprobs_equal_transformers(small_model_dir):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).cuda().eval()

@@ -25,7 +25,7 @@ DEVICE, pytestmark = triton_kernel_module()
 
 from rlserve.attention import reference  # noqa: E402
 from rlserve.attention import triton_paged as tp  # noqa: E402
-from rlserve.attention.metadata import AttentionMetadata  # noqa: E402
+from rlserve.attention.metadata import AttentionMetadata, plan_shared_prefixes  # noqa: E402
 
 # The interpreter cannot run tl.dot on bf16 (it multiplies the raw uint16 bits), so bf16 attention is
 # GPU-only; fp16 takes the same code path there.
@@ -195,6 +195,70 @@ def test_decode_split_kv(dtype, gqa, num_splits, one_warp):
     out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=num_splits)
     assert torch.isfinite(out[-2:]).all()
     _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
+
+
+# ------------------------------------------------------------------------------------ shared prefixes
+
+def _share_first_blocks(cache: PagedCache, groups) -> None:
+    """Point each group's members' first ``k`` table entries at its first row's blocks (forked samples)."""
+    for rows, k in groups:
+        cache.block_tables[rows[1:], :k] = cache.block_tables[rows[0], :k]
+
+
+def _shared_plan(cache: PagedCache, seq_lens, gqa, pad: int = 0):
+    """``plan_shared_prefixes`` on the cache's tables (one-block groups allowed), as [B + pad] int32 tensors."""
+    tables = cache.block_tables.cpu().tolist()
+    plan = plan_shared_prefixes(tables, seq_lens, cache.block_size, tp.SHARED_PREFIX_ROWS // gqa, 1)
+    assert plan is not None
+    return plan, [torch.tensor(v + [0] * pad, dtype=torch.int32, device=DEVICE) for v in plan]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
+@pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
+def test_decode_shared_prefix(case, num_splits, one_warp):
+    """Groups of rows that share their first blocks read them once (the shared-prefix pass, then each row's own
+    keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two, a
+    one-token row, and two padding rows (seq_len 0, zeros in the plan)."""
+    dtype, head_dim, gqa, bs = case
+    _skip_same_path(one_warp, dtype, head_dim)
+    gen = torch.Generator().manual_seed(6)
+    seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs + 7, 1]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    _share_first_blocks(cache, [([0, 1, 2], 3), ([4, 5], 2)])
+    plan, (prefix_lens, group_sizes) = _shared_plan(cache, seq_lens, gqa, pad=2)
+    assert plan == ([3 * bs] * 3 + [0, 2 * bs, 2 * bs, 0], [3, 0, 0, 0, 2, 0, 0])
+    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
+    q = _queries(len(seq_lens) + 2, NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
+    seq_lens_padded = torch.cat([meta.seq_lens, torch.zeros(2, dtype=torch.int32, device=DEVICE)])
+    tables = torch.cat([cache.block_tables, torch.zeros_like(cache.block_tables[:2])])
+    scale = head_dim ** -0.5
+
+    out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=num_splits,
+                              shared_prefix_lens=prefix_lens, shared_group_sizes=group_sizes)
+    assert torch.isfinite(out[-2:]).all()
+    _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
+
+
+@pytest.mark.parametrize("gqa", _params([1, 7, 8], [7, 8]))
+def test_decode_shared_prefix_full_tile(gqa):
+    """As many rows as a group's tile holds (SHARED_PREFIX_ROWS // gqa), then two more that form a second group:
+    every tile row in use (gqa 8: 64 of 64; 7: 63)."""
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    gen = torch.Generator().manual_seed(7)
+    bs, head_dim = 16, 64
+    members = tp.SHARED_PREFIX_ROWS // gqa
+    seq_lens = [2 * bs + 1 + 3 * i for i in range(members + 2)]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    _share_first_blocks(cache, [(list(range(members + 2)), 2)])
+    plan, (prefix_lens, group_sizes) = _shared_plan(cache, seq_lens, gqa)
+    assert plan[1] == [members] + [0] * (members - 1) + [2, 0]
+    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
+    meta.shared_prefix_lens, meta.shared_group_sizes = prefix_lens, group_sizes
+    q = _queries(len(seq_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+
+    out = tp.paged_attention(q, cache.k, cache.v, meta, scale)  # the metadata path
+    _check(out, _reference(q, cache, meta, scale), dtype)
 
 
 def test_decode_config_by_batch():

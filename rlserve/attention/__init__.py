@@ -24,6 +24,9 @@ class AttentionBackend:
     write_kv: Callable
     attend: Callable
     supports_cuda_graphs: bool
+    # Decode rows sharing a prefix read it once a group (AttentionMetadata.shared_prefix_lens): a group's query rows
+    # (members x query heads per KV head) are at most this many; 0: the backend has no such pass.
+    shared_prefix_rows: int = 0
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -35,7 +38,8 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
         return AttentionBackend("reference", reference.write_kv, reference.paged_attention, False)
     if name == "triton":
         from rlserve.attention import triton_paged
-        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True)
+        return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True,
+                                triton_paged.SHARED_PREFIX_ROWS)
     raise ValueError(f"attention backend must be 'auto', 'reference' or 'triton', got {name!r}")
 
 

@@ -11,6 +11,7 @@ head_dim]``; token ``i`` of a sequence lives in block ``block_table[i // block_s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,10 @@ class AttentionMetadata:
     # Host copies, so that backends can plan without a device sync.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Decode rows that share their first blocks (``plan_shared_prefixes``), for backends that read such a prefix
+    # once a group: [num_decodes] int32 each, or None (no group this step, or a backend without the pass).
+    shared_prefix_lens: torch.Tensor | None = None  # keys [0, n) of the row are its group's shared prefix
+    shared_group_sizes: torch.Tensor | None = None  # at a group's first row, its number of rows; else 0
 
     @property
     def num_seqs(self) -> int:
@@ -36,3 +41,42 @@ class AttentionMetadata:
     @property
     def num_prefills(self) -> int:
         return self.num_seqs - self.num_decodes
+
+
+def plan_shared_prefixes(tables: Sequence[Sequence[int]], seq_lens: Sequence[int], block_size: int,
+                         max_members: int, min_blocks: int) -> tuple[list[int], list[int]] | None:
+    """Groups of consecutive decode rows whose contexts begin with the same cache blocks (the samples of one
+    prompt, or prompts that hit the same cached prefix), for a backend that reads a shared prefix once a group.
+
+    ``tables``: each decode row's block table; ``seq_lens``: its context length this step. A group is a run of
+    2..``max_members`` rows whose tables agree on their first ``k >= min_blocks`` blocks: its first two rows set
+    ``k``, and the rows after join while they share all ``k`` (so that the next prompt's samples, sharing only a
+    cached system prompt with this one, start a group of their own instead of shrinking this one's). ``k`` counts
+    only blocks wholly below every member's context length: full, and never the block a member writes this step
+    (copy-on-write gives each writer its own). Returns ``(prefix_lens,
+    group_sizes)`` -- per row ``k * block_size`` for a group's members (else 0), and at a group's first row its
+    number of rows (else 0) -- or None when no group of two or more rows forms. A multi-step launch may reuse the
+    plan for its later steps: contexts only grow, and the shared blocks stay where they are."""
+    n = len(tables)
+    prefix_lens, group_sizes = [0] * n, [0] * n
+    grouped = False
+    i = 0
+    while i < n:
+        lead = tables[i]
+        k = min(seq_lens[i] // block_size, len(lead))
+        j = i + 1
+        while j < n and j - i < max_members and k >= min_blocks:
+            table = tables[j]
+            c = min(k, seq_lens[j] // block_size, len(table))
+            if table[:c] != lead[:c]:
+                c = next(x for x in range(c) if table[x] != lead[x])
+            if c < min_blocks or (j > i + 1 and c < k):  # the second row sets k; later ones must share it all
+                break
+            k = c
+            j += 1
+        if j - i > 1:
+            prefix_lens[i:j] = [k * block_size] * (j - i)
+            group_sizes[i] = j - i
+            grouped = True
+        i = j
+    return (prefix_lens, group_sizes) if grouped else None

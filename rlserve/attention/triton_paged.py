@@ -25,6 +25,14 @@ Design
   With one split the kernel normalizes and writes the output directly. ``seq_len == 0`` rows give zeros.
   The launch config follows the program count (``_decode_config``): a large 16-bit batch runs one-warp programs
   of 32-key tiles, 9 of which fit an SM (rl-7b's whole grid at once); smaller batches, 4 warps.
+* Shared prefixes (the samples of one prompt): a group of consecutive decode rows whose block tables start with
+  the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
+  ``(B, KVH)``, only the groups' leader rows work) puts all the group's query heads of a KV head -- up to
+  ``SHARED_PREFIX_ROWS`` rows, a prefill-sized tile -- against the shared keys and writes each (row, head) a
+  partial ``(m, l, acc)``; the decode kernel's split 0 starts from it and every split covers only the row's own
+  keys ``[prefix, seq_len)``. At rl-7b (8 samples of a 256-token prompt) a third of the keys a decode step
+  reads at context 786 were the prompt's, read by each of the 8 samples: decode attention is bound by the
+  bytes it loads (``tools/device_bench/kv_gather_probe.py``), so those reads were a third of its time.
 * Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
   ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
   context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely
@@ -48,6 +56,9 @@ _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
 # From this many decode programs per SM, 16-bit caches take one-warp programs (_decode_config says when else).
 _ONE_WARP_MIN_PROGRAMS_PER_SM = 4
+# Query rows of one shared-prefix program: a group of decode rows sharing a prefix has at most this many
+# (members x query heads per KV head); the runner sizes groups from it (AttentionBackend.shared_prefix_rows).
+SHARED_PREFIX_ROWS = 64
 
 
 @triton.jit
@@ -109,20 +120,71 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, sta
 
 
 @triton.jit
+def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_ptr, pre_m, pre_l, pre_acc,
+                          qk_scale,
+                          stride_qb, stride_qh, stride_bt,
+                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The shared-prefix pass of decode: a group's leader row ``lead`` (``members[lead] > 0``) attends its
+    ``members`` rows' queries -- ``members * GROUP`` rows of one tile, all heads of the KV head -- to the
+    ``prefix[lead]`` keys their block tables share, read once through the leader's table; each (row, head) gets a
+    partial ``(m, l, acc)`` that the decode kernel starts from. Other programs return at once."""
+    lead = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    members = tl.load(members_ptr + lead)
+    if members > 0:
+        prefix = tl.load(prefix_ptr + lead)
+        offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R] row of the tile = member * GROUP + head in the group
+        offs_d = tl.arange(0, BLOCK_D)
+        seq = lead.to(tl.int64) + offs_r // GROUP  # [BLOCK_R] batch row of each tile row
+        heads = kv_head * GROUP + offs_r % GROUP
+        r_ok = offs_r < members * GROUP
+        rd_ok = r_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_ptr + seq[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=rd_ok, other=0.0)  # [BLOCK_R, BLOCK_D]
+        q_pos = tl.zeros([BLOCK_R], dtype=tl.int32) + (prefix - 1)  # every shared key is visible
+        bt_row = bt_ptr + lead.to(tl.int64) * stride_bt
+
+        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        full_end = prefix // BLOCK_N * BLOCK_N
+        for n in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, prefix,
+                                         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                         stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
+        for n in range(full_end, prefix, BLOCK_N):  # at most one partial tile
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, prefix,
+                                         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                         stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
+        row = seq * NUM_HEADS + heads  # [BLOCK_R]; partials [B, H(, HEAD_DIM)] fp32
+        tl.store(pre_m + row, m_i, mask=r_ok)
+        tl.store(pre_l + row, l_i, mask=r_ok)
+        tl.store(pre_acc + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=rd_ok)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_m, part_l, part_acc,
-                   qk_scale, num_splits,
+                   prefix_ptr, pre_m, pre_l, pre_acc, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, SHARED: tl.constexpr, DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    # SHARED: keys [0, lo) were attended by the shared-prefix pass; this row's own keys start at lo.
+    if SHARED:
+        lo = tl.minimum(tl.load(prefix_ptr + b), seq_len)
+    else:
+        lo = seq_len * 0
     # This split's key range [start, end); a multiple of BLOCK_N long, possibly empty.
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
 
@@ -137,9 +199,17 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
     bt_row = bt_ptr + b64 * stride_bt
 
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    if SHARED:  # split 0 of a row in a group starts from the shared-prefix pass's partial
+        has = g_ok & (lo > 0) & (split == 0)
+        pre = b64 * NUM_HEADS + heads  # [BLOCK_G]
+        m_i = tl.load(pre_m + pre, mask=has, other=float("-inf"))
+        l_i = tl.load(pre_l + pre, mask=has, other=0.0)
+        acc = tl.load(pre_acc + pre[:, None] * HEAD_DIM + offs_d[None, :], mask=has[:, None] & d_ok[None, :],
+                      other=0.0)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for n in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
                                      qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
@@ -264,6 +334,13 @@ def _decode_config(block_d: int, block_g: int, dtype: torch.dtype, programs: int
     return dict(BLOCK_N=block_n // 2 if dtype == torch.float32 else block_n, num_warps=4, num_stages=3)
 
 
+def _shared_prefix_config(block_d: int, dtype: torch.dtype) -> dict:
+    """A shared-prefix program holds up to SHARED_PREFIX_ROWS query rows: a prefill-sized tile."""
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32 if block_d <= 64 else 16, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64 if block_d <= 128 else 32, num_warps=4, num_stages=3 if block_d <= 128 else 2)
+
+
 def _prefill_config(block_d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # correctness reference path; small tiles avoid spills
         return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 64 else 16, num_warps=8, num_stages=2)
@@ -317,12 +394,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, num_splits: int | None = None,
+                     shared_prefix_lens: torch.Tensor | None = None,
+                     shared_group_sizes: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, D]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 -> out [B, H, D].
 
     One query per sequence (position seq_len - 1, its K/V already stored); seq_len 0 rows give zeros.
     ``num_splits`` (default: ``choose_num_splits``) must not depend on seq_lens values for CUDA graphs;
-    with more than one split, fp32 partials ``[B, H, num_splits(, D)]`` are allocated per call."""
+    with more than one split, fp32 partials ``[B, H, num_splits(, D)]`` are allocated per call.
+
+    Groups of rows that share their first blocks (``metadata.plan_shared_prefixes``; ``shared_prefix_lens``,
+    ``shared_group_sizes``: [B] int32) read those keys once a group: ``_shared_prefix_kernel`` first, then each
+    row's own keys from there. A group's ``members * (H / KVH)`` query rows must fit ``SHARED_PREFIX_ROWS``."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -343,14 +426,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    shared = shared_prefix_lens is not None
+    if shared:
+        pre_m = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
+        pre_l = torch.empty_like(pre_m)
+        pre_acc = torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=q.device)
+        _shared_prefix_kernel[(batch, num_kv_heads)](
+            q, k_cache, v_cache, block_tables, shared_prefix_lens, shared_group_sizes, pre_m, pre_l, pre_acc,
+            scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_R=SHARED_PREFIX_ROWS,
+            BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), **_shared_prefix_config(block_d, q.dtype))
+    else:
+        shared_prefix_lens = pre_m = pre_l = pre_acc = seq_lens  # unused
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
-        scale * _LOG2E, num_splits,
+        shared_prefix_lens, pre_m, pre_l, pre_acc, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_G=block_g, BLOCK_D=block_d, DIRECT=direct, DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_G=block_g, BLOCK_D=block_d, DIRECT=direct, SHARED=shared, DOT_PREC=_dot_precision(q.dtype),
         **_decode_config(block_d, block_g, q.dtype, batch * num_kv_heads * num_splits, _sms(q.device)))
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -394,8 +491,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
+        shared = meta.shared_prefix_lens is not None
         decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                         out=out[:nd])
+                         out=out[:nd], shared_prefix_lens=meta.shared_prefix_lens[:nd] if shared else None,
+                         shared_group_sizes=meta.shared_group_sizes[:nd] if shared else None)
     if meta.num_prefills:
         # query_start_loc[nd:] holds absolute row offsets into q, so q and out are passed whole.
         max_q = max(meta.query_lens_cpu[nd:], default=meta.max_query_len)

@@ -3,7 +3,9 @@ inputs.
 
 A decode step of B sequences replays the graph of the smallest captured size G >= B. Its inputs live in
 static buffers: rows [0, B) hold the step's tokens; rows [B, G) are padding (slot -1, so nothing is written
-to the cache, and sequence length 0, so attention reads nothing). The graph runs the whole model and the LM
+to the cache, and sequence length 0, so attention reads nothing). With ``shared_prefixes`` the graphs run the
+backend's shared-prefix pass (``AttentionMetadata.shared_prefix_lens``); a step without groups replays them with
+zeros there (no row in a group). The graph runs the whole model and the LM
 head runs after it, on the real rows only, and so does sampling.
 """
 
@@ -23,7 +25,7 @@ CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
-                 device: torch.device):
+                 device: torch.device, shared_prefixes: bool = False):
         self.model = model
         self.device = device
         self.sizes = [s for s in CAPTURE_SIZES if s <= max_batch] or [max_batch]
@@ -37,6 +39,8 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(g, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(g, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(g + 1, dtype=torch.int32, device=device)
+        self.shared_prefix_lens = torch.zeros(g, dtype=torch.int32, device=device) if shared_prefixes else None
+        self.shared_group_sizes = torch.zeros(g, dtype=torch.int32, device=device) if shared_prefixes else None
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
@@ -50,7 +54,9 @@ class DecodeGraphs:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:g], query_start_loc=self.query_start_loc[:g + 1],
             seq_lens=self.seq_lens[:g], block_tables=self.block_tables[:g], num_decodes=g, max_query_len=1,
-            max_seq_len=self.max_model_len, query_lens_cpu=[1] * g, seq_lens_cpu=[self.max_model_len] * g)
+            max_seq_len=self.max_model_len, query_lens_cpu=[1] * g, seq_lens_cpu=[self.max_model_len] * g,
+            shared_prefix_lens=None if self.shared_prefix_lens is None else self.shared_prefix_lens[:g],
+            shared_group_sizes=None if self.shared_group_sizes is None else self.shared_group_sizes[:g])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -85,19 +91,28 @@ class DecodeGraphs:
                 return g
         return None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """One decode step of B sequences (device tensors of B rows; block_tables [B, n]) -> hidden states
-        [B, D], a view into the graph's output that stays valid until the next replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One decode step of B sequences (device tensors of B rows; ``meta`` a decode batch of them) -> hidden
+        states [B, D], a view into the graph's output that stays valid until the next replay."""
         b = input_ids.shape[0]
         g = self.size_for(b)
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(slot_mapping)
-        self.seq_lens[:b].copy_(seq_lens)
-        self.block_tables[:b, :block_tables.shape[1]].copy_(block_tables)
+        self.slot_mapping[:b].copy_(meta.slot_mapping)
+        self.seq_lens[:b].copy_(meta.seq_lens)
+        self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if self.shared_prefix_lens is not None:
+            if meta.shared_prefix_lens is None:  # no group this step
+                self.shared_prefix_lens[:b].zero_()
+                self.shared_group_sizes[:b].zero_()
+            else:
+                self.shared_prefix_lens[:b].copy_(meta.shared_prefix_lens)
+                self.shared_group_sizes[:b].copy_(meta.shared_group_sizes)
         if g > b:  # padding rows: write nothing, read nothing
             self.slot_mapping[b:g].fill_(-1)
             self.seq_lens[b:g].zero_()
+            if self.shared_prefix_lens is not None:
+                self.shared_prefix_lens[b:g].zero_()
+                self.shared_group_sizes[b:g].zero_()
         self.graphs[g].replay()
         return self.hidden[g][:b]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlserve.attention import AttentionMetadata, get_backend
+from rlserve.attention.metadata import plan_shared_prefixes
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.distributed.parallel import SINGLE, TensorParallel
 from rlserve.engine import prompt_logprobs
@@ -40,6 +41,10 @@ from rlserve.layers import fused
 from rlserve.sampling import MAX_PROMPT_LOGPROBS
 
 logger = logging.getLogger(__name__)
+
+# The shortest prefix a group of decode rows reads once (plan_shared_prefixes): below it the pass's partials cost
+# about what the reads it saves do.
+SHARED_PREFIX_MIN_TOKENS = 64
 
 
 @dataclass
@@ -62,6 +67,10 @@ class StepInput:
     # A multi-step launch (multi_step.py): its decode steps, and each row's kept draws when one keeps fewer.
     num_steps: int = 1
     burst_kept: list[int] = field(default_factory=list)
+    # Decode rows that share a prefix (metadata.plan_shared_prefixes), when the backend reads one once a group and
+    # some group formed: each decode row's shared prefix length and, at a group's first row, its size.
+    shared_prefix_lens: list[int] = field(default_factory=list)
+    shared_group_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -87,6 +96,10 @@ class ModelRunner:
         self.device = info.device
         self.block_size = info.block_size
         self.backend = get_backend(attention_backend, self.device)
+        # Decode groups that read a shared prefix once (the backend's pass; 0 members: none): as many rows as fit
+        # the pass's tile, and a prefix of at least SHARED_PREFIX_MIN_TOKENS.
+        layer = model.attention_layers[0]
+        self.shared_prefix_members = self.backend.shared_prefix_rows // (layer.num_heads // layer.num_kv_heads)
         self.kv_cache = self._allocate_kv_cache(num_kv_blocks)
         # Kernel choice, made here once (before profiling and graph capture) and applied to the model's layers.
         self.use_fused_kernels = config.fused_kernels and fused.enabled(self.device, info.dtype)
@@ -250,6 +263,9 @@ class ModelRunner:
             seq_lens=torch.full((num_seqs,), tokens_per_seq, dtype=torch.int32, device=dev),
             block_tables=tables, num_decodes=num_seqs if tokens_per_seq == 1 else 0,
             max_query_len=tokens_per_seq, max_seq_len=tokens_per_seq, query_lens_cpu=lens, seq_lens_cpu=lens)
+        if tokens_per_seq == 1 and self.shared_prefix_members > 1:  # the shared-prefix pass's scratch is profiled
+            meta.shared_prefix_lens = torch.zeros(num_seqs, dtype=torch.int32, device=dev)
+            meta.shared_group_sizes = torch.zeros(num_seqs, dtype=torch.int32, device=dev)
         input_ids = torch.zeros(num_seqs * tokens_per_seq, dtype=torch.int64, device=dev)
         return input_ids, positions, meta
 
@@ -265,7 +281,7 @@ class ModelRunner:
             return
         from rlserve.engine.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self.model, self.info.max_num_seqs, self.max_blocks_per_seq,
-                                   self.info.max_model_len, self.device)
+                                   self.info.max_model_len, self.device, shared_prefixes=self.shared_prefix_members > 1)
         self.graphs.capture()
 
     def release_cuda_graphs(self) -> None:
@@ -495,7 +511,8 @@ class ModelRunner:
         launched.copied.record(torch.cuda.current_stream(self.device))  # this device's, whatever the thread's is
 
     def build_step(self, items: list[ScheduledSeq], block_copies: list[tuple[int, int]]) -> StepInput:
-        """The step as plain lists (decodes first), with the block-table rows' changes to push."""
+        """The step as plain lists (decodes first), with the block-table rows' changes to push and, for a backend
+        that reads a shared prefix once a group, the decode rows' groups."""
         step = StepInput(block_copies=block_copies)
         input_ids, positions, table_writes = step.input_ids, step.positions, step.table_writes
         num_tokens = 0
@@ -519,6 +536,13 @@ class ModelRunner:
             step.rows.append(self._row(seq, table_writes))
             if item.samples:
                 step.sample_rows.append(num_tokens - 1)
+        if self.shared_prefix_members > 1 and step.num_decodes > 1:
+            decodes = items[:step.num_decodes]
+            plan = plan_shared_prefixes([item.seq.block_table for item in decodes], step.seq_lens[:step.num_decodes],
+                                        self.block_size, self.shared_prefix_members,
+                                        -(-SHARED_PREFIX_MIN_TOKENS // self.block_size))
+            if plan is not None:
+                step.shared_prefix_lens, step.shared_group_sizes = plan
         return step
 
     @torch.inference_mode()
@@ -543,7 +567,7 @@ class ModelRunner:
     def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The hidden states of a step: a CUDA-graph replay for a decode batch that has a graph, else the model."""
         if self.graphs is not None and meta.num_prefills == 0 and meta.num_seqs <= self.graphs.max_batch:
-            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            return self.graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -572,13 +596,20 @@ class ModelRunner:
         t, s = len(step.input_ids), len(step.seq_lens)
         # One host-to-device copy for the per-token and per-sequence integers.
         packed = self._to_device(step.input_ids + step.positions + step.query_lens + step.seq_lens + step.rows
-                                 + step.sample_rows + step.ahead_index + step.ahead_rows)
+                                 + step.sample_rows + step.ahead_index + step.ahead_rows
+                                 + step.shared_prefix_lens + step.shared_group_sizes)
         ids, pos = packed[:t], packed[t:2 * t]
         qlens, lens = packed[2 * t:2 * t + s], packed[2 * t + s:2 * t + 2 * s]
         end = 2 * t + 3 * s + len(step.sample_rows)
         row_idx, samples = packed[2 * t + 2 * s:2 * t + 3 * s], packed[2 * t + 3 * s:end]
+        ahead_end = end + 2 * len(step.ahead_index)
         if step.ahead_index:
-            self._feed_draws(ids, packed[end:])
+            self._feed_draws(ids, packed[end:ahead_end])
+        shared = {}
+        if step.shared_prefix_lens:
+            nd = step.num_decodes
+            groups = packed[ahead_end:ahead_end + 2 * nd].to(torch.int32)
+            shared = dict(shared_prefix_lens=groups[:nd], shared_group_sizes=groups[nd:])
         max_blocks = -(-(max(step.seq_lens) + extra_tokens) // bs)
         tables = self.block_tables[row_idx, :max_blocks]  # [B, max_blocks]
         if step.num_decodes == s:
@@ -591,7 +622,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=starts, seq_lens=lens.to(torch.int32), block_tables=tables,
             num_decodes=step.num_decodes, max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens),
-            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens)
+            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens, **shared)
         return ids, pos, meta, samples
 
     def _feed_draws(self, ids: torch.Tensor, ahead: torch.Tensor) -> None:
