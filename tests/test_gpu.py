@@ -69,10 +69,11 @@ def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir):
     assert results[False] == results[True]
 
 
-def test_samples_reading_their_prompt_once_give_transformers_greedy(small_model_dir):
-    """The samples of a prompt read its blocks once a group (the shared-prefix pass, ``plan_shared_prefixes``):
-    float32, n = 4 of prompts of 70-200 tokens, CUDA graphs and eager: every sample's tokens are transformers'
-    greedy ones, and groups did form."""
+def test_samples_reading_their_prompt_once_give_transformers_greedy(small_model_dir, monkeypatch):
+    """The samples of a prompt read its blocks once a group (the shared-prefix pass, ``plan_shared_prefixes``;
+    here from 64-token prompts on): float32, n = 4 of prompts of 70-200 tokens, CUDA graphs and eager: every
+    sample's tokens are transformers' greedy ones, and groups did form."""
+    monkeypatch.setattr("rlserve.engine.runner.SHARED_PREFIX_MIN_TOKENS", 64)
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).cuda().eval()
     batch = prompts(6, seed=5, vocab=32000, low=70, high=200)

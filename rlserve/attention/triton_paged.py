@@ -30,9 +30,8 @@ Design
   ``(B, KVH)``, only the groups' leader rows work) puts all the group's query heads of a KV head -- up to
   ``SHARED_PREFIX_ROWS`` rows, a prefill-sized tile -- against the shared keys and writes each (row, head) a
   partial ``(m, l, acc)``; the decode kernel's split 0 starts from it and every split covers only the row's own
-  keys ``[prefix, seq_len)``. At rl-7b (8 samples of a 256-token prompt) a third of the keys a decode step
-  reads at context 786 were the prompt's, read by each of the 8 samples: decode attention is bound by the
-  bytes it loads (``tools/device_bench/kv_gather_probe.py``), so those reads were a third of its time.
+  keys ``[prefix, seq_len)``. It pays for long prompts only: the samples' re-reads of a short prompt mostly hit
+  the L2 (the runner's SHARED_PREFIX_MIN_TOKENS has the figures).
 * Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
   ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
   context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely

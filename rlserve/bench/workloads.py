@@ -95,6 +95,9 @@ WORKLOADS = {
         Workload("rl-medium", QWEN25_15B, 64, 8, 256, 1024),
         Workload("rl-7b", QWEN25_7B, 32, 8, 256, 1024),
         Workload("rl-32b", QWEN25_32B, 16, 8, 256, 1024),
+        # Not in WORKLOADS.md: rl-7b with 2k-token prompts (long system prompts, few-shot), where a prompt's samples
+        # reading it once a group (the shared-prefix pass) matters; the prompt KV no longer stays in the L2.
+        Workload("rl-7b-long", QWEN25_7B, 32, 8, 2048, 512),
         Workload("rl-varlen", QWEN25_05B, 64, 8, 128, 1024, min_max_tokens=32),
         Workload("cpu-tiny", CPU_TINY, 16, 4, 64, 64, device="cpu"),
     ]

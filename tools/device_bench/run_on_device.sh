@@ -47,6 +47,8 @@
 #                         (rl-7b); JSON WORKLOAD-ATTR-VALUE-ROUND.json
 #   kv-gather             kv_gather_probe.py: decode attention against kernels that only read its K/V tiles the same
 #                         way (in registers, and through shared memory into products), and a copy: read- or work-bound?
+#   shared-prefix         shared_prefix_probe.py: decode attention with and without the shared-prefix pass, the pass
+#                         alone at several configs, and the decode over each row's own keys only
 #   layer-gemms           layer_gemms.py: 28 layers of the 7B decoder's linear chain in a CUDA graph, per weight layout
 #                         and BLAS library (LAYER_VARIANTS picks), µs per layer, kernels and idle gaps
 #   steps-small|steps-medium|steps-7b  rlserve bench --async_scheduling, --num_scheduler_steps 1 then 8, twice
@@ -191,6 +193,8 @@ run_step() {
           done
         done
       done ;;
+    shared-prefix)
+      timeout 300 python3 tools/device_bench/shared_prefix_probe.py --out "$OUT" 2>&1 | grep -v Warn | tail -n 80 ;;
     kv-gather)
       timeout 300 python3 tools/device_bench/kv_gather_probe.py --out "$OUT" 2>&1 | grep -v Warn | tail -n 40 ;;
     layer-gemms)

@@ -1,0 +1,124 @@
+"""Decode attention with and without the shared-prefix pass, at decode_sweep.py's shapes (H200 diagnosis, not a test).
+
+python tools/device_bench/shared_prefix_probe.py --out DIR [--shapes rl-7b-ctx786,...]: forked prompts sharing their
+cache blocks (bf16, block size 16), every group of ``n`` samples planned as the runner plans it. Times, each the
+median of triton's do_bench:
+
+- ``plain``: ``decode_attention`` reading every row's whole context (no plan);
+- ``shared``: with the plan -- the shared-prefix pass, then the decode kernel over each row's own keys;
+- ``prefix-pass``: the shared-prefix pass alone, at its default config and at the others in ``PREFIX_CONFIGS``
+  (BLOCK_N:num_warps:num_stages);
+- ``plain-hnd``: ``plain`` on the same cache stored head-major ([blocks, KVH, block_size, D]), at the default config
+  and at others (BLOCK_N:num_warps:num_stages);
+- ``own-keys``: ``plain`` over only each row's own keys (its context less the prompt): what the decode kernel's
+  part of ``shared`` would take if the pass were free.
+
+Outputs of ``shared`` and ``plain`` are compared first. JSON in DIR/shared_prefix_probe.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from rlserve.attention import triton_paged as tp
+from rlserve.attention.metadata import plan_shared_prefixes
+
+if __package__ in (None, ""):  # run as a script: decode_sweep.py sits beside this file
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_sweep import SHAPES, build  # noqa: E402
+
+PREFIX_CONFIGS = ["64:4:3", "32:4:3", "64:8:3", "32:2:3", "16:4:4", "64:4:2"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp")
+    parser.add_argument("--shapes", default="rl-7b-ctx786,rl-7b-ctx1100,rl-7b-ctx300,rl-small-ctx384,rl-medium-ctx768")
+    args = parser.parse_args()
+    SHAPES.setdefault("rl-7b-ctx300", (256, 8, 4, 7, 256, 44, 128))  # early in the decode: the prompt is most keys
+    # Long prompts at the 7B shape: a group's prompt no longer fits the L2 a few times over
+    SHAPES.setdefault("7b-p1024-ctx1300", (256, 8, 4, 7, 1024, 275, 128))
+    SHAPES.setdefault("7b-p2048-ctx2300", (256, 8, 4, 7, 2048, 251, 128))
+    SHAPES.setdefault("7b-n16-p512-ctx800", (256, 16, 4, 7, 512, 287, 128))
+    result = {"device": torch.cuda.get_device_name(), "shapes": []}
+    default_config = tp._shared_prefix_config
+    decode_config = tp._decode_config
+    for name in args.shapes.split(","):
+        batch, n, kvh, group, prompt, gen, d = SHAPES[name]
+        q, k, v, bt, lens = build(batch, n, kvh, group, prompt, gen, d)
+        scale = d ** -0.5
+        plan = plan_shared_prefixes(bt.tolist(), lens.tolist(), k.shape[1], tp.SHARED_PREFIX_ROWS // group, 4)
+        assert plan is not None and plan[1][0] == n, plan and plan[1][:n]
+        prefix_lens, sizes = (torch.tensor(p, dtype=torch.int32, device="cuda") for p in plan)
+        own_bt = bt[:, prompt // k.shape[1]:].contiguous()
+        own_lens = lens - prompt
+
+        def plain():
+            return tp.decode_attention(q, k, v, bt, lens, scale)
+
+        def shared():
+            return tp.decode_attention(q, k, v, bt, lens, scale, shared_prefix_lens=prefix_lens,
+                                       shared_group_sizes=sizes)
+
+        def prefix_pass(config=None):
+            tp._shared_prefix_config = default_config if config is None else (lambda *_: config)
+            try:
+                m = torch.empty(q.shape[:2], dtype=torch.float32, device="cuda")
+                acc = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+                bd = triton.next_power_of_2(d)
+                tp._shared_prefix_kernel[(batch, kvh)](
+                    q, k, v, bt, prefix_lens, sizes, m, m.clone(), acc, scale * tp._LOG2E,
+                    q.stride(0), q.stride(1), bt.stride(0), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2), NUM_HEADS=q.shape[1], GROUP=group, BLOCK_SIZE=k.shape[1],
+                    HEAD_DIM=d, BLOCK_R=tp.SHARED_PREFIX_ROWS, BLOCK_D=bd, DOT_PREC="tf32",
+                    **tp._shared_prefix_config(bd, q.dtype))
+            finally:
+                tp._shared_prefix_config = default_config
+
+        def own_keys():
+            return tp.decode_attention(q, k, v, own_bt, own_lens, scale)
+
+        # The same cache in the head-major layout [blocks, KVH, block_size, D], seen through a [blocks, block_size,
+        # KVH, D] view: each (block, KV head) is one contiguous run of block_size * D elements.
+        k_hnd = k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        v_hnd = v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+        def plain_hnd(launch=None):
+            tp._decode_config = decode_config if launch is None else (lambda *_: launch)
+            try:
+                return tp.decode_attention(q, k_hnd, v_hnd, bt, lens, scale)
+            finally:
+                tp._decode_config = decode_config
+
+        torch.testing.assert_close(shared().float(), plain().float(), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(plain_hnd().float(), plain().float(), atol=0, rtol=0)
+        row = {"shape": name, "plan_groups": sum(s > 1 for s in plan[1])}
+        timings = [("plain", plain), ("plain-hnd", plain_hnd), ("shared", shared), ("own-keys", own_keys),
+                   ("prefix-pass", prefix_pass)]
+        for spec in ["32:1:3", "64:1:2", "16:1:2", "64:4:3", "32:2:3"]:
+            bn, w, st = (int(x) for x in spec.split(":"))
+            timings.append((f"plain-hnd-{spec}", lambda c=dict(BLOCK_N=bn, num_warps=w, num_stages=st): plain_hnd(c)))
+        for spec in PREFIX_CONFIGS:
+            bn, w, st = (int(x) for x in spec.split(":"))
+            config = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
+            timings.append((f"prefix-pass-{spec}", lambda c=config: prefix_pass(c)))
+        timings.append(("plain-again", plain))
+        for label, fn in timings:
+            try:
+                us = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+            except Exception as e:  # e.g. out of shared memory at a config
+                print(f"{name:18} {label:22} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                continue
+            row[label] = us
+            print(f"{name:18} {label:22} {us:8.1f} us", flush=True)
+        result["shapes"].append(row)
+        Path(args.out, "shared_prefix_probe.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
