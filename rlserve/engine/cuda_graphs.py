@@ -3,10 +3,12 @@ inputs.
 
 A decode step of B sequences replays the graph of the smallest captured size G >= B. Its inputs live in
 static buffers: rows [0, B) hold the step's tokens; rows [B, G) are padding (slot -1, so nothing is written
-to the cache, and sequence length 0, so attention reads nothing). With ``shared_prefixes`` the graphs run the
-backend's shared-prefix pass (``AttentionMetadata.shared_prefix_lens``); a step without groups replays them with
-zeros there (no row in a group). The graph runs the whole model and the LM
+to the cache, and sequence length 0, so attention reads nothing). The graph runs the whole model and the LM
 head runs after it, on the real rows only, and so does sampling.
+
+With ``shared_prefixes`` (a backend with a shared-prefix pass), each size from 2 rows has a second graph that runs
+the pass (``AttentionMetadata.shared_prefix_lens``), replayed for the steps whose rows form groups: the pass's
+launches, idle when no group forms, cost rl-7b 1.9% of its throughput (one H200, BENCHMARKS seventeenth session).
 """
 
 from __future__ import annotations
@@ -42,21 +44,28 @@ class DecodeGraphs:
         self.shared_prefix_lens = torch.zeros(g, dtype=torch.int32, device=device) if shared_prefixes else None
         self.shared_group_sizes = torch.zeros(g, dtype=torch.int32, device=device) if shared_prefixes else None
         self.max_model_len = max_model_len
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (size, runs the shared-prefix pass)
+        self.hidden: dict[tuple[int, bool], torch.Tensor] = {}
         self.capture_seconds = 0.0
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def _meta(self, g: int) -> AttentionMetadata:
+    def _meta(self, g: int, shared: bool) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:g], query_start_loc=self.query_start_loc[:g + 1],
             seq_lens=self.seq_lens[:g], block_tables=self.block_tables[:g], num_decodes=g, max_query_len=1,
             max_seq_len=self.max_model_len, query_lens_cpu=[1] * g, seq_lens_cpu=[self.max_model_len] * g,
-            shared_prefix_lens=None if self.shared_prefix_lens is None else self.shared_prefix_lens[:g],
-            shared_group_sizes=None if self.shared_group_sizes is None else self.shared_group_sizes[:g])
+            shared_prefix_lens=self.shared_prefix_lens[:g] if shared else None,
+            shared_group_sizes=self.shared_group_sizes[:g] if shared else None)
+
+    def _variants(self) -> list[tuple[int, bool]]:
+        """(size, shared) of every graph, largest first: smaller graphs reuse the pool's memory."""
+        variants = [(g, False) for g in self.sizes]
+        if self.shared_prefix_lens is not None:
+            variants += [(g, True) for g in self.sizes if g > 1]  # a group has two rows or more
+        return sorted(variants, reverse=True)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -67,8 +76,8 @@ class DecodeGraphs:
         # fails ("operation not permitted when stream is capturing").
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.device(self.device):
-            for g in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
-                meta = self._meta(g)
+            for g, shared in self._variants():
+                meta = self._meta(g, shared)
                 ids, pos = self.input_ids[:g], self.positions[:g]
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):
@@ -78,11 +87,11 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     hidden = self.model(ids, pos, meta)
-                self.graphs[g] = graph
-                self.hidden[g] = hidden
+                self.graphs[g, shared] = graph
+                self.hidden[g, shared] = hidden
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1fs", len(self.sizes), self.sizes[0],
+        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1fs", len(self.graphs), self.sizes[0],
                     self.sizes[-1], self.capture_seconds)
 
     def size_for(self, batch: int) -> int | None:
@@ -101,18 +110,15 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(meta.slot_mapping)
         self.seq_lens[:b].copy_(meta.seq_lens)
         self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        if self.shared_prefix_lens is not None:
-            if meta.shared_prefix_lens is None:  # no group this step
-                self.shared_prefix_lens[:b].zero_()
-                self.shared_group_sizes[:b].zero_()
-            else:
-                self.shared_prefix_lens[:b].copy_(meta.shared_prefix_lens)
-                self.shared_group_sizes[:b].copy_(meta.shared_group_sizes)
-        if g > b:  # padding rows: write nothing, read nothing
+        shared = meta.shared_prefix_lens is not None and (g, True) in self.graphs
+        if shared:
+            self.shared_prefix_lens[:b].copy_(meta.shared_prefix_lens)
+            self.shared_group_sizes[:b].copy_(meta.shared_group_sizes)
+        if g > b:  # padding rows: write nothing, read nothing (and belong to no group)
             self.slot_mapping[b:g].fill_(-1)
             self.seq_lens[b:g].zero_()
-            if self.shared_prefix_lens is not None:
+            if shared:
                 self.shared_prefix_lens[b:g].zero_()
                 self.shared_group_sizes[b:g].zero_()
-        self.graphs[g].replay()
-        return self.hidden[g][:b]
+        self.graphs[g, shared].replay()
+        return self.hidden[g, shared][:b]
