@@ -55,6 +55,10 @@ class EngineConfig:
     # same tokens as one step at a time where the batches are the same (a sample that ends inside a burst keeps its
     # row to the end; on a GPU that can change others' logits in the last bits).
     num_scheduler_steps: int = 1
+    # Decode rows that share at least this many prompt tokens (a prompt's samples) read them once a group, where the
+    # attention backend can (Triton); 0: never. Measured on one H200 (BENCHMARKS, seventeenth session): +11% at
+    # 2,048-token prompts, a loss at 256 (the samples' re-reads were cheap already); nothing between.
+    shared_prefix_min_tokens: int = 1024
     extra: dict = field(default_factory=dict)
 
     def logprobs_limit(self, vocab_size: int) -> int:
@@ -80,6 +84,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {self.num_scheduler_steps}")
+        if self.shared_prefix_min_tokens < 0:
+            raise ValueError(f"shared_prefix_min_tokens must be >= 0 (0: off), got {self.shared_prefix_min_tokens}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -46,8 +46,8 @@ def test_a_lone_row_and_a_short_share_stay_out():
 
 
 def test_the_shared_blocks_are_those_below_every_members_context():
-    """Identical tables, but the shortest member's context ends inside block 2: blocks 0-1 are shared. A block
-    at or past a member's last token is never counted (that member may be writing it)."""
+    """Identical tables, but the shortest member's context ends inside block 2 (or with it, a full block that holds
+    its newest token, still shared, as copy-on-write would have split a block being written): blocks 0-1."""
     tables = [[1, 2, 3, 4]] * 3
     assert plan(tables, [64, 2 * BS + 5, 64]) == ([2 * BS] * 3, [3, 0, 0])
     assert plan(tables, [64, 2 * BS, 64]) == ([2 * BS] * 3, [3, 0, 0])
@@ -62,14 +62,14 @@ def test_runner_hands_the_plan_to_the_backend(tiny_model, num_scheduler_steps, m
     async draws and a multi-step launch), and the tokens are those of an engine that plans none."""
     prompts = [list(range(10, 60)), list(range(70, 110))]  # 50 and 40 tokens: 3 and 2 full blocks at BS 16
     params = SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=8, min_tokens=8, logprobs=0)
-    config = dict(device="cpu", block_size=BS, num_scheduler_steps=num_scheduler_steps, async_scheduling=True)
+    config = dict(device="cpu", block_size=BS, num_scheduler_steps=num_scheduler_steps, async_scheduling=True,
+                  shared_prefix_min_tokens=BS)
     want = [[c.token_ids for c in o.outputs] for o in LLM(tiny_model, **config).generate(prompts, params)]
 
     llm = LLM(tiny_model, **config)
     runner = llm.engine.runner
-    assert runner.shared_prefix_members == 0  # the reference backend
-    monkeypatch.setattr(runner, "shared_prefix_members", 8)
-    monkeypatch.setattr("rlserve.engine.runner.SHARED_PREFIX_MIN_TOKENS", BS)
+    assert runner.max_shared_prefix_members == 0  # the reference backend
+    monkeypatch.setattr(runner, "max_shared_prefix_members", 8)
     seen, ahead = [], []
     device_inputs = runner._device_inputs
 
@@ -83,10 +83,17 @@ def test_runner_hands_the_plan_to_the_backend(tiny_model, num_scheduler_steps, m
 
     got = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
     assert got == want
-    planned = [(m.shared_prefix_lens.tolist(), m.shared_group_sizes.tolist()) for m in seen
-               if m.shared_prefix_lens is not None]
+    planned = [tuple(t.tolist() for t in m.shared_prefixes) for m in seen if m.shared_prefixes is not None]
     assert planned and all(p == ([3 * BS] * 3 + [2 * BS] * 3, [3, 0, 0, 3, 0, 0]) for p in planned), planned
     assert len(planned) == len(seen)  # every decode step of the six samples
     assert any(ahead)  # some of them took their tokens from the draws still on the device
     assert_no_leak(llm)
+    assert llm.generate([[1, 2]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_the_threshold_is_validated_and_zero_turns_planning_off(tiny_model):
+    with pytest.raises(ValueError, match="shared_prefix_min_tokens must be >= 0"):
+        LLM(tiny_model, device="cpu", shared_prefix_min_tokens=-1)
+    llm = LLM(tiny_model, device="cpu", shared_prefix_min_tokens=0)
+    assert llm.engine.runner.max_shared_prefix_members == 0
     assert llm.generate([[1, 2]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids

@@ -25,7 +25,7 @@ DEVICE, pytestmark = triton_kernel_module()
 
 from rlserve.attention import reference  # noqa: E402
 from rlserve.attention import triton_paged as tp  # noqa: E402
-from rlserve.attention.metadata import AttentionMetadata, plan_shared_prefixes  # noqa: E402
+from rlserve.attention.metadata import AttentionMetadata, SharedPrefixes, plan_shared_prefixes  # noqa: E402
 
 # The interpreter cannot run tl.dot on bf16 (it multiplies the raw uint16 bits), so bf16 attention is
 # GPU-only; fp16 takes the same code path there.
@@ -206,11 +206,12 @@ def _share_first_blocks(cache: PagedCache, groups) -> None:
 
 
 def _shared_plan(cache: PagedCache, seq_lens, gqa, pad: int = 0):
-    """``plan_shared_prefixes`` on the cache's tables (one-block groups allowed), as [B + pad] int32 tensors."""
+    """``plan_shared_prefixes`` on the cache's tables (one-block groups allowed), and as the kernels take it, with
+    ``pad`` rows in no group."""
     tables = cache.block_tables.cpu().tolist()
     plan = plan_shared_prefixes(tables, seq_lens, cache.block_size, tp.SHARED_PREFIX_ROWS // gqa, 1)
     assert plan is not None
-    return plan, [torch.tensor(v + [0] * pad, dtype=torch.int32, device=DEVICE) for v in plan]
+    return plan, SharedPrefixes(*(torch.tensor(v + [0] * pad, dtype=torch.int32, device=DEVICE) for v in plan))
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
@@ -218,14 +219,15 @@ def _shared_plan(cache: PagedCache, seq_lens, gqa, pad: int = 0):
 def test_decode_shared_prefix(case, num_splits, one_warp):
     """Groups of rows that share their first blocks read them once (the shared-prefix pass, then each row's own
     keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two, a
-    one-token row, and two padding rows (seq_len 0, zeros in the plan)."""
+    one-token row, and two padding rows (seq_len 0, zeros in the plan). A launch of more than one split reads
+    every row's whole context instead (the plan is ignored): the same results."""
     dtype, head_dim, gqa, bs = case
     _skip_same_path(one_warp, dtype, head_dim)
     gen = torch.Generator().manual_seed(6)
     seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs + 7, 1]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
     _share_first_blocks(cache, [([0, 1, 2], 3), ([4, 5], 2)])
-    plan, (prefix_lens, group_sizes) = _shared_plan(cache, seq_lens, gqa, pad=2)
+    plan, shared = _shared_plan(cache, seq_lens, gqa, pad=2)
     assert plan == ([3 * bs] * 3 + [0, 2 * bs, 2 * bs, 0], [3, 0, 0, 0, 2, 0, 0])
     meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
     q = _queries(len(seq_lens) + 2, NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
@@ -234,7 +236,7 @@ def test_decode_shared_prefix(case, num_splits, one_warp):
     scale = head_dim ** -0.5
 
     out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=num_splits,
-                              shared_prefix_lens=prefix_lens, shared_group_sizes=group_sizes)
+                              shared_prefixes=shared)
     assert torch.isfinite(out[-2:]).all()
     _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
 
@@ -250,15 +252,38 @@ def test_decode_shared_prefix_full_tile(gqa):
     seq_lens = [2 * bs + 1 + 3 * i for i in range(members + 2)]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
     _share_first_blocks(cache, [(list(range(members + 2)), 2)])
-    plan, (prefix_lens, group_sizes) = _shared_plan(cache, seq_lens, gqa)
+    plan, meta_shared = _shared_plan(cache, seq_lens, gqa)
     assert plan[1] == [members] + [0] * (members - 1) + [2, 0]
     meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
-    meta.shared_prefix_lens, meta.shared_group_sizes = prefix_lens, group_sizes
+    meta.shared_prefixes = meta_shared
     q = _queries(len(seq_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen)
     scale = head_dim ** -0.5
 
     out = tp.paged_attention(q, cache.k, cache.v, meta, scale)  # the metadata path
     _check(out, _reference(q, cache, meta, scale), dtype)
+
+
+def test_decode_shared_prefix_group_sizes_past_the_batch_or_tile_are_cut():
+    """A group size that would run past the last row (a stale plan) or past the pass's tile touches neither: the
+    kernel clamps it, so the leader's own row is still right and no other row is read or written."""
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    gen = torch.Generator().manual_seed(8)
+    bs, head_dim, gqa = 16, 64, 8
+    seq_lens = [2 * bs + 3, 2 * bs + 7, 3 * bs + 1]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    _share_first_blocks(cache, [([0, 1], 2)])
+    meta = _meta([1] * 3, seq_lens, 3, cache)
+    # rows 0-1 a group claimed to have 100 rows (over the tile's 8 and the batch's 3); row 2 a "group" of 5 alone
+    shared = SharedPrefixes(torch.tensor([2 * bs, 2 * bs, bs], dtype=torch.int32, device=DEVICE),
+                            torch.tensor([100, 0, 5], dtype=torch.int32, device=DEVICE))
+    q = _queries(3, NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+    # two rows more in the output, poisoned: a write past the batch would change them
+    out = torch.full((5, NUM_KV_HEADS * gqa, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    tp.decode_attention(q, cache.k, cache.v, cache.block_tables, meta.seq_lens, scale, out=out[:3], num_splits=1,
+                        shared_prefixes=shared)
+    assert torch.isnan(out[3:]).all()
+    _check(out[:3], _reference(q, cache, meta, scale), dtype)
 
 
 def test_decode_config_by_batch():

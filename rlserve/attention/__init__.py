@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from rlserve.attention.metadata import AttentionMetadata
+from rlserve.attention.metadata import AttentionMetadata, SharedPrefixes
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "SharedPrefixes", "get_backend"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class AttentionBackend:
     write_kv: Callable
     attend: Callable
     supports_cuda_graphs: bool
-    # Decode rows sharing a prefix read it once a group (AttentionMetadata.shared_prefix_lens): a group's query rows
+    # Decode rows sharing a prefix read it once a group (AttentionMetadata.shared_prefixes): a group's query rows
     # (members x query heads per KV head) are at most this many; 0: the backend has no such pass.
     shared_prefix_rows: int = 0
 

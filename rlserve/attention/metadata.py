@@ -13,8 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class SharedPrefixes(NamedTuple):
+    """Decode rows grouped by a shared prefix (``plan_shared_prefixes``), on the device: [num_decodes] int32 each."""
+    lens: torch.Tensor  # keys [0, n) of the row are its group's shared prefix (0: in no group)
+    group_sizes: torch.Tensor  # at a group's first row, its number of rows; else 0
+
+    def rows(self, end: int) -> SharedPrefixes:
+        return SharedPrefixes(self.lens[:end], self.group_sizes[:end])
 
 
 @dataclass
@@ -29,10 +39,9 @@ class AttentionMetadata:
     # Host copies, so that backends can plan without a device sync.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
-    # Decode rows that share their first blocks (``plan_shared_prefixes``), for backends that read such a prefix
-    # once a group: [num_decodes] int32 each, or None (no group this step, or a backend without the pass).
-    shared_prefix_lens: torch.Tensor | None = None  # keys [0, n) of the row are its group's shared prefix
-    shared_group_sizes: torch.Tensor | None = None  # at a group's first row, its number of rows; else 0
+    # Decode rows that share their first blocks, for a backend that reads such a prefix once a group; None: no
+    # group this step, or a backend without that pass.
+    shared_prefixes: SharedPrefixes | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -52,14 +61,19 @@ def plan_shared_prefixes(tables: Sequence[Sequence[int]], seq_lens: Sequence[int
     2..``max_members`` rows whose tables agree on their first ``k >= min_blocks`` blocks: its first two rows set
     ``k``, and the rows after join while they share all ``k`` (so that the next prompt's samples, sharing only a
     cached system prompt with this one, start a group of their own instead of shrinking this one's). ``k`` counts
-    only blocks wholly below every member's context length: full, and never the block a member writes this step
-    (copy-on-write gives each writer its own). Returns ``(prefix_lens,
-    group_sizes)`` -- per row ``k * block_size`` for a group's members (else 0), and at a group's first row its
-    number of rows (else 0) -- or None when no group of two or more rows forms. A multi-step launch may reuse the
-    plan for its later steps: contexts only grow, and the shared blocks stay where they are."""
+    only blocks wholly below every member's context length (``seq_len // block_size``): full ones. One of them may
+    hold a member's newest token (a ``seq_len`` that is a multiple of the block size); a block that is written to
+    is still never in two tables, as copy-on-write gives a writer its own.
+
+    Returns ``(prefix_lens, group_sizes)`` -- per row ``k * block_size`` for a group's members (else 0), and at a
+    group's first row its number of rows (else 0) -- or None when no group of two or more rows forms. A
+    multi-step launch may reuse the plan for its later steps: contexts only grow, and the shared blocks stay."""
     n = len(tables)
+    if n < 2 or max(seq_lens) < min_blocks * block_size:
+        return None
     prefix_lens, group_sizes = [0] * n, [0] * n
     grouped = False
+    last_needed = max(min_blocks, 1) - 1  # rows that differ at this block cannot share enough (a check in O(1))
     i = 0
     while i < n:
         lead = tables[i]
@@ -68,6 +82,8 @@ def plan_shared_prefixes(tables: Sequence[Sequence[int]], seq_lens: Sequence[int
         while j < n and j - i < max_members and k >= min_blocks:
             table = tables[j]
             c = min(k, seq_lens[j] // block_size, len(table))
+            if c < min_blocks or table[last_needed] != lead[last_needed]:
+                break
             if table[:c] != lead[:c]:
                 c = next(x for x in range(c) if table[x] != lead[x])
             if c < min_blocks or (j > i + 1 and c < k):  # the second row sets k; later ones must share it all

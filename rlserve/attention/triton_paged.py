@@ -29,9 +29,10 @@ Design
   the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
   ``(B, KVH)``, only the groups' leader rows work) puts all the group's query heads of a KV head -- up to
   ``SHARED_PREFIX_ROWS`` rows, a prefill-sized tile -- against the shared keys and writes each (row, head) a
-  partial ``(m, l, acc)``; the decode kernel's split 0 starts from it and every split covers only the row's own
-  keys ``[prefix, seq_len)``. It pays for long prompts only: the samples' re-reads of a short prompt mostly hit
-  the L2 (the runner's SHARED_PREFIX_MIN_TOKENS has the figures).
+  partial ``(m, l, acc)``; the decode kernel starts from it and reads only the row's own keys ``[prefix,
+  seq_len)``. Only launches of one split take the pass (``decode_attention`` says why). It pays for long prompts
+  only: at a short prompt the samples' re-reads cost little, consistent with their hitting the L2
+  (``EngineConfig.shared_prefix_min_tokens``; BENCHMARKS, seventeenth session).
 * Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
   ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
   context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely
@@ -49,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlserve.attention.metadata import AttentionMetadata
+from rlserve.attention.metadata import AttentionMetadata, SharedPrefixes
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # cap of choose_num_splits (an explicit num_splits may exceed it)
@@ -120,7 +121,7 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, sta
 
 @triton.jit
 def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_ptr, pre_m, pre_l, pre_acc,
-                          qk_scale,
+                          qk_scale, batch,
                           stride_qb, stride_qh, stride_bt,
                           stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -129,10 +130,11 @@ def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_p
     """The shared-prefix pass of decode: a group's leader row ``lead`` (``members[lead] > 0``) attends its
     ``members`` rows' queries -- ``members * GROUP`` rows of one tile, all heads of the KV head -- to the
     ``prefix[lead]`` keys their block tables share, read once through the leader's table; each (row, head) gets a
-    partial ``(m, l, acc)`` that the decode kernel starts from. Other programs return at once."""
+    partial ``(m, l, acc)`` that the decode kernel starts from. Other programs return at once. Rows past the
+    tile or the batch are never touched, whatever ``members`` says."""
     lead = tl.program_id(0)
     kv_head = tl.program_id(1)
-    members = tl.load(members_ptr + lead)
+    members = tl.minimum(tl.minimum(tl.load(members_ptr + lead), BLOCK_R // GROUP), batch - lead)
     if members > 0:
         prefix = tl.load(prefix_ptr + lead)
         offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R] row of the tile = member * GROUP + head in the group
@@ -180,7 +182,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     if SHARED:
         lo = tl.minimum(tl.load(prefix_ptr + b), seq_len)
     else:
-        lo = seq_len * 0
+        lo = seq_len * 0  # a zero of seq_len's type: both branches give lo the same type
     # This split's key range [start, end); a multiple of BLOCK_N long, possibly empty.
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
@@ -198,8 +200,8 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
     bt_row = bt_ptr + b64 * stride_bt
 
-    if SHARED:  # split 0 of a row in a group starts from the shared-prefix pass's partial
-        has = g_ok & (lo > 0) & (split == 0)
+    if SHARED:  # (one split) a row in a group starts from the shared-prefix pass's partial
+        has = g_ok & (lo > 0)
         pre = b64 * NUM_HEADS + heads  # [BLOCK_G]
         m_i = tl.load(pre_m + pre, mask=has, other=float("-inf"))
         l_i = tl.load(pre_l + pre, mask=has, other=0.0)
@@ -394,17 +396,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, num_splits: int | None = None,
-                     shared_prefix_lens: torch.Tensor | None = None,
-                     shared_group_sizes: torch.Tensor | None = None) -> torch.Tensor:
+                     shared_prefixes: SharedPrefixes | None = None) -> torch.Tensor:
     """q: [B, H, D]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 -> out [B, H, D].
 
     One query per sequence (position seq_len - 1, its K/V already stored); seq_len 0 rows give zeros.
     ``num_splits`` (default: ``choose_num_splits``) must not depend on seq_lens values for CUDA graphs;
     with more than one split, fp32 partials ``[B, H, num_splits(, D)]`` are allocated per call.
 
-    Groups of rows that share their first blocks (``metadata.plan_shared_prefixes``; ``shared_prefix_lens``,
-    ``shared_group_sizes``: [B] int32) read those keys once a group: ``_shared_prefix_kernel`` first, then each
-    row's own keys from there. A group's ``members * (H / KVH)`` query rows must fit ``SHARED_PREFIX_ROWS``."""
+    ``shared_prefixes`` (``metadata.plan_shared_prefixes``, [B] each): groups of rows that share their first blocks
+    read those keys once a group -- ``_shared_prefix_kernel`` first, then each row's own keys from there -- where
+    the launch has one split (``B * KVH`` programs fill the SMs): the pass is serial along the prefix, so a small
+    batch, whose context is split across programs, reads every row's whole context as without the plan. A group
+    has at most ``SHARED_PREFIX_ROWS // (H / KVH)`` rows."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -425,23 +428,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    shared = shared_prefix_lens is not None
+    shared = shared_prefixes is not None and direct
     if shared:
+        prefix_lens = shared_prefixes.lens
         pre_m = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
         pre_l = torch.empty_like(pre_m)
         pre_acc = torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=q.device)
         _shared_prefix_kernel[(batch, num_kv_heads)](
-            q, k_cache, v_cache, block_tables, shared_prefix_lens, shared_group_sizes, pre_m, pre_l, pre_acc,
-            scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0),
+            q, k_cache, v_cache, block_tables, prefix_lens, shared_prefixes.group_sizes, pre_m, pre_l, pre_acc,
+            scale * _LOG2E, batch, q.stride(0), q.stride(1), block_tables.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_R=SHARED_PREFIX_ROWS,
             BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), **_shared_prefix_config(block_d, q.dtype))
-    else:
-        shared_prefix_lens = pre_m = pre_l = pre_acc = seq_lens  # unused
+    else:  # the kernel takes pointers it does not read (SHARED=False): any tensor will do
+        prefix_lens = pre_m = pre_l = pre_acc = seq_lens
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
-        shared_prefix_lens, pre_m, pre_l, pre_acc, scale * _LOG2E, num_splits,
+        prefix_lens, pre_m, pre_l, pre_acc, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -490,10 +494,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        shared = meta.shared_prefix_lens is not None
+        shared = meta.shared_prefixes
         decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                         out=out[:nd], shared_prefix_lens=meta.shared_prefix_lens[:nd] if shared else None,
-                         shared_group_sizes=meta.shared_group_sizes[:nd] if shared else None)
+                         out=out[:nd], shared_prefixes=None if shared is None else shared.rows(nd))
     if meta.num_prefills:
         # query_start_loc[nd:] holds absolute row offsets into q, so q and out are passed whole.
         max_q = max(meta.query_lens_cpu[nd:], default=meta.max_query_len)

@@ -1,4 +1,5 @@
-"""The benchmark workloads of ../shared/WORKLOADS.md: architecture, batch shape, lengths.
+"""The benchmark workloads of ../shared/WORKLOADS.md (and rl-7b-long, which it does not list): architecture, batch
+shape, lengths.
 
 Models are real architectures with random weights made from their configs; prompts are random token ids
 from a fixed seed; every request runs at temperature 1.0, top_p 1.0 with ``ignore_eos`` so that output
@@ -96,7 +97,7 @@ WORKLOADS = {
         Workload("rl-7b", QWEN25_7B, 32, 8, 256, 1024),
         Workload("rl-32b", QWEN25_32B, 16, 8, 256, 1024),
         # Not in WORKLOADS.md: rl-7b with 2k-token prompts (long system prompts, few-shot), where a prompt's samples
-        # reading it once a group (the shared-prefix pass) matters; the prompt KV no longer stays in the L2.
+        # reading it once a group (the shared-prefix pass) pays; at 256-token prompts it did not.
         Workload("rl-7b-long", QWEN25_7B, 32, 8, 2048, 512),
         Workload("rl-varlen", QWEN25_05B, 64, 8, 128, 1024, min_max_tokens=32),
         Workload("cpu-tiny", CPU_TINY, 16, 4, 64, 64, device="cpu"),

@@ -7,8 +7,9 @@ to the cache, and sequence length 0, so attention reads nothing). The graph runs
 head runs after it, on the real rows only, and so does sampling.
 
 With ``shared_prefixes`` (a backend with a shared-prefix pass), each size from 2 rows has a second graph that runs
-the pass (``AttentionMetadata.shared_prefix_lens``), replayed for the steps whose rows form groups: the pass's
-launches, idle when no group forms, cost rl-7b 1.9% of its throughput (one H200, BENCHMARKS seventeenth session).
+the pass (``AttentionMetadata.shared_prefixes``), replayed only for the steps whose rows form groups: with one graph
+that always ran it, the pass's idle launches cost rl-7b, where no group forms, about 2% (BENCHMARKS, seventeenth
+session). The second set adds its capture to the start-up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from rlserve.attention import AttentionMetadata
+from rlserve.attention import AttentionMetadata, SharedPrefixes
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(g, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(g, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(g + 1, dtype=torch.int32, device=device)
-        self.shared_prefix_lens = torch.zeros(g, dtype=torch.int32, device=device) if shared_prefixes else None
-        self.shared_group_sizes = torch.zeros(g, dtype=torch.int32, device=device) if shared_prefixes else None
+        self.shared_prefixes = SharedPrefixes(torch.zeros(g, dtype=torch.int32, device=device),
+                                              torch.zeros(g, dtype=torch.int32, device=device)) \
+            if shared_prefixes else None
         self.max_model_len = max_model_len
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (size, runs the shared-prefix pass)
         self.hidden: dict[tuple[int, bool], torch.Tensor] = {}
@@ -57,13 +59,12 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:g], query_start_loc=self.query_start_loc[:g + 1],
             seq_lens=self.seq_lens[:g], block_tables=self.block_tables[:g], num_decodes=g, max_query_len=1,
             max_seq_len=self.max_model_len, query_lens_cpu=[1] * g, seq_lens_cpu=[self.max_model_len] * g,
-            shared_prefix_lens=self.shared_prefix_lens[:g] if shared else None,
-            shared_group_sizes=self.shared_group_sizes[:g] if shared else None)
+            shared_prefixes=self.shared_prefixes.rows(g) if shared else None)
 
     def _variants(self) -> list[tuple[int, bool]]:
         """(size, shared) of every graph, largest first: smaller graphs reuse the pool's memory."""
         variants = [(g, False) for g in self.sizes]
-        if self.shared_prefix_lens is not None:
+        if self.shared_prefixes is not None:
             variants += [(g, True) for g in self.sizes if g > 1]  # a group has two rows or more
         return sorted(variants, reverse=True)
 
@@ -110,15 +111,15 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(meta.slot_mapping)
         self.seq_lens[:b].copy_(meta.seq_lens)
         self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        shared = meta.shared_prefix_lens is not None and (g, True) in self.graphs
+        shared = meta.shared_prefixes is not None and (g, True) in self.graphs
         if shared:
-            self.shared_prefix_lens[:b].copy_(meta.shared_prefix_lens)
-            self.shared_group_sizes[:b].copy_(meta.shared_group_sizes)
+            for buffer, values in zip(self.shared_prefixes, meta.shared_prefixes):
+                buffer[:b].copy_(values)
         if g > b:  # padding rows: write nothing, read nothing (and belong to no group)
             self.slot_mapping[b:g].fill_(-1)
             self.seq_lens[b:g].zero_()
             if shared:
-                self.shared_prefix_lens[b:g].zero_()
-                self.shared_group_sizes[b:g].zero_()
+                for buffer in self.shared_prefixes:
+                    buffer[b:g].zero_()
         self.graphs[g, shared].replay()
         return self.hidden[g, shared][:b]

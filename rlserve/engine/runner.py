@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlserve.attention import AttentionMetadata, get_backend
+from rlserve.attention import AttentionMetadata, SharedPrefixes, get_backend
 from rlserve.attention.metadata import plan_shared_prefixes
 from rlserve.config import EngineConfig, RuntimeInfo
 from rlserve.distributed.parallel import SINGLE, TensorParallel
@@ -41,13 +41,6 @@ from rlserve.layers import fused
 from rlserve.sampling import MAX_PROMPT_LOGPROBS
 
 logger = logging.getLogger(__name__)
-
-# The shortest prefix a group of decode rows reads once (plan_shared_prefixes). Decode attention alone at the 7B
-# shape, 8 samples a prompt, one H200 (shared_prefix_probe.py, BENCHMARKS seventeenth session): a 256-token prompt
-# at context 786 takes 97.5 us with the pass against 93.7 without -- the samples' re-reads of it mostly hit the
-# L2, so reading only their own keys saves 12 us, and the pass costs 20 -- while a 1,024-token prompt takes 90.6
-# against 99.9 and a 2,048-token one 111.0 against 147.8.
-SHARED_PREFIX_MIN_TOKENS = 1024
 
 
 @dataclass
@@ -99,10 +92,13 @@ class ModelRunner:
         self.device = info.device
         self.block_size = info.block_size
         self.backend = get_backend(attention_backend, self.device)
-        # Decode groups that read a shared prefix once (the backend's pass; 0 members: none): as many rows as fit
-        # the pass's tile, and a prefix of at least SHARED_PREFIX_MIN_TOKENS.
+        # Decode groups that read a shared prefix once (the backend's pass; 0 members: none): at most as many rows
+        # as fit the pass's tile, sharing at least config.shared_prefix_min_tokens (in whole blocks).
         layer = model.attention_layers[0]
-        self.shared_prefix_members = self.backend.shared_prefix_rows // (layer.num_heads // layer.num_kv_heads)
+        self.max_shared_prefix_members = 0
+        if config.shared_prefix_min_tokens > 0:
+            self.max_shared_prefix_members = self.backend.shared_prefix_rows // (layer.num_heads // layer.num_kv_heads)
+        self.shared_prefix_min_blocks = -(-config.shared_prefix_min_tokens // self.block_size)
         self.kv_cache = self._allocate_kv_cache(num_kv_blocks)
         # Kernel choice, made here once (before profiling and graph capture) and applied to the model's layers.
         self.use_fused_kernels = config.fused_kernels and fused.enabled(self.device, info.dtype)
@@ -266,9 +262,9 @@ class ModelRunner:
             seq_lens=torch.full((num_seqs,), tokens_per_seq, dtype=torch.int32, device=dev),
             block_tables=tables, num_decodes=num_seqs if tokens_per_seq == 1 else 0,
             max_query_len=tokens_per_seq, max_seq_len=tokens_per_seq, query_lens_cpu=lens, seq_lens_cpu=lens)
-        if tokens_per_seq == 1 and self.shared_prefix_members > 1:  # the shared-prefix pass's scratch is profiled
-            meta.shared_prefix_lens = torch.zeros(num_seqs, dtype=torch.int32, device=dev)
-            meta.shared_group_sizes = torch.zeros(num_seqs, dtype=torch.int32, device=dev)
+        if tokens_per_seq == 1 and self.max_shared_prefix_members > 1:  # the shared-prefix pass's scratch, profiled
+            meta.shared_prefixes = SharedPrefixes(torch.zeros(num_seqs, dtype=torch.int32, device=dev),
+                                                  torch.zeros(num_seqs, dtype=torch.int32, device=dev))
         input_ids = torch.zeros(num_seqs * tokens_per_seq, dtype=torch.int64, device=dev)
         return input_ids, positions, meta
 
@@ -284,7 +280,8 @@ class ModelRunner:
             return
         from rlserve.engine.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self.model, self.info.max_num_seqs, self.max_blocks_per_seq,
-                                   self.info.max_model_len, self.device, shared_prefixes=self.shared_prefix_members > 1)
+                                   self.info.max_model_len, self.device,
+                                   shared_prefixes=self.max_shared_prefix_members > 1)
         self.graphs.capture()
 
     def release_cuda_graphs(self) -> None:
@@ -539,11 +536,10 @@ class ModelRunner:
             step.rows.append(self._row(seq, table_writes))
             if item.samples:
                 step.sample_rows.append(num_tokens - 1)
-        if self.shared_prefix_members > 1 and step.num_decodes > 1:
+        if self.max_shared_prefix_members > 1 and step.num_decodes > 1:
             decodes = items[:step.num_decodes]
             plan = plan_shared_prefixes([item.seq.block_table for item in decodes], step.seq_lens[:step.num_decodes],
-                                        self.block_size, self.shared_prefix_members,
-                                        -(-SHARED_PREFIX_MIN_TOKENS // self.block_size))
+                                        self.block_size, self.max_shared_prefix_members, self.shared_prefix_min_blocks)
             if plan is not None:
                 step.shared_prefix_lens, step.shared_group_sizes = plan
         return step
@@ -608,11 +604,11 @@ class ModelRunner:
         ahead_end = end + 2 * len(step.ahead_index)
         if step.ahead_index:
             self._feed_draws(ids, packed[end:ahead_end])
-        shared = {}
+        shared = None
         if step.shared_prefix_lens:
             nd = step.num_decodes
             groups = packed[ahead_end:ahead_end + 2 * nd].to(torch.int32)
-            shared = dict(shared_prefix_lens=groups[:nd], shared_group_sizes=groups[nd:])
+            shared = SharedPrefixes(groups[:nd], groups[nd:])
         max_blocks = -(-(max(step.seq_lens) + extra_tokens) // bs)
         tables = self.block_tables[row_idx, :max_blocks]  # [B, max_blocks]
         if step.num_decodes == s:
@@ -625,7 +621,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=starts, seq_lens=lens.to(torch.int32), block_tables=tables,
             num_decodes=step.num_decodes, max_query_len=max(step.query_lens), max_seq_len=max(step.seq_lens),
-            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens, **shared)
+            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens, shared_prefixes=shared)
         return ids, pos, meta, samples
 
     def _feed_draws(self, ids: torch.Tensor, ahead: torch.Tensor) -> None:

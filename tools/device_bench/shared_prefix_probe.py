@@ -25,7 +25,7 @@ import torch
 import triton
 
 from rlserve.attention import triton_paged as tp
-from rlserve.attention.metadata import plan_shared_prefixes
+from rlserve.attention.metadata import SharedPrefixes, plan_shared_prefixes
 
 if __package__ in (None, ""):  # run as a script: decode_sweep.py sits beside this file
     import sys
@@ -54,7 +54,10 @@ def main():
         scale = d ** -0.5
         plan = plan_shared_prefixes(bt.tolist(), lens.tolist(), k.shape[1], tp.SHARED_PREFIX_ROWS // group, 4)
         assert plan is not None and plan[1][0] == n, plan and plan[1][:n]
-        prefix_lens, sizes = (torch.tensor(p, dtype=torch.int32, device="cuda") for p in plan)
+        shared_prefixes = SharedPrefixes(*(torch.tensor(p, dtype=torch.int32, device="cuda") for p in plan))
+        prefix_lens, sizes = shared_prefixes
+        pre_m, pre_l = (torch.empty(q.shape[:2], dtype=torch.float32, device="cuda") for _ in range(2))
+        pre_acc = torch.empty(q.shape, dtype=torch.float32, device="cuda")
         own_bt = bt[:, prompt // k.shape[1]:].contiguous()
         own_lens = lens - prompt
 
@@ -62,17 +65,14 @@ def main():
             return tp.decode_attention(q, k, v, bt, lens, scale)
 
         def shared():
-            return tp.decode_attention(q, k, v, bt, lens, scale, shared_prefix_lens=prefix_lens,
-                                       shared_group_sizes=sizes)
+            return tp.decode_attention(q, k, v, bt, lens, scale, num_splits=1, shared_prefixes=shared_prefixes)
 
         def prefix_pass(config=None):
             tp._shared_prefix_config = default_config if config is None else (lambda *_: config)
             try:
-                m = torch.empty(q.shape[:2], dtype=torch.float32, device="cuda")
-                acc = torch.empty(q.shape, dtype=torch.float32, device="cuda")
                 bd = triton.next_power_of_2(d)
                 tp._shared_prefix_kernel[(batch, kvh)](
-                    q, k, v, bt, prefix_lens, sizes, m, m.clone(), acc, scale * tp._LOG2E,
+                    q, k, v, bt, prefix_lens, sizes, pre_m, pre_l, pre_acc, scale * tp._LOG2E, batch,
                     q.stride(0), q.stride(1), bt.stride(0), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), NUM_HEADS=q.shape[1], GROUP=group, BLOCK_SIZE=k.shape[1],
                     HEAD_DIM=d, BLOCK_R=tp.SHARED_PREFIX_ROWS, BLOCK_D=bd, DOT_PREC="tf32",
