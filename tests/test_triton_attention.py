@@ -215,12 +215,14 @@ def _shared_plan(cache: PagedCache, seq_lens, gqa, pad: int = 0):
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
-@pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
-def test_decode_shared_prefix(case, num_splits, one_warp):
+@pytest.mark.parametrize("num_splits,prefix_splits", _params([(None, 1), (1, 1), (1, 2), (1, 5), (3, 1)],
+                                                             [(None, 1), (None, 3), (3, 1)]))
+def test_decode_shared_prefix(case, num_splits, prefix_splits, one_warp):
     """Groups of rows that share their first blocks read them once (the shared-prefix pass, then each row's own
     keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two, a
-    one-token row, and two padding rows (seq_len 0, zeros in the plan). A launch of more than one split reads
-    every row's whole context instead (the plan is ignored): the same results."""
+    one-token row, and two padding rows (seq_len 0, zeros in the plan). The pass in one program per group and KV
+    head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks). A launch of
+    more than one split reads every row's whole context instead (the plan is ignored): the same results."""
     dtype, head_dim, gqa, bs = case
     _skip_same_path(one_warp, dtype, head_dim)
     gen = torch.Generator().manual_seed(6)
@@ -236,7 +238,7 @@ def test_decode_shared_prefix(case, num_splits, one_warp):
     scale = head_dim ** -0.5
 
     out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=num_splits,
-                              shared_prefixes=shared)
+                              shared_prefixes=shared, prefix_splits=prefix_splits)
     assert torch.isfinite(out[-2:]).all()
     _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
 

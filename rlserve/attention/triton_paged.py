@@ -59,6 +59,10 @@ _ONE_WARP_MIN_PROGRAMS_PER_SM = 4
 # Query rows of one shared-prefix program: a group of decode rows sharing a prefix has at most this many
 # (members x query heads per KV head); the runner sizes groups from it (AttentionBackend.shared_prefix_rows).
 SHARED_PREFIX_ROWS = 64
+# Programs per group and KV head in the shared-prefix pass. 1, the measured setting (BENCHMARKS, seventeenth
+# session): the pass is then serial along the prefix -- 73 us a layer at a 2,048-token prompt, against 47.6 for the
+# rest of decode attention. More split the prefix; shared_prefix_probe.py times them (not yet run on a GPU).
+SHARED_PREFIX_SPLITS = 1
 
 
 @triton.jit
@@ -126,14 +130,17 @@ def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_p
                           stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                          BLOCK_D: tl.constexpr, PREFIX_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr):
     """The shared-prefix pass of decode: a group's leader row ``lead`` (``members[lead] > 0``) attends its
     ``members`` rows' queries -- ``members * GROUP`` rows of one tile, all heads of the KV head -- to the
     ``prefix[lead]`` keys their block tables share, read once through the leader's table; each (row, head) gets a
     partial ``(m, l, acc)`` that the decode kernel starts from. Other programs return at once. Rows past the
-    tile or the batch are never touched, whatever ``members`` says."""
+    tile or the batch are never touched, whatever ``members`` says. With ``PREFIX_SPLITS`` > 1 the prefix is cut
+    into that many ranges of whole tiles, one program each (grid axis 2), each writing its own partial (an empty
+    range ``(-inf, 0, 0)``)."""
     lead = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     members = tl.minimum(tl.minimum(tl.load(members_ptr + lead), BLOCK_R // GROUP), batch - lead)
     if members > 0:
         prefix = tl.load(prefix_ptr + lead)
@@ -148,19 +155,24 @@ def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_p
         q_pos = tl.zeros([BLOCK_R], dtype=tl.int32) + (prefix - 1)  # every shared key is visible
         bt_row = bt_ptr + lead.to(tl.int64) * stride_bt
 
+        # This program's keys [start, end): whole tiles, possibly none.
+        chunk = tl.cdiv(tl.cdiv(prefix, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, prefix)
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+
         m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        full_end = prefix // BLOCK_N * BLOCK_N
-        for n in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, prefix,
+        for n in range(start, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
                                          qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                          stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
-        for n in range(full_end, prefix, BLOCK_N):  # at most one partial tile
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, prefix,
+        for n in range(full_end, end, BLOCK_N):  # at most one partial tile
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
                                          qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                          stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
-        row = seq * NUM_HEADS + heads  # [BLOCK_R]; partials [B, H(, HEAD_DIM)] fp32
+        row = (seq * NUM_HEADS + heads) * PREFIX_SPLITS + split  # [BLOCK_R]; partials [B, H, S(, HEAD_DIM)] fp32
         tl.store(pre_m + row, m_i, mask=r_ok)
         tl.store(pre_l + row, l_i, mask=r_ok)
         tl.store(pre_acc + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=rd_ok)
@@ -173,7 +185,8 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, SHARED: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, SHARED: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -200,13 +213,23 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
     bt_row = bt_ptr + b64 * stride_bt
 
-    if SHARED:  # (one split) a row in a group starts from the shared-prefix pass's partial
+    if SHARED:  # (one split) a row in a group starts from the shared-prefix pass's partial(s)
         has = g_ok & (lo > 0)
-        pre = b64 * NUM_HEADS + heads  # [BLOCK_G]
+        pre = (b64 * NUM_HEADS + heads) * PREFIX_SPLITS  # [BLOCK_G]
+        pre_mask = has[:, None] & d_ok[None, :]
         m_i = tl.load(pre_m + pre, mask=has, other=float("-inf"))
         l_i = tl.load(pre_l + pre, mask=has, other=0.0)
-        acc = tl.load(pre_acc + pre[:, None] * HEAD_DIM + offs_d[None, :], mask=has[:, None] & d_ok[None, :],
-                      other=0.0)
+        acc = tl.load(pre_acc + pre[:, None] * HEAD_DIM + offs_d[None, :], mask=pre_mask, other=0.0)
+        for s in tl.static_range(1, PREFIX_SPLITS):  # merge the pass's other ranges' partials
+            m_s = tl.load(pre_m + pre + s, mask=has, other=float("-inf"))
+            m_new = tl.maximum(m_i, m_s)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: weights 0, not NaN
+            alpha = tl.exp2(m_i - m_ref)
+            beta = tl.exp2(m_s - m_ref)
+            l_i = l_i * alpha + tl.load(pre_l + pre + s, mask=has, other=0.0) * beta
+            acc = acc * alpha[:, None] + tl.load(pre_acc + (pre + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                                 mask=pre_mask, other=0.0) * beta[:, None]
+            m_i = m_new
     else:
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -396,7 +419,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, num_splits: int | None = None,
-                     shared_prefixes: SharedPrefixes | None = None) -> torch.Tensor:
+                     shared_prefixes: SharedPrefixes | None = None,
+                     prefix_splits: int | None = None) -> torch.Tensor:
     """q: [B, H, D]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 -> out [B, H, D].
 
     One query per sequence (position seq_len - 1, its K/V already stored); seq_len 0 rows give zeros.
@@ -407,7 +431,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     read those keys once a group -- ``_shared_prefix_kernel`` first, then each row's own keys from there -- where
     the launch has one split (``B * KVH`` programs fill the SMs): the pass is serial along the prefix, so a small
     batch, whose context is split across programs, reads every row's whole context as without the plan. A group
-    has at most ``SHARED_PREFIX_ROWS // (H / KVH)`` rows."""
+    has at most ``SHARED_PREFIX_ROWS // (H / KVH)`` rows. ``prefix_splits`` (default ``SHARED_PREFIX_SPLITS``):
+    programs per group and KV head in the pass, each over a range of the prefix, their partials merged by the
+    decode kernel."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -431,18 +457,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     shared = shared_prefixes is not None and direct
     if shared:
         prefix_lens = shared_prefixes.lens
-        pre_m = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
+        splits = SHARED_PREFIX_SPLITS if prefix_splits is None else prefix_splits
+        pre_m = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
         pre_l = torch.empty_like(pre_m)
-        pre_acc = torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=q.device)
-        _shared_prefix_kernel[(batch, num_kv_heads)](
+        pre_acc = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        _shared_prefix_kernel[(batch, num_kv_heads, splits)](
             q, k_cache, v_cache, block_tables, prefix_lens, shared_prefixes.group_sizes, pre_m, pre_l, pre_acc,
             scale * _LOG2E, batch, q.stride(0), q.stride(1), block_tables.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_R=SHARED_PREFIX_ROWS,
-            BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype), **_shared_prefix_config(block_d, q.dtype))
+            BLOCK_D=block_d, PREFIX_SPLITS=splits, DOT_PREC=_dot_precision(q.dtype),
+            **_shared_prefix_config(block_d, q.dtype))
     else:  # the kernel takes pointers it does not read (SHARED=False): any tensor will do
         prefix_lens = pre_m = pre_l = pre_acc = seq_lens
+        splits = 1
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
         prefix_lens, pre_m, pre_l, pre_acc, scale * _LOG2E, num_splits,
@@ -450,7 +479,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_G=block_g, BLOCK_D=block_d, DIRECT=direct, SHARED=shared, DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_G=block_g, BLOCK_D=block_d, DIRECT=direct, SHARED=shared, PREFIX_SPLITS=splits,
+        DOT_PREC=_dot_precision(q.dtype),
         **_decode_config(block_d, block_g, q.dtype, batch * num_kv_heads * num_splits, _sms(q.device)))
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -30,7 +30,7 @@ POINTERS = {"q_ptr": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "bt_ptr": 
 def compile_decode(block_n: int, warps: int, stages: int):
     fn = tp._decode_kernel
     const = dict(NUM_HEADS=28, GROUP=7, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=block_n, BLOCK_D=128,
-                 DIRECT=True, SHARED=False, DOT_PREC="tf32")
+                 DIRECT=True, SHARED=False, PREFIX_SPLITS=1, DOT_PREC="tf32")
     sig = {n: POINTERS.get(n, "constexpr" if n in const else "fp32" if n == "qk_scale" else "i32")
            for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

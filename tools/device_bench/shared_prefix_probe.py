@@ -5,15 +5,16 @@ cache blocks (bf16, block size 16), every group of ``n`` samples planned as the 
 median of triton's do_bench:
 
 - ``plain``: ``decode_attention`` reading every row's whole context (no plan);
-- ``shared``: with the plan -- the shared-prefix pass, then the decode kernel over each row's own keys;
-- ``prefix-pass``: the shared-prefix pass alone, at its default config and at the others in ``PREFIX_CONFIGS``
-  (BLOCK_N:num_warps:num_stages);
-- ``plain-hnd``: ``plain`` on the same cache stored head-major ([blocks, KVH, block_size, D]), at the default config
-  and at others (BLOCK_N:num_warps:num_stages);
+- ``shared-sS``: with the plan -- the shared-prefix pass in S programs per group and KV head (``PREFIX_SPLITS``),
+  then the decode kernel over each row's own keys, merging the S partials;
+- ``prefix-pass-sS``: the shared-prefix pass alone, S programs per group and KV head; ``prefix-pass-C`` one
+  program at the configs ``PREFIX_CONFIGS`` (BLOCK_N:num_warps:num_stages);
+- ``plain-hnd``: ``plain`` on the same cache stored head-major ([blocks, KVH, block_size, D]) (the seventeenth
+  session: no different);
 - ``own-keys``: ``plain`` over only each row's own keys (its context less the prompt): what the decode kernel's
   part of ``shared`` would take if the pass were free.
 
-Outputs of ``shared`` and ``plain`` are compared first. JSON in DIR/shared_prefix_probe.json."""
+Outputs of ``shared-sS`` and ``plain`` are compared first. JSON in DIR/shared_prefix_probe.json."""
 
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ if __package__ in (None, ""):  # run as a script: decode_sweep.py sits beside th
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_sweep import SHAPES, build  # noqa: E402
 
-PREFIX_CONFIGS = ["64:4:3", "32:4:3", "64:8:3", "32:2:3", "16:4:4", "64:4:2"]
+PREFIX_CONFIGS = ["64:4:3", "32:4:3", "64:8:3", "64:4:2"]
+PREFIX_SPLITS = [1, 2, 4, 8]
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp")
-    parser.add_argument("--shapes", default="rl-7b-ctx786,rl-7b-ctx1100,rl-7b-ctx300,rl-small-ctx384,rl-medium-ctx768")
+    parser.add_argument("--shapes", default="7b-p1024-ctx1300,7b-p2048-ctx2300,rl-7b-ctx786,7b-n16-p512-ctx800")
     args = parser.parse_args()
     SHAPES.setdefault("rl-7b-ctx300", (256, 8, 4, 7, 256, 44, 128))  # early in the decode: the prompt is most keys
     # Long prompts at the 7B shape: a group's prompt no longer fits the L2 a few times over
@@ -53,29 +55,31 @@ def main():
         q, k, v, bt, lens = build(batch, n, kvh, group, prompt, gen, d)
         scale = d ** -0.5
         plan = plan_shared_prefixes(bt.tolist(), lens.tolist(), k.shape[1], tp.SHARED_PREFIX_ROWS // group, 4)
-        assert plan is not None and plan[1][0] == n, plan and plan[1][:n]
+        assert plan is not None and plan[1][0] == min(n, tp.SHARED_PREFIX_ROWS // group), plan and plan[1][:n]
         shared_prefixes = SharedPrefixes(*(torch.tensor(p, dtype=torch.int32, device="cuda") for p in plan))
         prefix_lens, sizes = shared_prefixes
-        pre_m, pre_l = (torch.empty(q.shape[:2], dtype=torch.float32, device="cuda") for _ in range(2))
-        pre_acc = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+        most = max(PREFIX_SPLITS)
+        pre_m, pre_l = (torch.empty(*q.shape[:2], most, dtype=torch.float32, device="cuda") for _ in range(2))
+        pre_acc = torch.empty(*q.shape[:2], most, d, dtype=torch.float32, device="cuda")
         own_bt = bt[:, prompt // k.shape[1]:].contiguous()
         own_lens = lens - prompt
 
         def plain():
             return tp.decode_attention(q, k, v, bt, lens, scale)
 
-        def shared():
-            return tp.decode_attention(q, k, v, bt, lens, scale, num_splits=1, shared_prefixes=shared_prefixes)
+        def shared(splits=None):
+            return tp.decode_attention(q, k, v, bt, lens, scale, num_splits=1, shared_prefixes=shared_prefixes,
+                                       prefix_splits=splits)
 
-        def prefix_pass(config=None):
+        def prefix_pass(config=None, splits=1):
             tp._shared_prefix_config = default_config if config is None else (lambda *_: config)
             try:
                 bd = triton.next_power_of_2(d)
-                tp._shared_prefix_kernel[(batch, kvh)](
+                tp._shared_prefix_kernel[(batch, kvh, splits)](
                     q, k, v, bt, prefix_lens, sizes, pre_m, pre_l, pre_acc, scale * tp._LOG2E, batch,
                     q.stride(0), q.stride(1), bt.stride(0), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), NUM_HEADS=q.shape[1], GROUP=group, BLOCK_SIZE=k.shape[1],
-                    HEAD_DIM=d, BLOCK_R=tp.SHARED_PREFIX_ROWS, BLOCK_D=bd, DOT_PREC="tf32",
+                    HEAD_DIM=d, BLOCK_R=tp.SHARED_PREFIX_ROWS, BLOCK_D=bd, PREFIX_SPLITS=splits, DOT_PREC="tf32",
                     **tp._shared_prefix_config(bd, q.dtype))
             finally:
                 tp._shared_prefix_config = default_config
@@ -95,14 +99,15 @@ def main():
             finally:
                 tp._decode_config = decode_config
 
-        torch.testing.assert_close(shared().float(), plain().float(), atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(plain_hnd().float(), plain().float(), atol=0, rtol=0)
+        want = plain().float()
+        for splits in PREFIX_SPLITS:
+            torch.testing.assert_close(shared(splits).float(), want, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(plain_hnd().float(), want, atol=0, rtol=0)
         row = {"shape": name, "plan_groups": sum(s > 1 for s in plan[1])}
-        timings = [("plain", plain), ("plain-hnd", plain_hnd), ("shared", shared), ("own-keys", own_keys),
-                   ("prefix-pass", prefix_pass)]
-        for spec in ["32:1:3", "64:1:2", "16:1:2", "64:4:3", "32:2:3"]:
-            bn, w, st = (int(x) for x in spec.split(":"))
-            timings.append((f"plain-hnd-{spec}", lambda c=dict(BLOCK_N=bn, num_warps=w, num_stages=st): plain_hnd(c)))
+        timings = [("plain", plain), ("plain-hnd", plain_hnd), ("own-keys", own_keys)]
+        for splits in PREFIX_SPLITS:
+            timings += [(f"shared-s{splits}", lambda n=splits: shared(n)),
+                        (f"prefix-pass-s{splits}", lambda n=splits: prefix_pass(splits=n))]
         for spec in PREFIX_CONFIGS:
             bn, w, st = (int(x) for x in spec.split(":"))
             config = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
