@@ -100,6 +100,10 @@ def add_serve_parser(sub) -> None:
                "(and a stream) this many at a time; aborts, weight updates and waiting requests wait for the burst. "
                "A step holding a prefill or any sequence with structured outputs, penalties or min_tokens not "
                "reached runs one step.")
+    _flag(p, "shared_prefix_min_tokens", type=int, default=1024,
+          help="Decode rows that share at least this many prompt tokens (a prompt's samples) read them once a group "
+               "in decode attention, on CUDA (default: 1024; 0: never). It pays for long prompts (+11%% at 2,048 "
+               "tokens on one H200, BENCHMARKS.md); at a few hundred tokens the re-reads were cheap already.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "
@@ -222,6 +226,9 @@ def add_bench_parser(sub) -> None:
     _flag(p, "num_scheduler_steps", type=int, default=1,
           help="rlserve's engine with up to this many decode steps per launch (serve's --num_scheduler_steps); with "
                "--through_server, pass it in --server_args instead.")
+    _flag(p, "shared_prefix_min_tokens", type=int, default=None,
+          help="rlserve's engine reading a shared prefix of at least this many tokens once a group of samples "
+               "(serve's --shared_prefix_min_tokens; default: serve's; 0: never).")
     _flag(p, "repeats", type=int, default=3, help="With --through_server: best of this many runs of each path.")
     _flag(p, "num_prompts", type=int, default=None,
           help="Run the workload with this many prompts (same n and lengths; the first ones of its seed): half of "
@@ -241,9 +248,13 @@ def cmd_bench(args) -> int:
         engine_kwargs["async_scheduling"] = args.async_scheduling
     if args.num_scheduler_steps != 1:
         engine_kwargs["num_scheduler_steps"] = args.num_scheduler_steps
-    if args.through_server and (args.async_scheduling is not None or args.num_scheduler_steps != 1):
-        print("rlserve bench: with --through_server, pass --async_scheduling and --num_scheduler_steps in "
-              "--server_args (the server's flags; the offline engine beside it reads them too)", file=sys.stderr)
+    if args.shared_prefix_min_tokens is not None:
+        engine_kwargs["shared_prefix_min_tokens"] = args.shared_prefix_min_tokens
+    if args.through_server and (args.async_scheduling is not None or args.num_scheduler_steps != 1
+                                or args.shared_prefix_min_tokens is not None):
+        print("rlserve bench: with --through_server, pass --async_scheduling, --num_scheduler_steps and "
+              "--shared_prefix_min_tokens in --server_args (the server's flags; the offline engine beside it reads "
+              "them too)", file=sys.stderr)
         return 2
     if args.rounds < 1 or (args.through_server and args.rounds != 1):
         print("rlserve bench: --rounds must be at least 1, and does not combine with --through_server (which "

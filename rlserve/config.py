@@ -57,7 +57,8 @@ class EngineConfig:
     num_scheduler_steps: int = 1
     # Decode rows that share at least this many prompt tokens (a prompt's samples) read them once a group, where the
     # attention backend can (Triton); 0: never. Measured on one H200 (BENCHMARKS, seventeenth session): +11% at
-    # 2,048-token prompts, a loss at 256 (the samples' re-reads were cheap already); nothing between.
+    # 2,048-token prompts; at 256 decode attention took 4% longer with it (the samples' re-reads were cheap
+    # already) and the engine was even; nothing between.
     shared_prefix_min_tokens: int = 1024
     extra: dict = field(default_factory=dict)
 

@@ -201,9 +201,10 @@ def test_against_vllm_without_vllm_says_so_before_measuring(monkeypatch, capsys)
     assert cli.main(["bench", "--workload", "cpu-tiny", "--rounds", "0"]) == 2
     assert cli.main(["bench", "--workload", "cpu-tiny", "--rounds", "2", "--through_server"]) == 2
     assert capsys.readouterr().err.count("--rounds must be at least 1") == 2
-    for engine_flag in (["--async_scheduling", "false"], ["--num_scheduler_steps", "4"]):  # the server's: --server_args
+    for engine_flag in (["--async_scheduling", "false"], ["--num_scheduler_steps", "4"],
+                        ["--shared_prefix_min_tokens", "0"]):  # the server's: --server_args
         assert cli.main(["bench", "--workload", "cpu-tiny", "--through_server", *engine_flag]) == 2
-        assert "pass --async_scheduling and --num_scheduler_steps in --server_args" in capsys.readouterr().err
+        assert "--shared_prefix_min_tokens in --server_args" in capsys.readouterr().err
     with pytest.raises(BenchError, match="unknown mode"):
         bench.run_bench(TINY, modes=("greedy",))
 

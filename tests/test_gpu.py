@@ -82,25 +82,31 @@ class CountingGraph:
 
 def test_samples_reading_their_prompt_once_equal_transformers_and_the_engine_without(small_model_dir):
     """The samples of a prompt read its blocks once a group (the shared-prefix pass; here from 64 shared tokens),
-    float32, n = 4 of prompts of 70-200 tokens, enough rows for one-split launches and a batch under its graph size
-    (padding rows): with CUDA graphs (the pass's graphs replayed) and eager, every sample's greedy tokens are
-    transformers'; seeded sampling gives the tokens, and logprobs within float32 rounding, of the engine without
-    the pass."""
+    float32, n = 4 of prompts of 70-200 tokens, enough rows for launches of one split (which take the pass) and a
+    batch under its graph size (padding rows): with CUDA graphs (the pass's graph replayed) and eager, every
+    sample's greedy tokens are transformers'; seeded sampling gives the tokens, and logprobs within float32
+    rounding, of the engine without the pass (the same calls in the same order, so the same prefix-cache state)."""
     from transformers import AutoModelForCausalLM
 
     from rlserve.attention.triton_paged import sm_count
+    from rlserve.engine.cuda_graphs import CAPTURE_SIZES
     hf = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).cuda().eval()
     kv_heads = QWEN25_05B["num_key_value_heads"]
     num_prompts = -(-sm_count(torch.device("cuda")) // (4 * kv_heads)) + 1  # B * KVH fills the SMs: one split
+    while 4 * num_prompts in CAPTURE_SIZES:  # a batch under its graph size
+        num_prompts += 1
+    rows = 4 * num_prompts
     batch = prompts(num_prompts, seed=5, vocab=32000, low=70, high=200)
+    want_greedy = [hf_greedy(hf, prompt, 32) for prompt in batch]
     greedy = SamplingParams(temperature=0, n=4, max_tokens=32, min_tokens=32)
     seeded = SamplingParams(temperature=1.0, n=4, max_tokens=32, min_tokens=32, seed=3, logprobs=0)
     sampled = {}
-    for eager, min_tokens in ((False, 64), (True, 64), (False, 0)):
+    for eager, min_tokens in ((False, 0), (False, 64), (True, 64)):
         llm = LLM(str(small_model_dir), device="cuda", dtype="float32", enforce_eager=eager,
                   gpu_memory_utilization=0.5, shared_prefix_min_tokens=min_tokens)
         runner = llm.engine.runner
         assert (runner.max_shared_prefix_members > 1) == (min_tokens > 0)
+        assert 0 < runner.shared_prefix_min_batch <= rows or not min_tokens
         grouped, build_step = [], runner.build_step
 
         def recording(items, block_copies):
@@ -109,30 +115,30 @@ def test_samples_reading_their_prompt_once_equal_transformers_and_the_engine_wit
             return step
         runner.build_step = recording
         if not eager:
-            runner.graphs.graphs = {key: CountingGraph(g) for key, g in runner.graphs.graphs.items()}
-        if min_tokens:
-            outs = llm.generate(batch, greedy)
-            assert max(grouped) == len(batch)  # each prompt's four samples, one group
-            for prompt, out in zip(batch, outs):
-                assert [c.token_ids for c in out.outputs] == [hf_greedy(hf, prompt, 32)] * 4
-        sampled[eager, min_tokens] = llm.generate(batch, seeded)
+            graphs = runner.graphs
+            assert graphs.size_for(rows) > rows  # padding rows in the replayed graph
+            graphs.graphs = {key: CountingGraph(g) for key, g in graphs.graphs.items()}
+        outs = llm.generate(batch, greedy)
+        for want, out in zip(want_greedy, outs):
+            assert [c.token_ids for c in out.outputs] == [want] * 4
+        sampled[eager, min_tokens] = [c for out in llm.generate(batch, seeded) for c in out.outputs]
+        assert max(grouped) == (len(batch) if min_tokens else 0)  # each prompt's four samples, one group
         if not eager:
-            shared_replays = sum(g.replays for (_, shared), g in runner.graphs.graphs.items() if shared)
-            assert (shared_replays > 0) == (min_tokens > 0)
+            replays = {key: g.replays for key, g in graphs.graphs.items()}
+            assert (replays.get((graphs.size_for(rows), True), 0) > 0) == (min_tokens > 0), replays
         llm.shutdown()
     # The pass sums attention in another order: float32 logits move in the last bits, and a draw whose two best
     # Gumbel-perturbed scores are that close may flip (then the sample's tail differs). So: logprobs equal up to
-    # each sample's first differing token, and nearly every sample identical.
-    want = [c for out in sampled[False, 0] for c in out.outputs]  # graphs, no pass
+    # each sample's first differing token, and at most two samples of all differing.
+    want = sampled[False, 0]  # graphs, no pass
     for key in ((False, 64), (True, 64)):
-        got = [c for out in sampled[key] for c in out.outputs]
-        same = 0
-        for c, ref in zip(got, want):
+        differ = 0
+        for c, ref in zip(sampled[key], want):
             n = next((i for i, (a, b) in enumerate(zip(c.token_ids, ref.token_ids)) if a != b), len(ref.token_ids))
-            same += n == len(ref.token_ids)
+            differ += n < len(ref.token_ids)
             torch.testing.assert_close(torch.tensor(c.sampled_logprobs[:n]), torch.tensor(ref.sampled_logprobs[:n]),
                                        atol=1e-4, rtol=1e-4)
-        assert same >= 0.9 * len(want), (key, same, len(want))
+        assert differ <= 2, (key, differ, len(want))
 
 
 def test_fused_sampler_logprobs_equal_transformers(small_model_dir):

@@ -645,6 +645,18 @@ def test_fused_kernels_switch_is_decided_at_the_edge_and_carried_by_the_config(m
     assert not any(getattr(m, "use_fused", False) for m in llm.engine.model.modules())
 
 
+
+def test_shared_prefix_threshold_flag_reaches_the_config():
+    from rlserve.config import EngineConfig
+    from rlserve.server.launcher import engine_config_from_args
+    assert engine_config_from_args(serve_parser().parse_args(["serve", "--model", "m"])).shared_prefix_min_tokens \
+        == EngineConfig.shared_prefix_min_tokens == 1024
+    off = serve_parser().parse_args(["serve", "--model", "m", "--shared-prefix-min-tokens", "0"])
+    assert engine_config_from_args(off).shared_prefix_min_tokens == 0
+    with pytest.raises(ValueError, match="shared_prefix_min_tokens must be >= 0"):
+        engine_config_from_args(serve_parser().parse_args(["serve", "--model", "m", "--shared_prefix_min_tokens",
+                                                           "-5"]))
+
 # -- rlserve.Client ---------------------------------------------------------------------------------------
 def test_client_trl_methods(server, llm):
     with Client(base_url=server.url, connection_timeout=10) as client:

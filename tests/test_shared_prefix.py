@@ -55,21 +55,32 @@ def test_the_shared_blocks_are_those_below_every_members_context():
     assert plan(tables[:2] + [[1, 2, 9, 9]], [64, 64, 64]) == ([4 * BS, 4 * BS, 0], [2, 0, 0])
 
 
+@pytest.fixture
+def planning_backend(monkeypatch):
+    """The CPU reference backend, announced as one with a shared-prefix pass (tiles of 64 rows, from 2 decode rows):
+    the runner plans groups for it, and it ignores them (it reads every context whole)."""
+    from rlserve.engine import runner
+
+    def get_backend(name, device):
+        return dataclasses.replace(real(name, device), shared_prefix_rows=64,
+                                   shared_prefix_min_batch=lambda num_kv_heads, device: 2)
+    real = runner.get_backend
+    monkeypatch.setattr(runner, "get_backend", get_backend)
+
+
 @pytest.mark.parametrize("num_scheduler_steps", [1, 4])
-def test_runner_hands_the_plan_to_the_backend(tiny_model, num_scheduler_steps, monkeypatch):
-    """On CPU the reference backend has no shared-prefix pass: with the runner told to plan anyway, every decode
-    step's metadata carries the groups of the samples of each prompt (through the packed upload, beside the
-    async draws and a multi-step launch), and the tokens are those of an engine that plans none."""
+def test_runner_hands_the_plan_to_the_backend(tiny_model, num_scheduler_steps, monkeypatch, planning_backend):
+    """Every decode step's metadata carries the groups of the samples of each prompt (through the packed upload,
+    beside the async draws and a multi-step launch), and the tokens are those of an engine that plans none."""
     prompts = [list(range(10, 60)), list(range(70, 110))]  # 50 and 40 tokens: 3 and 2 full blocks at BS 16
     params = SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=8, min_tokens=8, logprobs=0)
-    config = dict(device="cpu", block_size=BS, num_scheduler_steps=num_scheduler_steps, async_scheduling=True,
-                  shared_prefix_min_tokens=BS)
-    want = [[c.token_ids for c in o.outputs] for o in LLM(tiny_model, **config).generate(prompts, params)]
+    config = dict(device="cpu", block_size=BS, num_scheduler_steps=num_scheduler_steps, async_scheduling=True)
+    want = [[c.token_ids for c in o.outputs]
+            for o in LLM(tiny_model, shared_prefix_min_tokens=0, **config).generate(prompts, params)]
 
-    llm = LLM(tiny_model, **config)
+    llm = LLM(tiny_model, shared_prefix_min_tokens=BS, **config)
     runner = llm.engine.runner
-    assert runner.max_shared_prefix_members == 0  # the reference backend
-    monkeypatch.setattr(runner, "max_shared_prefix_members", 8)
+    assert runner.max_shared_prefix_members > 1
     seen, ahead = [], []
     device_inputs = runner._device_inputs
 
@@ -91,9 +102,22 @@ def test_runner_hands_the_plan_to_the_backend(tiny_model, num_scheduler_steps, m
     assert llm.generate([[1, 2]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
 
 
-def test_the_threshold_is_validated_and_zero_turns_planning_off(tiny_model):
+def test_the_threshold_is_validated_and_zero_turns_planning_off(tiny_model, planning_backend):
     with pytest.raises(ValueError, match="shared_prefix_min_tokens must be >= 0"):
         LLM(tiny_model, device="cpu", shared_prefix_min_tokens=-1)
-    llm = LLM(tiny_model, device="cpu", shared_prefix_min_tokens=0)
-    assert llm.engine.runner.max_shared_prefix_members == 0
-    assert llm.generate([[1, 2]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    on = LLM(tiny_model, device="cpu", block_size=BS, shared_prefix_min_tokens=3 * BS).engine.runner
+    layer = on.model.attention_layers[0]
+    assert on.max_shared_prefix_members == 64 // (layer.num_heads // layer.num_kv_heads) > 1
+    assert on.shared_prefix_min_blocks == 3 and on.shared_prefix_min_batch == 2
+    llm = LLM(tiny_model, device="cpu", block_size=BS, shared_prefix_min_tokens=0)
+    runner = llm.engine.runner
+    assert runner.max_shared_prefix_members == 0 and runner.shared_prefix_min_batch == 0
+    plans, build_step = [], runner.build_step
+
+    def recording(items, block_copies):
+        step = build_step(items, block_copies)
+        plans.append(step.shared_group_sizes)
+        return step
+    runner.build_step = recording
+    assert llm.generate([list(range(10, 60))], SamplingParams(n=3, max_tokens=3))[0].outputs[0].token_ids
+    assert plans and not any(plans)

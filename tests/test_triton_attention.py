@@ -13,6 +13,7 @@ otherwise propagate NaN through the masked softmax).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -199,10 +200,24 @@ def test_decode_split_kv(dtype, gqa, num_splits, one_warp):
 
 # ------------------------------------------------------------------------------------ shared prefixes
 
-def _share_first_blocks(cache: PagedCache, groups) -> None:
-    """Point each group's members' first ``k`` table entries at its first row's blocks (forked samples)."""
+def _fork(cache: PagedCache, groups) -> torch.Tensor:
+    """Make each group's members share its first row's first ``k`` blocks in ``cache.block_tables`` (forked
+    samples: what the plan and the reference see), and return the tables as they were, each row with blocks of its
+    own and other data in them."""
+    own = cache.block_tables.clone()
     for rows, k in groups:
         cache.block_tables[rows[1:], :k] = cache.block_tables[rows[0], :k]
+    return own
+
+
+def _kernel_tables(cache: PagedCache, own: torch.Tensor, plan) -> torch.Tensor:
+    """The tables the kernels get: the planned groups' first rows as forked, every other row its own blocks. A row
+    then reads its shared blocks through its group's first row only by way of the shared-prefix pass, so the
+    result says whether the pass ran."""
+    tables = own.clone()
+    leaders = [i for i, size in enumerate(plan[1]) if size]
+    tables[leaders] = cache.block_tables[leaders]
+    return tables
 
 
 def _shared_plan(cache: PagedCache, seq_lens, gqa, pad: int = 0):
@@ -222,67 +237,70 @@ def test_decode_shared_prefix(case, num_splits, prefix_splits, one_warp):
     keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two, a
     one-token row, and two padding rows (seq_len 0, zeros in the plan). The pass in one program per group and KV
     head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks). A launch of
-    more than one split reads every row's whole context instead (the plan is ignored): the same results."""
+    more than one split ignores the plan and reads every row's context through its own table (``_fork``)."""
     dtype, head_dim, gqa, bs = case
     _skip_same_path(one_warp, dtype, head_dim)
     gen = torch.Generator().manual_seed(6)
     seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs + 7, 1]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
-    _share_first_blocks(cache, [([0, 1, 2], 3), ([4, 5], 2)])
+    own = _fork(cache, [([0, 1, 2], 3), ([4, 5], 2)])
     plan, shared = _shared_plan(cache, seq_lens, gqa, pad=2)
     assert plan == ([3 * bs] * 3 + [0, 2 * bs, 2 * bs, 0], [3, 0, 0, 0, 2, 0, 0])
     meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
     q = _queries(len(seq_lens) + 2, NUM_KV_HEADS * gqa, head_dim, dtype, gen, strided=True)
     seq_lens_padded = torch.cat([meta.seq_lens, torch.zeros(2, dtype=torch.int32, device=DEVICE)])
-    tables = torch.cat([cache.block_tables, torch.zeros_like(cache.block_tables[:2])])
+    tables = torch.cat([_kernel_tables(cache, own, plan), torch.zeros_like(own[:2])])
     scale = head_dim ** -0.5
+    pass_runs = (num_splits or tp.choose_num_splits(len(seq_lens) + 2, NUM_KV_HEADS, q.device)) == 1
 
     out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=num_splits,
                               shared_prefixes=shared, prefix_splits=prefix_splits)
     assert torch.isfinite(out[-2:]).all()
-    _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
+    expected = meta if pass_runs else dataclasses.replace(meta, block_tables=own)
+    _check(out[:-2], _reference(q[:-2], cache, expected, scale), dtype)
 
 
 @pytest.mark.parametrize("gqa", _params([1, 7, 8], [7, 8]))
-def test_decode_shared_prefix_full_tile(gqa):
+def test_decode_shared_prefix_full_tile(gqa, monkeypatch):
     """As many rows as a group's tile holds (SHARED_PREFIX_ROWS // gqa), then two more that form a second group:
-    every tile row in use (gqa 8: 64 of 64; 7: 63)."""
+    every tile row in use (gqa 8: 64 of 64; 7: 63), through ``paged_attention`` with a launch of one split."""
+    monkeypatch.setattr(tp, "choose_num_splits", lambda *args: 1)
     dtype = torch.float32 if INTERPRET else torch.bfloat16
     gen = torch.Generator().manual_seed(7)
     bs, head_dim = 16, 64
     members = tp.SHARED_PREFIX_ROWS // gqa
     seq_lens = [2 * bs + 1 + 3 * i for i in range(members + 2)]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
-    _share_first_blocks(cache, [(list(range(members + 2)), 2)])
-    plan, meta_shared = _shared_plan(cache, seq_lens, gqa)
+    own = _fork(cache, [(list(range(members + 2)), 2)])
+    plan, shared = _shared_plan(cache, seq_lens, gqa)
     assert plan[1] == [members] + [0] * (members - 1) + [2, 0]
     meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
-    meta.shared_prefixes = meta_shared
     q = _queries(len(seq_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen)
     scale = head_dim ** -0.5
 
-    out = tp.paged_attention(q, cache.k, cache.v, meta, scale)  # the metadata path
+    kernel_meta = dataclasses.replace(meta, block_tables=_kernel_tables(cache, own, plan), shared_prefixes=shared)
+    out = tp.paged_attention(q, cache.k, cache.v, kernel_meta, scale)
     _check(out, _reference(q, cache, meta, scale), dtype)
 
 
-def test_decode_shared_prefix_group_sizes_past_the_batch_or_tile_are_cut():
-    """A group size that would run past the last row (a stale plan) or past the pass's tile touches neither: the
-    kernel clamps it, so the leader's own row is still right and no other row is read or written."""
+@pytest.mark.parametrize("gqa", [7, 8])
+def test_decode_shared_prefix_group_size_past_the_batch_is_cut(gqa):
+    """A group size that runs past the last row (a stale plan) is cut at the batch: nothing past it is read or
+    written, and the group's rows are right."""
     dtype = torch.float32 if INTERPRET else torch.bfloat16
     gen = torch.Generator().manual_seed(8)
-    bs, head_dim, gqa = 16, 64, 8
+    bs, head_dim = 16, 64
     seq_lens = [2 * bs + 3, 2 * bs + 7, 3 * bs + 1]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
-    _share_first_blocks(cache, [([0, 1], 2)])
+    own = _fork(cache, [([0, 1, 2], 2)])
     meta = _meta([1] * 3, seq_lens, 3, cache)
-    # rows 0-1 a group claimed to have 100 rows (over the tile's 8 and the batch's 3); row 2 a "group" of 5 alone
-    shared = SharedPrefixes(torch.tensor([2 * bs, 2 * bs, bs], dtype=torch.int32, device=DEVICE),
-                            torch.tensor([100, 0, 5], dtype=torch.int32, device=DEVICE))
-    q = _queries(3, NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    shared = SharedPrefixes(torch.tensor([2 * bs] * 3, dtype=torch.int32, device=DEVICE),
+                            torch.tensor([100, 0, 0], dtype=torch.int32, device=DEVICE))
+    q = _queries(5, NUM_KV_HEADS * gqa, head_dim, dtype, gen)[:3]  # rows past the batch exist, and must not be read
     scale = head_dim ** -0.5
-    # two rows more in the output, poisoned: a write past the batch would change them
+    # two output rows more, poisoned: a write past the batch would change them
     out = torch.full((5, NUM_KV_HEADS * gqa, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    tp.decode_attention(q, cache.k, cache.v, cache.block_tables, meta.seq_lens, scale, out=out[:3], num_splits=1,
+    tp.decode_attention(q, cache.k, cache.v, own, meta.seq_lens, scale, out=out[:3], num_splits=1,
                         shared_prefixes=shared)
     assert torch.isnan(out[3:]).all()
     _check(out[:3], _reference(q, cache, meta, scale), dtype)

@@ -27,6 +27,8 @@ class AttentionBackend:
     # Decode rows sharing a prefix read it once a group (AttentionMetadata.shared_prefixes): a group's query rows
     # (members x query heads per KV head) are at most this many; 0: the backend has no such pass.
     shared_prefix_rows: int = 0
+    # (num_kv_heads, device) -> the fewest decode rows whose attention takes that pass (smaller batches ignore a plan)
+    shared_prefix_min_batch: Callable | None = None
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -39,7 +41,7 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         from rlserve.attention import triton_paged
         return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention, True,
-                                triton_paged.SHARED_PREFIX_ROWS)
+                                triton_paged.SHARED_PREFIX_ROWS, triton_paged.shared_prefix_min_batch)
     raise ValueError(f"attention backend must be 'auto', 'reference' or 'triton', got {name!r}")
 
 

@@ -124,6 +124,24 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, sta
 
 
 @triton.jit
+def _attend_range(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, start, end, qk_scale,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``_attend_tile`` over keys [start, end): whole tiles without masks, then at most one masked partial tile."""
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for n in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end, qk_scale,
+                                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
+    for n in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end, qk_scale,
+                                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_ptr, pre_m, pre_l, pre_acc,
                           qk_scale, batch,
                           stride_qb, stride_qh, stride_bt,
@@ -134,14 +152,15 @@ def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_p
     """The shared-prefix pass of decode: a group's leader row ``lead`` (``members[lead] > 0``) attends its
     ``members`` rows' queries -- ``members * GROUP`` rows of one tile, all heads of the KV head -- to the
     ``prefix[lead]`` keys their block tables share, read once through the leader's table; each (row, head) gets a
-    partial ``(m, l, acc)`` that the decode kernel starts from. Other programs return at once. Rows past the
-    tile or the batch are never touched, whatever ``members`` says. With ``PREFIX_SPLITS`` > 1 the prefix is cut
+    partial ``(m, l, acc)`` that the decode kernel starts from. Other programs return at once. No row past the
+    batch is read or written, whatever ``members`` says; a plan that does not match the tables (a stale one) gives
+    wrong rows, nothing worse. With ``PREFIX_SPLITS`` > 1 the prefix is cut
     into that many ranges of whole tiles, one program each (grid axis 2), each writing its own partial (an empty
     range ``(-inf, 0, 0)``)."""
     lead = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    members = tl.minimum(tl.minimum(tl.load(members_ptr + lead), BLOCK_R // GROUP), batch - lead)
+    members = tl.minimum(tl.load(members_ptr + lead), batch - lead)  # the tile holds BLOCK_R rows at most
     if members > 0:
         prefix = tl.load(prefix_ptr + lead)
         offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R] row of the tile = member * GROUP + head in the group
@@ -159,19 +178,13 @@ def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_p
         chunk = tl.cdiv(tl.cdiv(prefix, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, prefix)
-        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
 
         m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for n in range(start, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
-                                         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                         stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
-        for n in range(full_end, end, BLOCK_N):  # at most one partial tile
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
-                                         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                         stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, start, end,
+                                      qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PREC)
         row = (seq * NUM_HEADS + heads) * PREFIX_SPLITS + split  # [BLOCK_R]; partials [B, H, S(, HEAD_DIM)] fp32
         tl.store(pre_m + row, m_i, mask=r_ok)
         tl.store(pre_l + row, l_i, mask=r_ok)
@@ -200,7 +213,6 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
 
     offs_g = tl.arange(0, BLOCK_G)  # [BLOCK_G] query head within the group (padded)
     offs_d = tl.arange(0, BLOCK_D)
@@ -234,14 +246,9 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for n in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PREC)
-    for n in range(full_end, end, BLOCK_N):  # at most one partial tile
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, n, end,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                     stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PREC)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, q_pos, k_cache, v_cache, bt_row, kv_head, start, end, qk_scale,
+                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                  BLOCK_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PREC)
 
     if DIRECT:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -385,6 +392,11 @@ def sm_count(device: torch.device) -> int:
 
 def _sms(device: torch.device) -> int:
     return sm_count(device) if device.type == "cuda" else 8  # Triton interpreter: keep splitting exercised
+
+
+def shared_prefix_min_batch(num_kv_heads: int, device: torch.device) -> int:
+    """The fewest decode rows whose launch takes the shared-prefix pass: those of one split (``decode_attention``)."""
+    return triton.cdiv(_sms(device), num_kv_heads)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:

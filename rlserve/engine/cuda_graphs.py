@@ -6,10 +6,10 @@ static buffers: rows [0, B) hold the step's tokens; rows [B, G) are padding (slo
 to the cache, and sequence length 0, so attention reads nothing). The graph runs the whole model and the LM
 head runs after it, on the real rows only, and so does sampling.
 
-With ``shared_prefixes`` (a backend with a shared-prefix pass), each size from 2 rows has a second graph that runs
-the pass (``AttentionMetadata.shared_prefixes``), replayed only for the steps whose rows form groups: with one graph
-that always ran it, the pass's idle launches cost rl-7b, where no group forms, about 2% (BENCHMARKS, seventeenth
-session). The second set adds its capture to the start-up.
+With ``shared_prefix_min_batch`` (a backend with a shared-prefix pass, which launches of that many rows and more
+take), each such size has a second graph that runs the pass (``AttentionMetadata.shared_prefixes``), replayed only
+for the steps whose rows form groups, so that steps without groups (every step at short prompts) run no idle pass
+(BENCHMARKS, seventeenth session). The second set adds its capture to the start-up.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
-                 device: torch.device, shared_prefixes: bool = False):
+                 device: torch.device, shared_prefix_min_batch: int = 0):
         self.model = model
         self.device = device
         self.sizes = [s for s in CAPTURE_SIZES if s <= max_batch] or [max_batch]
@@ -42,9 +42,10 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(g, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(g, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(g + 1, dtype=torch.int32, device=device)
+        self.shared_prefix_min_batch = shared_prefix_min_batch  # 0: no shared-prefix graphs
         self.shared_prefixes = SharedPrefixes(torch.zeros(g, dtype=torch.int32, device=device),
                                               torch.zeros(g, dtype=torch.int32, device=device)) \
-            if shared_prefixes else None
+            if shared_prefix_min_batch else None
         self.max_model_len = max_model_len
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (size, runs the shared-prefix pass)
         self.hidden: dict[tuple[int, bool], torch.Tensor] = {}
@@ -64,8 +65,8 @@ class DecodeGraphs:
     def _variants(self) -> list[tuple[int, bool]]:
         """(size, shared) of every graph, largest first: smaller graphs reuse the pool's memory."""
         variants = [(g, False) for g in self.sizes]
-        if self.shared_prefixes is not None:
-            variants += [(g, True) for g in self.sizes if g > 1]  # a group has two rows or more
+        if self.shared_prefix_min_batch:
+            variants += [(g, True) for g in self.sizes if g >= self.shared_prefix_min_batch]
         return sorted(variants, reverse=True)
 
     @torch.inference_mode()

@@ -93,12 +93,17 @@ class ModelRunner:
         self.block_size = info.block_size
         self.backend = get_backend(attention_backend, self.device)
         # Decode groups that read a shared prefix once (the backend's pass; 0 members: none): at most as many rows
-        # as fit the pass's tile, sharing at least config.shared_prefix_min_tokens (in whole blocks).
+        # as fit the pass's tile, sharing at least config.shared_prefix_min_tokens (in whole blocks), planned for
+        # decode batches of at least shared_prefix_min_batch rows (smaller ones would ignore the plan).
         layer = model.attention_layers[0]
         self.max_shared_prefix_members = 0
         if config.shared_prefix_min_tokens > 0:
             self.max_shared_prefix_members = self.backend.shared_prefix_rows // (layer.num_heads // layer.num_kv_heads)
         self.shared_prefix_min_blocks = -(-config.shared_prefix_min_tokens // self.block_size)
+        self.shared_prefix_min_batch = 0  # 0: never
+        if self.max_shared_prefix_members > 1:
+            self.shared_prefix_min_batch = max(2, self.backend.shared_prefix_min_batch(layer.num_kv_heads,
+                                                                                       self.device))
         self.kv_cache = self._allocate_kv_cache(num_kv_blocks)
         # Kernel choice, made here once (before profiling and graph capture) and applied to the model's layers.
         self.use_fused_kernels = config.fused_kernels and fused.enabled(self.device, info.dtype)
@@ -262,7 +267,7 @@ class ModelRunner:
             seq_lens=torch.full((num_seqs,), tokens_per_seq, dtype=torch.int32, device=dev),
             block_tables=tables, num_decodes=num_seqs if tokens_per_seq == 1 else 0,
             max_query_len=tokens_per_seq, max_seq_len=tokens_per_seq, query_lens_cpu=lens, seq_lens_cpu=lens)
-        if tokens_per_seq == 1 and self.max_shared_prefix_members > 1:  # the shared-prefix pass's scratch, profiled
+        if tokens_per_seq == 1 and self.shared_prefix_min_batch:  # the shared-prefix pass's scratch, profiled
             meta.shared_prefixes = SharedPrefixes(torch.zeros(num_seqs, dtype=torch.int32, device=dev),
                                                   torch.zeros(num_seqs, dtype=torch.int32, device=dev))
         input_ids = torch.zeros(num_seqs * tokens_per_seq, dtype=torch.int64, device=dev)
@@ -281,7 +286,7 @@ class ModelRunner:
         from rlserve.engine.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self.model, self.info.max_num_seqs, self.max_blocks_per_seq,
                                    self.info.max_model_len, self.device,
-                                   shared_prefixes=self.max_shared_prefix_members > 1)
+                                   shared_prefix_min_batch=self.shared_prefix_min_batch)
         self.graphs.capture()
 
     def release_cuda_graphs(self) -> None:
@@ -536,7 +541,7 @@ class ModelRunner:
             step.rows.append(self._row(seq, table_writes))
             if item.samples:
                 step.sample_rows.append(num_tokens - 1)
-        if self.max_shared_prefix_members > 1 and step.num_decodes > 1:
+        if self.shared_prefix_min_batch and step.num_decodes >= self.shared_prefix_min_batch:
             decodes = items[:step.num_decodes]
             plan = plan_shared_prefixes([item.seq.block_table for item in decodes], step.seq_lens[:step.num_decodes],
                                         self.block_size, self.max_shared_prefix_members, self.shared_prefix_min_blocks)

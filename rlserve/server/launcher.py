@@ -136,7 +136,7 @@ def engine_config_from_args(args) -> EngineConfig:
         num_kv_blocks=args.num_kv_blocks, load_format=args.load_format,
         fused_kernels=args.fused_kernels, max_logprobs=args.max_logprobs,
         trust_remote_code=args.trust_remote_code, async_scheduling=args.async_scheduling,
-        num_scheduler_steps=args.num_scheduler_steps)
+        num_scheduler_steps=args.num_scheduler_steps, shared_prefix_min_tokens=args.shared_prefix_min_tokens)
 
 
 def serve(args) -> int:

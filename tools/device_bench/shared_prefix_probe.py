@@ -40,13 +40,17 @@ PREFIX_SPLITS = [1, 2, 4, 8]
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp")
-    parser.add_argument("--shapes", default="7b-p1024-ctx1300,7b-p2048-ctx2300,rl-7b-ctx786,7b-n16-p512-ctx800")
+    parser.add_argument("--shapes", default="7b-p1024-ctx1300,7b-p2048-ctx2300,7b-p2048-b128,7b-p2048-b64,"
+                                            "rl-7b-ctx786,7b-n16-p512-ctx800")
     args = parser.parse_args()
     SHAPES.setdefault("rl-7b-ctx300", (256, 8, 4, 7, 256, 44, 128))  # early in the decode: the prompt is most keys
     # Long prompts at the 7B shape: a group's prompt no longer fits the L2 a few times over
     SHAPES.setdefault("7b-p1024-ctx1300", (256, 8, 4, 7, 1024, 275, 128))
     SHAPES.setdefault("7b-p2048-ctx2300", (256, 8, 4, 7, 2048, 251, 128))
     SHAPES.setdefault("7b-n16-p512-ctx800", (256, 16, 4, 7, 512, 287, 128))
+    # Fewer sequences (the tail of an RL batch): the pass's time does not shrink with them; plain decode's does
+    SHAPES.setdefault("7b-p2048-b64", (64, 8, 4, 7, 2048, 251, 128))
+    SHAPES.setdefault("7b-p2048-b128", (128, 8, 4, 7, 2048, 251, 128))
     result = {"device": torch.cuda.get_device_name(), "shapes": []}
     default_config = tp._shared_prefix_config
     decode_config = tp._decode_config
