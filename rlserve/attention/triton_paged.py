@@ -27,12 +27,13 @@ Design
   of 32-key tiles, 9 of which fit an SM (rl-7b's whole grid at once); smaller batches, 4 warps.
 * Shared prefixes (the samples of one prompt): a group of consecutive decode rows whose block tables start with
   the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
-  ``(B, KVH)``, only the groups' leader rows work) puts all the group's query heads of a KV head -- up to
-  ``SHARED_PREFIX_ROWS`` rows, a prefill-sized tile -- against the shared keys and writes each (row, head) a
-  partial ``(m, l, acc)``; the decode kernel starts from it and reads only the row's own keys ``[prefix,
-  seq_len)``. Only launches of one split take the pass (``decode_attention`` says why). It pays for long prompts
-  only: at a short prompt the samples' re-reads cost little, consistent with their hitting the L2
-  (``EngineConfig.shared_prefix_min_tokens``; BENCHMARKS, seventeenth session).
+  ``(B, KVH, SHARED_PREFIX_SPLITS)``, only the groups' leader rows work) puts all the group's query heads of a KV
+  head -- up to ``SHARED_PREFIX_ROWS`` rows, a prefill-sized tile -- against the shared keys and writes each (row,
+  head) a partial ``(m, l, acc)``; the decode kernel starts from it (merging the partials of several ranges) and
+  reads only the row's own keys ``[prefix, seq_len)``. Only launches of one split take the pass
+  (``decode_attention`` says why). It pays for long prompts only: at a short prompt the samples' re-reads cost
+  little, consistent with their hitting the L2 (``EngineConfig.shared_prefix_min_tokens``; BENCHMARKS, seventeenth
+  session).
 * Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
   ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
   context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely
@@ -60,8 +61,9 @@ _ONE_WARP_MIN_PROGRAMS_PER_SM = 4
 # (members x query heads per KV head); the runner sizes groups from it (AttentionBackend.shared_prefix_rows).
 SHARED_PREFIX_ROWS = 64
 # Programs per group and KV head in the shared-prefix pass. 1, the measured setting (BENCHMARKS, seventeenth
-# session): the pass is then serial along the prefix -- 73 us a layer at a 2,048-token prompt, against 47.6 for the
-# rest of decode attention. More split the prefix; shared_prefix_probe.py times them (not yet run on a GPU).
+# session): the pass is then serial along the prefix -- alone it took 73 us a layer at a 2,048-token prompt, the
+# decode over the samples' own keys 47.6. More cut the prefix into ranges; shared_prefix_probe.py times them (not
+# yet run on a GPU).
 SHARED_PREFIX_SPLITS = 1
 
 
@@ -154,13 +156,13 @@ def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_p
     ``prefix[lead]`` keys their block tables share, read once through the leader's table; each (row, head) gets a
     partial ``(m, l, acc)`` that the decode kernel starts from. Other programs return at once. No row past the
     batch is read or written, whatever ``members`` says; a plan that does not match the tables (a stale one) gives
-    wrong rows, nothing worse. With ``PREFIX_SPLITS`` > 1 the prefix is cut
-    into that many ranges of whole tiles, one program each (grid axis 2), each writing its own partial (an empty
-    range ``(-inf, 0, 0)``)."""
+    wrong rows, nothing worse. With ``PREFIX_SPLITS`` > 1 the prefix is cut into that many ranges of whole tiles,
+    one program each (grid axis 2), each writing its own partial (an empty range ``(-inf, 0, 0)``)."""
     lead = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    members = tl.minimum(tl.load(members_ptr + lead), batch - lead)  # the tile holds BLOCK_R rows at most
+    # Rows past the batch: cut here; members past the tile's BLOCK_R rows: never in offs_r below.
+    members = tl.minimum(tl.load(members_ptr + lead), batch - lead)
     if members > 0:
         prefix = tl.load(prefix_ptr + lead)
         offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R] row of the tile = member * GROUP + head in the group
