@@ -32,8 +32,11 @@ def test_freeze_startup_heap_counts_what_it_froze_once(monkeypatch):
     try:
         debug.freeze_startup_heap()
         assert debug.froze_startup_heap()
-        frozen = gc.get_freeze_count()
-        assert frozen > 0 and pauses.stats()["num_gc_frozen_objects"] == frozen
+        reported = pauses.stats()["num_gc_frozen_objects"]  # the count taken when the heap was frozen
+        # Frozen objects still die when their last reference goes (other threads of this pytest process keep
+        # dropping some), never join after the freeze: the live count can only have fallen since, and by little.
+        frozen_now = gc.get_freeze_count()
+        assert 0 < frozen_now <= reported <= frozen_now * 1.01, (frozen_now, reported)
     finally:
         gc.unfreeze()  # this is pytest's process: give its heap back to the collector
         pauses.close()
