@@ -256,16 +256,21 @@ def test_async_scheduling_launch_never_waits_for_the_device_and_matches_sync(tin
     assert all(len(s.scheduled) == len(batch) for s in checked)
 
 
-@pytest.mark.parametrize("one_warp", [False, True], ids=["four-warps", "one-warp"])
-def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_model_dir, monkeypatch, one_warp):
+@pytest.mark.parametrize("decode_path", ["four-warps", "one-warp", "tma"])
+def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_model_dir, monkeypatch, decode_path):
     """``num_scheduler_steps=8`` (bf16, CUDA graphs): a burst feeds each step's draws to the next on the device and
     draws with each output position's seeds, so tokens and logprobs equal one step at a time, bit for bit (no
     sample stops by content: the batches are the same); with async scheduling too, where every burst's launch
-    runs under ``set_sync_debug_mode("error")`` (no hidden host sync). Under both decode launch configs: these
-    batches (24 and 72 sequences, 2 KV heads) are below the one-warp threshold, which is forced for the second."""
-    if one_warp:
-        from rlserve.attention import triton_paged
+    runs under ``set_sync_debug_mode("error")`` (no hidden host sync). Under every decode launch: these batches (24
+    and 72 sequences, 2 KV heads) are below the one-warp threshold, which is forced for the gather kernel's one-warp
+    config and for the TMA kernel (Hopper and later: it takes block size 16 and this model's head dim 64)."""
+    from rlserve.attention import triton_paged
+    if decode_path != "four-warps":
         monkeypatch.setattr(triton_paged, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0)
+    if decode_path == "one-warp":
+        monkeypatch.setattr(triton_paged, "_TMA_MIN_CAPABILITY", 1 << 30)
+    elif decode_path == "tma" and torch.cuda.get_device_capability()[0] < triton_paged._TMA_MIN_CAPABILITY:
+        pytest.skip("the TMA decode kernel needs Hopper or later")
     batch = prompts(24, seed=4, vocab=32000, low=5, high=100)
     params = [SamplingParams(temperature=0, max_tokens=45, ignore_eos=True, logprobs=0),
               SamplingParams(temperature=1.0, max_tokens=45, ignore_eos=True, seed=7, n=3, logprobs=0)]

@@ -146,24 +146,31 @@ def test_store_kv(dtype, num_kv_heads, head_dim, block_size):
 
 # ------------------------------------------------------------------------------------------------- decode
 
-@pytest.fixture(params=[False, True], ids=["four-warps", "one-warp"])
+@pytest.fixture(params=["four-warps", "one-warp", "tma"])
 def one_warp(request, monkeypatch):
-    """Both decode launch configs at any batch: 64-key tiles of 4 warps (small batches, fp32) and the one-warp
-    programs of 32-key tiles that large 16-bit batches take (``_decode_config``)."""
-    monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0 if request.param else 1 << 30)
+    """Every decode launch at any batch: 64-key tiles of 4 warps (small batches, fp32), the one-warp programs of
+    32-key tiles that large 16-bit batches take (``_decode_config``), and those programs' TMA kernel where the
+    device and the tensors allow it (``_tma_decode_ok``; block size 16; CPU tensors under the interpreter).
+    True for the last two."""
+    monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 1 << 30 if request.param == "four-warps" else 0)
+    monkeypatch.setattr(tp, "_TMA_MIN_CAPABILITY", 0 if request.param == "tma" else 1 << 30)
+    if request.param != "tma":
+        monkeypatch.setattr(tp, "_tma_decode_ok", lambda *_: False)
     return request.param
 
 
-def _skip_same_path(one_warp: bool, dtype: torch.dtype, head_dim: int = 64) -> None:
-    if one_warp and (dtype == torch.float32 or head_dim > 128):
+def _skip_same_path(path: str, dtype: torch.dtype, head_dim: int = 64, block_size: int = 16) -> None:
+    if path != "four-warps" and (dtype == torch.float32 or head_dim > 128):
         pytest.skip("fp32 and head dims over 128 have one decode launch config")
+    if path == "tma" and (block_size != 16 or head_dim & (head_dim - 1)):
+        pytest.skip("the TMA kernel takes block size 16 and power-of-two head dims: the one-warp case")
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
 def test_decode(case, num_splits, one_warp):
     dtype, head_dim, gqa, bs = case
-    _skip_same_path(one_warp, dtype, head_dim)
+    _skip_same_path(one_warp, dtype, head_dim, bs)
     gen = torch.Generator().manual_seed(1)
     seq_lens = [1, bs - 1 or 1, bs, bs + 1, 3 * bs + 5, 2, 100] if not INTERPRET else [1, bs - 1, bs + 1, 2 * bs + 3]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
@@ -229,6 +236,43 @@ def _shared_plan(cache: PagedCache, seq_lens, gqa, pad: int = 0):
     return plan, SharedPrefixes(*(torch.tensor(v + [0] * pad, dtype=torch.int32, device=DEVICE) for v in plan))
 
 
+@pytest.mark.parametrize("dtype", _params([torch.bfloat16, torch.float16], [torch.float16]))  # (interpreter: no bf16)
+@pytest.mark.parametrize("head_dim,gqa", _params([(64, 1), (64, 7), (128, 7), (128, 8), (128, 16), (16, 2)],
+                                                 [(64, 7), (128, 8), (16, 2)]))
+def test_decode_tma(dtype, head_dim, gqa, monkeypatch):
+    """The TMA decode kernel (one split, one-warp launch, block size 16) against the oracle, the gather kernel
+    forbidden: every tail length of the last block (0-17 keys past whole blocks), one-block and block-boundary
+    rows, and seq_len-0 padding rows whose tables are all block 0; the cache past each context is NaN."""
+    monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(tp, "_TMA_MIN_CAPABILITY", 0)
+    monkeypatch.setattr(tp, "_decode_kernel", None)  # the gather kernel would raise: the TMA path ran
+    gen = torch.Generator().manual_seed(9)
+    seq_lens = [1, 15, 16, 17, 32, 33, 47, 64, 70] if INTERPRET else [1, 15, 16, 17, 32, 33, 47, 64, 70, 500, 1023]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, 16, dtype, gen)
+    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
+    q = _queries(len(seq_lens) + 2, NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    seq_lens_padded = torch.cat([meta.seq_lens, torch.zeros(2, dtype=torch.int32, device=DEVICE)])
+    tables = torch.cat([cache.block_tables, torch.zeros_like(cache.block_tables[:2])])
+    scale = head_dim ** -0.5
+
+    out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=1)
+    assert (out[-2:] == 0).all()
+    _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
+
+
+def test_tma_decode_ok():
+    """Which tensors the TMA kernel takes (the capability check aside): 16-bit caches of q's dtype, block size 16,
+    power-of-two head dims of 16-128 (the one-warp config's), aligned strides."""
+    def ok(dtype=torch.bfloat16, block_size=16, head_dim=128, q_dtype=None, kvh=4):
+        cache = torch.zeros(3, block_size, kvh, head_dim, dtype=dtype)
+        return tp._tma_decode_ok(torch.zeros(2, kvh, head_dim, dtype=q_dtype or dtype), cache, cache)
+
+    assert ok() and ok(torch.float16, head_dim=64) and ok(head_dim=16)
+    assert not ok(torch.float32) and not ok(q_dtype=torch.float16)
+    assert not ok(block_size=8) and not ok(block_size=32)
+    assert not ok(head_dim=96) and not ok(head_dim=8) and not ok(head_dim=256)
+
+
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits,prefix_splits", _params([(None, 1), (1, 1), (1, 2), (1, 5), (3, 1)],
                                                              [(None, 1), (None, 3), (3, 1)]))
@@ -239,6 +283,8 @@ def test_decode_shared_prefix(case, num_splits, prefix_splits, one_warp):
     head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks). A launch of
     more than one split ignores the plan and reads every row's context through its own table (``_fork``)."""
     dtype, head_dim, gqa, bs = case
+    if one_warp == "tma":
+        pytest.skip("launches with a plan do not take the TMA kernel")
     _skip_same_path(one_warp, dtype, head_dim)
     gen = torch.Generator().manual_seed(6)
     seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs + 7, 1]
