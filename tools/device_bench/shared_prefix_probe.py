@@ -2,7 +2,9 @@
 
 python tools/device_bench/shared_prefix_probe.py --out DIR [--shapes rl-7b-ctx786,...]: forked prompts sharing their
 cache blocks (bf16, block size 16), every group of ``n`` samples planned as the runner plans it. Times, each the
-median of triton's do_bench:
+median of triton's do_bench_cudagraph (the eighteenth session: plain do_bench counted ~10 us of host launch work
+into a one-launch kernel, more into the pass's two launches and allocations; the seventeenth session's figures are
+do_bench's):
 
 - ``plain``: ``decode_attention`` reading every row's whole context (no plan);
 - ``shared-sS``: with the plan -- the shared-prefix pass in S programs per group and KV head (``PREFIX_SPLITS``),
@@ -119,7 +121,7 @@ def main():
         timings.append(("plain-again", plain))
         for label, fn in timings:
             try:
-                us = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+                us = triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
             except Exception as e:  # e.g. out of shared memory at a config
                 print(f"{name:18} {label:22} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
                 continue
