@@ -2,9 +2,9 @@
 
 python tools/device_bench/shared_prefix_probe.py --out DIR [--shapes rl-7b-ctx786,...]: forked prompts sharing their
 cache blocks (bf16, block size 16), every group of ``n`` samples planned as the runner plans it. Times, each the
-median of triton's do_bench_cudagraph (the eighteenth session: plain do_bench counted ~10 us of host launch work
-into a one-launch kernel, more into the pass's two launches and allocations; the seventeenth session's figures are
-do_bench's):
+median of triton's do_bench_cudagraph: no host launch work in them. (The seventeenth session's figures are
+do_bench's, each run launched from Python after an L2 flush: the decode kernel read 93.2 us there against 83.2 under
+do_bench_cudagraph in the eighteenth session, and a path of two launches and three allocations may pay more.)
 
 - ``plain``: ``decode_attention`` reading every row's whole context (no plan);
 - ``shared-sS``: with the plan -- the shared-prefix pass in S programs per group and KV head (``PREFIX_SPLITS``),
