@@ -55,7 +55,41 @@ def test_float32_greedy_equals_transformers_rl_small_shape(small_model_dir):
     assert all(matches), matches
 
 
-def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir):
+class Launches:
+    """Stands in for a Triton kernel: counts its launches (``kernel[grid](...)``, under graph capture too)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+def _decode_path(monkeypatch, path: str) -> Launches:
+    """Decode attention as ``path`` runs it at these tests' small batches: ``default`` thresholds; ``four-warps``;
+    ``one-warp`` (the gather kernel's, forced); ``tma`` (the one-warp launches' TMA kernel, forced; Hopper and
+    later). Returns the TMA kernel's launch counter."""
+    from rlserve.attention import triton_paged
+    if path == "tma" and torch.cuda.get_device_capability()[0] < triton_paged._TMA_MIN_CAPABILITY:
+        pytest.skip("the TMA decode kernel needs Hopper or later")
+    if path in ("one-warp", "tma"):
+        monkeypatch.setattr(triton_paged, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0)
+    if path == "four-warps":
+        monkeypatch.setattr(triton_paged, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 1 << 30)
+    if path == "one-warp":
+        monkeypatch.setattr(triton_paged, "_TMA_MIN_CAPABILITY", 1 << 30)
+    launches = Launches(triton_paged._decode_tma_kernel)
+    monkeypatch.setattr(triton_paged, "_decode_tma_kernel", launches)
+    return launches
+
+
+@pytest.mark.parametrize("decode_path", ["default", "tma"])
+def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir, monkeypatch, decode_path):
+    """bf16 tokens with CUDA graphs equal eager ones, greedy and seeded. With ``tma`` the 72 samples' decode (one
+    split) runs the TMA kernel: captured in the graph of their padded size, and launched by the eager engine, whose
+    launches are counted; at the default thresholds this batch takes the 4-warp gather kernel."""
+    launches = _decode_path(monkeypatch, decode_path)
     batch = prompts(24, seed=3, vocab=32000, low=5, high=100)
     params = [SamplingParams(temperature=0, max_tokens=48, min_tokens=48),
               SamplingParams(temperature=1.0, max_tokens=48, min_tokens=48, seed=7, n=3, logprobs=0)]
@@ -64,9 +98,11 @@ def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir):
         llm = LLM(str(small_model_dir), device="cuda", dtype="bfloat16", enforce_eager=eager,
                   gpu_memory_utilization=0.5)
         assert (llm.engine.runner.graphs is None) == eager
+        launches.count = 0  # (graph capture, at start-up, launches every size's kernels)
         results[eager] = [[[c.token_ids for c in o.outputs] for o in llm.generate(batch, p)] for p in params]
         llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
     assert results[False] == results[True]
+    assert (launches.count > 0) == (decode_path == "tma")  # the eager engine's launches
 
 
 class CountingGraph:
@@ -263,14 +299,9 @@ def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_mode
     sample stops by content: the batches are the same); with async scheduling too, where every burst's launch
     runs under ``set_sync_debug_mode("error")`` (no hidden host sync). Under every decode launch: these batches (24
     and 72 sequences, 2 KV heads) are below the one-warp threshold, which is forced for the gather kernel's one-warp
-    config and for the TMA kernel (Hopper and later: it takes block size 16 and this model's head dim 64)."""
-    from rlserve.attention import triton_paged
-    if decode_path != "four-warps":
-        monkeypatch.setattr(triton_paged, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0)
-    if decode_path == "one-warp":
-        monkeypatch.setattr(triton_paged, "_TMA_MIN_CAPABILITY", 1 << 30)
-    elif decode_path == "tma" and torch.cuda.get_device_capability()[0] < triton_paged._TMA_MIN_CAPABILITY:
-        pytest.skip("the TMA decode kernel needs Hopper or later")
+    config and for the TMA kernel (Hopper and later: it takes block size 16 and this model's head dim 64; the 72
+    samples' launches have one split, which it needs; the 24 greedy rows' have several)."""
+    launches = _decode_path(monkeypatch, decode_path)
     batch = prompts(24, seed=4, vocab=32000, low=5, high=100)
     params = [SamplingParams(temperature=0, max_tokens=45, ignore_eos=True, logprobs=0),
               SamplingParams(temperature=1.0, max_tokens=45, ignore_eos=True, seed=7, n=3, logprobs=0)]
@@ -311,6 +342,7 @@ def test_multi_step_launches_give_the_same_tokens_and_never_wait_bf16(small_mode
     # 44 decode steps after the first draw: 5 bursts of 8 and one of 4, per generate call
     assert bursts == {(1, False): 0, (8, False): 12, (8, True): 12}
     assert len(checked) == 12
+    assert (launches.count > 0) == (decode_path == "tma")
 
 
 def test_multi_step_rows_past_their_max_tokens_float32(tiny_models):

@@ -146,16 +146,30 @@ def test_store_kv(dtype, num_kv_heads, head_dim, block_size):
 
 # ------------------------------------------------------------------------------------------------- decode
 
+class _Launches:
+    """Stands in for a Triton kernel: counts its launches (``kernel[grid](...)``) and runs them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
 @pytest.fixture(params=["four-warps", "one-warp", "tma"])
-def one_warp(request, monkeypatch):
+def decode_path(request, monkeypatch):
     """Every decode launch at any batch: 64-key tiles of 4 warps (small batches, fp32), the one-warp programs of
     32-key tiles that large 16-bit batches take (``_decode_config``), and those programs' TMA kernel where the
-    device and the tensors allow it (``_tma_decode_ok``; block size 16; CPU tensors under the interpreter).
-    True for the last two."""
+    device and the tensors allow it (``_tma_decode_ok``: block size 16, power-of-two head dims; CPU tensors under
+    the interpreter; on CUDA, Hopper or later). ``tp._decode_tma_kernel.count`` says how often the TMA kernel ran."""
+    if (request.param == "tma" and DEVICE == "cuda"
+            and torch.cuda.get_device_capability()[0] < tp._TMA_MIN_CAPABILITY):
+        pytest.skip("the TMA decode kernel needs Hopper or later")
     monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 1 << 30 if request.param == "four-warps" else 0)
-    monkeypatch.setattr(tp, "_TMA_MIN_CAPABILITY", 0 if request.param == "tma" else 1 << 30)
     if request.param != "tma":
         monkeypatch.setattr(tp, "_tma_decode_ok", lambda *_: False)
+    monkeypatch.setattr(tp, "_decode_tma_kernel", _Launches(tp._decode_tma_kernel))
     return request.param
 
 
@@ -168,9 +182,9 @@ def _skip_same_path(path: str, dtype: torch.dtype, head_dim: int = 64, block_siz
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits", _params([None, 1, 3], [None, 3]))
-def test_decode(case, num_splits, one_warp):
+def test_decode(case, num_splits, decode_path):
     dtype, head_dim, gqa, bs = case
-    _skip_same_path(one_warp, dtype, head_dim, bs)
+    _skip_same_path(decode_path, dtype, head_dim, bs)
     gen = torch.Generator().manual_seed(1)
     seq_lens = [1, bs - 1 or 1, bs, bs + 1, 3 * bs + 5, 2, 100] if not INTERPRET else [1, bs - 1, bs + 1, 2 * bs + 3]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
@@ -181,14 +195,18 @@ def test_decode(case, num_splits, one_warp):
     out = tp.decode_attention(q, cache.k, cache.v, cache.block_tables, meta.seq_lens, scale,
                               num_splits=num_splits)
     _check(out, _reference(q, cache, meta, scale), dtype)
+    one_split = (num_splits or tp.choose_num_splits(len(seq_lens), NUM_KV_HEADS, q.device)) == 1
+    assert tp._decode_tma_kernel.count == (decode_path == "tma" and one_split)  # the TMA kernel runs one split only
 
 
 @pytest.mark.parametrize("dtype", _params(GPU_DTYPES, [torch.float32]))
 @pytest.mark.parametrize("gqa", _params([1, 7, 8], [7]))
 @pytest.mark.parametrize("num_splits", _params([None, 2, 5, 16, 32], [4, 16]))
-def test_decode_split_kv(dtype, gqa, num_splits, one_warp):
+def test_decode_split_kv(dtype, gqa, num_splits, decode_path):
     """Small batch, long context, many splits (some empty), and seq_len-0 padding rows (CUDA-graph style)."""
-    _skip_same_path(one_warp, dtype)
+    if decode_path == "tma":
+        pytest.skip("more than one split: the TMA kernel does not run (test_decode_tma_not_taken)")
+    _skip_same_path(decode_path, dtype)
     gen = torch.Generator().manual_seed(2)
     bs, head_dim = 16, 64
     seq_lens = [3000, 777, 1] if not INTERPRET else [300, 65, 1]
@@ -236,56 +254,95 @@ def _shared_plan(cache: PagedCache, seq_lens, gqa, pad: int = 0):
     return plan, SharedPrefixes(*(torch.tensor(v + [0] * pad, dtype=torch.int32, device=DEVICE) for v in plan))
 
 
+def _force_tma(monkeypatch) -> None:
+    """One-warp launches at any batch, so that one-split decode of block size 16 takes the TMA kernel."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < tp._TMA_MIN_CAPABILITY:
+        pytest.skip("the TMA decode kernel needs Hopper or later")
+    monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0)
+
+
 @pytest.mark.parametrize("dtype", _params([torch.bfloat16, torch.float16], [torch.float16]))  # (interpreter: no bf16)
 @pytest.mark.parametrize("head_dim,gqa", _params([(64, 1), (64, 7), (128, 7), (128, 8), (128, 16), (16, 2)],
                                                  [(64, 7), (128, 8), (16, 2)]))
 def test_decode_tma(dtype, head_dim, gqa, monkeypatch):
     """The TMA decode kernel (one split, one-warp launch, block size 16) against the oracle, the gather kernel
-    forbidden: every tail length of the last block (0-17 keys past whole blocks), one-block and block-boundary
-    rows, and seq_len-0 padding rows whose tables are all block 0; the cache past each context is NaN."""
-    monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 0)
-    monkeypatch.setattr(tp, "_TMA_MIN_CAPABILITY", 0)
+    forbidden: every tail length of the last block (0-16 keys past whole blocks, one or two blocks before it; on the
+    GPU also long rows), and seq_len-0 padding rows whose tables are all block 0; the cache past each context is
+    NaN, and it is a view into a larger allocation (as the engine's per-layer caches are)."""
+    _force_tma(monkeypatch)
     monkeypatch.setattr(tp, "_decode_kernel", None)  # the gather kernel would raise: the TMA path ran
     gen = torch.Generator().manual_seed(9)
-    seq_lens = [1, 15, 16, 17, 32, 33, 47, 64, 70] if INTERPRET else [1, 15, 16, 17, 32, 33, 47, 64, 70, 500, 1023]
+    seq_lens = [16 * (1 + t % 2) + t for t in range(17)] + ([] if INTERPRET else [1, 500, 1023])
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, 16, dtype, gen)
+    k, v = (torch.stack([torch.zeros_like(c), c])[1] for c in (cache.k, cache.v))  # views at an offset
+    assert k.data_ptr() != cache.k.data_ptr() and torch.equal(k.isnan(), cache.k.isnan())
     meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
     q = _queries(len(seq_lens) + 2, NUM_KV_HEADS * gqa, head_dim, dtype, gen)
     seq_lens_padded = torch.cat([meta.seq_lens, torch.zeros(2, dtype=torch.int32, device=DEVICE)])
     tables = torch.cat([cache.block_tables, torch.zeros_like(cache.block_tables[:2])])
     scale = head_dim ** -0.5
 
-    out = tp.decode_attention(q, cache.k, cache.v, tables, seq_lens_padded, scale, num_splits=1)
+    out = tp.decode_attention(q, k, v, tables, seq_lens_padded, scale, num_splits=1)
     assert (out[-2:] == 0).all()
     _check(out[:-2], _reference(q[:-2], cache, meta, scale), dtype)
 
 
+def test_decode_tma_not_taken(monkeypatch):
+    """With the TMA kernel allowed and forbidden to run: launches of several splits, and one-split launches with a
+    shared-prefix plan, read through the gather kernel and equal the oracle."""
+    _force_tma(monkeypatch)
+    monkeypatch.setattr(tp, "_decode_tma_kernel", None)
+    dtype, head_dim, gqa = (torch.float16 if INTERPRET else torch.bfloat16), 64, 7
+    gen = torch.Generator().manual_seed(10)
+    seq_lens = [3 * 16 + 5, 3 * 16 + 9, 40]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, 16, dtype, gen)
+    assert tp._tma_decode_ok(cache.k[:1, 0], cache.k, cache.v)  # the tensors alone would take it
+    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
+    q = _queries(len(seq_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+    out = tp.decode_attention(q, cache.k, cache.v, cache.block_tables, meta.seq_lens, scale, num_splits=3)
+    _check(out, _reference(q, cache, meta, scale), dtype)
+
+    own = _fork(cache, [([0, 1], 3)])  # rows 0 and 1 now share 3 blocks (in meta's tables too)
+    plan, shared = _shared_plan(cache, seq_lens, gqa)
+    assert plan[1][0] == 2
+    out = tp.decode_attention(q, cache.k, cache.v, _kernel_tables(cache, own, plan), meta.seq_lens, scale,
+                              num_splits=1, shared_prefixes=shared)
+    _check(out, _reference(q, cache, meta, scale), dtype)
+
+
 def test_tma_decode_ok():
     """Which tensors the TMA kernel takes (the capability check aside): 16-bit caches of q's dtype, block size 16,
-    power-of-two head dims of 16-128 (the one-warp config's), aligned strides."""
-    def ok(dtype=torch.bfloat16, block_size=16, head_dim=128, q_dtype=None, kvh=4):
-        cache = torch.zeros(3, block_size, kvh, head_dim, dtype=dtype)
-        return tp._tma_decode_ok(torch.zeros(2, kvh, head_dim, dtype=q_dtype or dtype), cache, cache)
+    power-of-two head dims of 16-128, non-empty, 16-byte aligned base and strides (views into a larger cache too)."""
+    def ok(dtype=torch.bfloat16, block_size=16, head_dim=128, q_dtype=None, kvh=4, num_blocks=3, cache=None):
+        if cache is None:
+            cache = torch.zeros(num_blocks, block_size, kvh, head_dim, dtype=dtype)
+        return tp._tma_decode_ok(torch.zeros(2, kvh, head_dim, dtype=q_dtype or cache.dtype), cache, cache)
 
     assert ok() and ok(torch.float16, head_dim=64) and ok(head_dim=16)
     assert not ok(torch.float32) and not ok(q_dtype=torch.float16)
     assert not ok(block_size=8) and not ok(block_size=32)
-    assert not ok(head_dim=96) and not ok(head_dim=8) and not ok(head_dim=256)
+    assert not ok(head_dim=96) and not ok(head_dim=8) and not ok(head_dim=256) and not ok(num_blocks=0)
+    big = torch.zeros(2, 3, 16, 4, 128, dtype=torch.bfloat16)
+    assert ok(cache=big[1])  # the engine's per-layer views
+    flat = torch.zeros(1 + 3 * 16 * 4 * 128, dtype=torch.bfloat16)
+    assert not ok(cache=flat[1:].view(3, 16, 4, 128))  # base off 16 bytes
+    assert not ok(cache=torch.zeros(3, 16, 4, 132, dtype=torch.bfloat16)[..., :128])  # rows of 264 bytes
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
 @pytest.mark.parametrize("num_splits,prefix_splits", _params([(None, 1), (1, 1), (1, 2), (1, 5), (3, 1)],
                                                              [(None, 1), (None, 3), (3, 1)]))
-def test_decode_shared_prefix(case, num_splits, prefix_splits, one_warp):
+def test_decode_shared_prefix(case, num_splits, prefix_splits, decode_path):
     """Groups of rows that share their first blocks read them once (the shared-prefix pass, then each row's own
     keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two, a
     one-token row, and two padding rows (seq_len 0, zeros in the plan). The pass in one program per group and KV
     head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks). A launch of
     more than one split ignores the plan and reads every row's context through its own table (``_fork``)."""
     dtype, head_dim, gqa, bs = case
-    if one_warp == "tma":
-        pytest.skip("launches with a plan do not take the TMA kernel")
-    _skip_same_path(one_warp, dtype, head_dim)
+    if decode_path == "tma":
+        pytest.skip("launches with a plan do not take the TMA kernel (test_decode_tma_not_taken)")
+    _skip_same_path(decode_path, dtype, head_dim)
     gen = torch.Generator().manual_seed(6)
     seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs + 7, 1]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)

@@ -26,12 +26,13 @@ Design
   The launch config follows the program count (``_decode_config``): a large 16-bit batch runs one-warp programs
   of 32-key tiles, 9 of which fit an SM (rl-7b's whole grid at once); smaller batches, 4 warps.
 * Decode by TMA (``_decode_tma_kernel``, Hopper and later): where the one-warp config would run with one split and
-  no shared prefixes, at a power-of-two head dim, each cache block of a KV head (``[block_size, D]``, one box of a
-  tensor descriptor on the cache) is one copy of the Tensor Memory Accelerator, issued by one thread, and each
-  softmax step takes one block. The block ids are read one step ahead, so the copies do not wait on a load of their
-  own iteration and the pipeliner keeps two blocks in flight; the gather kernel's addresses hang on ids loaded in
-  the same iteration, which keeps it at one tile. 4-8% faster than the one-warp gather kernel at the RL shapes
-  (BENCHMARKS, eighteenth session).
+  no shared prefixes, with a 16-bit cache of q's dtype, block size 16 and a power-of-two head dim of 16-128
+  (``_tma_decode_ok``), each softmax step takes one cache block of the KV head, ``[block_size, D]``, as one box of a
+  tensor descriptor on the cache: the Tensor Memory Accelerator copies it to shared memory (one thread issues it;
+  at D = 128 in bf16 the 128-byte swizzle cuts a box into two copies). The block ids are read one step ahead, so
+  the copies wait on no load of their own iteration and the pipeliner keeps two blocks in flight; the gather
+  kernel's addresses hang on ids loaded in the same iteration, which keeps it at one tile. rl-7b end to end: +1.1%
+  seeded, +1.3% plain (one H200, one round; BENCHMARKS, eighteenth session).
 * Shared prefixes (the samples of one prompt): a group of consecutive decode rows whose block tables start with
   the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
   ``(B, KVH, SHARED_PREFIX_SPLITS)``, only the groups' leader rows work) puts all the group's query heads of a KV
@@ -473,11 +474,14 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def _tma_decode_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether ``_decode_tma_kernel`` can run these tensors: Hopper or later (CPU tensors: Triton's interpreter), a
-    16-bit cache of q's dtype, a power-of-two head dim of 16-128 (as the one-warp config), block size 16 (the measured one; a box is one
-    block of one KV head) and the descriptor's alignment (16-byte base and strides)."""
+    """Whether ``_decode_tma_kernel`` can run these tensors: NVIDIA Hopper or later (CPU tensors: Triton's
+    interpreter); a 16-bit cache of q's dtype; block size 16, the measured one (a box is one block of one KV head);
+    a power-of-two head dim of 16-128 (the one-warp config also takes 80 and 96: those stay on the gather kernel);
+    a non-empty cache with the descriptor's alignment (16-byte base and strides)."""
     head_dim, block_size = k_cache.shape[3], k_cache.shape[1]
     if q.device.type == "cuda":
+        if torch.version.hip is not None:  # ROCm reports MI300 as 9.4: no TMA there
+            return False
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         if _capability(index)[0] < _TMA_MIN_CAPABILITY:
             return False
@@ -485,12 +489,15 @@ def _tma_decode_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return False
     return (q.dtype in (torch.float16, torch.bfloat16) and k_cache.dtype == v_cache.dtype == q.dtype
             and block_size == 16 and 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
+            and k_cache.numel() > 0
             and all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
                     for t in (k_cache, v_cache)))
 
 
 def _cache_descriptor(cache: torch.Tensor) -> TensorDescriptor:
-    """A TMA descriptor on a [N, BS, KVH, D] cache whose box is one block of one KV head, [1, BS, 1, D]."""
+    """A TMA descriptor on a [N, BS, KVH, D] cache whose box is one block of one KV head, [1, BS, 1, D]. Its base
+    address is encoded at launch and, under CUDA graphs, baked into the graph, as the gather kernel's pointers are:
+    the caches live as long as the graphs (``ModelRunner``)."""
     return TensorDescriptor(cache, list(cache.shape), list(cache.stride()), [1, cache.shape[1], 1, cache.shape[3]])
 
 

@@ -3,11 +3,15 @@
 python tools/device_bench/tma_decode_probe.py --out DIR [--shapes ...] [--configs PAIR:warps:stages,...]: the
 seventeenth session found ``_decode_kernel`` bound by its K/V loads as issued (3.15 TB/s of distinct bytes at rl-7b,
 76% of a copy's rate): every thread computes a gathered address per 16 bytes and waits on its own copies. Here a
-cache block of one KV head ([block_size, head_dim], one box of a 4-D tensor descriptor on the cache) is one TMA
-copy issued by one thread, and Triton's pipeliner keeps ``num_stages - 1`` of them in flight. ``PAIR`` takes two
-blocks a softmax step (32 keys at block size 16). One split, direct output: the launch the one-warp config runs.
-Times are do_bench_cudagraph medians (no host launch cost in them); outputs are compared with the gather kernel's
-first. JSON in DIR/tma_decode_probe.json."""
+cache block of one KV head ([block_size, head_dim], one box of a 4-D tensor descriptor on the cache) is fetched by
+the TMA engine on one thread's command (two copies at head dim 128: the swizzle's 128-byte rows), and Triton's
+pipeliner keeps ``num_stages - 1`` boxes in flight. ``PAIR`` takes two blocks a softmax step (32 keys at block size
+16). One split, direct output: the launch the one-warp config runs. (rlserve's ``_decode_tma_kernel`` is config
+``0:1:3`` of this one.)
+Times are do_bench_cudagraph medians (no host launch cost in them), each call walking ``--copies`` caches (4:
+no call finds its K/V in the L2; the eighteenth session's first run, c09b137's JSON, had one, warm); ``gather``
+is ``decode_attention`` with its TMA path off, ``rlserve`` as it ships (TMA where ``_tma_decode_ok``). Outputs are
+compared with the gather kernel's first. JSON in DIR/tma_decode_probe.json."""
 
 from __future__ import annotations
 
@@ -131,34 +135,54 @@ def main():
     parser.add_argument("--out", default="/tmp")
     parser.add_argument("--shapes", default="rl-7b-ctx786,rl-7b-ctx1100,rl-small-ctx384,7b-p2048-ctx2300")
     parser.add_argument("--configs", default="1:1:2,1:1:3,1:1:4,0:1:3,0:1:4,0:1:6,1:2:3,1:4:3,1:1:5")
+    parser.add_argument("--copies", type=int, default=4,
+                        help="caches a timed call walks through in turn, so that no call finds the last one's K/V "
+                             "in the L2 (the engine's GEMMs evict it between layers); times are per kernel")
     args = parser.parse_args()
     SHAPES.setdefault("7b-p2048-ctx2300", (256, 8, 4, 7, 2048, 251, 128))
-    result = {"device": torch.cuda.get_device_name(), "shapes": []}
+    result = {"device": torch.cuda.get_device_name(), "copies": args.copies, "shapes": []}
+
+    def gather(*a, **kw):  # decode_attention with its TMA path off: the gather kernel, as before c09b137
+        cap = tp._TMA_MIN_CAPABILITY
+        tp._TMA_MIN_CAPABILITY = 1 << 30
+        try:
+            return tp.decode_attention(*a, **kw)
+        finally:
+            tp._TMA_MIN_CAPABILITY = cap
+
     for name in args.shapes.split(","):
         batch, n, kvh, group, prompt, gen, d = SHAPES[name]
-        q, k, v, bt, lens = build(batch, n, kvh, group, prompt, gen, d)
+        copies = [build(batch, n, kvh, group, prompt, gen, d) for _ in range(args.copies)]
+        q, k, v, bt, lens = copies[0]
         # a ragged batch for the check: every tail length, block-table padding past each row's last block
         ragged = lens - torch.arange(batch, device="cuda", dtype=torch.int32) % 40
         scale = d ** -0.5
         distinct = ((batch // n) * prompt + batch * (gen + 1)) * kvh * d * 2 * 2
         out = torch.empty_like(q)
-        descs = descriptors(k, v)
+        descs = [descriptors(c[1], c[2]) for c in copies]
         row = {"shape": name, "distinct_bytes": distinct}
         for lens_ in (ragged, lens):
-            want = tp.decode_attention(q, k, v, bt, lens_, scale).float()
+            want = gather(q, k, v, bt, lens_, scale).float()
+            torch.testing.assert_close(tp.decode_attention(q, k, v, bt, lens_, scale).float(), want, atol=2e-2,
+                                       rtol=1e-2)
             for spec in args.configs.split(","):
                 pair, warps, stages = (int(x) for x in spec.split(":"))
-                got = decode_tma(q, k, v, bt, lens_, scale, out, descs, bool(pair), warps, stages).float()
+                got = decode_tma(q, k, v, bt, lens_, scale, out, descs[0], bool(pair), warps, stages).float()
                 torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
-        timings = [("gather", lambda: tp.decode_attention(q, k, v, bt, lens, scale, out=out))]
+
+        def each_copy(fn):
+            return lambda: [fn(c, desc) for c, desc in zip(copies, descs)]
+
+        timings = [("gather", each_copy(lambda c, _: gather(*c, scale, out=out))),
+                   ("rlserve", each_copy(lambda c, _: tp.decode_attention(*c, scale, out=out)))]
         for spec in args.configs.split(","):
             pair, warps, stages = (int(x) for x in spec.split(":"))
-            timings.append((f"tma-{spec}", lambda p=bool(pair), w=warps, s=stages:
-                            decode_tma(q, k, v, bt, lens, scale, out, descs, p, w, s)))
-        timings.append(("gather-again", timings[0][1]))
+            timings.append((f"tma-{spec}", each_copy(lambda c, desc, p=bool(pair), w=warps, s=stages:
+                                                     decode_tma(*c, scale, out, desc, p, w, s))))
+        timings += [("gather-again", timings[0][1]), ("rlserve-again", timings[1][1])]
         for label, fn in timings:
             try:
-                us = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+                us = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3 / len(copies)
             except Exception as e:  # e.g. out of shared memory at a config
                 print(f"{name:18} {label:14} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue
