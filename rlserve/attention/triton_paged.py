@@ -31,8 +31,9 @@ Design
   tensor descriptor on the cache: the Tensor Memory Accelerator copies it to shared memory (one thread issues it;
   at D = 128 in bf16 the 128-byte swizzle cuts a box into two copies). The block ids are read one step ahead, so
   the copies wait on no load of their own iteration and the pipeliner keeps two blocks in flight; the gather
-  kernel's addresses hang on ids loaded in the same iteration, which keeps it at one tile. rl-7b end to end: +1.1%
-  seeded, +1.3% plain (one H200, one round; BENCHMARKS, eighteenth session).
+  kernel's addresses hang on ids loaded in the same iteration, which keeps it at one tile. Decode attention alone
+  4-8% faster; end to end rl-7b +1.1% and rl-small +2.2% seeded (one H200, one round; BENCHMARKS, eighteenth
+  session).
 * Shared prefixes (the samples of one prompt): a group of consecutive decode rows whose block tables start with
   the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
   ``(B, KVH, SHARED_PREFIX_SPLITS)``, only the groups' leader rows work) puts all the group's query heads of a KV
@@ -72,10 +73,10 @@ _TMA_STAGES = 3  # two blocks in flight (the third stage's buffer is the one bei
 # Query rows of one shared-prefix program: a group of decode rows sharing a prefix has at most this many
 # (members x query heads per KV head); the runner sizes groups from it (AttentionBackend.shared_prefix_rows).
 SHARED_PREFIX_ROWS = 64
-# Programs per group and KV head in the shared-prefix pass. 1, the measured setting (BENCHMARKS, seventeenth
-# session): the pass is then serial along the prefix -- alone it took 73 us a layer at a 2,048-token prompt, the
-# decode over the samples' own keys 47.6. More cut the prefix into ranges; shared_prefix_probe.py times them (not
-# yet run on a GPU).
+# Programs per group and KV head in the shared-prefix pass. 1, the setting the engine A/B measured (BENCHMARKS,
+# seventeenth session): the pass is then serial along the prefix -- alone it took 73 us a layer at a 2,048-token
+# prompt. More cut the prefix into ranges; shared_prefix_probe.py's one GPU run of them (eighteenth session, timed
+# with do_bench, not yet under CUDA graphs) had them pay at 64-128 rows and not at 256.
 SHARED_PREFIX_SPLITS = 1
 
 
