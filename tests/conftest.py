@@ -22,6 +22,18 @@ if TRITON_INTERPRET:
     _setup_triton_interpreter()
 
 
+class KernelLaunches:
+    """Stands in for a Triton kernel: counts its launches (``kernel[grid](...)``, under graph capture too) and runs
+    them. ``monkeypatch.setattr(module, "_kernel", KernelLaunches(module._kernel))``."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
 def triton_kernel_module() -> tuple[str, list]:
     """(device, pytestmark) of a Triton kernel test module: CPU tensors and no marks under the interpreter;
     otherwise CUDA, marked ``gpu`` and skipped without a device."""

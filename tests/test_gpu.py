@@ -13,6 +13,7 @@ import torch
 from rlserve import LLM, SamplingParams
 from rlserve.bench.workloads import QWEN25_05B
 from rlserve.models.tiny import make_tiny_model
+from conftest import KernelLaunches
 from hf_utils import hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -55,18 +56,7 @@ def test_float32_greedy_equals_transformers_rl_small_shape(small_model_dir):
     assert all(matches), matches
 
 
-class Launches:
-    """Stands in for a Triton kernel: counts its launches (``kernel[grid](...)``, under graph capture too)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
-def _decode_path(monkeypatch, path: str) -> Launches:
+def _decode_path(monkeypatch, path: str) -> KernelLaunches:
     """Decode attention as ``path`` runs it at these tests' small batches: ``default`` thresholds; ``four-warps``;
     ``one-warp`` (the gather kernel's, forced); ``tma`` (the one-warp launches' TMA kernel, forced; Hopper and
     later). Returns the TMA kernel's launch counter."""
@@ -79,7 +69,7 @@ def _decode_path(monkeypatch, path: str) -> Launches:
         monkeypatch.setattr(triton_paged, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 1 << 30)
     if path == "one-warp":
         monkeypatch.setattr(triton_paged, "_TMA_MIN_CAPABILITY", 1 << 30)
-    launches = Launches(triton_paged._decode_tma_kernel)
+    launches = KernelLaunches(triton_paged._decode_tma_kernel)
     monkeypatch.setattr(triton_paged, "_decode_tma_kernel", launches)
     return launches
 

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 
 import pytest
-from conftest import TRITON_INTERPRET as INTERPRET, triton_kernel_module
+from conftest import TRITON_INTERPRET as INTERPRET, KernelLaunches, triton_kernel_module
 
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
@@ -146,17 +146,6 @@ def test_store_kv(dtype, num_kv_heads, head_dim, block_size):
 
 # ------------------------------------------------------------------------------------------------- decode
 
-class _Launches:
-    """Stands in for a Triton kernel: counts its launches (``kernel[grid](...)``) and runs them."""
-
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
 @pytest.fixture(params=["four-warps", "one-warp", "tma"])
 def decode_path(request, monkeypatch):
     """Every decode launch at any batch: 64-key tiles of 4 warps (small batches, fp32), the one-warp programs of
@@ -169,7 +158,7 @@ def decode_path(request, monkeypatch):
     monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 1 << 30 if request.param == "four-warps" else 0)
     if request.param != "tma":
         monkeypatch.setattr(tp, "_tma_decode_ok", lambda *_: False)
-    monkeypatch.setattr(tp, "_decode_tma_kernel", _Launches(tp._decode_tma_kernel))
+    monkeypatch.setattr(tp, "_decode_tma_kernel", KernelLaunches(tp._decode_tma_kernel))
     return request.param
 
 

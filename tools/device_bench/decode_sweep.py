@@ -49,6 +49,16 @@ def build(batch, n, kvh, group, prompt, gen, d, bs=16, dtype=torch.bfloat16):
     return q, k, v, torch.tensor(tables, dtype=torch.int32, device="cuda"), lens
 
 
+def time_graphed(fn, name: str, label: str, calls: int = 1, rep: int = 100) -> float | None:
+    """Median us of one of ``fn``'s ``calls`` kernel calls, ``fn`` replayed in a CUDA graph (do_bench_cudagraph: no
+    host launch work in it); None, said so, where it fails (e.g. out of shared memory at a config)."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3 / calls
+    except Exception as e:
+        print(f"{name:18} {label:22} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        return None
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp")

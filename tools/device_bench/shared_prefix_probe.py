@@ -33,7 +33,7 @@ from rlserve.attention.metadata import SharedPrefixes, plan_shared_prefixes
 if __package__ in (None, ""):  # run as a script: decode_sweep.py sits beside this file
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_sweep import SHAPES, build  # noqa: E402
+from decode_sweep import SHAPES, build, time_graphed  # noqa: E402
 
 PREFIX_CONFIGS = ["64:4:3", "32:4:3", "64:8:3", "64:4:2"]
 PREFIX_SPLITS = [1, 2, 4, 8]
@@ -120,10 +120,8 @@ def main():
             timings.append((f"prefix-pass-{spec}", lambda c=config: prefix_pass(c)))
         timings.append(("plain-again", plain))
         for label, fn in timings:
-            try:
-                us = triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
-            except Exception as e:  # e.g. out of shared memory at a config
-                print(f"{name:18} {label:22} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            us = time_graphed(fn, name, label, rep=60)
+            if us is None:
                 continue
             row[label] = us
             print(f"{name:18} {label:22} {us:8.1f} us", flush=True)
