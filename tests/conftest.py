@@ -23,14 +23,18 @@ if TRITON_INTERPRET:
 
 
 class KernelLaunches:
-    """Stands in for a Triton kernel: counts its launches (``kernel[grid](...)``, under graph capture too) and runs
-    them. ``monkeypatch.setattr(module, "_kernel", KernelLaunches(module._kernel))``."""
+    """Stands in for a Triton kernel: records its launches' grids (``kernel[grid](...)``, under graph capture too)
+    and runs them. ``monkeypatch.setattr(module, "_kernel", KernelLaunches(module._kernel))``."""
 
     def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
+        self.kernel, self.grids = kernel, []
+
+    @property
+    def count(self) -> int:
+        return len(self.grids)
 
     def __getitem__(self, grid):
-        self.count += 1
+        self.grids.append(tuple(grid))
         return self.kernel[grid]
 
 

@@ -42,7 +42,7 @@ ATTN_CASES = _params(
     list(itertools.product(GPU_DTYPES, [64, 128], [1, 2, 7, 8], [8, 16, 64, 256]))
     + [(torch.bfloat16, 96, 2, 16), (torch.bfloat16, 256, 4, 16), (torch.float32, 80, 7, 32)],
     [(torch.float32, 64, 1, 16), (torch.float16, 64, 7, 8), (torch.float16, 128, 2, 64),
-     (torch.float32, 64, 8, 32), (torch.float16, 96, 2, 16)])
+     (torch.float32, 64, 8, 32), (torch.float16, 96, 2, 16), (torch.float16, 64, 7, 16)])
 NUM_KV_HEADS = 2
 
 
@@ -151,12 +151,13 @@ def decode_path(request, monkeypatch):
     """Every decode launch at any batch: 64-key tiles of 4 warps (small batches, fp32), the one-warp programs of
     32-key tiles that large 16-bit batches take (``_decode_config``), and those programs' TMA kernel where the
     device and the tensors allow it (``_tma_decode_ok``: block size 16, power-of-two head dims; CPU tensors under
-    the interpreter; on CUDA, Hopper or later). ``tp._decode_tma_kernel.count`` says how often the TMA kernel ran."""
+    the interpreter; on CUDA, Hopper or later). ``tp._decode_tma_kernel.count`` says how often the TMA kernel ran.
+    Only ``one-warp`` turns the TMA kernel off by hand: with four warps, the dispatch's own rule must keep it off."""
     if (request.param == "tma" and DEVICE == "cuda"
             and torch.cuda.get_device_capability()[0] < tp._TMA_MIN_CAPABILITY):
         pytest.skip("the TMA decode kernel needs Hopper or later")
     monkeypatch.setattr(tp, "_ONE_WARP_MIN_PROGRAMS_PER_SM", 1 << 30 if request.param == "four-warps" else 0)
-    if request.param != "tma":
+    if request.param == "one-warp":
         monkeypatch.setattr(tp, "_tma_decode_ok", lambda *_: False)
     monkeypatch.setattr(tp, "_decode_tma_kernel", KernelLaunches(tp._decode_tma_kernel))
     return request.param
@@ -303,10 +304,12 @@ def test_decode_tma_not_taken(monkeypatch):
 def test_tma_decode_ok():
     """Which tensors the TMA kernel takes (the capability check aside): 16-bit caches of q's dtype, block size 16,
     power-of-two head dims of 16-128, non-empty, 16-byte aligned base and strides (views into a larger cache too)."""
-    def ok(dtype=torch.bfloat16, block_size=16, head_dim=128, q_dtype=None, kvh=4, num_blocks=3, cache=None):
+    def ok(dtype=torch.bfloat16, block_size=16, head_dim=128, q_dtype=None, kvh=4, num_blocks=3, cache=None,
+           v_cache=None):
         if cache is None:
             cache = torch.zeros(num_blocks, block_size, kvh, head_dim, dtype=dtype)
-        return tp._tma_decode_ok(torch.zeros(2, kvh, head_dim, dtype=q_dtype or cache.dtype), cache, cache)
+        v_cache = torch.zeros_like(cache) if v_cache is None else v_cache
+        return tp._tma_decode_ok(torch.zeros(2, kvh, head_dim, dtype=q_dtype or cache.dtype), cache, v_cache)
 
     assert ok() and ok(torch.float16, head_dim=64) and ok(head_dim=16)
     assert not ok(torch.float32) and not ok(q_dtype=torch.float16)
@@ -316,6 +319,8 @@ def test_tma_decode_ok():
     assert ok(cache=big[1])  # the engine's per-layer views
     flat = torch.zeros(1 + 3 * 16 * 4 * 128, dtype=torch.bfloat16)
     assert not ok(cache=flat[1:].view(3, 16, 4, 128))  # base off 16 bytes
+    assert not ok(cache=big[1], v_cache=flat[1:].view(3, 16, 4, 128))  # V's too
+    assert not ok(cache=big[1], v_cache=torch.zeros(3, 16, 4, 128, dtype=torch.float16))  # V of another dtype
     assert not ok(cache=torch.zeros(3, 16, 4, 132, dtype=torch.bfloat16)[..., :128])  # rows of 264 bytes
 
 

@@ -32,8 +32,8 @@ Design
   at D = 128 in bf16 the 128-byte swizzle cuts a box into two copies). The block ids are read one step ahead, so
   the copies wait on no load of their own iteration and the pipeliner keeps two blocks in flight; the gather
   kernel's addresses hang on ids loaded in the same iteration, which keeps it at one tile. Decode attention alone
-  4-8% faster; end to end rl-7b +1.1% and rl-small +2.2% seeded (one H200, one round; BENCHMARKS, eighteenth
-  session).
+  is 4-8% faster at the RL shapes (one H200; end to end, one round each, rl-7b +1.1% and rl-small +2.2%, within
+  run-to-run spread; BENCHMARKS, eighteenth session).
 * Shared prefixes (the samples of one prompt): a group of consecutive decode rows whose block tables start with
   the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
   ``(B, KVH, SHARED_PREFIX_SPLITS)``, only the groups' leader rows work) puts all the group's query heads of a KV
@@ -75,8 +75,8 @@ _TMA_STAGES = 3  # two blocks in flight (the third stage's buffer is the one bei
 SHARED_PREFIX_ROWS = 64
 # Programs per group and KV head in the shared-prefix pass. 1, the setting the engine A/B measured (BENCHMARKS,
 # seventeenth session): the pass is then serial along the prefix -- alone it took 73 us a layer at a 2,048-token
-# prompt. More cut the prefix into ranges; shared_prefix_probe.py's one GPU run of them (eighteenth session, timed
-# with do_bench, not yet under CUDA graphs) had them pay at 64-128 rows and not at 256.
+# prompt. More cut the prefix into ranges; shared_prefix_probe.py's one GPU run of them (eighteenth session, with
+# do_bench) was not self-consistent, and is to be re-run under CUDA graphs (BENCHMARKS, eighteenth session).
 SHARED_PREFIX_SPLITS = 1
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -53,15 +54,19 @@ def main():
                              "in the L2 (the engine's GEMMs evict it between layers); times are per kernel")
     args = parser.parse_args()
     SHAPES.setdefault("7b-p2048-ctx2300", (256, 8, 4, 7, 2048, 251, 128))
-    result = {"device": torch.cuda.get_device_name(), "copies": args.copies, "shapes": []}
+    result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("RLSERVE_COMMIT", "unknown"),
+              "args": vars(args), "shapes": []}
+    tma_kernel = tp._decode_tma_kernel
 
     def gather(*a, **kw):  # decode_attention with its TMA path off: the gather kernel, as before c09b137
         cap = tp._TMA_MIN_CAPABILITY
         tp._TMA_MIN_CAPABILITY = 1 << 30
+        tp._decode_tma_kernel = None  # (were the dispatch ever to ignore the switch, this would say so)
         try:
             return tp.decode_attention(*a, **kw)
         finally:
             tp._TMA_MIN_CAPABILITY = cap
+            tp._decode_tma_kernel = tma_kernel
 
     for name in args.shapes.split(","):
         batch, n, kvh, group, prompt, gen, d = SHAPES[name]
@@ -70,9 +75,11 @@ def main():
         # a ragged batch for the check: every tail length, block-table padding past each row's last block
         ragged = lens - torch.arange(batch, device="cuda", dtype=torch.int32) % 40
         scale = d ** -0.5
-        distinct = ((batch // n) * prompt + batch * (gen + 1)) * kvh * d * 2 * 2
+        # Useful bytes: each prompt's K/V once a group, each row's own keys once (not HBM traffic: the samples
+        # re-read their prompt, through the L2 or not, and TMA fetches whole blocks)
+        useful = ((batch // n) * prompt + batch * (gen + 1)) * kvh * d * 2 * 2
         out = torch.empty_like(q)
-        row = {"shape": name, "distinct_bytes": distinct}
+        row = {"shape": name, "useful_bytes": useful}
         for lens_ in (ragged, lens):
             want = gather(q, k, v, bt, lens_, scale).float()
             torch.testing.assert_close(tp.decode_attention(q, k, v, bt, lens_, scale).float(), want, atol=2e-2,
@@ -96,7 +103,7 @@ def main():
             if us is None:
                 continue
             row[label] = us
-            print(f"{name:18} {label:14} {us:8.1f} us  {distinct / us / 1e6:5.2f} TB/s distinct", flush=True)
+            print(f"{name:18} {label:14} {us:8.1f} us  {useful / us / 1e6:5.2f} TB/s useful", flush=True)
         result["shapes"].append(row)
         Path(args.out, "tma_decode_probe.json").write_text(json.dumps(result, indent=1))
 
