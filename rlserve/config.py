@@ -56,9 +56,10 @@ class EngineConfig:
     # row to the end; on a GPU that can change others' logits in the last bits).
     num_scheduler_steps: int = 1
     # Decode rows that share at least this many prompt tokens (a prompt's samples) read them once a group, where the
-    # attention backend can (Triton); 0: never. Measured on one H200 (BENCHMARKS, seventeenth session): +11% at
-    # 2,048-token prompts; at 256 decode attention took 4% longer with it (the samples' re-reads were cheap
-    # already) and the engine was even; nothing between.
+    # attention backend can (Triton); 0: never. Measured on one H200 (BENCHMARKS, seventeenth session, 49ded3f, one
+    # round): +11% at 2,048-token prompts; at 256 decode attention took 4% longer with it (the samples' re-reads were
+    # cheap already) and the engine was even; nothing between. The eighteenth session's probe did not reproduce the
+    # kernel-level gain and is to be re-run under CUDA graphs before this default is trusted further.
     shared_prefix_min_tokens: int = 1024
     extra: dict = field(default_factory=dict)
 
