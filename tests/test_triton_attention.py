@@ -278,8 +278,8 @@ def test_decode_tma(dtype, head_dim, gqa, monkeypatch):
 
 
 def test_decode_tma_not_taken(monkeypatch):
-    """With the TMA kernel allowed and forbidden to run: launches of several splits, and one-split launches with a
-    shared-prefix plan, read through the gather kernel and equal the oracle."""
+    """With the TMA kernel allowed and forbidden to run: a launch of several splits reads through the gather kernel
+    and equals the oracle, with and without a shared-prefix plan (which a split launch ignores)."""
     _force_tma(monkeypatch)
     monkeypatch.setattr(tp, "_decode_tma_kernel", None)
     dtype, head_dim, gqa = (torch.float16 if INTERPRET else torch.bfloat16), 64, 7
@@ -296,9 +296,8 @@ def test_decode_tma_not_taken(monkeypatch):
     own = _fork(cache, [([0, 1], 3)])  # rows 0 and 1 now share 3 blocks (in meta's tables too)
     plan, shared = _shared_plan(cache, seq_lens, gqa)
     assert plan[1][0] == 2
-    out = tp.decode_attention(q, cache.k, cache.v, _kernel_tables(cache, own, plan), meta.seq_lens, scale,
-                              num_splits=1, shared_prefixes=shared)
-    _check(out, _reference(q, cache, meta, scale), dtype)
+    out = tp.decode_attention(q, cache.k, cache.v, own, meta.seq_lens, scale, num_splits=2, shared_prefixes=shared)
+    _check(out, _reference(q, cache, dataclasses.replace(meta, block_tables=own), scale), dtype)
 
 
 def test_tma_decode_ok():
@@ -325,18 +324,18 @@ def test_tma_decode_ok():
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
-@pytest.mark.parametrize("num_splits,prefix_splits", _params([(None, 1), (1, 1), (1, 2), (1, 5), (3, 1)],
-                                                             [(None, 1), (None, 3), (3, 1)]))
+@pytest.mark.parametrize("num_splits,prefix_splits", _params([(None, 1), (1, 1), (1, 2), (1, 5), (1, None), (3, 1)],
+                                                             [(None, 1), (None, 3), (1, None), (3, 1)]))
 def test_decode_shared_prefix(case, num_splits, prefix_splits, decode_path):
     """Groups of rows that share their first blocks read them once (the shared-prefix pass, then each row's own
     keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two, a
     one-token row, and two padding rows (seq_len 0, zeros in the plan). The pass in one program per group and KV
-    head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks). A launch of
-    more than one split ignores the plan and reads every row's context through its own table (``_fork``)."""
+    head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks; None, as
+    ``choose_prefix_splits`` picks: 8 under the interpreter's 8 "SMs"). A launch of more than one split ignores the
+    plan and reads every row's context through its own table (``_fork``); one of one split reads the rows' own keys
+    through the TMA kernel where it runs at all."""
     dtype, head_dim, gqa, bs = case
-    if decode_path == "tma":
-        pytest.skip("launches with a plan do not take the TMA kernel (test_decode_tma_not_taken)")
-    _skip_same_path(decode_path, dtype, head_dim)
+    _skip_same_path(decode_path, dtype, head_dim, bs)
     gen = torch.Generator().manual_seed(6)
     seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs + 7, 1]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
@@ -355,6 +354,7 @@ def test_decode_shared_prefix(case, num_splits, prefix_splits, decode_path):
     assert torch.isfinite(out[-2:]).all()
     expected = meta if pass_runs else dataclasses.replace(meta, block_tables=own)
     _check(out[:-2], _reference(q[:-2], cache, expected, scale), dtype)
+    assert tp._decode_tma_kernel.count == (decode_path == "tma" and pass_runs)  # with the plan, one split only
 
 
 @pytest.mark.parametrize("gqa", _params([1, 7, 8], [7, 8]))
@@ -401,6 +401,18 @@ def test_decode_shared_prefix_group_size_past_the_batch_is_cut(gqa):
                         shared_prefixes=shared)
     assert torch.isnan(out[3:]).all()
     _check(out[:3], _reference(q, cache, meta, scale), dtype)
+
+
+def test_choose_prefix_splits(monkeypatch):
+    """Ranges of the shared-prefix pass by the batch: about 2 programs an SM over the fewest groups the rows form,
+    a power of two, 1 to 8 (the 7B shape on an H200: 2 at 256 rows, 4 at 128, 8 at 64); the constant overrides."""
+    monkeypatch.setattr(tp, "_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert [tp.choose_prefix_splits(b, 4, 7, cpu) for b in (512, 256, 192, 128, 64, 33, 1)] == [1, 2, 2, 4, 8, 8, 8]
+    assert tp.choose_prefix_splits(256, 8, 8, cpu) == 1  # 32 groups of 8 rows x 8 KV heads: 256 programs
+    assert tp.choose_prefix_splits(256, 2, 1, cpu) == 8  # 4 groups of 64 rows x 2 KV heads
+    monkeypatch.setattr(tp, "SHARED_PREFIX_SPLITS", 3)
+    assert tp.choose_prefix_splits(64, 4, 7, cpu) == 3
 
 
 def test_decode_config_by_batch():

@@ -25,8 +25,8 @@ Design
   With one split the kernel normalizes and writes the output directly. ``seq_len == 0`` rows give zeros.
   The launch config follows the program count (``_decode_config``): a large 16-bit batch runs one-warp programs
   of 32-key tiles, 9 of which fit an SM (rl-7b's whole grid at once); smaller batches, 4 warps.
-* Decode by TMA (``_decode_tma_kernel``, Hopper and later): where the one-warp config would run with one split and
-  no shared prefixes, with a 16-bit cache of q's dtype, block size 16 and a power-of-two head dim of 16-128
+* Decode by TMA (``_decode_tma_kernel``, Hopper and later): where the one-warp config would run with one split
+  (with or without shared prefixes: then over each row's own keys, as the gather kernel), with a 16-bit cache of q's dtype, block size 16 and a power-of-two head dim of 16-128
   (``_tma_decode_ok``), each softmax step takes one cache block of the KV head, ``[block_size, D]``, as one box of a
   tensor descriptor on the cache: the Tensor Memory Accelerator copies it to shared memory (one thread issues it;
   at D = 128 in bf16 the 128-byte swizzle cuts a box into two copies). The block ids are read one step ahead, so
@@ -36,13 +36,14 @@ Design
   run-to-run spread; BENCHMARKS, eighteenth session).
 * Shared prefixes (the samples of one prompt): a group of consecutive decode rows whose block tables start with
   the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
-  ``(B, KVH, SHARED_PREFIX_SPLITS)``, only the groups' leader rows work) puts all the group's query heads of a KV
+  ``(B, KVH, choose_prefix_splits)``, only the groups' leader rows work) puts all the group's query heads of a KV
   head -- up to ``SHARED_PREFIX_ROWS`` rows, a prefill-sized tile -- against the shared keys and writes each (row,
   head) a partial ``(m, l, acc)``; the decode kernel starts from it (merging the partials of several ranges) and
   reads only the row's own keys ``[prefix, seq_len)``. Only launches of one split take the pass
-  (``decode_attention`` says why). It pays for long prompts only: at a short prompt the samples' re-reads cost
-  little, consistent with their hitting the L2 (``EngineConfig.shared_prefix_min_tokens``; BENCHMARKS, seventeenth
-  session).
+  (``decode_attention`` says why). The pass cuts each prefix into ranges, one program each, by the batch
+  (``choose_prefix_splits``): alone over a 2,048-token prefix at 256 rows it took 65 us a layer serial, 48 in two
+  ranges. It pays for long prompts only: at a short prompt the samples' re-reads cost little, consistent with their
+  hitting the L2 (``EngineConfig.shared_prefix_min_tokens``; BENCHMARKS, seventeenth and nineteenth sessions).
 * Prefill (``prefill_attention``): grid ``(cdiv(max_query_len, BLOCK_M), num_seqs, H)``; a program takes
   ``BLOCK_M`` queries of one head. The queries are the last ``q_len`` positions of the ``seq_len``-token
   context (``prefix = seq_len - q_len`` cached tokens), query ``p`` sees keys ``0..p``. Tiles entirely
@@ -73,11 +74,10 @@ _TMA_STAGES = 3  # two blocks in flight (the third stage's buffer is the one bei
 # Query rows of one shared-prefix program: a group of decode rows sharing a prefix has at most this many
 # (members x query heads per KV head); the runner sizes groups from it (AttentionBackend.shared_prefix_rows).
 SHARED_PREFIX_ROWS = 64
-# Programs per group and KV head in the shared-prefix pass. 1, the setting the engine A/B measured (BENCHMARKS,
-# seventeenth session): the pass is then serial along the prefix -- alone it took 73 us a layer at a 2,048-token
-# prompt. More cut the prefix into ranges; shared_prefix_probe.py's one GPU run of them (eighteenth session, with
-# do_bench) was not self-consistent, and is to be re-run under CUDA graphs (BENCHMARKS, eighteenth session).
-SHARED_PREFIX_SPLITS = 1
+# Programs per group and KV head in the shared-prefix pass, each over a range of the prefix: None, by the batch
+# (choose_prefix_splits); an int overrides it (1: the pass serial along the prefix, the seventeenth session's).
+SHARED_PREFIX_SPLITS: int | None = None
+_MAX_PREFIX_SPLITS = 8
 
 
 @triton.jit
@@ -207,6 +207,29 @@ def _shared_prefix_kernel(q_ptr, k_cache, v_cache, bt_ptr, prefix_ptr, members_p
 
 
 @triton.jit
+def _prefix_partials(pre_m, pre_l, pre_acc, b64, heads, has, offs_d, d_ok,
+                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PREFIX_SPLITS: tl.constexpr):
+    """Row ``b64``'s running ``(acc, m, l)`` after its shared prefix: the shared-prefix pass's ``PREFIX_SPLITS``
+    partials of its ``heads`` merged (rows where ``has`` is false start empty: ``(0, -inf, 0)``)."""
+    pre = (b64 * NUM_HEADS + heads) * PREFIX_SPLITS  # [G]; partials [B, H, S(, HEAD_DIM)] fp32
+    pre_mask = has[:, None] & d_ok[None, :]
+    m_i = tl.load(pre_m + pre, mask=has, other=float("-inf"))
+    l_i = tl.load(pre_l + pre, mask=has, other=0.0)
+    acc = tl.load(pre_acc + pre[:, None] * HEAD_DIM + offs_d[None, :], mask=pre_mask, other=0.0)
+    for s in tl.static_range(1, PREFIX_SPLITS):  # merge the pass's other ranges' partials
+        m_s = tl.load(pre_m + pre + s, mask=has, other=float("-inf"))
+        m_new = tl.maximum(m_i, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: weights 0, not NaN
+        alpha = tl.exp2(m_i - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        l_i = l_i * alpha + tl.load(pre_l + pre + s, mask=has, other=0.0) * beta
+        acc = acc * alpha[:, None] + tl.load(pre_acc + (pre + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                             mask=pre_mask, other=0.0) * beta[:, None]
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_m, part_l, part_acc,
                    prefix_ptr, pre_m, pre_l, pre_acc, qk_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
@@ -241,22 +264,8 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
     bt_row = bt_ptr + b64 * stride_bt
 
     if SHARED:  # (one split) a row in a group starts from the shared-prefix pass's partial(s)
-        has = g_ok & (lo > 0)
-        pre = (b64 * NUM_HEADS + heads) * PREFIX_SPLITS  # [BLOCK_G]
-        pre_mask = has[:, None] & d_ok[None, :]
-        m_i = tl.load(pre_m + pre, mask=has, other=float("-inf"))
-        l_i = tl.load(pre_l + pre, mask=has, other=0.0)
-        acc = tl.load(pre_acc + pre[:, None] * HEAD_DIM + offs_d[None, :], mask=pre_mask, other=0.0)
-        for s in tl.static_range(1, PREFIX_SPLITS):  # merge the pass's other ranges' partials
-            m_s = tl.load(pre_m + pre + s, mask=has, other=float("-inf"))
-            m_new = tl.maximum(m_i, m_s)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: weights 0, not NaN
-            alpha = tl.exp2(m_i - m_ref)
-            beta = tl.exp2(m_s - m_ref)
-            l_i = l_i * alpha + tl.load(pre_l + pre + s, mask=has, other=0.0) * beta
-            acc = acc * alpha[:, None] + tl.load(pre_acc + (pre + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                                                 mask=pre_mask, other=0.0) * beta[:, None]
-            m_i = m_new
+        acc, m_i, l_i = _prefix_partials(pre_m, pre_l, pre_acc, b64, heads, g_ok & (lo > 0), offs_d, d_ok,
+                                         NUM_HEADS, HEAD_DIM, PREFIX_SPLITS)
     else:
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -298,12 +307,15 @@ def _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, n, seq_len, 
 
 
 @triton.jit
-def _decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, seq_lens_ptr, out_ptr, qk_scale,
-                       stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
-                       GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_G: tl.constexpr):
+def _decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, seq_lens_ptr, out_ptr, prefix_ptr, pre_m, pre_l, pre_acc,
+                       qk_scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SHARED: tl.constexpr,
+                       PREFIX_SPLITS: tl.constexpr):
     """Decode of one sequence and KV head, one split, direct output, a cache block a step by TMA (module doc).
-    ``k_desc``/``v_desc``: descriptors on the [N, BS, KVH, D] caches with a [1, BS, 1, D] box."""
+    ``k_desc``/``v_desc``: descriptors on the [N, BS, KVH, D] caches with a [1, BS, 1, D] box. SHARED: as in
+    ``_decode_kernel``, the row starts from the shared-prefix pass's partials and reads its keys from its prefix on
+    (``plan_shared_prefixes``' prefixes are whole blocks, so the loop stays on block boundaries)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -315,21 +327,28 @@ def _decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, seq_lens_ptr, out_ptr, qk_
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None],
                 other=0.0)  # [BLOCK_G, D]
     bt_row = bt_ptr + b64 * stride_bt
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    if SHARED:
+        lo = tl.minimum(tl.load(prefix_ptr + b), seq_len)
+        acc, m_i, l_i = _prefix_partials(pre_m, pre_l, pre_acc, b64, heads, g_ok & (lo > 0), offs_d,
+                                         offs_d < HEAD_DIM, NUM_HEADS, HEAD_DIM, PREFIX_SPLITS)
+    else:
+        lo = seq_len * 0  # a zero of seq_len's type: both branches give lo the same type
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     # Block ids one step ahead (loop-carried): a step's copies then depend on no load of their own iteration, and
     # the pipeliner issues them stages early. Past the row's blocks an id reads as 0 and is never used.
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
     full_end = seq_len // BLOCK_SIZE * BLOCK_SIZE
-    blk = tl.load(bt_row, mask=num_blocks > 0, other=0)
-    for n in range(0, full_end, BLOCK_SIZE):
+    first = lo // BLOCK_SIZE
+    blk = tl.load(bt_row + first, mask=first < num_blocks, other=0)
+    for n in range(lo, full_end, BLOCK_SIZE):
         j = n // BLOCK_SIZE + 1
         nxt = tl.load(bt_row + j, mask=j < num_blocks, other=0)
         acc, m_i, l_i = _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, n, seq_len, qk_scale,
                                         BLOCK_SIZE, HEAD_DIM, False)
         blk = nxt
-    if full_end < seq_len:  # the last, partial block
+    if lo <= full_end and full_end < seq_len:  # the last, partial block
         acc, m_i, l_i = _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, full_end, seq_len,
                                         qk_scale, BLOCK_SIZE, HEAD_DIM, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -507,6 +526,21 @@ def shared_prefix_min_batch(num_kv_heads: int, device: torch.device) -> int:
     return triton.cdiv(_sms(device), num_kv_heads)
 
 
+def choose_prefix_splits(batch: int, num_kv_heads: int, group: int, device: torch.device) -> int:
+    """Programs per group and KV head in the shared-prefix pass, from static quantities only (CUDA graphs): a
+    power of two (few compiled variants) of at most 8 that brings the pass to about 2 programs per SM, counting the
+    fewest groups ``batch`` rows can form (full tiles: ``SHARED_PREFIX_ROWS // group`` rows each). At 256 rows of
+    the 7B shape that is 2, at 128 rows 4, at 64 rows 8: the fastest of 1, 2, 4 and 8 at each in
+    ``shared_prefix_probe.py`` (one H200, under CUDA graphs; BENCHMARKS, nineteenth session). With more, smaller
+    groups (fewer samples a prompt) the pass has more programs than that and the ranges only shorten them.
+    ``SHARED_PREFIX_SPLITS``, when set, overrides the rule."""
+    if SHARED_PREFIX_SPLITS is not None:
+        return SHARED_PREFIX_SPLITS
+    groups = triton.cdiv(batch, max(1, SHARED_PREFIX_ROWS // group))
+    fit = max(1, 2 * _sms(device) // (groups * num_kv_heads))
+    return min(_MAX_PREFIX_SPLITS, 1 << (fit.bit_length() - 1))
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """KV splits for decode from static quantities only (no seq_lens): aim for ~2 programs per SM.
 
@@ -551,12 +585,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     read those keys once a group -- ``_shared_prefix_kernel`` first, then each row's own keys from there -- where
     the launch has one split (``B * KVH`` programs fill the SMs): the pass is serial along the prefix, so a small
     batch, whose context is split across programs, reads every row's whole context as without the plan. A group
-    has at most ``SHARED_PREFIX_ROWS // (H / KVH)`` rows. ``prefix_splits`` (default ``SHARED_PREFIX_SPLITS``):
+    has at most ``SHARED_PREFIX_ROWS // (H / KVH)`` rows. ``prefix_splits`` (default ``choose_prefix_splits``):
     programs per group and KV head in the pass, each over a range of the prefix, their partials merged by the
     decode kernel.
 
-    Where the one-warp config runs with one split and no plan, ``_tma_decode_ok`` tensors take
-    ``_decode_tma_kernel`` (module doc)."""
+    Where the one-warp config runs with one split, ``_tma_decode_ok`` tensors take ``_decode_tma_kernel`` (module
+    doc), with or without a plan."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -580,7 +614,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     shared = shared_prefixes is not None and direct
     if shared:
         prefix_lens = shared_prefixes.lens
-        splits = SHARED_PREFIX_SPLITS if prefix_splits is None else prefix_splits
+        splits = choose_prefix_splits(batch, num_kv_heads, group, q.device) if prefix_splits is None \
+            else prefix_splits
         pre_m = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
         pre_l = torch.empty_like(pre_m)
         pre_acc = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
@@ -596,12 +631,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         prefix_lens = pre_m = pre_l = pre_acc = seq_lens
         splits = 1
     config = _decode_config(block_d, block_g, q.dtype, batch * num_kv_heads * num_splits, _sms(q.device))
-    if direct and not shared and config["num_warps"] == 1 and _tma_decode_ok(q, k_cache, v_cache):
+    if direct and config["num_warps"] == 1 and _tma_decode_ok(q, k_cache, v_cache):
         _decode_tma_kernel[(batch, num_kv_heads)](
-            q, _cache_descriptor(k_cache), _cache_descriptor(v_cache), block_tables, seq_lens, out, scale * _LOG2E,
+            q, _cache_descriptor(k_cache), _cache_descriptor(v_cache), block_tables, seq_lens, out,
+            prefix_lens, pre_m, pre_l, pre_acc, scale * _LOG2E,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-            GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_G=block_g, num_warps=1,
-            num_stages=_TMA_STAGES)
+            NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_G=block_g,
+            SHARED=shared, PREFIX_SPLITS=splits, num_warps=1, num_stages=_TMA_STAGES)
         return out
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,

@@ -8,7 +8,9 @@ do_bench_cudagraph in the eighteenth session, and a path of two launches and thr
 
 - ``plain``: ``decode_attention`` reading every row's whole context (no plan);
 - ``shared-sS``: with the plan -- the shared-prefix pass in S programs per group and KV head (``PREFIX_SPLITS``),
-  then the decode kernel over each row's own keys, merging the S partials;
+  then the decode kernel over each row's own keys, merging the S partials (the TMA kernel where it runs);
+  ``shared-auto``: S as ``choose_prefix_splits`` picks it (the engine's launch); ``shared-auto-gather``: the same
+  with the own keys read by the gather kernel (``_tma_decode_ok`` off: the nineteenth session's start);
 - ``prefix-pass-sS``: the shared-prefix pass alone, S programs per group and KV head; ``prefix-pass-C`` one
   program at the configs ``PREFIX_CONFIGS`` (BLOCK_N:num_warps:num_stages);
 - ``plain-hnd``: ``plain`` on the same cache stored head-major ([blocks, KVH, block_size, D]) (the seventeenth
@@ -77,6 +79,14 @@ def main():
             return tp.decode_attention(q, k, v, bt, lens, scale, num_splits=1, shared_prefixes=shared_prefixes,
                                        prefix_splits=splits)
 
+        def shared_gather(splits=None):
+            tma_ok = tp._tma_decode_ok
+            tp._tma_decode_ok = lambda *_: False
+            try:
+                return shared(splits)
+            finally:
+                tp._tma_decode_ok = tma_ok
+
         def prefix_pass(config=None, splits=1):
             tp._shared_prefix_config = default_config if config is None else (lambda *_: config)
             try:
@@ -106,11 +116,14 @@ def main():
                 tp._decode_config = decode_config
 
         want = plain().float()
-        for splits in PREFIX_SPLITS:
+        for splits in PREFIX_SPLITS + [None]:
             torch.testing.assert_close(shared(splits).float(), want, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(shared_gather().float(), want, atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(plain_hnd().float(), want, atol=0, rtol=0)
-        row = {"shape": name, "plan_groups": sum(s > 1 for s in plan[1])}
-        timings = [("plain", plain), ("plain-hnd", plain_hnd), ("own-keys", own_keys)]
+        row = {"shape": name, "plan_groups": sum(s > 1 for s in plan[1]),
+               "auto_splits": tp.choose_prefix_splits(batch, kvh, group, q.device)}
+        timings = [("plain", plain), ("shared-auto", shared), ("shared-auto-gather", shared_gather),
+                   ("plain-hnd", plain_hnd), ("own-keys", own_keys)]
         for splits in PREFIX_SPLITS:
             timings += [(f"shared-s{splits}", lambda n=splits: shared(n)),
                         (f"prefix-pass-s{splits}", lambda n=splits: prefix_pass(splits=n))]
