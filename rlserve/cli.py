@@ -102,9 +102,9 @@ def add_serve_parser(sub) -> None:
                "reached runs one step.")
     _flag(p, "shared_prefix_min_tokens", type=int, default=1024,
           help="Decode rows that share at least this many prompt tokens (a prompt's samples) read them once a group "
-               "in decode attention, on CUDA (default: 1024; 0: never). Meant for long prompts (+11%% at 2,048 "
-               "tokens on one H200 in one round, to be measured again: BENCHMARKS.md); at a few hundred tokens the "
-               "re-reads were cheap already.")
+               "in decode attention, on CUDA (default: 1024; 0: never). Meant for long prompts (+10%% end to end "
+               "at 2,048 tokens on one H200, one round: BENCHMARKS.md); at a few hundred tokens the re-reads are "
+               "cheap already.")
     # Several nodes (rlserve/server/replica_handles.py; README "Several nodes (Ray)").
     _flag(p, "ray_address", default=None,
           help="Run the data-parallel replicas as Ray actors on a Ray cluster: 'auto' (the cluster this node "

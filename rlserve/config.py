@@ -56,10 +56,10 @@ class EngineConfig:
     # row to the end; on a GPU that can change others' logits in the last bits).
     num_scheduler_steps: int = 1
     # Decode rows that share at least this many prompt tokens (a prompt's samples) read them once a group, where the
-    # attention backend can (Triton); 0: never. Measured on one H200 (BENCHMARKS, seventeenth session, 49ded3f, one
-    # round): +11% at 2,048-token prompts; at 256 decode attention took 4% longer with it (the samples' re-reads were
-    # cheap already) and the engine was even; nothing between. The eighteenth session's probe did not reproduce the
-    # kernel-level gain and is to be re-run under CUDA graphs before this default is trusted further.
+    # attention backend can (Triton); 0: never. Measured on one H200, one round each: +11% at 2,048-token prompts
+    # (49ded3f), +10% again at 7cfc3f0 (BENCHMARKS, seventeenth and nineteenth sessions); decode attention alone under
+    # CUDA graphs 15% faster at 1,024-token prompts and 35% at 2,048 (e90b5ac), even at 512 with 16 samples a prompt,
+    # 9% slower at 256 (the samples' re-reads are cheap there), where the engine was even.
     shared_prefix_min_tokens: int = 1024
     extra: dict = field(default_factory=dict)
 
