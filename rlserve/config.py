@@ -58,8 +58,8 @@ class EngineConfig:
     # Decode rows that share at least this many prompt tokens (a prompt's samples) read them once a group, where the
     # attention backend can (Triton); 0: never. Measured on one H200, one round each: +11% at 2,048-token prompts
     # (49ded3f), +10% again at 7cfc3f0 (BENCHMARKS, seventeenth and nineteenth sessions); decode attention alone under
-    # CUDA graphs 15% faster at 1,024-token prompts and 35% at 2,048 (e90b5ac), even at 512 with 16 samples a prompt,
-    # 9% slower at 256 (the samples' re-reads are cheap there), where the engine was even.
+    # CUDA graphs took 15% less time at 1,024-token prompts and 35% less at 2,048 (e90b5ac), the same at 512 with 16
+    # samples a prompt, 9% more at 256 (the samples' re-reads are cheap there), where the engine was even.
     shared_prefix_min_tokens: int = 1024
     extra: dict = field(default_factory=dict)
 

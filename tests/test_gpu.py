@@ -74,31 +74,47 @@ def _decode_path(monkeypatch, path: str) -> KernelLaunches:
     return launches
 
 
-@pytest.mark.parametrize("decode_path", ["default", "tma"])
+@pytest.mark.parametrize("decode_path", ["default", "tma", "tma-shared"])
 def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir, monkeypatch, decode_path):
     """bf16 tokens with CUDA graphs equal eager ones, greedy and seeded. With ``tma`` the 72 samples' decode (one
     split where 144 programs fill the SMs) runs the TMA kernel: captured in the graph of their padded size, and
-    launched by the eager engine; at the default thresholds this batch takes the 4-warp gather kernel."""
+    launched by the eager engine; at the default thresholds this batch takes the 4-warp gather kernel. With
+    ``tma-shared`` the seeded samples of each prompt also read its first blocks once a group (the shared-prefix
+    pass from 64 shared tokens), the TMA kernel reading each row's own keys: the pass's graphs replayed."""
     from rlserve.attention import triton_paged
-    if decode_path == "tma" and triton_paged.choose_num_splits(72, 2, torch.device("cuda")) != 1:
+    if decode_path != "default" and triton_paged.choose_num_splits(72, 2, torch.device("cuda")) != 1:
         pytest.skip("72 rows x 2 KV heads do not fill this GPU's SMs: their decode is split, never TMA")
-    launches = _decode_path(monkeypatch, decode_path)
+    shared = decode_path == "tma-shared"
+    launches = _decode_path(monkeypatch, "tma" if shared else decode_path)
     batch = prompts(24, seed=3, vocab=32000, low=5, high=100)
     params = [SamplingParams(temperature=0, max_tokens=48, min_tokens=48),
               SamplingParams(temperature=1.0, max_tokens=48, min_tokens=48, seed=7, n=3, logprobs=0)]
     results = {}
     for eager in (False, True):
         llm = LLM(str(small_model_dir), device="cuda", dtype="bfloat16", enforce_eager=eager,
-                  gpu_memory_utilization=0.5)
-        assert (llm.engine.runner.graphs is None) == eager
+                  gpu_memory_utilization=0.5, **(dict(shared_prefix_min_tokens=64) if shared else {}))
+        runner = llm.engine.runner
+        assert (runner.graphs is None) == eager
         if not eager:  # capture, at start-up, launched every size's kernels: the 72 rows replay the next size up
-            size = min(s for s in llm.engine.runner.graphs.sizes if s >= 72)
-            assert ((size, 2) in launches.grids) == (decode_path == "tma")
+            size = runner.graphs.size_for(72)
+            assert ((size, 2) in launches.grids) == (decode_path != "default")
+            runner.graphs.graphs = {key: CountingGraph(g) for key, g in runner.graphs.graphs.items()}
+        grouped, build_step = [], runner.build_step
+
+        def recording(items, block_copies):
+            step = build_step(items, block_copies)
+            grouped.append(sum(n > 1 for n in step.shared_group_sizes))
+            return step
+        runner.build_step = recording
         launches.grids.clear()
         results[eager] = [[[c.token_ids for c in o.outputs] for o in llm.generate(batch, p)] for p in params]
+        assert (max(grouped) > 0) == shared  # the seeded samples of the prompts of >= 64 tokens: groups
+        if not eager:
+            replays = {key: g.replays for key, g in runner.graphs.graphs.items()}
+            assert (replays.get((size, True), 0) > 0) == shared, replays
         llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
     assert results[False] == results[True]
-    assert ((72, 2) in launches.grids) == (decode_path == "tma")  # the eager engine's 72 rows
+    assert ((72, 2) in launches.grids) == (decode_path != "default")  # the eager engine's 72 rows
 
 
 class CountingGraph:

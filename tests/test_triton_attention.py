@@ -328,16 +328,17 @@ def test_tma_decode_ok():
                                                              [(None, 1), (None, 3), (1, None), (3, 1)]))
 def test_decode_shared_prefix(case, num_splits, prefix_splits, decode_path):
     """Groups of rows that share their first blocks read them once (the shared-prefix pass, then each row's own
-    keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two, a
-    one-token row, and two padding rows (seq_len 0, zeros in the plan). The pass in one program per group and KV
+    keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two (its
+    second row's own keys three whole blocks, no partial one), a one-token row, and two padding rows (seq_len 0,
+    zeros in the plan). The pass in one program per group and KV
     head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks; None, as
-    ``choose_prefix_splits`` picks: 8 under the interpreter's 8 "SMs"). A launch of more than one split ignores the
+    ``choose_prefix_splits`` picks: 4 or 8 under the interpreter's 8 "SMs"). A launch of more than one split ignores the
     plan and reads every row's context through its own table (``_fork``); one of one split reads the rows' own keys
     through the TMA kernel where it runs at all."""
     dtype, head_dim, gqa, bs = case
     _skip_same_path(decode_path, dtype, head_dim, bs)
     gen = torch.Generator().manual_seed(6)
-    seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs + 7, 1]
+    seq_lens = [3 * bs + 5, 4 * bs + 1, 3 * bs, bs + 2, 2 * bs + 1, 5 * bs, 1]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
     own = _fork(cache, [([0, 1, 2], 3), ([4, 5], 2)])
     plan, shared = _shared_plan(cache, seq_lens, gqa, pad=2)
@@ -403,6 +404,39 @@ def test_decode_shared_prefix_group_size_past_the_batch_is_cut(gqa):
     _check(out[:3], _reference(q, cache, meta, scale), dtype)
 
 
+@pytest.mark.parametrize("path", ["gather", "tma"])
+def test_decode_shared_prefix_inside_a_block(path, monkeypatch):
+    """A plan whose prefix ends inside a block (the planner's never do: they are whole blocks; the kernels take any):
+    the pass reads keys [0, prefix), each row its own from there, the rest of that block masked. Rows end inside
+    the prefix's last block, on a block boundary, and blocks later; a prefix past a row's context is cut to it."""
+    if path == "tma":
+        _force_tma(monkeypatch)
+        monkeypatch.setattr(tp, "_decode_kernel", None)  # the gather kernel would raise: the TMA path ran
+    else:
+        monkeypatch.setattr(tp, "_tma_decode_ok", lambda *_: False)
+    dtype, head_dim, gqa, bs = (torch.float16 if INTERPRET else torch.bfloat16), 64, 7, 16
+    gen = torch.Generator().manual_seed(11)
+    seq_lens = [3 * bs + 5, 2 * bs + 9, 3 * bs, 4 * bs + 3, 2 * bs + 1]
+    cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
+    own = _fork(cache, [([0, 1, 2, 3, 4], 3)])  # the rows' first 3 blocks are row 0's (2 of row 4's 3)
+    meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
+    prefix = 2 * bs + 3  # inside block 2; row 4's context (2 * bs + 1) ends before it
+    shared = SharedPrefixes(torch.tensor([prefix] * 4 + [0], dtype=torch.int32, device=DEVICE),
+                            torch.tensor([4, 0, 0, 0, 0], dtype=torch.int32, device=DEVICE))
+    # Rows 1-3 read keys [0, 32) only through the pass (row 0's table) and the rest of block 2 through their own
+    # tables, which hold row 0's block 2 there (the part of the block past the prefix is theirs to read).
+    tables = own.clone()
+    tables[0] = cache.block_tables[0]
+    tables[1:4, 2] = cache.block_tables[0, 2]
+    q = _queries(len(seq_lens), NUM_KV_HEADS * gqa, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+    for splits in (1, 3):
+        out = tp.decode_attention(q, cache.k, cache.v, tables, meta.seq_lens, scale, num_splits=1,
+                                  shared_prefixes=shared, prefix_splits=splits)
+        expected = dataclasses.replace(meta, block_tables=torch.cat([cache.block_tables[:4], own[4:]]))
+        _check(out, _reference(q, cache, expected, scale), dtype)
+
+
 def test_choose_prefix_splits(monkeypatch):
     """Ranges of the shared-prefix pass by the batch: about 2 programs an SM over the fewest groups the rows form,
     a power of two, 1 to 8 (the 7B shape on an H200: 2 at 256 rows, 4 at 128, 8 at 64); the constant overrides."""
@@ -411,8 +445,12 @@ def test_choose_prefix_splits(monkeypatch):
     assert [tp.choose_prefix_splits(b, 4, 7, cpu) for b in (512, 256, 192, 128, 64, 33, 1)] == [1, 2, 2, 4, 8, 8, 8]
     assert tp.choose_prefix_splits(256, 8, 8, cpu) == 1  # 32 groups of 8 rows x 8 KV heads: 256 programs
     assert tp.choose_prefix_splits(256, 2, 1, cpu) == 8  # 4 groups of 64 rows x 2 KV heads
+    assert tp.choose_prefix_splits(256, 1, 128, cpu) == 1  # a group of 128 heads: one row a group, 256 programs
     monkeypatch.setattr(tp, "SHARED_PREFIX_SPLITS", 3)
     assert tp.choose_prefix_splits(64, 4, 7, cpu) == 3
+    monkeypatch.setattr(tp, "SHARED_PREFIX_SPLITS", 0)
+    with pytest.raises(ValueError, match="SHARED_PREFIX_SPLITS"):
+        tp.choose_prefix_splits(64, 4, 7, cpu)
 
 
 def test_decode_config_by_batch():

@@ -26,14 +26,14 @@ Design
   The launch config follows the program count (``_decode_config``): a large 16-bit batch runs one-warp programs
   of 32-key tiles, 9 of which fit an SM (rl-7b's whole grid at once); smaller batches, 4 warps.
 * Decode by TMA (``_decode_tma_kernel``, Hopper and later): where the one-warp config would run with one split
-  (with or without shared prefixes: then over each row's own keys, as the gather kernel), with a 16-bit cache of q's dtype, block size 16 and a power-of-two head dim of 16-128
-  (``_tma_decode_ok``), each softmax step takes one cache block of the KV head, ``[block_size, D]``, as one box of a
-  tensor descriptor on the cache: the Tensor Memory Accelerator copies it to shared memory (one thread issues it;
-  at D = 128 in bf16 the 128-byte swizzle cuts a box into two copies). The block ids are read one step ahead, so
-  the copies wait on no load of their own iteration and the pipeliner keeps two blocks in flight; the gather
-  kernel's addresses hang on ids loaded in the same iteration, which keeps it at one tile. Decode attention alone
-  is 4-8% faster at the RL shapes (one H200; end to end, one round each, rl-7b +1.1% and rl-small +2.2%, within
-  run-to-run spread; BENCHMARKS, eighteenth session).
+  (with or without shared prefixes: then over each row's own keys, as the gather kernel), with a 16-bit cache of
+  q's dtype, block size 16 and a power-of-two head dim of 16-128 (``_tma_decode_ok``), each softmax step takes one
+  cache block of the KV head, ``[block_size, D]``, as one box of a tensor descriptor on the cache: the Tensor Memory
+  Accelerator copies it to shared memory (one thread issues it; at D = 128 in bf16 the 128-byte swizzle cuts a box
+  into two copies). The block ids are read one step ahead, so the copies wait on no load of their own iteration and
+  the pipeliner keeps two blocks in flight; the gather kernel's addresses hang on ids loaded in the same iteration,
+  which keeps it at one tile. Decode attention alone is 4-8% faster at the RL shapes (one H200; end to end, one
+  round each, rl-7b +1.1% and rl-small +2.2%, within run-to-run spread; BENCHMARKS, eighteenth session).
 * Shared prefixes (the samples of one prompt): a group of consecutive decode rows whose block tables start with
   the same blocks (``metadata.plan_shared_prefixes``) reads those keys once. ``_shared_prefix_kernel`` (grid
   ``(B, KVH, choose_prefix_splits)``, only the groups' leader rows work) puts all the group's query heads of a KV
@@ -287,15 +287,17 @@ def _decode_kernel(q_ptr, k_cache, v_cache, bt_ptr, seq_lens_ptr, out_ptr, part_
 
 
 @triton.jit
-def _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, n, seq_len, qk_scale,
+def _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, n, lo, seq_len, qk_scale,
                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step over cache block ``blk``, keys [n, n + BLOCK_SIZE): its K and V boxes are TMA copies.
-    MASKED: keys at or past ``seq_len`` drop out, and their V rows are zeroed (stale cache bytes may be NaN)."""
+    MASKED: only keys in [lo, seq_len) count (at least one must), the others' V rows are zeroed (stale cache bytes
+    may be NaN)."""
     k = k_desc.load([blk, 0, kv_head, 0]).reshape(BLOCK_SIZE, HEAD_DIM)  # [BLOCK_SIZE, D]
     v = v_desc.load([blk, 0, kv_head, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
     s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_SIZE]
     if MASKED:
-        n_ok = n + tl.arange(0, BLOCK_SIZE) < seq_len
+        pos = n + tl.arange(0, BLOCK_SIZE)
+        n_ok = (pos >= lo) & (pos < seq_len)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         v = tl.where(n_ok[:, None], v, 0.0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -315,7 +317,8 @@ def _decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, seq_lens_ptr, out_ptr, pre
     """Decode of one sequence and KV head, one split, direct output, a cache block a step by TMA (module doc).
     ``k_desc``/``v_desc``: descriptors on the [N, BS, KVH, D] caches with a [1, BS, 1, D] box. SHARED: as in
     ``_decode_kernel``, the row starts from the shared-prefix pass's partials and reads its keys from its prefix on
-    (``plan_shared_prefixes``' prefixes are whole blocks, so the loop stays on block boundaries)."""
+    (``plan_shared_prefixes``' prefixes are whole blocks; one that is not starts with a masked step over the rest of
+    its last block)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -336,20 +339,25 @@ def _decode_tma_kernel(q_ptr, k_desc, v_desc, bt_ptr, seq_lens_ptr, out_ptr, pre
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    # Block ids one step ahead (loop-carried): a step's copies then depend on no load of their own iteration, and
-    # the pipeliner issues them stages early. Past the row's blocks an id reads as 0 and is never used.
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
     full_end = seq_len // BLOCK_SIZE * BLOCK_SIZE
-    first = lo // BLOCK_SIZE
+    start = tl.cdiv(lo, BLOCK_SIZE) * BLOCK_SIZE  # lo itself where it is whole blocks (every plan's prefix is)
+    if lo < start and lo < seq_len:  # a prefix that ends inside a block: that block's keys from lo on, masked
+        head = tl.load(bt_row + lo // BLOCK_SIZE)
+        acc, m_i, l_i = _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, head, kv_head, start - BLOCK_SIZE, lo,
+                                        seq_len, qk_scale, BLOCK_SIZE, HEAD_DIM, True)
+    # Block ids one step ahead (loop-carried): a step's copies then depend on no load of their own iteration, and
+    # the pipeliner issues them stages early. Past the row's blocks an id reads as 0 and is never used.
+    first = start // BLOCK_SIZE
     blk = tl.load(bt_row + first, mask=first < num_blocks, other=0)
-    for n in range(lo, full_end, BLOCK_SIZE):
+    for n in range(start, full_end, BLOCK_SIZE):
         j = n // BLOCK_SIZE + 1
         nxt = tl.load(bt_row + j, mask=j < num_blocks, other=0)
-        acc, m_i, l_i = _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, n, seq_len, qk_scale,
+        acc, m_i, l_i = _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, n, lo, seq_len, qk_scale,
                                         BLOCK_SIZE, HEAD_DIM, False)
         blk = nxt
-    if lo <= full_end and full_end < seq_len:  # the last, partial block
-        acc, m_i, l_i = _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, full_end, seq_len,
+    if start <= full_end and full_end < seq_len:  # the last, partial block (not the head block again)
+        acc, m_i, l_i = _tma_block_step(acc, m_i, l_i, q, k_desc, v_desc, blk, kv_head, full_end, lo, seq_len,
                                         qk_scale, BLOCK_SIZE, HEAD_DIM, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -535,6 +543,8 @@ def choose_prefix_splits(batch: int, num_kv_heads: int, group: int, device: torc
     groups (fewer samples a prompt) the pass has more programs than that and the ranges only shorten them.
     ``SHARED_PREFIX_SPLITS``, when set, overrides the rule."""
     if SHARED_PREFIX_SPLITS is not None:
+        if SHARED_PREFIX_SPLITS < 1:
+            raise ValueError(f"SHARED_PREFIX_SPLITS must be >= 1 (or None: by the batch), got {SHARED_PREFIX_SPLITS}")
         return SHARED_PREFIX_SPLITS
     groups = triton.cdiv(batch, max(1, SHARED_PREFIX_ROWS // group))
     fit = max(1, 2 * _sms(device) // (groups * num_kv_heads))
@@ -583,8 +593,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     ``shared_prefixes`` (``metadata.plan_shared_prefixes``, [B] each): groups of rows that share their first blocks
     read those keys once a group -- ``_shared_prefix_kernel`` first, then each row's own keys from there -- where
-    the launch has one split (``B * KVH`` programs fill the SMs): the pass is serial along the prefix, so a small
-    batch, whose context is split across programs, reads every row's whole context as without the plan. A group
+    the launch has one split (``B * KVH`` programs fill the SMs): a small batch, whose context is split across
+    programs, reads every row's whole context as without the plan (the pass's time does not shrink with the batch,
+    and its ranges are at most ``_MAX_PREFIX_SPLITS``). A group
     has at most ``SHARED_PREFIX_ROWS // (H / KVH)`` rows. ``prefix_splits`` (default ``choose_prefix_splits``):
     programs per group and KV head in the pass, each over a range of the prefix, their partials merged by the
     decode kernel.
@@ -616,6 +627,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         prefix_lens = shared_prefixes.lens
         splits = choose_prefix_splits(batch, num_kv_heads, group, q.device) if prefix_splits is None \
             else prefix_splits
+        if splits < 1:  # no pass would run, and the decode kernel would merge unwritten scratch
+            raise ValueError(f"prefix_splits must be >= 1, got {splits}")
         pre_m = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
         pre_l = torch.empty_like(pre_m)
         pre_acc = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)

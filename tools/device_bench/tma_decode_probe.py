@@ -38,8 +38,10 @@ def decode_tma(q, k_cache, v_cache, block_tables, seq_lens, scale, out, num_warp
     group = num_heads // k_cache.shape[2]
     tp._decode_tma_kernel[(batch, k_cache.shape[2])](
         q, tp._cache_descriptor(k_cache), tp._cache_descriptor(v_cache), block_tables, seq_lens, out,
+        seq_lens, seq_lens, seq_lens, seq_lens,  # the shared-prefix arguments, not read (SHARED=False)
         scale * tp._LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        GROUP=group, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), SHARED=False, PREFIX_SPLITS=1,
         num_warps=num_warps, num_stages=num_stages)
     return out
 
