@@ -99,13 +99,7 @@ def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir, monkeyp
             size = runner.graphs.size_for(72)
             assert ((size, 2) in launches.grids) == (decode_path != "default")
             runner.graphs.graphs = {key: CountingGraph(g) for key, g in runner.graphs.graphs.items()}
-        grouped, build_step = [], runner.build_step
-
-        def recording(items, block_copies):
-            step = build_step(items, block_copies)
-            grouped.append(sum(n > 1 for n in step.shared_group_sizes))
-            return step
-        runner.build_step = recording
+        grouped = record_shared_groups(runner)
         launches.grids.clear()
         results[eager] = [[[c.token_ids for c in o.outputs] for o in llm.generate(batch, p)] for p in params]
         assert (max(grouped) > 0) == shared  # the seeded samples of the prompts of >= 64 tokens: groups
@@ -115,6 +109,18 @@ def test_cuda_graph_and_eager_give_the_same_tokens_bf16(small_model_dir, monkeyp
         llm.shutdown()  # its GPU memory goes now, not at the garbage collector's leisure
     assert results[False] == results[True]
     assert ((72, 2) in launches.grids) == (decode_path != "default")  # the eager engine's 72 rows
+
+
+def record_shared_groups(runner) -> list[int]:
+    """From now on, the number of shared-prefix groups each step the runner builds plans (appended per step)."""
+    grouped, build_step = [], runner.build_step
+
+    def recording(items, block_copies):
+        step = build_step(items, block_copies)
+        grouped.append(sum(size > 1 for size in step.shared_group_sizes))
+        return step
+    runner.build_step = recording
+    return grouped
 
 
 class CountingGraph:
@@ -155,13 +161,7 @@ def test_samples_reading_their_prompt_once_equal_transformers_and_the_engine_wit
         runner = llm.engine.runner
         assert (runner.max_shared_prefix_members > 1) == (min_tokens > 0)
         assert 0 < runner.shared_prefix_min_batch <= rows or not min_tokens
-        grouped, build_step = [], runner.build_step
-
-        def recording(items, block_copies):
-            step = build_step(items, block_copies)
-            grouped.append(sum(size > 1 for size in step.shared_group_sizes))
-            return step
-        runner.build_step = recording
+        grouped = record_shared_groups(runner)
         if not eager:
             graphs = runner.graphs
             assert graphs.size_for(rows) > rows  # padding rows in the replayed graph
