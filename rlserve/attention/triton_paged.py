@@ -595,10 +595,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     read those keys once a group -- ``_shared_prefix_kernel`` first, then each row's own keys from there -- where
     the launch has one split (``B * KVH`` programs fill the SMs): a small batch, whose context is split across
     programs, reads every row's whole context as without the plan (the pass's time does not shrink with the batch,
-    and its ranges are at most ``_MAX_PREFIX_SPLITS``). A group
-    has at most ``SHARED_PREFIX_ROWS // (H / KVH)`` rows. ``prefix_splits`` (default ``choose_prefix_splits``):
-    programs per group and KV head in the pass, each over a range of the prefix, their partials merged by the
-    decode kernel.
+    and its ranges are at most ``_MAX_PREFIX_SPLITS``). A group has at most ``SHARED_PREFIX_ROWS // (H / KVH)``
+    rows. ``prefix_splits`` (default ``choose_prefix_splits``): programs per group and KV head in the pass, each
+    over a range of the prefix, their partials merged by the decode kernel.
 
     Where the one-warp config runs with one split, ``_tma_decode_ok`` tensors take ``_decode_tma_kernel`` (module
     doc), with or without a plan."""
