@@ -324,17 +324,18 @@ def test_tma_decode_ok():
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_ids)
-@pytest.mark.parametrize("num_splits,prefix_splits", _params([(None, 1), (1, 1), (1, 2), (1, 5), (1, None), (3, 1)],
-                                                             [(None, 1), (None, 3), (1, None), (3, 1)]))
+@pytest.mark.parametrize("num_splits,prefix_splits",
+                         _params([(None, 1), (1, 1), (1, 2), (1, 5), (1, None), (3, 1)],
+                                 [(None, 1), (None, 3), (1, None), (3, 1)]))
 def test_decode_shared_prefix(case, num_splits, prefix_splits, decode_path):
     """Groups of rows that share their first blocks read them once (the shared-prefix pass, then each row's own
     keys): a group of three whose last row's whole context is the shared prefix, a row alone, a group of two (its
     second row's own keys three whole blocks, no partial one), a one-token row, and two padding rows (seq_len 0,
-    zeros in the plan). The pass in one program per group and KV
-    head, or in several over ranges of the prefix (some empty: 5 ranges of whole tiles over 2-3 blocks; None, as
-    ``choose_prefix_splits`` picks: 4 or 8 under the interpreter's 8 "SMs"). A launch of more than one split ignores the
-    plan and reads every row's context through its own table (``_fork``); one of one split reads the rows' own keys
-    through the TMA kernel where it runs at all."""
+    zeros in the plan). The pass in one program per group and KV head, or in several over ranges of the prefix
+    (some empty: 5 ranges of whole tiles over 2-3 blocks; None, as ``choose_prefix_splits`` picks: 4 or 8 under
+    the interpreter's 8 "SMs"). A launch of more than one split ignores the plan and reads every row's context
+    through its own table (``_fork``); one of one split reads the rows' own keys through the TMA kernel where it
+    runs at all."""
     dtype, head_dim, gqa, bs = case
     _skip_same_path(decode_path, dtype, head_dim, bs)
     gen = torch.Generator().manual_seed(6)
@@ -407,8 +408,8 @@ def test_decode_shared_prefix_group_size_past_the_batch_is_cut(gqa):
 @pytest.mark.parametrize("path", ["gather", "tma"])
 def test_decode_shared_prefix_inside_a_block(path, monkeypatch):
     """A plan whose prefix ends inside a block (the planner's never do: they are whole blocks; the kernels take any):
-    the pass reads keys [0, prefix), each row its own from there, the rest of that block masked. Rows end inside
-    the prefix's last block, on a block boundary, and blocks later; a prefix past a row's context is cut to it."""
+    the pass reads keys [0, prefix), each row its own from there, the rest of that block masked. The group's rows
+    end inside the prefix's last block, on a block boundary, and blocks later; a row in no group reads its own."""
     if path == "tma":
         _force_tma(monkeypatch)
         monkeypatch.setattr(tp, "_decode_kernel", None)  # the gather kernel would raise: the TMA path ran
@@ -418,9 +419,9 @@ def test_decode_shared_prefix_inside_a_block(path, monkeypatch):
     gen = torch.Generator().manual_seed(11)
     seq_lens = [3 * bs + 5, 2 * bs + 9, 3 * bs, 4 * bs + 3, 2 * bs + 1]
     cache = PagedCache(seq_lens, NUM_KV_HEADS, head_dim, bs, dtype, gen)
-    own = _fork(cache, [([0, 1, 2, 3, 4], 3)])  # the rows' first 3 blocks are row 0's (2 of row 4's 3)
+    own = _fork(cache, [([0, 1, 2, 3], 3)])  # rows 1-3's first 3 blocks are row 0's
     meta = _meta([1] * len(seq_lens), seq_lens, len(seq_lens), cache)
-    prefix = 2 * bs + 3  # inside block 2; row 4's context (2 * bs + 1) ends before it
+    prefix = 2 * bs + 3  # inside block 2; row 4 is in no group
     shared = SharedPrefixes(torch.tensor([prefix] * 4 + [0], dtype=torch.int32, device=DEVICE),
                             torch.tensor([4, 0, 0, 0, 0], dtype=torch.int32, device=DEVICE))
     # Rows 1-3 read keys [0, 32) only through the pass (row 0's table) and the rest of block 2 through their own
@@ -433,8 +434,7 @@ def test_decode_shared_prefix_inside_a_block(path, monkeypatch):
     for splits in (1, 3):
         out = tp.decode_attention(q, cache.k, cache.v, tables, meta.seq_lens, scale, num_splits=1,
                                   shared_prefixes=shared, prefix_splits=splits)
-        expected = dataclasses.replace(meta, block_tables=torch.cat([cache.block_tables[:4], own[4:]]))
-        _check(out, _reference(q, cache, expected, scale), dtype)
+        _check(out, _reference(q, cache, meta, scale), dtype)
 
 
 def test_choose_prefix_splits(monkeypatch):
